@@ -1,0 +1,345 @@
+"""The bus: nats-py JetStream with Flywheel's delivery rules.
+
+- Streams, durable pull consumers and KV buckets are created idempotently (`ensure_topology`).
+- `publish` stamps CloudEvents-style headers (`ce-id`, `ce-type`, `ce-source`, `ce-time`),
+  `Nats-Msg-Id` = the event id (JetStream drops a republished event inside the duplicate
+  window) and the W3C `traceparent` of the current span.
+- `consume` is the one consume loop: explicit ack, nak with backoff on failure,
+  `in_progress()` heartbeats while a long handler runs, and a copy to `deadletter.<subject>`
+  with the reason when a message cannot be decoded, is refused by its handler (`Reject`) or
+  has failed `max_deliver` times. Nothing is dropped silently. Given several consumers it
+  always drains the first before looking at the next (priorities).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.kv import KeyValue
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from libs.common import topology
+from libs.common.events import Event, encode
+from libs.common.tracing import extract_context, inject_headers, trace_id_from_headers, tracer
+
+log = structlog.get_logger("bus")
+
+E = TypeVar("E", bound=msgspec.Struct)
+R = TypeVar("R", bound=msgspec.Struct)
+
+REASON_HEADER = "Flywheel-Dead-Letter-Reason"
+
+
+class Reject(Exception):
+    """Raised by a handler: this message can never succeed; dead-letter it now with this reason."""
+
+
+class Interrupted(Exception):
+    """Raised by a handler that stopped early on purpose (shutdown, stop command).
+
+    The message is released for immediate redelivery and does not count as a failure.
+    """
+
+
+class Delivery:
+    """What a handler may know and do about the message it is handling."""
+
+    def __init__(self, msg: Msg, spec: topology.ConsumerSpec) -> None:
+        self._msg = msg
+        self.spec = spec
+        self.subject = msg.subject
+        self.headers: dict[str, str] = dict(msg.headers or {})
+        self.num_delivered = msg.metadata.num_delivered if msg.reply else 1
+
+    @property
+    def trace_id(self) -> str:
+        return trace_id_from_headers(self.headers)
+
+    async def in_progress(self) -> None:
+        await self._msg.in_progress()
+
+
+Handler = Callable[[Any, Delivery], Awaitable[None]]
+
+
+class Bus:
+    """One service's connection to NATS JetStream."""
+
+    def __init__(self, nc: nats.NATS, service: str) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.service = service
+        self._kv: dict[str, KeyValue] = {}
+
+    # ------------------------------------------------------------------ connection
+
+    @classmethod
+    async def connect(cls, servers: list[str], service: str, *, wait_s: float = 30.0) -> Bus:
+        """Connect, retrying until `wait_s` so services may start before the server."""
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while True:
+            try:
+                nc = await nats.connect(
+                    servers=servers,
+                    name=f"flywheel-{service}",
+                    connect_timeout=3,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1,
+                    error_cb=_log_error,
+                    disconnected_cb=_log_disconnected,
+                    reconnected_cb=_log_reconnected,
+                )
+                return cls(nc, service)
+            except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise ConnectionError(f"cannot reach NATS at {servers}: {exc}") from exc
+                await asyncio.sleep(0.5)
+
+    @property
+    def connected(self) -> bool:
+        return self.nc.is_connected
+
+    async def close(self) -> None:
+        """Drain: finish in-flight callbacks and flush publishes, then close."""
+        if not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+
+    # ------------------------------------------------------------------ topology
+
+    async def ensure_topology(self) -> None:
+        for stream in topology.STREAMS:
+            await self._ensure_stream(stream)
+        for consumer in topology.CONSUMERS:
+            await self._ensure_consumer(consumer)
+        for bucket in topology.BUCKETS:
+            await self.kv(bucket)
+
+    async def _ensure_stream(self, spec: topology.StreamSpec) -> None:
+        config = api.StreamConfig(
+            name=spec.name,
+            subjects=list(spec.subjects),
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            max_age=spec.max_age_s,
+            max_bytes=spec.max_bytes,
+            duplicate_window=spec.duplicate_window_s,
+        )
+        try:
+            await self.js.stream_info(spec.name)
+            await self.js.update_stream(config)
+        except nats.js.errors.NotFoundError:
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError:
+                await self.js.stream_info(spec.name)  # created concurrently by another service
+
+    async def _ensure_consumer(self, spec: topology.ConsumerSpec) -> None:
+        config = api.ConsumerConfig(
+            durable_name=spec.durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            filter_subject=spec.filter_subject,
+            ack_wait=spec.ack_wait_s,
+            # The server redelivers forever; `consume` dead-letters after spec.max_deliver
+            # failures, so an interrupted job (shutdown) is never lost to the limit.
+            max_deliver=-1,
+            max_ack_pending=spec.max_ack_pending,
+        )
+        try:
+            await self.js.add_consumer(spec.stream, config)
+        except nats.js.errors.BadRequestError:
+            await self.js.consumer_info(spec.stream, spec.durable)
+
+    async def kv(self, spec: topology.BucketSpec) -> KeyValue:
+        if spec.name not in self._kv:
+            try:
+                self._kv[spec.name] = await self.js.key_value(spec.name)
+            except nats.js.errors.BucketNotFoundError:
+                try:
+                    self._kv[spec.name] = await self.js.create_key_value(
+                        bucket=spec.name, history=spec.history, description=spec.description
+                    )
+                except nats.js.errors.BadRequestError:
+                    self._kv[spec.name] = await self.js.key_value(spec.name)
+        return self._kv[spec.name]
+
+    # ------------------------------------------------------------------ publishing
+
+    async def publish(self, subject: str, event: Event, *, timeout: float = 10.0) -> api.PubAck:
+        if not event.source:
+            event = msgspec.structs.replace(event, source=self.service)
+        headers = {
+            "Nats-Msg-Id": event.id,
+            "ce-specversion": "1.0",
+            "ce-id": event.id,
+            "ce-type": type(event).__name__,
+            "ce-source": f"flywheel/{event.source}",
+            "ce-time": event.time.isoformat(),
+            "content-type": "application/json",
+        }
+        with tracer().start_as_current_span(f"{subject} publish", kind=SpanKind.PRODUCER) as span:
+            span.set_attribute("messaging.destination.name", subject)
+            span.set_attribute("flywheel.event_id", event.id)
+            inject_headers(headers)
+            return await self.js.publish(subject, encode(event), headers=headers, timeout=timeout)
+
+    # ------------------------------------------------------------------ consuming
+
+    async def consume(
+        self,
+        specs: topology.ConsumerSpec | Sequence[topology.ConsumerSpec],
+        event_type: type[E],
+        handler: Handler,
+        stop: asyncio.Event,
+    ) -> None:
+        """Handle messages one at a time until `stop` is set; earlier specs take priority."""
+        specs = [specs] if isinstance(specs, topology.ConsumerSpec) else list(specs)
+        subs = [await self.js.pull_subscribe_bind(s.durable, s.stream) for s in specs]
+        # With one consumer a long poll is fine; with several, poll briefly so a message on
+        # a higher-priority consumer is seen soon.
+        poll_s = 1.0 if len(specs) == 1 else 0.2
+        try:
+            while not stop.is_set():
+                handled = False
+                for spec, sub in zip(specs, subs):
+                    try:
+                        msgs = await sub.fetch(1, timeout=poll_s)
+                    except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                        continue
+                    except nats.errors.ConnectionClosedError:
+                        return
+                    for msg in msgs:
+                        await self._handle(spec, msg, event_type, handler)
+                    handled = True
+                    break
+                if not handled and not self.nc.is_connected:
+                    await asyncio.sleep(0.5)
+        finally:
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _handle(self, spec: topology.ConsumerSpec, msg: Msg, event_type: type[E], handler: Handler) -> None:
+        delivery = Delivery(msg, spec)
+        context = extract_context(delivery.headers)
+        event_id = delivery.headers.get("ce-id", "")
+        with tracer().start_as_current_span(
+            f"{msg.subject} process", context=context, kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.destination.name": msg.subject,
+                "messaging.consumer.group.name": spec.durable,
+                "flywheel.event_id": event_id,
+                "flywheel.delivery": delivery.num_delivered,
+            },
+        ) as span, structlog.contextvars.bound_contextvars(event_id=event_id, subject=msg.subject):
+            try:
+                event = msgspec.json.decode(msg.data, type=event_type)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                await self._dead_letter(spec, msg, f"payload does not decode as {event_type.__name__}: {exc}")
+                span.set_status(Status(StatusCode.ERROR, "undecodable"))
+                return
+            heartbeat = asyncio.create_task(self._heartbeat(msg, spec)) if spec.long_running else None
+            try:
+                await handler(event, delivery)
+            except Reject as exc:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                await self._dead_letter(spec, msg, f"rejected by handler: {exc}")
+            except Interrupted as exc:
+                log.info("handler interrupted; message released", reason=str(exc))
+                await _quietly(msg.nak())
+            except Exception as exc:  # noqa: BLE001 - any handler failure is retried, then dead-lettered
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, repr(exc)))
+                if delivery.num_delivered >= spec.max_deliver:
+                    await self._dead_letter(spec, msg, f"failed {delivery.num_delivered} times, last: {exc!r}")
+                else:
+                    delay = spec.backoff_s[min(delivery.num_delivered, len(spec.backoff_s)) - 1]
+                    log.warning("handler failed; will retry", error=repr(exc), delivery=delivery.num_delivered, retry_in_s=delay)
+                    await _quietly(msg.nak(delay=delay))
+            else:
+                await _quietly(msg.ack_sync(timeout=5))
+            finally:
+                if heartbeat:
+                    heartbeat.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await heartbeat
+
+    async def _heartbeat(self, msg: Msg, spec: topology.ConsumerSpec) -> None:
+        while True:
+            await asyncio.sleep(spec.ack_wait_s / 3)
+            await _quietly(msg.in_progress())
+
+    async def _dead_letter(self, spec: topology.ConsumerSpec, msg: Msg, reason: str) -> None:
+        headers = dict(msg.headers or {})
+        original_id = headers.get("Nats-Msg-Id", "")
+        headers.update({
+            REASON_HEADER: reason[:2000],
+            "Flywheel-Consumer": spec.durable,
+            "Flywheel-Original-Subject": msg.subject,
+            "Nats-Msg-Id": f"dead-{original_id}" if original_id else "",
+        })
+        if not headers["Nats-Msg-Id"]:
+            del headers["Nats-Msg-Id"]
+        log.error("dead-lettered", reason=reason, consumer=spec.durable)
+        await self.js.publish(topology.dead_letter(msg.subject), msg.data, headers=headers)
+        # Only after the copy is stored: stop redelivery.
+        await _quietly(msg.term())
+
+    # ------------------------------------------------------------------ request / reply
+
+    async def serve(self, subject: str, request_type: type[E], handler: Callable[[E, str], Awaitable[msgspec.Struct]]):
+        """Answer core-NATS requests on `subject` (wildcards allowed); errors are replied, not raised."""
+
+        async def on_request(msg: Msg) -> None:
+            with tracer().start_as_current_span(f"{msg.subject} request", context=extract_context(msg.headers), kind=SpanKind.SERVER):
+                try:
+                    request = msgspec.json.decode(msg.data, type=request_type)
+                    reply = await handler(request, msg.subject)
+                    body = encode(reply)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    body = msgspec.json.encode({"ok": False, "state": "error", "message": f"bad request: {exc}"})
+                except Exception as exc:  # noqa: BLE001 - the caller gets the reason
+                    log.exception("request handler failed")
+                    body = msgspec.json.encode({"ok": False, "state": "error", "message": repr(exc)})
+                # Publish to the reply inbox ourselves: msg.respond echoes request headers.
+                if msg.reply:
+                    await self.nc.publish(msg.reply, body)
+
+        return await self.nc.subscribe(subject, cb=on_request)
+
+    async def request(self, subject: str, payload: msgspec.Struct, reply_type: type[R], *, timeout: float = 5.0) -> R:
+        headers = inject_headers({})
+        reply = await self.nc.request(subject, encode(payload), timeout=timeout, headers=headers)
+        return msgspec.json.decode(reply.data, type=reply_type)
+
+
+async def _quietly(awaitable: Awaitable[Any]) -> None:
+    """Acks can fail when the connection drops; redelivery covers that, so log and go on."""
+    try:
+        await awaitable
+    except Exception as exc:  # noqa: BLE001
+        log.warning("ack/nak failed", error=repr(exc))
+
+
+async def _log_error(exc: Exception) -> None:
+    log.warning("nats error", error=repr(exc))
+
+
+async def _log_disconnected() -> None:
+    log.warning("nats disconnected")
+
+
+async def _log_reconnected() -> None:
+    log.info("nats reconnected")

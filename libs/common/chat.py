@@ -1,0 +1,79 @@
+"""Chat rows and how they become training tokens: the model's chat template, loss on assistant turns only.
+
+The assistant spans are found by rendering the conversation prefix by prefix with the
+tokenizer's own chat template: the text added by turn i (rendered with the generation prompt
+before it) is that turn's answer. This works with any template, including the stock Qwen3
+one that has no `{% generation %}` markers (see NOTES.md), and fails loudly when a template
+is not prefix-stable instead of silently training on the wrong tokens.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+
+
+class ChatMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    role: str
+    content: str
+
+
+class ChatRow(msgspec.Struct, frozen=True):
+    """One chat_sft_v1 row as the trainer and evaluator read it (extra fields ignored)."""
+
+    messages: list[ChatMessage]
+
+
+class TemplateError(ValueError):
+    """The chat template does not render a conversation as a sequence of stable prefixes."""
+
+
+class EncodedChat(msgspec.Struct, frozen=True):
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX everywhere but assistant tokens
+
+    @property
+    def num_trained_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_char_spans(tokenizer, messages: list[ChatMessage]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the [start, end) character span of each assistant turn."""
+    plain = [{"role": m.role, "content": m.content} for m in messages]
+    full = _render(tokenizer, plain, add_generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message.role != "assistant":
+            continue
+        before = _render(tokenizer, plain[:i], add_generation_prompt=True) if i else ""
+        through = _render(tokenizer, plain[: i + 1], add_generation_prompt=False)
+        if not through.startswith(before) or not full.startswith(through):
+            raise TemplateError(f"chat template is not prefix-stable at turn {i}; cannot mask assistant tokens")
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def encode_chat(tokenizer, messages: list[ChatMessage], max_length: int) -> EncodedChat:
+    """Token ids and labels for one conversation, truncated to `max_length` tokens."""
+    text, spans = assistant_char_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length)
+    labels = []
+    span_idx = 0
+    for token_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        while span_idx < len(spans) and start >= spans[span_idx][1]:
+            span_idx += 1
+        inside = span_idx < len(spans) and start >= spans[span_idx][0] and end > start
+        labels.append(token_id if inside else IGNORE_INDEX)
+    return EncodedChat(input_ids=list(enc["input_ids"]), labels=labels)
+
+
+def prompt_messages(messages: list[ChatMessage]) -> list[dict]:
+    """The conversation up to (not including) its last assistant turn: what a model is asked."""
+    last = max(i for i, m in enumerate(messages) if m.role == "assistant")
+    return [{"role": m.role, "content": m.content} for m in messages[:last]]

@@ -1,0 +1,77 @@
+"""The HTTP app factory: every service gets /health, /ready and /metrics from here.
+
+`/health` answers while the process lives. `/ready` runs the service's readiness checks
+(bus connected, model loaded, ...) and answers 503 with the failing ones. `/metrics` is the
+Prometheus text format of the service's own registry.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+ReadinessCheck = Callable[[], bool]
+
+
+class ServiceMetrics:
+    """A per-service Prometheus registry with the metrics every service has."""
+
+    def __init__(self, service: str) -> None:
+        self.registry = CollectorRegistry()
+        self.service = service
+        self.http_requests = Counter(
+            "flywheel_http_requests_total", "HTTP requests", ["route", "method", "status"], registry=self.registry
+        )
+        self.http_latency = Histogram(
+            "flywheel_http_request_seconds", "HTTP request latency", ["route"], registry=self.registry
+        )
+        self.events_handled = Counter(
+            "flywheel_events_handled_total", "Events handled", ["subject", "outcome"], registry=self.registry
+        )
+
+    def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+        return Counter(name, doc, list(labels), registry=self.registry)
+
+    def histogram(self, name: str, doc: str, labels: tuple[str, ...] = (), **kwargs) -> Histogram:
+        return Histogram(name, doc, list(labels), registry=self.registry, **kwargs)
+
+
+def create_app(service: str, metrics: ServiceMetrics, checks: dict[str, ReadinessCheck], **fastapi_kwargs) -> FastAPI:
+    app = FastAPI(title=f"flywheel-{service}", **fastapi_kwargs)
+    app.state.metrics = metrics
+    app.state.started_at = time.time()
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.http_requests.labels(path, request.method, str(response.status_code)).inc()
+        metrics.http_latency.labels(path).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "service": service, "uptime_s": round(time.time() - app.state.started_at, 1)}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        results = {}
+        for name, check in checks.items():
+            try:
+                results[name] = bool(check())
+            except Exception:  # noqa: BLE001 - a failing check means not ready
+                results[name] = False
+        ok = all(results.values())
+        return JSONResponse({"ready": ok, "service": service, "checks": results}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

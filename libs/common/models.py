@@ -1,0 +1,159 @@
+"""Base models: the embedded tiny Qwen3 and the one loading path every model takes.
+
+With no base model configured, Flywheel creates (once, under a file lock, so concurrent
+services agree) a tiny Qwen3-architecture model of a few million parameters and a byte-level
+BPE tokenizer trained locally with the `tokenizers` library, with a ChatML chat template, all
+saved in Hugging Face format. It is then loaded through AutoModelForCausalLM / AutoTokenizer,
+exactly like a real local base model directory (e.g. a Qwen3-0.6B download).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+TINY_MODEL_NAME = "tiny-qwen3"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# ChatML, as Qwen uses, with {% generation %} markers so HF's assistant masks work too.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
+    "{%- else %}"
+    "{{- message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+_ENGLISH = """
+You are a helpful assistant. Answer the question briefly and exactly.
+Convert this binary number to decimal. Add these two binary numbers. Subtract, multiply and
+shift the numbers. Show your work in prefix notation. Verification: the result is correct.
+What is the answer? The answer is. Please explain the steps. First, then, finally.
+The quick brown fox jumps over the lazy dog. Hello, how can I help you today?
+Solve the puzzle: find the word made of these syllables. Thank you for the data.
+"""
+
+
+def tokenizer_corpus(seed: int = 0) -> list[str]:
+    """Text to train the tiny tokenizer on: English, decimal and circled-binary arithmetic."""
+    rng = random.Random(seed)
+    circled = str.maketrans("01", "⓪①")
+    lines = [line.strip() for line in _ENGLISH.strip().splitlines()]
+    for _ in range(3000):
+        a, b = rng.randrange(0, 1 << 12), rng.randrange(0, 1 << 12)
+        op, sym, result = rng.choice([("add", "+", a + b), ("multiply", "×", a * b), ("subtract", "-", abs(a - b))])
+        ba, bb, br = (format(x, "b").translate(circled) for x in (a, b, result))
+        lines.append(f"{op} {ba} {bb} = {br}\n\nVerification: {a} {sym} {b} = {result} ✓")
+        lines.append(f"Convert this binary number to decimal:\n\n{ba}\ntodecimal {ba} = {a}")
+    return lines
+
+
+def create_tiny_model(target: Path, *, hidden_size: int = 256, layers: int = 4, vocab_size: int = 4096, seed: int = 0) -> Path:
+    """Build the tiny model and tokenizer into `target` (which must not exist)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tokenizer_corpus(seed), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=1024,
+    )
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.mkdir(parents=True)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def ensure_base_model(data_dir: Path, configured: str = "") -> Path:
+    """The base model directory: `configured` if given (must exist), else the tiny default."""
+    if configured:
+        path = Path(configured).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"base model {path} is not a Hugging Face model directory (no config.json); "
+                "set FLYWHEEL_BASE_MODEL to a local model folder or leave it empty for the tiny default"
+            )
+        return path
+    models_dir = Path(data_dir) / "models"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    target = models_dir / TINY_MODEL_NAME
+    with open(models_dir / ".create.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():
+            # Build aside and rename: a crash never leaves a half-written model behind.
+            staging = Path(tempfile.mkdtemp(dir=models_dir, prefix=".staging-"))
+            try:
+                create_tiny_model(staging / "model")
+                if target.exists():
+                    shutil.rmtree(target)
+                (staging / "model").rename(target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def pick_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: Path, device: str = "cpu", *, for_training: bool = False):
+    """AutoModelForCausalLM from a local directory; bf16 on GPU, fp32 on CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model.to(device)
+    model.train(for_training)
+    return model

@@ -1,0 +1,115 @@
+"""Subjects, streams, durable consumers and KV buckets: the one place that names them.
+
+Every stream and consumer is created idempotently by `Bus.ensure_topology()`, so any service
+can start first. Scaling out = more processes bound to the same durable consumer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from libs.common.events import PRIORITIES, Priority
+
+# ---------------------------------------------------------------------------- subjects
+DATASET_SUBMITTED = "dataset.submitted"
+DATASET_REJECTED = "dataset.rejected"
+TRAINING_STARTED = "training.started"
+TRAINING_PROGRESS = "training.progress"
+TRAINING_FINISHED = "training.finished"
+TRAINING_FAILED = "training.failed"
+CHECKPOINT_SAVED = "checkpoint.saved"
+EVAL_SCORED = "eval.scored"
+MODEL_DEPLOYED = "model.deployed"
+MODEL_ROLLED_BACK = "model.rolled_back"
+CURRICULUM_LEVEL_CHANGED = "curriculum.level_changed"
+DEAD_LETTER_PREFIX = "deadletter"
+# Core NATS request/reply (not stored): control.trainer.pause|resume|stop
+CONTROL_TRAINER = "control.trainer"
+
+
+def dataset_accepted(priority: Priority) -> str:
+    return f"dataset.accepted.{priority}"
+
+
+def dead_letter(subject: str) -> str:
+    return f"{DEAD_LETTER_PREFIX}.{subject}"
+
+
+# ---------------------------------------------------------------------------- streams
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    # Streams are the history the read model is rebuilt from: keep it, within bounds.
+    max_age_s: float = 30 * 24 * 3600
+    max_bytes: int = 1 << 30
+    duplicate_window_s: float = 120.0
+
+
+STREAMS: tuple[StreamSpec, ...] = (
+    StreamSpec("DATASETS", ("dataset.>",)),
+    StreamSpec("TRAINING", ("training.>", "checkpoint.>")),
+    StreamSpec("EVALS", ("eval.>",)),
+    StreamSpec("MODELS", ("model.>",)),
+    StreamSpec("CURRICULUM", ("curriculum.>",)),
+    StreamSpec("DEADLETTER", (f"{DEAD_LETTER_PREFIX}.>",)),
+)
+
+
+def stream_for(subject: str) -> str:
+    """The stream that stores `subject` (the first token decides)."""
+    head = subject.split(".", 1)[0]
+    for stream in STREAMS:
+        if any(s.split(".", 1)[0] == head for s in stream.subjects):
+            return stream.name
+    raise KeyError(f"no stream stores {subject!r}")
+
+
+# ---------------------------------------------------------------------------- consumers
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    durable: str
+    stream: str
+    filter_subject: str
+    max_deliver: int = 5
+    ack_wait_s: float = 30.0
+    # Redelivery delays after a failure (nak with delay), last one repeats.
+    backoff_s: tuple[float, ...] = (1.0, 5.0, 15.0, 30.0)
+    # Long handlers keep their message as a lease with in_progress() heartbeats.
+    long_running: bool = False
+    max_ack_pending: int = 1000
+
+
+GATEKEEPER = ConsumerSpec("gatekeeper", "DATASETS", DATASET_SUBMITTED, ack_wait_s=120.0, long_running=True)
+# One durable per priority: the trainer drains high before normal before low.
+TRAINER = tuple(
+    ConsumerSpec(
+        f"trainer-{p}", "DATASETS", dataset_accepted(p),
+        ack_wait_s=60.0, long_running=True, max_deliver=5, max_ack_pending=1,
+    )
+    for p in PRIORITIES
+)
+EVALUATOR = ConsumerSpec("evaluator", "TRAINING", CHECKPOINT_SAVED, ack_wait_s=60.0, long_running=True)
+DEPLOYER = ConsumerSpec("deployer", "EVALS", EVAL_SCORED, ack_wait_s=120.0, long_running=True)
+CURRICULUM = ConsumerSpec("curriculum", "EVALS", EVAL_SCORED)
+
+CONSUMERS: tuple[ConsumerSpec, ...] = (GATEKEEPER, *TRAINER, EVALUATOR, DEPLOYER, CURRICULUM)
+
+# ---------------------------------------------------------------------------- KV buckets
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    name: str
+    history: int = 64
+    description: str = field(default="")
+
+
+CHAMPION_BUCKET = BucketSpec("champion", history=64, description="the served checkpoint (key: current)")
+CURRICULUM_BUCKET = BucketSpec("curriculum", history=16, description="level per skill")
+TRAINER_BUCKET = BucketSpec("trainer", history=8, description="trainer control state (key: state)")
+BUCKETS: tuple[BucketSpec, ...] = (CHAMPION_BUCKET, CURRICULUM_BUCKET, TRAINER_BUCKET)

@@ -1,0 +1,170 @@
+"""The bus against a real nats-server: headers, dedupe, ack/nak, heartbeats, dead letters, priority."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from libs.common import topology
+from libs.common.bus import REASON_HEADER, Bus, Reject
+from libs.common.events import DatasetSubmitted, ModelDeployed
+from libs.common.tracing import setup_tracing, tracer
+
+pytestmark = pytest.mark.integration
+
+FAST = topology.ConsumerSpec("t-fast", "DATASETS", "dataset.submitted", max_deliver=2, ack_wait_s=1.5, backoff_s=(0.1,))
+
+
+def submitted(name: str = "d", **kw) -> DatasetSubmitted:
+    return DatasetSubmitted(name=name, rows=[{"messages": []}], **kw)
+
+
+async def collect_until(bus: Bus, spec, event_type, handler, n: int, timeout: float = 15.0):
+    stop = asyncio.Event()
+    seen = []
+
+    async def wrapped(event, delivery):
+        await handler(event, delivery)
+        seen.append((event, delivery))
+        if len(seen) >= n:
+            stop.set()
+
+    task = asyncio.create_task(bus.consume(spec, event_type, wrapped, stop))
+    try:
+        await asyncio.wait_for(stop.wait(), timeout)
+    finally:
+        stop.set()
+        await task
+    return seen
+
+
+async def noop(event, delivery):
+    return None
+
+
+async def test_topology_is_idempotent(bus: Bus):
+    await bus.ensure_topology()
+    await bus.ensure_topology()
+    names = {s.config.name for s in await bus.js.streams_info()}
+    assert {s.name for s in topology.STREAMS} <= names
+
+
+async def test_publish_sets_cloudevents_headers_and_traceparent(bus: Bus):
+    await bus._ensure_consumer(FAST)
+    setup_tracing("test", None)
+    with tracer().start_as_current_span("root"):
+        event = submitted()
+        await bus.publish(topology.DATASET_SUBMITTED, event)
+    [(got, delivery)] = await collect_until(bus, FAST, DatasetSubmitted, noop, 1)
+    assert got.id == event.id and got.source == "test"
+    headers = delivery.headers
+    assert headers["ce-id"] == event.id == headers["Nats-Msg-Id"]
+    assert headers["ce-type"] == "DatasetSubmitted"
+    assert headers["ce-source"] == "flywheel/test"
+    assert headers["traceparent"].count("-") == 3
+    assert len(delivery.trace_id) == 32
+
+
+async def test_republished_event_is_dropped_by_duplicate_window(bus: Bus):
+    event = submitted()
+    first = await bus.publish(topology.DATASET_SUBMITTED, event)
+    second = await bus.publish(topology.DATASET_SUBMITTED, event)
+    assert not first.duplicate and second.duplicate
+    info = await bus.js.stream_info("DATASETS")
+    assert info.state.messages == 1
+
+
+async def test_failing_handler_is_retried_then_dead_lettered_with_reason(bus: Bus):
+    await bus._ensure_consumer(FAST)
+    attempts = []
+
+    async def failing(event, delivery):
+        attempts.append(delivery.num_delivered)
+        raise RuntimeError("boom")
+
+    event = submitted()
+    await bus.publish(topology.DATASET_SUBMITTED, event)
+    stop = asyncio.Event()
+    task = asyncio.create_task(bus.consume(FAST, DatasetSubmitted, failing, stop))
+    dead = await bus.js.subscribe("deadletter.dataset.submitted")
+    msg = await dead.next_msg(timeout=15)
+    stop.set()
+    await task
+    assert attempts == [1, 2]
+    assert "boom" in msg.headers[REASON_HEADER]
+    assert msgspec.json.decode(msg.data)["id"] == event.id
+
+
+async def test_undecodable_payload_goes_straight_to_dead_letter(bus: Bus):
+    await bus._ensure_consumer(FAST)
+    await bus.js.publish("dataset.submitted", b"{not json")
+    await bus.publish(topology.DATASET_SUBMITTED, submitted("good"))
+    seen = await collect_until(bus, FAST, DatasetSubmitted, noop, 1)
+    assert seen[0][0].name == "good"
+    dead = await bus.js.subscribe("deadletter.dataset.submitted", deliver_policy=None)
+    msg = await dead.next_msg(timeout=5)
+    assert "does not decode" in msg.headers[REASON_HEADER]
+
+
+async def test_reject_dead_letters_without_retry(bus: Bus):
+    await bus._ensure_consumer(FAST)
+    calls = []
+
+    async def refuse(event, delivery):
+        calls.append(1)
+        raise Reject("never valid")
+
+    await bus.publish(topology.DATASET_SUBMITTED, submitted())
+    stop = asyncio.Event()
+    task = asyncio.create_task(bus.consume(FAST, DatasetSubmitted, refuse, stop))
+    dead = await bus.js.subscribe("deadletter.dataset.submitted")
+    msg = await dead.next_msg(timeout=10)
+    stop.set()
+    await task
+    assert calls == [1] and "never valid" in msg.headers[REASON_HEADER]
+
+
+async def test_long_handler_keeps_its_lease_with_heartbeats(bus: Bus):
+    spec = topology.ConsumerSpec("t-long", "DATASETS", "dataset.submitted", ack_wait_s=1.0, long_running=True)
+    await bus._ensure_consumer(spec)
+    deliveries = []
+
+    async def slow(event, delivery):
+        deliveries.append(delivery.num_delivered)
+        await asyncio.sleep(3.5)  # 3.5x the ack wait
+
+    await bus.publish(topology.DATASET_SUBMITTED, submitted())
+    await collect_until(bus, spec, DatasetSubmitted, slow, 1)
+    await asyncio.sleep(1.5)
+    info = await bus.js.consumer_info("DATASETS", "t-long")
+    assert deliveries == [1]
+    assert info.num_ack_pending == 0 and info.num_redelivered == 0
+
+
+async def test_priority_consumers_drain_high_before_low(bus: Bus):
+    for p in ("low", "normal", "high"):
+        for i in range(2):
+            await bus.publish(topology.dataset_accepted(p), ModelDeployed(
+                checkpoint_uri=f"{p}{i}", checkpoint_sha256="x", run_id="r", step=i, exact_match=0, val_loss=0, reason="t"))
+    order = []
+
+    async def record(event, delivery):
+        order.append(event.checkpoint_uri)
+
+    await collect_until(bus, topology.TRAINER, ModelDeployed, record, 6)
+    assert order == ["high0", "high1", "normal0", "normal1", "low0", "low1"]
+
+
+async def test_request_reply_round_trip(bus: Bus):
+    from libs.common.events import ControlReply, ControlTraining
+
+    async def answer(request: ControlTraining, subject: str) -> ControlReply:
+        return ControlReply(ok=True, state=request.action, message=subject)
+
+    await bus.serve("control.trainer.*", ControlTraining, answer)
+    reply = await bus.request("control.trainer.pause", ControlTraining(action="pause"), ControlReply)
+    assert reply.ok and reply.state == "pause" and reply.message == "control.trainer.pause"
+    bad = await bus.request("control.trainer.pause", ControlReply(ok=True, state="x"), ControlReply)
+    assert not bad.ok and "bad request" in bad.message
