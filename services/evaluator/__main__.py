@@ -1,0 +1,3 @@
+from services.evaluator.service import main
+
+main()

@@ -1,0 +1,68 @@
+"""The evaluator's record of what it has scored: one file per (checkpoint sha256, suite version).
+
+The record holds the exact `EvalScored` event that was published, so a redelivered
+`CheckpointSaved` republishes the same event (same id: JetStream drops the duplicate) instead
+of scoring again, and the per-item outputs, so a score can be inspected later.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import msgspec
+
+from libs.common.events import EvalScored
+from services.evaluator.scoring import ItemResult
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_VERSION = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+class ScoreRecord(msgspec.Struct, frozen=True):
+    event: EvalScored
+    items: list[ItemResult]
+
+
+def is_sha256(text: str) -> bool:
+    return bool(_SHA256.fullmatch(text))
+
+
+class Scorebook:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, sha256: str, suite_version: str) -> Path:
+        # Both parts arrive in events: refuse anything that could leave the folder.
+        if not is_sha256(sha256) or not _VERSION.fullmatch(suite_version):
+            raise ValueError(f"bad score key ({sha256!r}, {suite_version!r})")
+        return self.folder / f"{sha256}--{suite_version}.json"
+
+    def get(self, sha256: str, suite_version: str) -> ScoreRecord | None:
+        path = self._path(sha256, suite_version)
+        return msgspec.json.decode(path.read_bytes(), type=ScoreRecord) if path.exists() else None
+
+    def save(self, record: ScoreRecord) -> None:
+        """Write atomically: a crash leaves the old state or the whole record, never half."""
+        path = self._path(record.event.checkpoint_sha256, record.event.suite_version)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".part-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(msgspec.json.encode(record))
+        os.replace(tmp, path)
+
+    def for_checkpoint(self, sha256: str) -> list[ScoreRecord]:
+        if not is_sha256(sha256):
+            return []
+        return [self._read(p) for p in sorted(self.folder.glob(f"{sha256}--*.json"))]
+
+    def recent(self, limit: int) -> list[EvalScored]:
+        """The latest `limit` scores, newest first."""
+        paths = sorted(self.folder.glob("*--*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        return [self._read(p).event for p in paths[:limit]]
+
+    @staticmethod
+    def _read(path: Path) -> ScoreRecord:
+        return msgspec.json.decode(path.read_bytes(), type=ScoreRecord)

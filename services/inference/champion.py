@@ -1,0 +1,84 @@
+"""Which model should be served: the champion named by the deployer, or the base model.
+
+The deployer owns the champion pointer (KV bucket `champion`, key `current`) and announces
+changes with `model.deployed` / `model.rolled_back`. This module turns either into a
+`ModelTarget` and decides whether it differs from what is loaded. The record is decoded
+leniently: the deployer may add fields, and only the ones below matter here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from libs.common.events import ModelDeployed, ModelRolledBack
+
+CHAMPION_KEY = "current"
+Source = Literal["champion", "base"]
+
+
+class ChampionRecord(msgspec.Struct, kw_only=True):
+    checkpoint_uri: str
+    checkpoint_sha256: str
+    run_id: str = ""
+    step: int = 0
+
+
+class ChampionError(ValueError):
+    """The champion record in the KV bucket cannot be read."""
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """What to load. For the base model, uri and sha256 are filled in once it is resolved."""
+
+    source: Source
+    uri: str = ""
+    sha256: str = ""
+    run_id: str = ""
+    step: int = 0
+    event_id: str = ""
+
+
+BASE = ModelTarget(source="base")
+
+
+def decode_champion(data: bytes) -> ModelTarget:
+    try:
+        record = msgspec.json.decode(data, type=ChampionRecord, strict=False)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ChampionError(f"champion record does not decode: {exc}") from exc
+    return ModelTarget("champion", record.checkpoint_uri, record.checkpoint_sha256, record.run_id, record.step)
+
+
+async def read_champion(kv: KeyValue) -> ModelTarget:
+    """The champion in the KV bucket, or BASE when none was ever deployed (or it was deleted)."""
+    try:
+        entry = await kv.get(CHAMPION_KEY)
+    except nats.js.errors.KeyNotFoundError:
+        return BASE
+    if not entry.value:
+        return BASE
+    return decode_champion(entry.value)
+
+
+def target_for_event(event: ModelDeployed | ModelRolledBack, recorded: ModelTarget) -> ModelTarget:
+    """The model an announcement asks for. A rollback names no run/step: take them from the KV
+    record when it points at the same checkpoint."""
+    if isinstance(event, ModelDeployed):
+        return ModelTarget("champion", event.checkpoint_uri, event.checkpoint_sha256, event.run_id, event.step, event.id)
+    if recorded.source == "champion" and recorded.sha256 == event.checkpoint_sha256:
+        return ModelTarget("champion", event.checkpoint_uri, event.checkpoint_sha256, recorded.run_id, recorded.step, event.id)
+    return ModelTarget("champion", event.checkpoint_uri, event.checkpoint_sha256, event_id=event.id)
+
+
+def needs_reload(loaded: ModelTarget | None, wanted: ModelTarget, *, force: bool = False) -> bool:
+    if force or loaded is None:
+        return True
+    if wanted.source == "base":
+        return loaded.source != "base"
+    return loaded.source != "champion" or loaded.sha256 != wanted.sha256

@@ -1,0 +1,132 @@
+"""Checkpoints: which run a dataset belongs to, where its checkpoints go, which one is latest.
+
+Layout in the artifact store: `checkpoints/<run_id>/step-<global_step:08d>/` holding the model
+and tokenizer in Hugging Face format (`save_pretrained`), `flywheel.json` (what this checkpoint
+is) and `training_state.pt` (optimizer, scheduler, RNG states and data position, for exact
+resume). A checkpoint is built in a hidden staging directory and renamed into place, so a
+directory named `step-N` with a `flywheel.json` is always complete. "Latest" is decided by the
+step number parsed from the name, never by string order (step-9 < step-10).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import torch
+
+INFO_FILE = "flywheel.json"
+TRAINING_STATE_FILE = "training_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_STAGING_PREFIX = ".staging-"
+
+
+class CheckpointInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """flywheel.json: what a checkpoint is, for anyone who finds it on disk."""
+
+    run_id: str
+    step: int
+    global_step: int
+    total_steps: int
+    dataset_id: str
+    init_weights: str
+    final: bool
+    loss: float
+
+
+def run_id_for(dataset_id: str, init_weights: str, recipe: dict[str, Any]) -> str:
+    """The run that trains `dataset_id` from `init_weights` with these hyperparameters.
+
+    Stable across redeliveries and restarts, so an interrupted run is found and resumed;
+    a change of starting weights or of any setting that shapes training is a new run,
+    never a resume that silently mixes two configurations.
+    """
+    identity = msgspec.json.encode({"init_weights": init_weights, "recipe": dict(sorted(recipe.items()))})
+    return f"ds-{dataset_id[:12]}-{hashlib.sha256(identity).hexdigest()[:8]}"
+
+
+def step_dir_name(global_step: int) -> str:
+    return f"step-{global_step:08d}"
+
+
+def parse_step(name: str) -> int | None:
+    """The step number in a checkpoint directory name, or None when it is not one."""
+    match = _STEP_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """A run's complete checkpoints as (step, path), in numeric step order."""
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for child in run_dir.iterdir():
+        step = parse_step(child.name)
+        if step is not None and (child / INFO_FILE).is_file():
+            found.append((step, child))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def read_info(checkpoint: Path) -> CheckpointInfo:
+    return msgspec.json.decode((checkpoint / INFO_FILE).read_bytes(), type=CheckpointInfo)
+
+
+def write_checkpoint(target: Path, info: CheckpointInfo, fill: Callable[[Path], None]) -> bool:
+    """Build a checkpoint with `fill(staging_dir)`, then rename it to `target`.
+
+    Returns False (and writes nothing) when `target` is already complete: a checkpoint is
+    keyed by (run, step), and saving the same step twice changes nothing.
+    """
+    if (target / INFO_FILE).is_file():
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{_STAGING_PREFIX}{target.name}-"))
+    try:
+        fill(staging)
+        # flywheel.json last: it is what marks the directory complete.
+        (staging / INFO_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(info)))
+        _fsync_files(staging)
+        if target.exists():  # a stray incomplete directory (no flywheel.json): replace it
+            shutil.rmtree(target)
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return True
+
+
+def remove_staging(run_dir: Path) -> None:
+    """Drop half-built checkpoints left by a crash (never complete, never announced)."""
+    if run_dir.is_dir():
+        for child in run_dir.iterdir():
+            if child.name.startswith(_STAGING_PREFIX):
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def save_training_state(checkpoint_dir: Path, state: dict[str, Any]) -> None:
+    torch.save(state, checkpoint_dir / TRAINING_STATE_FILE)
+
+
+def load_training_state(checkpoint: Path) -> dict[str, Any]:
+    # weights_only: only tensors and plain containers, no pickled code from disk.
+    return torch.load(checkpoint / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _fsync_files(directory: Path) -> None:
+    """The checkpoint is on disk before anyone is told about it (or the dataset acked)."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())

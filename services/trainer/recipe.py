@@ -1,0 +1,281 @@
+"""Full fine-tuning of a causal LM on one dataset: the training loop, top to bottom.
+
+`FullFinetuneRecipe` trains one dataset (one *run*) from given starting weights:
+
+- `setup()`: pick the device, load the tokenizer and model (from the run's latest checkpoint
+  when resuming, else the starting weights), tokenize the dataset, build AdamW and the
+  warmup + cosine schedule, and on resume restore optimizer, scheduler, RNG states and the
+  data position.
+- `train()`: one optimizer step per batch; a checkpoint every `save_every_steps` and at the
+  end; before every step the control gate is consulted (pause blocks, stop and shutdown
+  checkpoint at the current step and return early).
+- `cleanup()`: release the model and optimizer (and the CUDA cache).
+
+Supported: CPU in fp32; CUDA with fp32 weights and bf16 autocast; gradient clipping; exact
+resume (resumed and uninterrupted runs end with equal weights on CPU). Not supported here:
+gradient accumulation, multi-GPU (Ray Train is the scale-out path).
+
+The recipe knows nothing about the bus: every fact it reports goes through
+`emit(subject, event)`, which the service turns into a publication.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from libs.common import topology
+from libs.common.artifacts import Artifact, ArtifactStore
+from libs.common.events import CheckpointSaved, Event, TrainingProgress, TrainingStarted
+from libs.common.log import get_logger
+from libs.common.models import load_model, load_tokenizer, pick_device
+from services.trainer.checkpoints import (
+    CheckpointInfo,
+    latest_checkpoint,
+    load_training_state,
+    read_info,
+    remove_staging,
+    save_training_state,
+    step_dir_name,
+    write_checkpoint,
+)
+from services.trainer.control import ControlGate
+from services.trainer.data import TrainingPlan, collate, epoch_order, read_rows, tokenize
+from services.trainer.schedule import lr_multiplier
+from services.trainer.settings import TrainerSettings
+
+Emit = Callable[[str, Event], None]
+_EVENT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "flywheel/trainer")
+
+
+def event_id(*key: object) -> str:
+    """A deterministic event id: JetStream drops the same fact published twice."""
+    return uuid.uuid5(_EVENT_NAMESPACE, ":".join(map(str, key))).hex
+
+
+def recipe_identity(settings: TrainerSettings) -> dict:
+    """The settings that shape the trained weights (part of a run's identity)."""
+    names = ("batch_size", "max_length", "learning_rate", "weight_decay", "warmup_steps",
+             "epochs", "max_steps", "seed", "grad_clip")
+    return {name: getattr(settings, name) for name in names}
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    run_id: str
+    dataset_id: str
+    dataset_path: Path
+    init_weights: str  # identity (URI) of the weights the run starts from
+    init_path: Path  # where those weights are on disk
+    run_dir: Path  # checkpoints/<run_id> in the artifact store
+    base_global_step: int  # the trainer's global step before this run
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    finished: bool  # False: stopped early (stop command, shutdown); resume later
+    step: int
+    global_step: int
+    loss: float
+    checkpoint: Artifact | None  # None only when stopped before its first step
+
+
+class FullFinetuneRecipe:
+    def __init__(self, settings: TrainerSettings, job: TrainingJob, store: ArtifactStore, gate: ControlGate, emit: Emit) -> None:
+        self.settings = settings
+        self.job = job
+        self._store = store
+        self._gate = gate
+        self._emit = emit
+        self._log = get_logger("trainer.recipe").bind(run_id=job.run_id, dataset_id=job.dataset_id)
+        self._step = 0  # optimizer steps done in this run
+        self._loss = float("nan")
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        self._device = pick_device(self.settings.device)
+        remove_staging(self.job.run_dir)
+        self._resume_from = latest_checkpoint(self.job.run_dir)
+        weights = self._resume_from or self.job.init_path
+        self._tokenizer = load_tokenizer(weights)
+        self._setup_data()
+        self._setup_model(weights)
+        self._setup_optimizer()
+        if self._resume_from:
+            self._restore(self._resume_from)
+        self._log.info(
+            "recipe ready", device=self._device, weights=str(weights), examples=self._plan.num_examples,
+            dropped_rows=self._num_dropped, total_steps=self._plan.total_steps, start_step=self._step,
+        )
+
+    def _setup_data(self) -> None:
+        rows = read_rows(self.job.dataset_path)
+        self._examples = tokenize(rows, self._tokenizer, self.settings.max_length)
+        self._num_dropped = len(rows) - len(self._examples)
+        s = self.settings
+        self._plan = TrainingPlan(len(self._examples), s.batch_size, s.epochs, s.max_steps)
+
+    def _setup_model(self, weights: Path) -> None:
+        # Loaded in fp32 and then moved: on CUDA the weights (and AdamW moments) stay fp32
+        # and only the forward pass runs in bf16 (autocast), so small updates are not lost.
+        self._model = load_model(weights, "cpu", for_training=True).to(self._device)
+        self._autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if self._device.startswith("cuda") else None
+
+    def _setup_optimizer(self) -> None:
+        s = self.settings
+        self._optimizer = torch.optim.AdamW(self._model.parameters(), lr=s.learning_rate, weight_decay=s.weight_decay)
+        schedule = partial(lr_multiplier, warmup_steps=s.warmup_steps, total_steps=self._plan.total_steps)
+        self._scheduler = torch.optim.lr_scheduler.LambdaLR(self._optimizer, schedule)
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = load_training_state(checkpoint)
+        if state["total_steps"] != self._plan.total_steps or state["num_examples"] != self._plan.num_examples:
+            raise RuntimeError(
+                f"checkpoint {checkpoint} was planned for {state['total_steps']} steps over "
+                f"{state['num_examples']} examples, this run plans {self._plan.total_steps} over {self._plan.num_examples}"
+            )
+        self._optimizer.load_state_dict(state["optimizer"])
+        self._scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        random.setstate(state["python_rng"])
+        self._step, self._loss = state["step"], state["loss"]
+        if (state["epoch"], state["batch_index"]) != self._plan.position(self._step):
+            raise RuntimeError(f"checkpoint {checkpoint}: data position does not match step {self._step}")
+
+    # ------------------------------------------------------------------ train
+
+    def train(self) -> TrainingResult:
+        job, plan, s = self.job, self._plan, self.settings
+        self._emit(topology.TRAINING_STARTED, TrainingStarted(
+            run_id=job.run_id, dataset_id=job.dataset_id, init_weights=job.init_weights,
+            total_steps=plan.total_steps, start_step=self._step, global_step=self._global_step,
+        ))
+        bar = tqdm(total=plan.total_steps, initial=self._step, desc=job.run_id, disable=not sys.stderr.isatty())
+        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+        order_epoch, order = -1, []
+        try:
+            while self._step < plan.total_steps:
+                if not self._gate.proceed():
+                    return self._stop_early()
+                epoch, batch_index = plan.position(self._step)
+                if epoch != order_epoch:
+                    order_epoch, order = epoch, epoch_order(plan.num_examples, s.seed, job.dataset_id, epoch)
+                batch = collate([self._examples[i] for i in plan.batch(order, batch_index)], self._tokenizer.pad_token_id)
+                lr = self._scheduler.get_last_lr()[0]
+                self._loss, tokens = self._train_step(batch)
+                self._step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{self._loss:.4f}")
+
+                window_steps, window_tokens = window_steps + 1, window_tokens + tokens
+                elapsed = time.perf_counter() - window_start
+                if window_steps >= s.progress_every_steps or elapsed >= s.progress_every_s:
+                    self._report_progress(lr, window_tokens / elapsed)
+                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+                if self._step % s.save_every_steps == 0 and self._step < plan.total_steps:
+                    self._save(final=False)
+        finally:
+            bar.close()
+        checkpoint = self._save(final=True)
+        return TrainingResult(True, self._step, self._global_step, self._loss, checkpoint)
+
+    def _train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+        """One optimizer step; returns the batch loss and its number of real (non-pad) tokens."""
+        batch = {name: tensor.to(self._device) for name, tensor in batch.items()}
+        if self._autocast:
+            with self._autocast:
+                loss = self._model(**batch).loss
+        else:
+            loss = self._model(**batch).loss
+        loss.backward()
+        if self.settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self._model.parameters(), self.settings.grad_clip)
+        self._optimizer.step()
+        self._scheduler.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        return loss.item(), int(batch["attention_mask"].sum())
+
+    def _report_progress(self, lr: float, tokens_per_second: float) -> None:
+        event = TrainingProgress(
+            run_id=self.job.run_id, dataset_id=self.job.dataset_id, step=self._step,
+            total_steps=self._plan.total_steps, global_step=self._global_step, loss=self._loss,
+            learning_rate=lr, tokens_per_second=round(tokens_per_second, 1),
+        )
+        self._log.info("training progress", step=event.step, total_steps=event.total_steps, loss=round(self._loss, 4),
+                       learning_rate=lr, tokens_per_second=event.tokens_per_second)
+        self._emit(topology.TRAINING_PROGRESS, event)
+
+    def _stop_early(self) -> TrainingResult:
+        checkpoint = self._save(final=False) if self._step else None
+        self._log.info("run stopped early; dataset will resume from this step", step=self._step)
+        return TrainingResult(False, self._step, self._global_step, self._loss, checkpoint)
+
+    @property
+    def _global_step(self) -> int:
+        return self.job.base_global_step + self._step
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save(self, *, final: bool) -> Artifact:
+        """Checkpoint the current step (once per step) and announce it."""
+        job = self.job
+        target = self._store.location("checkpoints", job.run_id, step_dir_name(self._global_step))
+        info = CheckpointInfo(
+            run_id=job.run_id, step=self._step, global_step=self._global_step, total_steps=self._plan.total_steps,
+            dataset_id=job.dataset_id, init_weights=job.init_weights, final=final, loss=self._loss,
+        )
+
+        def fill(staging: Path) -> None:
+            self._model.save_pretrained(staging)
+            self._tokenizer.save_pretrained(staging)
+            save_training_state(staging, self._training_state())
+
+        if not write_checkpoint(target, info, fill):
+            # Saved by an earlier attempt; the announcement below has the same event id.
+            final = read_info(target).final
+        artifact = self._store.describe_dir(target)
+        self._log.info("checkpoint saved", step=self._step, global_step=self._global_step, uri=artifact.uri, final=final)
+        self._emit(topology.CHECKPOINT_SAVED, CheckpointSaved(
+            id=event_id("checkpoint", job.run_id, self._step), run_id=job.run_id, step=self._step,
+            global_step=self._global_step, dataset_id=job.dataset_id, uri=artifact.uri, sha256=artifact.sha256,
+            final=final,
+        ))
+        return artifact
+
+    def _training_state(self) -> dict:
+        epoch, batch_index = self._plan.position(self._step)
+        return {
+            "step": self._step,
+            "global_step": self._global_step,
+            "total_steps": self._plan.total_steps,
+            "num_examples": self._plan.num_examples,
+            "epoch": epoch,  # the position of the next batch to train on
+            "batch_index": batch_index,
+            "loss": self._loss,
+            "optimizer": self._optimizer.state_dict(),
+            "scheduler": self._scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python_rng": random.getstate(),
+        }
+
+    # ------------------------------------------------------------------ cleanup
+
+    def cleanup(self) -> None:
+        # Drop the references so the memory is free before the next dataset's run.
+        self._model = self._optimizer = self._scheduler = None
+        self._examples = []
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

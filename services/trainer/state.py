@@ -1,0 +1,55 @@
+"""The trainer's own state: the current weights, the global step and which datasets are done.
+
+One JSON file under the trainer's service directory, replaced atomically (write aside, fsync,
+rename): a crash leaves the old state or the new one, never half of either. It changes only
+when a dataset's run has finished and its final checkpoint is on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import msgspec
+
+STATE_FILE = "state.json"
+
+
+class TrainerState(msgspec.Struct, kw_only=True):
+    # URI of the latest finished checkpoint; empty: the base model (nothing trained yet).
+    current_weights: str = ""
+    current_weights_sha256: str = ""
+    global_step: int = 0
+    # dataset_id -> URI of the final checkpoint of its run: the idempotency record.
+    finished: dict[str, str] = {}
+
+
+def load_state(path: Path) -> TrainerState:
+    if not path.exists():
+        return TrainerState()
+    return msgspec.json.decode(path.read_bytes(), type=TrainerState)
+
+
+def save_state(path: Path, state: TrainerState) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(msgspec.json.format(msgspec.json.encode(state)))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def record_finished(state: TrainerState, dataset_id: str, checkpoint_uri: str, sha256: str, global_step: int) -> TrainerState:
+    """The state after a dataset's run finished: its final checkpoint becomes the current weights."""
+    return TrainerState(
+        current_weights=checkpoint_uri,
+        current_weights_sha256=sha256,
+        global_step=global_step,
+        finished={**state.finished, dataset_id: checkpoint_uri},
+    )

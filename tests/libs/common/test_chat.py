@@ -1,0 +1,55 @@
+import pytest
+
+from libs.common.chat import IGNORE_INDEX, ChatMessage, TemplateError, encode_chat, prompt_messages
+
+pytestmark = pytest.mark.slow  # loads the tiny tokenizer
+
+
+def _trained_text(tok, enc):
+    return tok.decode([t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX])
+
+
+def test_only_assistant_tokens_are_trained(tiny_model_dir):
+    from libs.common.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    msgs = [ChatMessage("system", "Be exact."), ChatMessage("user", "Convert ①⓪① to decimal"),
+            ChatMessage("assistant", "todecimal ①⓪① = 5")]
+    enc = encode_chat(tok, msgs, 256)
+    assert len(enc.input_ids) == len(enc.labels)
+    assert _trained_text(tok, enc) == "todecimal ①⓪① = 5<|im_end|>\n"
+
+
+def test_multi_turn_trains_every_assistant_turn(tiny_model_dir):
+    from libs.common.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    msgs = [ChatMessage("user", "hi"), ChatMessage("assistant", "hello"),
+            ChatMessage("user", "add ① ①"), ChatMessage("assistant", "add ① ① = ①⓪")]
+    trained = _trained_text(tok, encode_chat(tok, msgs, 256))
+    assert trained == "hello<|im_end|>\nadd ① ① = ①⓪<|im_end|>\n"
+    assert [m["content"] for m in prompt_messages(msgs)] == ["hi", "hello", "add ① ①"]
+
+
+def test_truncation_keeps_labels_aligned(tiny_model_dir):
+    from libs.common.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    msgs = [ChatMessage("user", "word " * 200), ChatMessage("assistant", "answer")]
+    enc = encode_chat(tok, msgs, 32)
+    assert len(enc.input_ids) == 32 and enc.num_trained_tokens == 0
+
+
+def test_template_that_is_not_prefix_stable_fails_loudly(tiny_model_dir):
+    from libs.common.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    # A template that renders earlier assistant turns differently once a later turn exists.
+    tok.chat_template = (
+        "{% for m in messages %}{% if loop.last %}{{ m['role'] }}: {{ m['content'] }}\n"
+        "{% else %}{{ m['role'] }}> {{ m['content'] }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    msgs = [ChatMessage("user", "a"), ChatMessage("assistant", "b"), ChatMessage("user", "c"), ChatMessage("assistant", "d")]
+    with pytest.raises(TemplateError):
+        encode_chat(tok, msgs, 64)
