@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast up bench clean
+.PHONY: install demo test test-fast up clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,9 +30,6 @@ test-fast: $(STAMP)
 
 up: $(STAMP)
 	$(BIN)/flywheel up
-
-bench: $(STAMP)
-	$(BIN)/python -m bench.gatekeeper
 
 clean:
 	rm -rf $(VENV) data

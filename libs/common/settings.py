@@ -121,7 +121,7 @@ def load_settings(cls: type[S], service: str, environ: dict[str, str] | None = N
 
 
 def _decode_extra(kind: type, value: Any) -> Any:
-    if kind is Path and isinstance(value, str):
+    if kind is Path and isinstance(value, (str, Path)):
         return Path(value)
     raise NotImplementedError(f"cannot read {kind} from settings")
 

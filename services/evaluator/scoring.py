@@ -67,18 +67,15 @@ def score_checkpoint(
 
 
 def _validation_loss(model, tokenizer, items: list[SuiteItem], device: str, batch_size: int, max_length: int) -> float:
-    import torch
     import torch.nn.functional as F
 
     encoded = [encode_chat(tokenizer, item.messages, max_length) for item in items]
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
-        width = max(len(e.input_ids) for e in batch)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in batch], device=device)
-        labels = torch.tensor([e.labels + [IGNORE_INDEX] * (width - len(e.labels)) for e in batch], device=device)
-        attention = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch], device=device)
+        input_ids = _right_padded([e.input_ids for e in batch], tokenizer.pad_token_id, device)
+        labels = _right_padded([e.labels for e in batch], IGNORE_INDEX, device)
+        attention = _right_padded([[1] * len(e.input_ids) for e in batch], 0, device)
         logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
         # Token t predicts token t+1.
         shifted_logits, shifted_labels = logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
@@ -87,6 +84,13 @@ def _validation_loss(model, tokenizer, items: list[SuiteItem], device: str, batc
     if total_tokens == 0:
         raise ValueError("the suite has no assistant tokens to score (chat template or max_length problem)")
     return total_loss / total_tokens
+
+
+def _right_padded(rows: list[list[int]], value: int, device: str):
+    import torch
+
+    width = max(len(row) for row in rows)
+    return torch.tensor([row + [value] * (width - len(row)) for row in rows], device=device)
 
 
 def _generate(model, tokenizer, items: list[SuiteItem], device: str, batch_size: int, max_new_tokens: int) -> list[str]:
@@ -105,8 +109,8 @@ def _generate(model, tokenizer, items: list[SuiteItem], device: str, batch_size:
     tokenizer.padding_side = "left"
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(device) for k, v in enc.items()}
+        batch = prompts[start : start + batch_size]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         generated = model.generate(**enc, generation_config=config)
         new_tokens = generated[:, enc["input_ids"].shape[1] :]
         outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

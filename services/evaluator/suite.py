@@ -48,7 +48,9 @@ def build_suite(max_level: int, items_per_level: int, seed: int) -> Suite:
     """The suite for these settings, generated fresh (deterministic in its arguments)."""
     if not 1 <= max_level <= binary.MAX_LEVEL:
         raise ValueError(f"suite max level must be 1..{binary.MAX_LEVEL}, got {max_level}")
-    rows = [row for level in range(1, max_level + 1) for row in binary.generate(level, items_per_level, seed, split="eval")]
+    rows = [
+        row for level in range(1, max_level + 1) for row in binary.generate(level, items_per_level, seed, split="eval")
+    ]
     items = msgspec.convert(rows, list[SuiteItem])
     return Suite(name=SUITE_NAME, version=suite_version(items), items=items)
 

@@ -19,8 +19,9 @@ class GatekeeperSettings(CommonSettings, kw_only=True, forbid_unknown_fields=Tru
     # An inbox file written in place is taken once unchanged for this long.
     settle_seconds: float = 1.0
     default_priority: Priority = "normal"
-    # Standard-level token check: rows are measured as the trainer encodes them, at this length.
-    max_tokens: int = 1024
+    # Standard-level token check: rows are measured as the trainer encodes them, cut at this
+    # length. Keep it equal to the trainer's max_length (FLYWHEEL_TRAINER_MAX_LENGTH).
+    max_tokens: int = 512
     # Findings kept in a report; counts per check are always complete.
     max_findings: int = 1000
 

@@ -18,5 +18,6 @@ def checkpoint(tmp_path: Path, tiny_model_dir: Path) -> CheckpointSaved:
     shutil.copytree(tiny_model_dir, target)
     artifact = store.describe_dir(target)
     return CheckpointSaved(
-        run_id="run-1", step=4, global_step=4, dataset_id="d" * 64, uri=artifact.uri, sha256=artifact.sha256, final=True,
+        run_id="run-1", step=4, global_step=4, dataset_id="d" * 64,
+        uri=artifact.uri, sha256=artifact.sha256, final=True,
     )

@@ -23,7 +23,9 @@ def test_suite_is_deterministic_and_versioned_by_content():
 def test_suite_items_are_held_out_from_training_data():
     suite = build_suite(binary.MAX_LEVEL, 16, seed=1)
     prompts = {item.messages[0].content for item in suite.items}
-    training = {r["messages"][0]["content"] for level in range(1, 6) for s in range(10) for r in binary.generate(level, 200, s)}
+    training = {
+        r["messages"][0]["content"] for level in range(1, 6) for s in range(10) for r in binary.generate(level, 200, s)
+    }
     assert not prompts & training
 
 

@@ -99,7 +99,8 @@ def _recompute(scenario: str, prompt: str) -> str | None:
         if match := re.search(rf"({_CIRCLED}) (<<|>>) (\d+)", prompt):
             a, sym, n = match.groups()
         else:  # "Original: A\nShift left by: n"
-            a, n, sym = re.search(rf"Original: ({_CIRCLED})", prompt).group(1), re.search(r"by: (\d+)", prompt).group(1), "<<"
+            a = re.search(rf"Original: ({_CIRCLED})", prompt).group(1)
+            n, sym = re.search(r"by: (\d+)", prompt).group(1), "<<"
         value = binary.from_circled(a)
         return binary.to_circled(value << int(n) if sym == "<<" else value >> int(n))
     if kind == "chained":

@@ -1,0 +1,3 @@
+from services.curriculum.service import main
+
+main()

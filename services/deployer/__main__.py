@@ -1,0 +1,3 @@
+from services.deployer.service import main
+
+main()

@@ -1,0 +1,3 @@
+from services.gatekeeper.service import main
+
+main()

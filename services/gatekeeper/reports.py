@@ -1,0 +1,107 @@
+"""The validation report of one submission, and the event that announces its outcome.
+
+A report is written for every submission, accepted or not, to the artifact store at
+`reports/<submission_id>.json`. It holds the counts per check (always complete), the first
+`max_findings` findings with line numbers, the reasons for a rejection and the timing. The
+announcement is derived from the report alone, so a redelivered submission whose report
+exists is announced again identically, without validating twice.
+
+Event ids are deterministic: `DatasetAccepted` from the dataset id (JetStream drops a
+republished acceptance inside its duplicate window), `DatasetRejected` from the submission id.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+from libs.common import topology
+from libs.common.events import DatasetAccepted, DatasetRejected, Event, Priority, ValidationLevel
+from services.gatekeeper.checks import Finding
+
+Status = Literal["accepted", "rejected", "duplicate"]
+EVENT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "flywheel/gatekeeper")
+
+
+class Report(msgspec.Struct, kw_only=True):
+    submission_id: str
+    status: Status
+    name: str
+    schema: str
+    level: ValidationLevel
+    priority: Priority
+    channel: str
+    submitted_by: str
+    # Where the bytes came from: "inline", the announced uri, the uploaded or inbox file name.
+    source: str
+    started_at: datetime
+    reasons: list[str] = []
+    dataset_id: str = ""
+    dataset_uri: str = ""
+    # For a duplicate: the submission whose acceptance of the same dataset came first.
+    duplicate_of: str = ""
+    original_uri: str = ""
+    original_sha256: str = ""
+    original_bytes: int = 0
+    report_uri: str = ""
+    num_lines: int = 0
+    num_rows: int = 0
+    num_rows_valid: int = 0
+    num_rows_dropped: int = 0
+    num_errors: int = 0
+    num_warnings: int = 0
+    error_fraction: float = 0.0
+    counts: dict[str, int] = {}
+    num_findings: int = 0
+    findings: list[Finding] = []
+    findings_truncated: bool = False
+    duration_s: float = 0.0
+    rows_per_second: float = 0.0
+
+    def summary(self, preview: int = 20) -> dict[str, Any]:
+        """The report without its full findings list (the first `preview` are kept)."""
+        shown = msgspec.to_builtins(self)
+        shown["findings"] = shown["findings"][:preview]
+        return shown
+
+
+def encode_report(report: Report) -> bytes:
+    return msgspec.json.format(msgspec.json.encode(report), indent=2)
+
+
+def decode_report(data: bytes) -> Report:
+    return msgspec.json.decode(data, type=Report)
+
+
+def accepted_event_id(dataset_id: str) -> str:
+    return uuid.uuid5(EVENT_NAMESPACE, f"accepted:{dataset_id}").hex
+
+
+def announcement(report: Report) -> tuple[str, Event]:
+    """The subject and event that announce `report`'s outcome."""
+    if report.status == "accepted":
+        return topology.dataset_accepted(report.priority), DatasetAccepted(
+            id=accepted_event_id(report.dataset_id),
+            dataset_id=report.dataset_id,
+            name=report.name,
+            uri=report.dataset_uri,
+            sha256=report.dataset_id,
+            schema=report.schema,
+            priority=report.priority,
+            num_rows=report.num_rows_valid,
+            num_rows_dropped=report.num_rows_dropped,
+            report_uri=report.report_uri,
+            submission_id=report.submission_id,
+        )
+    return topology.DATASET_REJECTED, DatasetRejected(
+        id=uuid.uuid5(EVENT_NAMESPACE, f"rejected:{report.submission_id}").hex,
+        name=report.name,
+        reasons=report.reasons,
+        report_uri=report.report_uri,
+        submission_id=report.submission_id,
+        dataset_id=report.dataset_id,
+        num_errors=report.num_errors,
+    )

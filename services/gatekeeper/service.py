@@ -1,0 +1,154 @@
+"""The gatekeeper service: three ways in, one pipeline, one announcement per submission.
+
+In: `dataset.submitted` (durable consumer `gatekeeper`), HTTP (`api.py`), the inbox folder
+(`inbox.py`). Out: `dataset.accepted.<priority>` or `dataset.rejected`. Validation runs in a
+worker thread so /health stays responsive while a large file is checked. HTTP and inbox
+submissions call the pipeline directly; they do not round-trip through `dataset.submitted`.
+
+Run: `FLYWHEEL_NATS_URL=nats://... FLYWHEEL_DATA_DIR=... python -m services.gatekeeper`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+from opentelemetry.trace import Status, StatusCode
+
+from libs.common import topology
+from libs.common.artifacts import ArtifactStore
+from libs.common.bus import Delivery, Interrupted
+from libs.common.events import DatasetSubmitted
+from libs.common.models import ensure_base_model, load_tokenizer
+from libs.common.runtime import ServiceRuntime, run_service
+from libs.common.tracing import tracer
+from services.gatekeeper.api import add_routes
+from services.gatekeeper.chat_sft import TokenBudget
+from services.gatekeeper.inbox import Inbox, InboxFile
+from services.gatekeeper.index import AcceptedIndex
+from services.gatekeeper.reports import Report, announcement
+from services.gatekeeper.settings import GatekeeperSettings
+from services.gatekeeper.submissions import Gatekeeper, Submission
+from services.gatekeeper.validation import Limits, ValidationInterrupted
+
+NAME = "gatekeeper"
+# Publishing is retried this many times (1, 2, 4, ... s apart) before a submission fails.
+_PUBLISH_ATTEMPTS = 5
+_STALE_UPLOAD_S = 3600.0
+
+
+class GatekeeperService:
+    def __init__(self, rt: ServiceRuntime[GatekeeperSettings]) -> None:
+        self.rt = rt
+        self.settings = settings = rt.settings
+        own = settings.service_dir(NAME)
+        self.uploads = own / "uploads"
+        self.uploads.mkdir(exist_ok=True)
+        # Left by a crash mid-upload (their clients got no answer and will send them again); an
+        # upload still written by another copy of this service on the same host is fresher.
+        for partial in self.uploads.glob("upload-*.part"):
+            if time.time() - partial.stat().st_mtime > _STALE_UPLOAD_S:
+                rt.log.warning("removing an unfinished upload", path=str(partial))
+                partial.unlink(missing_ok=True)
+        self.gatekeeper = Gatekeeper(
+            ArtifactStore(Path(settings.data_dir) / "artifacts"),
+            AcceptedIndex(own / "accepted"),
+            limits=Limits(max_line_bytes=settings.max_line_bytes, max_file_bytes=settings.max_file_bytes),
+            max_error_fraction=settings.max_error_fraction,
+            max_findings=settings.max_findings,
+            tokens=self.token_budget,
+        )
+        self._budget: TokenBudget | None = None
+        self._budget_lock = threading.Lock()
+        self._submissions = rt.metrics.counter(
+            "flywheel_gatekeeper_submissions_total", "Submissions by channel and outcome", ("channel", "status")
+        )
+        self._rows = rt.metrics.counter("flywheel_gatekeeper_rows_total", "Rows validated", ("result",))
+        self._seconds = rt.metrics.histogram(
+            "flywheel_gatekeeper_validation_seconds", "Time to validate one submission",
+            buckets=(0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 1800),
+        )
+
+    def token_budget(self) -> TokenBudget:
+        """The base model's tokenizer, loaded once (called from worker threads)."""
+        with self._budget_lock:
+            if self._budget is None:
+                model = ensure_base_model(self.settings.data_dir, self.settings.base_model)
+                self._budget = TokenBudget(load_tokenizer(model), self.settings.max_tokens)
+            return self._budget
+
+    # ------------------------------------------------------------------ the three ways in
+
+    async def on_submitted(self, event: DatasetSubmitted, delivery: Delivery) -> None:
+        try:
+            report = await asyncio.to_thread(self.gatekeeper.submit_event, event)
+        except ValidationInterrupted as exc:
+            raise Interrupted(f"stopping mid-validation ({exc}); redelivered after the restart") from exc
+        await self.announce(report)
+
+    async def submit_file(self, submission: Submission, path: Path, *, move: bool) -> Report:
+        """HTTP and inbox: validate and announce, in a span of its own (a new trace starts here)."""
+        with tracer().start_as_current_span(
+            "gatekeeper.submit", attributes={"flywheel.channel": submission.channel, "flywheel.name": submission.name},
+        ) as span:
+            report = await asyncio.to_thread(self.gatekeeper.submit_file, submission, path, move=move)
+            if report.status != "accepted":
+                span.set_status(Status(StatusCode.ERROR, report.status))
+            await self.announce(report)
+            return report
+
+    async def on_inbox_file(self, item: InboxFile) -> None:
+        """Copied, not moved: until it is announced the claimed file stays, and a restart resumes it."""
+        submission = Submission(
+            submission_id=item.submission_id, name=item.name, channel="inbox", source=item.source,
+            priority=item.priority,
+        )
+        await self.submit_file(submission, item.path, move=False)
+        item.path.unlink()
+
+    async def interrupt_on_stop(self) -> None:
+        """Validation runs in threads, which cannot be cancelled: tell them to stop instead."""
+        await self.rt.stop.wait()
+        self.gatekeeper.stopping.set()
+
+    # ------------------------------------------------------------------ out
+
+    async def announce(self, report: Report) -> None:
+        subject, event = announcement(report)
+        self._submissions.labels(report.channel, report.status).inc()
+        self._rows.labels("valid").inc(report.num_rows_valid)
+        self._rows.labels("dropped").inc(report.num_rows_dropped)
+        self._seconds.observe(report.duration_s)
+        self.rt.log.info(
+            f"dataset {report.status}", submission_id=report.submission_id, name=report.name,
+            channel=report.channel, dataset_id=report.dataset_id, rows=report.num_rows_valid,
+            dropped=report.num_rows_dropped, reasons=report.reasons, subject=subject,
+        )
+        for attempt in range(_PUBLISH_ATTEMPTS):
+            try:
+                await self.rt.bus.publish(subject, event)
+                return
+            except Exception as exc:  # noqa: BLE001 - NATS may be reconnecting; the report is stored already
+                if attempt == _PUBLISH_ATTEMPTS - 1:
+                    raise
+                self.rt.log.warning("publish failed; retrying", subject=subject, error=repr(exc))
+                await asyncio.sleep(2**attempt)
+
+
+async def start(rt: ServiceRuntime[GatekeeperSettings]) -> None:
+    service = GatekeeperService(rt)
+    add_routes(rt.app, service)
+    settings = rt.settings
+    inbox = Inbox(settings.inbox_path, settings.settle_seconds, settings.default_priority, service.on_inbox_file)
+    rt.checks["inbox"] = lambda: inbox.watching
+    rt.spawn(rt.bus.consume(topology.GATEKEEPER, DatasetSubmitted, service.on_submitted, rt.stop), "consume")
+    rt.spawn(inbox.run(rt.stop), "inbox")
+    rt.spawn(service.interrupt_on_stop(), "interrupt-on-stop")
+    # Load the tokenizer now, so a wrong base model stops the service at start, not mid-submission.
+    rt.spawn(asyncio.to_thread(service.token_budget), "tokenizer")
+
+
+def main() -> None:
+    run_service(NAME, GatekeeperSettings, start)

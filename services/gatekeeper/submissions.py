@@ -1,0 +1,228 @@
+"""How one submission is taken in: keep the original, validate, store, index, report.
+
+Every intake path (NATS `dataset.submitted` with inline rows or a uri, HTTP upload, inbox
+file) ends here, so all of them run the same pipeline. Nothing here touches the bus: the
+result is a `Report`, from which `reports.announcement` derives the event to publish.
+
+Artifact store layout:
+  submissions/<submission_id>/original<.ext>   the bytes as submitted, kept whatever the outcome
+  datasets/<dataset_id>.jsonl                  accepted rows, normalised; dataset_id = its sha256
+  reports/<submission_id>.json                 the report
+  staging/<submission_id>.jsonl                normalised rows while validation runs (transient)
+
+Duplicates: a dataset id already in the index under another submission is not announced as
+accepted again. Its report has status "duplicate" and `duplicate_of` (the first submission),
+and it is announced as a `DatasetRejected` with the reason "duplicate of <dataset_id> ...",
+so every submission gets exactly one answer and no dataset is trained twice.
+
+Idempotent per submission id: when its report exists, that report is returned unchanged
+(a redelivered `dataset.submitted` is announced again, not validated again).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import msgspec
+
+from libs.common.artifacts import Artifact, ArtifactError, ArtifactStore, sha256_file
+from libs.common.events import DatasetSubmitted, Priority, ValidationLevel, utcnow
+from services.gatekeeper.chat_sft import TokenBudget
+from services.gatekeeper.checks import SCHEMA, SHA256, SUBMISSION, URI, Tally
+from services.gatekeeper.index import AcceptedIndex, IndexEntry
+from services.gatekeeper.policy import decide
+from services.gatekeeper.reports import EVENT_NAMESPACE, Report, decode_report, encode_report
+from services.gatekeeper.schemas import DEFAULT_SCHEMA, UnknownSchema, lookup
+from services.gatekeeper.validation import Limits, validate_file
+
+_SUBMISSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,10}")
+_row_encoder = msgspec.json.Encoder()
+
+
+class Submission(msgspec.Struct, frozen=True, kw_only=True):
+    submission_id: str
+    name: str
+    channel: str
+    # Where the bytes come from: "inline", a uri, an uploaded or inbox file name.
+    source: str
+    schema: str = DEFAULT_SCHEMA
+    priority: Priority = "normal"
+    level: ValidationLevel = "standard"
+    submitted_by: str = "anonymous"
+
+
+def submission_id_for(event_id: str) -> str:
+    """A NATS submission's id is its event id (so redeliveries match), made path-safe."""
+    return event_id if _SUBMISSION_ID.fullmatch(event_id) else uuid.uuid5(EVENT_NAMESPACE, event_id).hex
+
+
+def is_submission_id(text: str) -> bool:
+    return bool(_SUBMISSION_ID.fullmatch(text))
+
+
+class Gatekeeper:
+    def __init__(
+        self,
+        store: ArtifactStore,
+        index: AcceptedIndex,
+        *,
+        limits: Limits,
+        max_error_fraction: float,
+        max_findings: int,
+        tokens: Callable[[], TokenBudget],
+    ) -> None:
+        self.store = store
+        self.index = index
+        self.limits = limits
+        self.max_error_fraction = max_error_fraction
+        self.max_findings = max_findings
+        self.tokens = tokens
+        # Set when the service stops: a validation in progress raises ValidationInterrupted
+        # and leaves no report, so the submission is taken up again after the restart.
+        self.stopping = threading.Event()
+
+    # ------------------------------------------------------------------ intake
+
+    def submit_event(self, event: DatasetSubmitted) -> Report:
+        submission = Submission(
+            submission_id=submission_id_for(event.id), name=event.name, channel=event.channel,
+            source="inline" if event.rows is not None else (event.uri or ""),
+            schema=event.schema, priority=event.priority, level=event.level, submitted_by=event.submitted_by,
+        )
+        if (event.rows is None) == (event.uri is None):
+            return self._done_early(submission, SUBMISSION, "exactly one of `rows` and `uri` must be given")
+        if event.rows is not None:
+            return self.submit_rows(submission, event.rows)
+        return self.submit_uri(submission, event.uri, event.sha256)
+
+    def submit_rows(self, submission: Submission, rows: list[dict]) -> Report:
+        if known := self.read_report(submission.submission_id):
+            return known
+        lines = (_row_encoder.encode(row) + b"\n" for row in rows)
+        original = self.store.write_lines(lines, *self._original_parts(submission, ".jsonl"))
+        return self._validate(submission, original)
+
+    def submit_uri(self, submission: Submission, uri: str, sha256: str | None) -> Report:
+        """A file already in the artifact store; anything that resolves outside it is refused."""
+        if known := self.read_report(submission.submission_id):
+            return known
+        try:
+            path = self.store.path_for(uri)
+        except ArtifactError as exc:
+            return self._done_early(submission, URI, str(exc))
+        if not path.is_file():
+            return self._done_early(submission, URI, f"{uri} is not a file in the artifact store")
+        original = self.store.import_file(path, *self._original_parts(submission, path.suffix))
+        if sha256 and sha256 != original.sha256:
+            return self._done_early(
+                submission, SHA256, f"content sha256 {original.sha256} does not match the announced {sha256}", original
+            )
+        return self._validate(submission, original)
+
+    def submit_file(self, submission: Submission, path: Path, *, move: bool) -> Report:
+        """A local file (an upload or an inbox file); `move` hands it over to the store."""
+        if known := self.read_report(submission.submission_id):
+            return known
+        target = self.store.location(*self._original_parts(submission, Path(submission.source).suffix))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        original = None
+        # A symlink is copied, never moved: the store must not hold links to elsewhere.
+        if move and not Path(path).is_symlink():
+            try:
+                os.replace(path, target)
+                original = Artifact(uri=target.as_uri(), sha256=sha256_file(target), size=target.stat().st_size)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:  # another filesystem: copy instead
+                    raise
+        if original is None:
+            original = self.store.import_file(path, *self._original_parts(submission, target.suffix))
+            if move:
+                Path(path).unlink()
+        return self._validate(submission, original)
+
+    def read_report(self, submission_id: str) -> Report | None:
+        if not is_submission_id(submission_id):
+            return None
+        path = self.store.location("reports", f"{submission_id}.json")
+        return decode_report(path.read_bytes()) if path.is_file() else None
+
+    # ------------------------------------------------------------------ pipeline
+
+    def _original_parts(self, submission: Submission, suffix: str) -> tuple[str, ...]:
+        suffix = suffix if _SUFFIX.fullmatch(suffix) else ".jsonl"
+        return ("submissions", submission.submission_id, f"original{suffix}")
+
+    def _done_early(self, submission, check, reason: str, original: Artifact | None = None) -> Report:
+        """A submission refused before validation: the report says why."""
+        tally = Tally(self.max_findings)
+        tally.add(0, check, reason)
+        return self._finish(submission, tally, original, staged=None, started=time.perf_counter())
+
+    def _validate(self, submission: Submission, original: Artifact) -> Report:
+        started = time.perf_counter()
+        tally = Tally(self.max_findings)
+        try:
+            schema = lookup(submission.schema)
+        except UnknownSchema as exc:
+            tally.add(0, SCHEMA, str(exc))
+            return self._finish(submission, tally, original, staged=None, started=started)
+        rows = validate_file(
+            self.store.path_for(original.uri), schema, submission.level, self.limits, tally, self.tokens, self.stopping
+        )
+        staged = self.store.write_lines(rows, "staging", f"{submission.submission_id}.jsonl")
+        return self._finish(submission, tally, original, staged, started)
+
+    def _finish(self, submission, tally: Tally, original: Artifact | None, staged: Artifact | None, started) -> Report:
+        decision = decide(tally, self.max_error_fraction)
+        duration = time.perf_counter() - started
+        report = Report(
+            submission_id=submission.submission_id, status="accepted" if decision.accepted else "rejected",
+            name=submission.name, schema=submission.schema, level=submission.level, priority=submission.priority,
+            channel=submission.channel, submitted_by=submission.submitted_by, source=submission.source,
+            started_at=utcnow() - timedelta(seconds=duration), reasons=decision.reasons,
+            original_uri=original.uri if original else "", original_sha256=original.sha256 if original else "",
+            original_bytes=original.size if original else 0,
+            report_uri=self.store.location("reports", f"{submission.submission_id}.json").as_uri(),
+            num_lines=tally.num_lines, num_rows=tally.num_rows, num_rows_valid=tally.num_rows_valid,
+            num_rows_dropped=tally.num_rows_dropped, num_errors=tally.num_errors, num_warnings=tally.num_warnings,
+            error_fraction=round(tally.error_fraction, 6), counts=dict(tally.counts), num_findings=tally.num_findings,
+            findings=tally.findings, findings_truncated=tally.num_findings > len(tally.findings),
+            duration_s=round(duration, 4), rows_per_second=round(tally.num_rows / duration, 1) if duration else 0.0,
+        )
+        if staged is not None:
+            staged_path = self.store.path_for(staged.uri)
+            if decision.accepted:
+                report = self._publishable(report, staged, staged_path)
+            else:
+                staged_path.unlink()
+        self.store.write_bytes(encode_report(report), "reports", f"{submission.submission_id}.json")
+        return report
+
+    def _publishable(self, report: Report, staged: Artifact, staged_path: Path) -> Report:
+        """Move the accepted rows to their content address and settle whether they are new."""
+        dataset_id = staged.sha256
+        target = self.store.location("datasets", f"{dataset_id}.jsonl")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            staged_path.unlink()  # same content, already in place
+        else:
+            os.replace(staged_path, target)
+        first = self.index.claim(IndexEntry(
+            dataset_id=dataset_id, submission_id=report.submission_id, name=report.name, uri=target.as_uri(),
+        ))
+        report = msgspec.structs.replace(report, dataset_id=dataset_id, dataset_uri=target.as_uri())
+        if first.submission_id == report.submission_id:
+            return report
+        return msgspec.structs.replace(
+            report, status="duplicate", duplicate_of=first.submission_id,
+            reasons=[f"duplicate of {dataset_id} (accepted as submission {first.submission_id})"],
+        )

@@ -1,0 +1,239 @@
+"""The gatekeeper service on a real nats-server: NATS, HTTP and inbox in, accepted/rejected out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+
+from libs.common import topology
+from libs.common.artifacts import ArtifactStore
+from libs.common.bus import Bus
+from libs.common.chat import ChatRow
+from libs.common.events import DatasetAccepted, DatasetRejected, DatasetSubmitted
+from libs.common.runtime import ServiceRuntime
+from libs.common.settings import load_settings
+from services.gatekeeper.api import ASYNCAPI
+from services.gatekeeper.reports import accepted_event_id
+from services.gatekeeper.service import start
+from services.gatekeeper.settings import GatekeeperSettings
+from tests.services.gatekeeper.samples import chat, good_rows, jsonl
+
+pytestmark = pytest.mark.integration
+
+
+class Running:
+    def __init__(self, rt: ServiceRuntime, client: httpx.AsyncClient, store: ArtifactStore) -> None:
+        self.rt, self.client, self.store = rt, client, store
+        self.settings: GatekeeperSettings = rt.settings
+
+
+@pytest.fixture
+async def gatekeeper(nats_server: str, bus: Bus, tmp_path: Path, tiny_model_dir: Path):
+    settings = load_settings(
+        GatekeeperSettings, "gatekeeper", environ={}, nats_url=nats_server, data_dir=str(tmp_path / "data"),
+        base_model=str(tiny_model_dir), http_port=0, settle_seconds=0.5,
+    )
+    rt = ServiceRuntime("gatekeeper", settings, shutdown_grace_s=10)
+    task = asyncio.create_task(rt.run(start))
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=rt.app), base_url="http://gatekeeper")
+    deadline = time.monotonic() + 30
+    while (await client.get("/ready")).status_code != 200:
+        assert not task.done() and time.monotonic() < deadline, "gatekeeper did not become ready"
+        await asyncio.sleep(0.1)
+    try:
+        yield Running(rt, client, ArtifactStore(tmp_path / "data" / "artifacts"))
+    finally:
+        rt.stop.set()
+        assert await asyncio.wait_for(task, 30) == 0
+        await client.aclose()
+
+
+async def next_event(sub, kind, timeout: float = 15.0):
+    msg = await sub.next_msg(timeout=timeout)
+    return msg.subject, msgspec.json.decode(msg.data, type=kind)
+
+
+async def test_inline_submission_is_accepted_then_recognised_as_duplicate(gatekeeper: Running, bus: Bus):
+    accepted = await bus.js.subscribe("dataset.accepted.>")
+    rejected = await bus.js.subscribe(topology.DATASET_REJECTED)
+    rows = good_rows(10)
+    await bus.publish(topology.DATASET_SUBMITTED, DatasetSubmitted(name="sums", rows=rows, priority="low"))
+
+    subject, event = await next_event(accepted, DatasetAccepted)
+    assert subject == "dataset.accepted.low" and event.name == "sums" and event.num_rows == 10
+    assert event.id == accepted_event_id(event.dataset_id) and event.source == "gatekeeper"
+    path = gatekeeper.store.verify(event.uri, event.sha256)
+    stored = [msgspec.json.decode(line, type=ChatRow) for line in path.read_bytes().splitlines()]
+    assert len(stored) == 10 and stored[0].messages[1].content == "0"
+
+    await bus.publish(topology.DATASET_SUBMITTED, DatasetSubmitted(name="again", rows=rows, priority="high"))
+    _, dup = await next_event(rejected, DatasetRejected)
+    assert dup.name == "again" and dup.dataset_id == event.dataset_id
+    assert dup.reasons == [f"duplicate of {event.dataset_id} (accepted as submission {event.submission_id})"]
+    with pytest.raises(TimeoutError):
+        await accepted.next_msg(timeout=1)
+    report = (await gatekeeper.client.get(f"/datasets/{dup.submission_id}/report")).json()
+    assert report["status"] == "duplicate" and report["duplicate_of"] == event.submission_id
+
+
+async def test_bad_submissions_are_rejected_with_report_and_original_kept(gatekeeper: Running, bus: Bus):
+    rejected = await bus.js.subscribe(topology.DATASET_REJECTED)
+    rows = [chat(("user", "hi"), ("bot", "hello"))] + good_rows(2)
+    await bus.publish(topology.DATASET_SUBMITTED, DatasetSubmitted(name="roles", rows=rows))
+    _, event = await next_event(rejected, DatasetRejected)
+    assert event.name == "roles" and event.num_errors == 1 and "role (1)" in event.reasons[0]
+    report = (await gatekeeper.client.get(f"/datasets/{event.submission_id}/report")).json()
+    assert report["findings"][0] == {"line": 1, "check": "role", "severity": "error",
+                                     "reason": "messages[1].role is 'bot'; allowed: system, user, assistant"}
+    assert gatekeeper.store.path_for(report["original_uri"]).read_bytes() == jsonl(rows)
+
+    outside = Path(gatekeeper.settings.data_dir).resolve() / "elsewhere.jsonl"
+    outside.write_bytes(jsonl(good_rows(1)))
+    traversal = gatekeeper.store.root.as_uri() + "/../elsewhere.jsonl"
+    await bus.publish(topology.DATASET_SUBMITTED, DatasetSubmitted(name="escape", uri=traversal))
+    _, event = await next_event(rejected, DatasetRejected)
+    assert event.name == "escape" and event.reasons[0].startswith("uri: ") and "outside" in event.reasons[0]
+
+    await bus.publish(topology.DATASET_SUBMITTED, DatasetSubmitted(name="x", schema="nope", rows=good_rows(1)))
+    _, event = await next_event(rejected, DatasetRejected)
+    assert event.reasons == ["schema: unknown schema 'nope'; known: chat_sft_v1"]
+
+
+async def test_http_body_and_multipart_uploads(gatekeeper: Running, bus: Bus):
+    accepted = await bus.js.subscribe("dataset.accepted.>")
+    rejected = await bus.js.subscribe(topology.DATASET_REJECTED)
+    client = gatekeeper.client
+
+    reply = await client.post("/datasets", params={"name": "body", "priority": "high"}, content=jsonl(good_rows(3)))
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["status"] == "accepted" and body["report"]["num_rows_valid"] == 3
+    assert body["report"]["level"] == "standard" and body["report"]["channel"] == "http"
+    subject, event = await next_event(accepted, DatasetAccepted)
+    assert subject == "dataset.accepted.high" and event.submission_id == body["submission_id"]
+
+    bad = b"\xef\xbb\xbf" + b'[{"role": "user"}]\n'
+    reply = await client.post("/datasets/upload", files={"file": ("mine.jsonl", bad)}, params={"level": "quick"})
+    assert reply.status_code == 422
+    body = reply.json()
+    assert body["status"] == "rejected" and body["report"]["name"] == "mine"
+    assert body["report"]["counts"] == {"bom": 1, "json_object": 1}
+    _, event = await next_event(rejected, DatasetRejected)
+    assert event.submission_id == body["submission_id"]
+    report = (await client.get(body["report_url"])).json()
+    assert gatekeeper.store.path_for(report["original_uri"]).read_bytes() == bad
+
+    reply = await client.post("/datasets/upload", files={"file": ("t.jsonl", jsonl(good_rows(2, tag="u")))},
+                              params={"name": "named", "level": "quick"})
+    assert reply.status_code == 200 and reply.json()["report"]["name"] == "named"
+    assert (await next_event(accepted, DatasetAccepted))[0] == "dataset.accepted.normal"
+
+    assert (await client.post("/datasets", params={"priority": "urgent"}, content=b"{}")).status_code == 422
+    assert (await client.get("/datasets/nope/report")).status_code == 404
+    assert (await client.get("/datasets/..%2F..%2Fetc/report")).status_code == 404
+    specs = (await client.get("/specs")).json()
+    quick = [c["name"] for c in specs["schemas"][0]["checks"]["quick"]]
+    assert specs["default_schema"] == "chat_sft_v1" and "last_turn_assistant" in quick
+    assert [c["name"] for c in specs["schemas"][0]["checks"]["standard"]] == ["token_length", "token_truncation"]
+    asyncapi = await client.get("/asyncapi.yaml")
+    assert asyncapi.status_code == (200 if ASYNCAPI.is_file() else 404)
+    assert not list((Path(gatekeeper.settings.data_dir) / "gatekeeper" / "uploads").iterdir())
+
+
+async def test_oversized_http_body_is_refused(nats_server: str, bus: Bus, tmp_path: Path, tiny_model_dir: Path):
+    settings = load_settings(
+        GatekeeperSettings, "gatekeeper", environ={}, nats_url=nats_server, data_dir=str(tmp_path / "data"),
+        base_model=str(tiny_model_dir), http_port=0, max_file_bytes=1000,
+    )
+    rt = ServiceRuntime("gatekeeper", settings, shutdown_grace_s=10)
+    task = asyncio.create_task(rt.run(start))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=rt.app), base_url="http://gk") as client:
+        while (await client.get("/ready")).status_code != 200:
+            await asyncio.sleep(0.1)
+
+        async def streamed():
+            for _ in range(10):
+                yield b"x" * 500
+
+        reply = await client.post("/datasets", content=streamed())  # no content-length: caught while streaming
+        assert reply.status_code == 413 and "max_file_bytes" in reply.json()["detail"]
+        rt.stop.set()
+    assert await task == 0
+    assert not list((tmp_path / "data" / "gatekeeper" / "uploads").iterdir())
+
+
+async def test_inbox_file_written_in_two_chunks_is_accepted_once_complete(gatekeeper: Running, bus: Bus):
+    accepted = await bus.js.subscribe("dataset.accepted.>")
+    inbox = Path(gatekeeper.settings.data_dir) / "inbox" / "high"
+    inbox.mkdir(parents=True)
+    rows = good_rows(6, tag="inbox")
+    data = jsonl(rows)
+    with open(inbox / "drop.jsonl", "wb") as fh:
+        fh.write(data[: len(data) // 2 + 3])  # cut mid-row: taken now, it would be rejected
+        fh.flush()
+        await asyncio.sleep(0.3)
+        fh.write(data[len(data) // 2 + 3:])
+    subject, event = await next_event(accepted, DatasetAccepted)
+    assert subject == "dataset.accepted.high" and event.name == "drop" and event.num_rows == 6
+    assert event.num_rows_dropped == 0
+    report = (await gatekeeper.client.get(f"/datasets/{event.submission_id}/report")).json()
+    assert report["channel"] == "inbox" and report["source"] == "high/drop.jsonl"
+    assert gatekeeper.store.path_for(report["original_uri"]).read_bytes() == data
+    assert not (inbox / "drop.jsonl").exists() and not list((inbox.parent / ".processing").iterdir())
+
+
+async def test_health_stays_responsive_while_a_large_file_is_validated(gatekeeper: Running):
+    data = jsonl(good_rows(150_000, tag=" and a little more text to make the line longer"))
+    upload = asyncio.create_task(
+        gatekeeper.client.post("/datasets", params={"name": "large", "level": "quick"}, content=data)
+    )
+    latencies, overlapped = [], False
+    while not upload.done():
+        started = time.perf_counter()
+        assert (await gatekeeper.client.get("/health")).status_code == 200
+        latencies.append(time.perf_counter() - started)
+        overlapped |= not upload.done()
+        await asyncio.sleep(0.05)
+    reply = await upload
+    assert reply.status_code == 200 and reply.json()["report"]["num_rows_valid"] == 150_000
+    assert overlapped and len(latencies) >= 3
+    assert max(latencies) < 0.5, latencies
+
+
+async def test_a_stop_mid_validation_releases_the_submission_to_the_next_run(
+    nats_server: str, bus: Bus, tmp_path: Path, tiny_model_dir: Path
+):
+    settings = load_settings(
+        GatekeeperSettings, "gatekeeper", environ={}, nats_url=nats_server, data_dir=str(tmp_path / "data"),
+        base_model=str(tiny_model_dir), http_port=0,
+    )
+    store = ArtifactStore(tmp_path / "data" / "artifacts")
+    big = store.write_bytes(jsonl(good_rows(300_000)), "uploads", "big.jsonl")
+    accepted = await bus.js.subscribe("dataset.accepted.>")
+    event = DatasetSubmitted(name="big", uri=big.uri, sha256=big.sha256, level="quick")
+    await bus.publish(topology.DATASET_SUBMITTED, event)
+
+    first = ServiceRuntime("gatekeeper", settings, shutdown_grace_s=10)
+    task = asyncio.create_task(first.run(start))
+    original = store.location("submissions", event.id, "original.jsonl")
+    while not original.exists():  # copied: validation is starting
+        await asyncio.sleep(0.01)
+    first.stop.set()
+    stopped = time.monotonic()
+    assert await asyncio.wait_for(task, 20) == 0
+    assert time.monotonic() - stopped < 5
+    assert not store.location("reports", f"{event.id}.json").exists()
+
+    second = ServiceRuntime("gatekeeper", settings, shutdown_grace_s=10)
+    task = asyncio.create_task(second.run(start))
+    try:
+        _, done = await next_event(accepted, DatasetAccepted, timeout=30)
+        assert done.submission_id == event.id and done.num_rows == 300_000
+    finally:
+        second.stop.set()
+        assert await asyncio.wait_for(task, 20) == 0

@@ -1,0 +1,171 @@
+"""The pipeline end to end without a bus: originals kept, datasets by content, duplicates, uris, idempotency."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from libs.common import topology
+from libs.common.chat import ChatRow
+from libs.common.events import DatasetAccepted, DatasetRejected, DatasetSubmitted
+from services.gatekeeper.reports import accepted_event_id, announcement
+from services.gatekeeper.submissions import is_submission_id, submission_id_for
+from services.gatekeeper.validation import ValidationInterrupted
+from tests.services.gatekeeper.samples import chat, good_rows, jsonl, make_gatekeeper, submission
+
+
+def test_accepted_rows_are_stored_normalised_under_their_hash(tmp_path: Path):
+    gk = make_gatekeeper(tmp_path)
+    rows = good_rows(9) + [chat(("user", "hi"), ("user", "again"))]
+    report = gk.submit_rows(submission("s1", priority="high"), rows)
+    assert report.status == "accepted" and report.num_rows_valid == 9 and report.num_rows_dropped == 1
+
+    dataset = gk.store.verify(report.dataset_uri, report.dataset_id)
+    assert dataset.name == f"{report.dataset_id}.jsonl" and dataset.read_bytes() == jsonl(good_rows(9))
+    assert hashlib.sha256(dataset.read_bytes()).hexdigest() == report.dataset_id
+    stored = [msgspec.json.decode(line, type=ChatRow) for line in dataset.read_bytes().splitlines()]
+    assert [len(row.messages) for row in stored] == [2] * 9
+
+    assert gk.store.path_for(report.original_uri).read_bytes() == jsonl(rows)
+    assert gk.read_report("s1") == report
+    assert not list((gk.store.root / "staging").iterdir())
+
+    subject, event = announcement(report)
+    assert subject == topology.dataset_accepted("high") and isinstance(event, DatasetAccepted)
+    assert event.id == accepted_event_id(report.dataset_id)
+    assert (event.sha256, event.num_rows, event.num_rows_dropped) == (report.dataset_id, 9, 1)
+
+
+def test_rejected_submission_keeps_its_original_and_report(tmp_path: Path):
+    gk = make_gatekeeper(tmp_path)
+    rows = [chat(("user", "hi"))] * 3
+    report = gk.submit_rows(submission("bad"), rows)
+    assert report.status == "rejected" and report.counts == {"has_assistant": 3}
+    assert report.findings[0].line == 1 and report.dataset_uri == ""
+    assert gk.store.path_for(report.original_uri).read_bytes() == jsonl(rows)
+    assert gk.store.path_for(report.report_uri).is_file()
+    subject, event = announcement(report)
+    assert subject == topology.DATASET_REJECTED and isinstance(event, DatasetRejected)
+    assert event.reasons == report.reasons and event.num_errors == 3
+    assert not (gk.store.root / "datasets").exists() or not list((gk.store.root / "datasets").iterdir())
+
+
+def test_the_same_content_twice_is_a_duplicate_and_not_announced_as_accepted(tmp_path: Path):
+    gk = make_gatekeeper(tmp_path)
+    first = gk.submit_rows(submission("first"), good_rows(4))
+    # Different formatting and an extra field: the same normalised dataset.
+    second = gk.submit_rows(submission("second"), [dict(row, source="x") for row in good_rows(4)])
+    assert first.status == "accepted" and second.status == "duplicate"
+    assert second.dataset_id == first.dataset_id and second.duplicate_of == "first"
+    subject, event = announcement(second)
+    assert subject == topology.DATASET_REJECTED
+    assert event.reasons == [f"duplicate of {first.dataset_id} (accepted as submission first)"]
+    assert gk.index.get(first.dataset_id).submission_id == "first"
+    assert len(list((gk.store.root / "datasets").iterdir())) == 1
+
+
+def test_a_submission_seen_again_returns_its_stored_report(tmp_path: Path):
+    gk = make_gatekeeper(tmp_path)
+    event = DatasetSubmitted(name="d", rows=good_rows(2), level="quick")
+    first = gk.submit_event(event)
+    again = gk.submit_event(event)
+    assert first.status == again.status == "accepted" and again == first
+    assert announcement(first)[1].id == announcement(again)[1].id
+
+
+def test_unknown_schema_is_rejected_with_the_known_ones(tmp_path: Path):
+    gk = make_gatekeeper(tmp_path)
+    report = gk.submit_rows(submission("s", schema="preference_v9"), good_rows(1))
+    assert report.status == "rejected" and report.counts == {"schema": 1}
+    assert report.reasons == ["schema: unknown schema 'preference_v9'; known: chat_sft_v1"]
+    assert gk.store.path_for(report.original_uri).read_bytes() == jsonl(good_rows(1))
+
+
+def test_rows_and_uri_exactly_one(tmp_path: Path):
+    gk = make_gatekeeper(tmp_path)
+    both = gk.submit_event(DatasetSubmitted(name="d", rows=good_rows(1), uri="file:///x"))
+    neither = gk.submit_event(DatasetSubmitted(name="d"))
+    for report in (both, neither):
+        assert report.status == "rejected" and report.counts == {"submission": 1}
+
+
+def test_uri_inside_the_store_is_validated_and_its_hash_checked(tmp_path: Path):
+    gk = make_gatekeeper(tmp_path)
+    artifact = gk.store.write_bytes(jsonl(good_rows(3)), "uploads", "d.jsonl")
+    ok = gk.submit_event(DatasetSubmitted(name="d", uri=artifact.uri, sha256=artifact.sha256, level="quick"))
+    assert ok.status == "accepted" and ok.num_rows_valid == 3 and ok.source == artifact.uri
+
+    wrong = gk.submit_event(DatasetSubmitted(name="d", uri=artifact.uri, sha256="0" * 64, level="quick"))
+    assert wrong.status == "rejected" and wrong.counts == {"sha256": 1}
+    assert gk.store.path_for(wrong.original_uri).read_bytes() == jsonl(good_rows(3))  # the copy is kept
+
+
+def test_uri_outside_the_store_is_refused(tmp_path: Path):
+    gk = make_gatekeeper(tmp_path)
+    secret = tmp_path / "secret.jsonl"
+    secret.write_bytes(jsonl(good_rows(1)))
+    root = gk.store.root.as_uri()
+    for uri in (secret.as_uri(), f"{root}/../secret.jsonl", "https://example.com/d.jsonl", "s3://b/d.jsonl",
+                f"{root}/nothing-here.jsonl", f"{root}/uploads"):
+        report = gk.submit_event(DatasetSubmitted(name="d", uri=uri))
+        assert report.status == "rejected" and report.counts == {"uri": 1}, uri
+        assert report.original_uri == "" and gk.store.path_for(report.report_uri).is_file()
+    (gk.store.root / "link.jsonl").symlink_to(secret)
+    report = gk.submit_event(DatasetSubmitted(name="d", uri=f"{root}/link.jsonl"))
+    assert report.counts == {"uri": 1} and "outside" in report.reasons[0]
+
+
+def test_a_moved_file_becomes_the_original_and_a_symlink_is_copied(tmp_path: Path):
+    gk = make_gatekeeper(tmp_path)
+    plain = tmp_path / "plain.jsonl"
+    plain.write_bytes(jsonl(good_rows(2)))
+    report = gk.submit_file(submission("p", source="plain.jsonl"), plain, move=True)
+    assert report.status == "accepted" and not plain.exists()
+    assert report.original_uri.endswith("submissions/p/original.jsonl")
+
+    target = tmp_path / "target.txt"
+    target.write_bytes(jsonl(good_rows(2, tag="!")))
+    link = tmp_path / "link.txt"
+    link.symlink_to(target)
+    report = gk.submit_file(submission("l", source="link.txt"), link, move=True)
+    original = gk.store.path_for(report.original_uri)
+    assert report.status == "accepted" and original.name == "original.txt" and not original.is_symlink()
+    assert not link.exists() and target.exists()
+
+
+def test_submission_ids_from_events_are_path_safe_and_stable():
+    assert submission_id_for("abc123") == "abc123"
+    odd = submission_id_for("../../etc/passwd")
+    assert is_submission_id(odd) and odd == submission_id_for("../../etc/passwd") and "/" not in odd
+    assert not is_submission_id("../x")
+
+
+def test_concurrent_claims_of_one_dataset_agree(tmp_path: Path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    gk = make_gatekeeper(tmp_path)
+    with ThreadPoolExecutor(4) as pool:
+        reports = list(pool.map(lambda i: gk.submit_rows(submission(f"s{i}"), good_rows(50)), range(8)))
+    assert sorted(r.status for r in reports).count("accepted") == 1
+    winner = next(r for r in reports if r.status == "accepted")
+    assert all(r.duplicate_of == winner.submission_id for r in reports if r is not winner)
+    assert os.listdir(gk.index.folder) == [f"{winner.dataset_id}.json"]
+
+
+def test_a_stop_interrupts_validation_without_deciding_anything(tmp_path: Path):
+    gk = make_gatekeeper(tmp_path)
+    source = tmp_path / "big.jsonl"
+    source.write_bytes(jsonl(good_rows(5000)))
+    gk.stopping.set()
+    with pytest.raises(ValidationInterrupted):
+        gk.submit_file(submission("big", source="big.jsonl"), source, move=False)
+    assert gk.read_report("big") is None and not list((gk.store.root / "staging").iterdir())
+    assert source.exists()
+
+    gk.stopping.clear()  # after the restart the same submission goes through
+    report = gk.submit_file(submission("big", source="big.jsonl"), source, move=False)
+    assert report.status == "accepted" and report.num_rows_valid == 5000
