@@ -155,7 +155,7 @@ async def _ask(sup: Supervisor, event: ModelDeployed, question: str, deadline: f
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as client:
         while True:
             info = (await client.get("/models/info")).json()
-            if info.get("checkpoint_sha256") == event.checkpoint_sha256:
+            if info.get("sha256") == event.checkpoint_sha256:
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"inference still serves {info}")
@@ -165,7 +165,7 @@ async def _ask(sup: Supervisor, event: ModelDeployed, question: str, deadline: f
             "max_tokens": 48, "temperature": 0,
         })
         reply.raise_for_status()
-        return info.get("checkpoint_uri", ""), reply.json()["choices"][0]["message"]["content"]
+        return info.get("uri", ""), reply.json()["choices"][0]["message"]["content"]
 
 
 def run_demo(data_dir: Path, *, port_base: int | None = None, dataset: Path = SAMPLE_DATASET,

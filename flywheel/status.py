@@ -61,7 +61,7 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append("training")
     control = status["trainer_control"]
     if control:
-        lines.append(f"  control         {control.get('state', control) if isinstance(control, dict) else control}")
+        lines.append(f"  control         {control.get('mode')} (by {control.get('requested_by')})")
     if started and (not finished or finished["run_id"] != started["run_id"] or finished["time"] < started["time"]):
         step = progress if progress and progress["run_id"] == started["run_id"] else None
         where = f"step {step['step']}/{step['total_steps']}  loss {step['loss']:.4f}  {step['tokens_per_second']:.0f} tok/s" if step else "starting"

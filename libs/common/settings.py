@@ -130,6 +130,6 @@ def describe(settings: msgspec.Struct) -> dict[str, Any]:
     """Settings as a loggable dict, with anything secret-looking masked."""
     shown = msgspec.to_builtins(settings, enc_hook=str)
     for key in list(shown):
-        if any(word in key for word in ("key", "secret", "token", "password")):
+        if key.endswith(("key", "secret", "password", "token")):
             shown[key] = "***" if shown[key] else ""
     return shown

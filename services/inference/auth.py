@@ -45,7 +45,7 @@ def _generated_key(path: Path) -> str:
             # link() refuses an existing name: when replicas start together, the first key wins
             # and every replica reads that one.
             os.link(tmp, path)
-            log.info("generated an API key", path=str(path))
+            log.info("generated an API key; clients read it from this file", path=str(path))
         except FileExistsError:
             pass
         finally:
@@ -53,7 +53,6 @@ def _generated_key(path: Path) -> str:
     key = path.read_text().strip()
     if not key:
         raise SettingsError(f"{path} is empty; delete it to generate a new key")
-    log.info("API key read from file", path=str(path))
     return key
 
 

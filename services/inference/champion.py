@@ -1,8 +1,8 @@
 """Which model should be served: the champion named by the deployer, or the base model.
 
 The deployer owns the champion pointer (KV bucket `champion`, key `current`) and announces
-changes with `model.deployed` / `model.rolled_back`. This module turns either into a
-`ModelTarget` and decides whether it differs from what is loaded. The record is decoded
+every change, rollbacks included, with `model.deployed`. This module turns the record or a
+deployment into a `ModelTarget` and decides whether it differs from what is loaded. The record is decoded
 leniently: the deployer may add fields, and only the ones below matter here.
 """
 
@@ -15,7 +15,7 @@ import msgspec
 import nats.js.errors
 from nats.js.kv import KeyValue
 
-from libs.common.events import ModelDeployed, ModelRolledBack
+from libs.common.events import ModelDeployed
 
 CHAMPION_KEY = "current"
 Source = Literal["champion", "base"]
@@ -26,6 +26,8 @@ class ChampionRecord(msgspec.Struct, kw_only=True):
     checkpoint_sha256: str
     run_id: str = ""
     step: int = 0
+    # The ModelDeployed event that announced this record.
+    event_id: str = ""
 
 
 class ChampionError(ValueError):
@@ -52,7 +54,9 @@ def decode_champion(data: bytes) -> ModelTarget:
         record = msgspec.json.decode(data, type=ChampionRecord, strict=False)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ChampionError(f"champion record does not decode: {exc}") from exc
-    return ModelTarget("champion", record.checkpoint_uri, record.checkpoint_sha256, record.run_id, record.step)
+    return ModelTarget(
+        "champion", record.checkpoint_uri, record.checkpoint_sha256, record.run_id, record.step, record.event_id
+    )
 
 
 async def read_champion(kv: KeyValue) -> ModelTarget:
@@ -66,14 +70,8 @@ async def read_champion(kv: KeyValue) -> ModelTarget:
     return decode_champion(entry.value)
 
 
-def target_for_event(event: ModelDeployed | ModelRolledBack, recorded: ModelTarget) -> ModelTarget:
-    """The model an announcement asks for. A rollback names no run/step: take them from the KV
-    record when it points at the same checkpoint."""
-    if isinstance(event, ModelDeployed):
-        return ModelTarget("champion", event.checkpoint_uri, event.checkpoint_sha256, event.run_id, event.step, event.id)
-    if recorded.source == "champion" and recorded.sha256 == event.checkpoint_sha256:
-        return ModelTarget("champion", event.checkpoint_uri, event.checkpoint_sha256, recorded.run_id, recorded.step, event.id)
-    return ModelTarget("champion", event.checkpoint_uri, event.checkpoint_sha256, event_id=event.id)
+def target_for_event(event: ModelDeployed) -> ModelTarget:
+    return ModelTarget("champion", event.checkpoint_uri, event.checkpoint_sha256, event.run_id, event.step, event.id)
 
 
 def needs_reload(loaded: ModelTarget | None, wanted: ModelTarget, *, force: bool = False) -> bool:

@@ -158,7 +158,8 @@ def completion_response(completion_id: str, created: int, model: str, completion
     }
 
 
-def chunk(completion_id: str, created: int, model: str, delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+def chunk(completion_id: str, created: int, model: str, delta: dict[str, str],
+          finish_reason: str | None = None) -> dict[str, Any]:
     return {
         "id": completion_id,
         "object": "chat.completion.chunk",

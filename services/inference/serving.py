@@ -149,7 +149,8 @@ class ModelServer:
 
     # ------------------------------------------------------------------ generating
 
-    async def prepare(self, served: ServedModel, messages: list[ChatMessage], params: GenerationParams) -> PreparedPrompt:
+    async def prepare(self, served: ServedModel, messages: list[ChatMessage],
+                      params: GenerationParams) -> PreparedPrompt:
         """Tokenize and budget a request; raises PromptTooLong."""
         # On the generation thread: a fast tokenizer must not encode and decode concurrently.
         loop = asyncio.get_running_loop()
@@ -176,9 +177,16 @@ class ModelServer:
         def on_text(text: str) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, text)
 
+        def on_done(future: asyncio.Future) -> None:
+            # Runs after every on_text callback (both come through the loop in order), so the
+            # end marker is last. Reading the exception keeps an abandoned failure from being
+            # reported as never retrieved; a reader that stays gets it from result().
+            if not future.cancelled():
+                future.exception()
+            pieces.put_nowait(None)
+
         future = loop.run_in_executor(self._executor, served.backend.stream, prompt, on_text, cancel)
-        # Scheduled after every on_text callback, so the end marker comes last.
-        future.add_done_callback(lambda _f: pieces.put_nowait(None))
+        future.add_done_callback(on_done)
         try:
             while (piece := await pieces.get()) is not None:
                 yield piece

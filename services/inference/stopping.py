@@ -54,7 +54,9 @@ class StopScanner:
             self.stopped = True
             return self._advance(cut)
         safe = len(text) - _held_suffix(text, self.stops)
-        while safe > self._sent and text[safe - 1] == _REPLACEMENT:
+        # An unfinished character decodes as exactly one trailing U+FFFD (a maximal invalid
+        # subpart); any earlier U+FFFD is final.
+        if safe > self._sent and text[safe - 1] == _REPLACEMENT:
             safe -= 1
         return self._advance(safe)
 

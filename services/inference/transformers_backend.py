@@ -97,7 +97,6 @@ class TransformersBackend:
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=prompt.max_new_tokens,
-                min_new_tokens=0,
                 do_sample=not params.greedy,
                 stopping_criteria=StoppingCriteriaList([watcher]),
                 pad_token_id=self.tokenizer.pad_token_id,

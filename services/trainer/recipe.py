@@ -26,6 +26,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -90,7 +91,9 @@ class TrainingResult:
 
 
 class FullFinetuneRecipe:
-    def __init__(self, settings: TrainerSettings, job: TrainingJob, store: ArtifactStore, gate: ControlGate, emit: Emit) -> None:
+    def __init__(
+        self, settings: TrainerSettings, job: TrainingJob, store: ArtifactStore, gate: ControlGate, emit: Emit,
+    ) -> None:
         self.settings = settings
         self.job = job
         self._store = store
@@ -129,7 +132,8 @@ class FullFinetuneRecipe:
         # Loaded in fp32 and then moved: on CUDA the weights (and AdamW moments) stay fp32
         # and only the forward pass runs in bf16 (autocast), so small updates are not lost.
         self._model = load_model(weights, "cpu", for_training=True).to(self._device)
-        self._autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if self._device.startswith("cuda") else None
+        on_cuda = self._device.startswith("cuda")
+        self._autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
 
     def _setup_optimizer(self) -> None:
         s = self.settings
@@ -142,7 +146,8 @@ class FullFinetuneRecipe:
         if state["total_steps"] != self._plan.total_steps or state["num_examples"] != self._plan.num_examples:
             raise RuntimeError(
                 f"checkpoint {checkpoint} was planned for {state['total_steps']} steps over "
-                f"{state['num_examples']} examples, this run plans {self._plan.total_steps} over {self._plan.num_examples}"
+                f"{state['num_examples']} examples, this run plans {self._plan.total_steps} over "
+                f"{self._plan.num_examples}"
             )
         self._optimizer.load_state_dict(state["optimizer"])
         self._scheduler.load_state_dict(state["scheduler"])
@@ -172,7 +177,8 @@ class FullFinetuneRecipe:
                 epoch, batch_index = plan.position(self._step)
                 if epoch != order_epoch:
                     order_epoch, order = epoch, epoch_order(plan.num_examples, s.seed, job.dataset_id, epoch)
-                batch = collate([self._examples[i] for i in plan.batch(order, batch_index)], self._tokenizer.pad_token_id)
+                examples = [self._examples[i] for i in plan.batch(order, batch_index)]
+                batch = collate(examples, self._tokenizer.pad_token_id)
                 lr = self._scheduler.get_last_lr()[0]
                 self._loss, tokens = self._train_step(batch)
                 self._step += 1
@@ -186,6 +192,8 @@ class FullFinetuneRecipe:
                     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
                 if self._step % s.save_every_steps == 0 and self._step < plan.total_steps:
                     self._save(final=False)
+                    # Saving is not training: keep it out of the tokens/s figure.
+                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
         finally:
             bar.close()
         checkpoint = self._save(final=True)
@@ -194,10 +202,7 @@ class FullFinetuneRecipe:
     def _train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         """One optimizer step; returns the batch loss and its number of real (non-pad) tokens."""
         batch = {name: tensor.to(self._device) for name, tensor in batch.items()}
-        if self._autocast:
-            with self._autocast:
-                loss = self._model(**batch).loss
-        else:
+        with self._autocast:
             loss = self._model(**batch).loss
         loss.backward()
         if self.settings.grad_clip:
@@ -246,7 +251,8 @@ class FullFinetuneRecipe:
             # Saved by an earlier attempt; the announcement below has the same event id.
             final = read_info(target).final
         artifact = self._store.describe_dir(target)
-        self._log.info("checkpoint saved", step=self._step, global_step=self._global_step, uri=artifact.uri, final=final)
+        self._log.info("checkpoint saved", step=self._step, global_step=self._global_step, uri=artifact.uri,
+                       final=final)
         self._emit(topology.CHECKPOINT_SAVED, CheckpointSaved(
             id=event_id("checkpoint", job.run_id, self._step), run_id=job.run_id, step=self._step,
             global_step=self._global_step, dataset_id=job.dataset_id, uri=artifact.uri, sha256=artifact.sha256,

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import msgspec
 
+from libs.common.artifacts import Artifact
+
 STATE_FILE = "state.json"
 
 
@@ -45,11 +47,11 @@ def save_state(path: Path, state: TrainerState) -> None:
         raise
 
 
-def record_finished(state: TrainerState, dataset_id: str, checkpoint_uri: str, sha256: str, global_step: int) -> TrainerState:
+def record_finished(state: TrainerState, dataset_id: str, checkpoint: Artifact, global_step: int) -> TrainerState:
     """The state after a dataset's run finished: its final checkpoint becomes the current weights."""
     return TrainerState(
-        current_weights=checkpoint_uri,
-        current_weights_sha256=sha256,
+        current_weights=checkpoint.uri,
+        current_weights_sha256=checkpoint.sha256,
         global_step=global_step,
-        finished={**state.finished, dataset_id: checkpoint_uri},
+        finished={**state.finished, dataset_id: checkpoint.uri},
     )

@@ -1,0 +1,157 @@
+"""HTTP routes: OpenAI-compatible `/v1/*` and the service's own `/models/*`, all behind the API key.
+
+/health, /ready and /metrics come from libs.common.http and stay open. The `model` a request
+names is not checked: this server serves exactly one model, reported by `GET /v1/models`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi.responses import StreamingResponse
+
+from libs.common.log import get_logger
+from services.inference.auth import is_authorized
+from services.inference.champion import ChampionError
+from services.inference.generation import Completion, PreparedPrompt, PromptTooLong
+from services.inference.metrics import InferenceMetrics
+from services.inference.protocol import (
+    SSE_DONE,
+    ChatRequest,
+    RequestError,
+    chunk,
+    completion_response,
+    error_body,
+    model_list,
+    parse_chat_request,
+    sse,
+    usage_chunk,
+)
+from services.inference.serving import ModelInfo, ModelServer, ReloadFailed, ServedModel
+
+log = get_logger("inference.api")
+
+Reload = Callable[[bool], Awaitable[ModelInfo]]
+
+
+class _ReloadRequest(msgspec.Struct):
+    force: bool = False
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(payload), status_code=status, media_type="application/json")
+
+
+def add_routes(app: FastAPI, server: ModelServer, *, api_key: str, reload: Reload, metrics: InferenceMetrics) -> None:
+    async def request_error(_request: Request, exc: RequestError) -> Response:
+        response = _json(exc.body(), exc.status)
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    app.add_exception_handler(RequestError, request_error)
+
+    async def require_key(authorization: str | None = Header(default=None)) -> None:
+        if not is_authorized(authorization, api_key):
+            raise RequestError("missing or invalid API key: send 'Authorization: Bearer <key>'",
+                               status=401, code="invalid_api_key")
+
+    router = APIRouter(dependencies=[Depends(require_key)])
+
+    def served_or_503() -> ServedModel:
+        served = server.current
+        if served is None:
+            reason = f": {server.last_error}" if server.last_error else " yet"
+            raise RequestError(f"no model is loaded{reason}", status=503, type="server_error", code="model_not_loaded")
+        return served
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            chat = parse_chat_request(await request.body())
+            served = served_or_503()
+            try:
+                prompt = await server.prepare(served, chat.messages, chat.params)
+            except PromptTooLong as exc:
+                raise RequestError(str(exc), param="messages", code="context_length_exceeded") from exc
+        except RequestError as exc:
+            metrics.requests.labels("unknown", "invalid" if exc.status < 500 else "unavailable").inc()
+            raise
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if chat.stream:
+            return StreamingResponse(
+                _stream_events(server, served, prompt, chat, completion_id, created, metrics, started),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            completion = await server.complete(served, prompt)
+        except Exception as exc:
+            metrics.requests.labels("false", "error").inc()
+            log.error("generation failed", error=repr(exc))
+            raise RequestError(f"generation failed: {exc}", status=500, type="server_error") from exc
+        metrics.requests.labels("false", "ok").inc()
+        metrics.latency.labels("false").observe(time.perf_counter() - started)
+        return _json(completion_response(completion_id, created, served.info.id, completion))
+
+    @router.get("/v1/models")
+    async def list_models() -> Response:
+        served = served_or_503()
+        return _json(model_list(served.info.id, int(served.info.loaded_at.timestamp()), "flywheel"))
+
+    @router.get("/models/info")
+    async def model_info() -> Response:
+        return _json({**msgspec.to_builtins(served_or_503().info), "last_reload_error": server.last_error})
+
+    @router.post("/models/reload")
+    async def reload_model(request: Request) -> Response:
+        body = await request.body()
+        try:
+            wanted = msgspec.json.decode(body, type=_ReloadRequest) if body.strip() else _ReloadRequest()
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise RequestError(f"invalid request: {exc}", param="force") from exc
+        try:
+            info = await reload(wanted.force)
+        except (ReloadFailed, ChampionError) as exc:
+            raise RequestError(f"reload failed, the previous model is still served: {exc}",
+                               status=500, type="server_error", code="reload_failed") from exc
+        return _json(msgspec.to_builtins(info))
+
+    app.include_router(router)
+
+
+async def _stream_events(server: ModelServer, served: ServedModel, prompt: PreparedPrompt, chat: ChatRequest,
+                         completion_id: str, created: int, metrics: InferenceMetrics,
+                         started: float) -> AsyncIterator[bytes]:
+    """OpenAI's SSE stream: a role chunk, content chunks, a finish chunk, [usage], [DONE]."""
+    model = served.info.id
+    outcome = "cancelled"  # the client went away, unless we get to the end
+    yield sse(chunk(completion_id, created, model, {"role": "assistant", "content": ""}))
+    try:
+        completion: Completion | None = None
+        async with contextlib.aclosing(server.stream(served, prompt)) as pieces:
+            async for piece in pieces:
+                if isinstance(piece, str):
+                    yield sse(chunk(completion_id, created, model, {"content": piece}))
+                else:
+                    completion = piece
+        assert completion is not None  # server.stream always ends with the Completion
+        yield sse(chunk(completion_id, created, model, {}, completion.finish_reason))
+        if chat.include_usage:
+            yield sse(usage_chunk(completion_id, created, model, completion))
+        outcome = "ok"
+    except Exception as exc:  # noqa: BLE001 - headers are sent; the error travels in the stream
+        outcome = "error"
+        log.error("generation failed mid-stream", error=repr(exc))
+        yield sse(error_body(f"generation failed: {exc}", type="server_error"))
+    finally:
+        metrics.requests.labels("true", outcome).inc()
+        metrics.latency.labels("true").observe(time.perf_counter() - started)
+    yield SSE_DONE

@@ -1,0 +1,181 @@
+"""The HTTP API on the tiny model, in process (ASGI): completions, streaming, models, info."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+
+from libs.common.artifacts import ArtifactStore
+from libs.common.chat import ChatMessage
+from libs.common.http import ServiceMetrics, create_app
+from services.inference.api import add_routes
+from services.inference.champion import BASE
+from services.inference.generation import GenerationParams, PreparedPrompt
+from services.inference.metrics import InferenceMetrics
+from services.inference.serving import ModelServer
+from services.inference.transformers_backend import TransformersBackend
+
+pytestmark = pytest.mark.slow
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+LIMIT = 24
+HELLO = [{"role": "user", "content": "Hello, how can I help you today?"}]
+
+
+@pytest.fixture
+async def client(tiny_model_dir: Path, tmp_path: Path):
+    """The real routes on an app like the runtime's, serving the tiny model as the base."""
+    registry = ServiceMetrics("inference")
+    metrics = InferenceMetrics(registry)
+    server = ModelServer(
+        store=ArtifactStore(tmp_path / "artifacts"),
+        base_model=lambda: tiny_model_dir,
+        backend_factory=lambda: TransformersBackend("cpu"),
+        metrics=metrics,
+        model_name="flywheel",
+        max_tokens_limit=LIMIT,
+    )
+    await server.deploy(BASE)
+    app = create_app("inference", registry, {"model": lambda: server.current is not None})
+
+    async def reload(force: bool):
+        return await server.deploy(BASE, force=force)
+
+    add_routes(app, server, api_key=KEY, reload=reload, metrics=metrics)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", headers=AUTH) as c:
+        yield c
+    await server.close()
+
+
+async def complete(client: httpx.AsyncClient, **fields) -> dict:
+    fields.setdefault("messages", HELLO)
+    response = await client.post("/v1/chat/completions", json={"model": "flywheel", **fields})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def stream(client: httpx.AsyncClient, **fields) -> list[dict | str]:
+    """The SSE events of a streamed completion, parsed; "[DONE]" stays a string."""
+    fields.setdefault("messages", HELLO)
+    response = await client.post("/v1/chat/completions", json={"model": "flywheel", "stream": True, **fields})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = []
+    for block in response.text.split("\n\n"):
+        if block:
+            assert block.startswith("data: ")
+            data = block[len("data: "):]
+            events.append(data if data == "[DONE]" else msgspec.json.decode(data))
+    return events
+
+
+def content_of(events: list[dict | str]) -> str:
+    return "".join(e["choices"][0]["delta"].get("content", "") for e in events if isinstance(e, dict) and e["choices"])
+
+
+async def test_chat_completion_is_openai_shaped_and_greedy_is_deterministic(client):
+    first = await complete(client, max_tokens=8, temperature=0)
+    assert first["object"] == "chat.completion" and first["id"].startswith("chatcmpl-")
+    assert first["model"] == "flywheel:base"
+    [choice] = first["choices"]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert choice["finish_reason"] == "length"
+    usage = first["usage"]
+    assert usage["completion_tokens"] == 8 and usage["prompt_tokens"] > 5
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 8
+    second = await complete(client, max_tokens=8, temperature=0)
+    assert second["choices"][0]["message"]["content"] == choice["message"]["content"]
+    assert second["id"] != first["id"]
+
+
+async def test_seeded_sampling_repeats(client):
+    runs = [await complete(client, max_tokens=12, temperature=1.0, top_p=0.9, seed=7) for _ in range(2)]
+    assert runs[0]["choices"][0]["message"] == runs[1]["choices"][0]["message"]
+
+
+async def test_max_tokens_is_capped_by_the_server_limit(client):
+    capped = await complete(client, max_tokens=10_000, temperature=0)
+    assert capped["usage"]["completion_tokens"] == LIMIT
+    assert capped["choices"][0]["finish_reason"] == "length"
+
+
+async def test_stop_sequence_cuts_the_answer(client):
+    full = (await complete(client, temperature=0))["choices"][0]["message"]["content"]
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    cut = await complete(client, temperature=0, stop=[stop, "never-there"])
+    assert cut["choices"][0]["message"]["content"] == full[: full.find(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    assert cut["usage"]["completion_tokens"] < LIMIT
+    streamed = await stream(client, temperature=0, stop=stop)
+    assert content_of(streamed) == full[: full.find(stop)]
+
+
+async def test_streaming_sends_openai_chunks_then_done(client):
+    plain = await complete(client, max_tokens=16, temperature=0)
+    events = await stream(client, max_tokens=16, temperature=0, stream_options={"include_usage": True})
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "flywheel:base" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    finish, usage = chunks[-2], chunks[-1]
+    assert finish["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length"}
+    assert usage["choices"] == [] and usage["usage"] == plain["usage"]
+    assert content_of(events) == plain["choices"][0]["message"]["content"]
+    assert len(chunks) > 4  # really incremental, not one blob
+
+
+async def test_invalid_requests_get_openai_errors(client):
+    response = await client.post("/v1/chat/completions", json={"messages": HELLO, "n": 3})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "n"
+    long = [{"role": "user", "content": "hello " * 3000}]
+    response = await client.post("/v1/chat/completions", json={"messages": long, "stream": True})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+
+
+async def test_models_list_and_info(client, tiny_model_dir: Path):
+    models = (await client.get("/v1/models")).json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == ["flywheel:base"]
+    info = (await client.get("/models/info")).json()
+    assert info["source"] == "base" and info["id"] == "flywheel:base"
+    assert info["uri"] == tiny_model_dir.resolve().as_uri()
+    assert info["device"] == "cpu" and info["dtype"] == "float32"
+    assert info["parameters"] > 1_000_000 and info["max_positions"] == 1024
+    assert info["loaded_at"] and info["last_reload_error"] == ""
+    forced = (await client.post("/models/reload", json={"force": True})).json()
+    assert forced["loaded_at"] > info["loaded_at"]
+    same = (await client.post("/models/reload")).json()
+    assert same["loaded_at"] == forced["loaded_at"]
+
+
+async def test_metrics_count_requests_and_tokens(client):
+    await complete(client, max_tokens=5, temperature=0)
+    text = (await client.get("/metrics")).text
+    assert 'flywheel_inference_requests_total{outcome="ok",stream="false"} 1.0' in text
+    assert "flywheel_inference_completion_tokens_total 5.0" in text  # the load probe is not counted
+    assert 'flywheel_inference_reloads_total{outcome="ok"} 1.0' in text
+
+
+def test_a_cancelled_generation_stops_at_the_next_token(tiny_model_dir: Path):
+    backend = TransformersBackend("cpu")
+    backend.load(tiny_model_dir)
+    cancel = threading.Event()
+    pieces: list[str] = []
+
+    def on_text(text: str) -> None:
+        pieces.append(text)
+        if len(pieces) == 3:
+            cancel.set()  # what closing the HTTP stream does
+
+    prompt = PreparedPrompt(backend.tokenize_chat([ChatMessage(role="user", content="Hello")]), 500,
+                            GenerationParams(temperature=0))
+    done = backend.stream(prompt, on_text, cancel)
+    assert len(pieces) == 3 and done.completion_tokens < 10

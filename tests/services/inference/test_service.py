@@ -1,0 +1,226 @@
+"""The whole service against a real nats-server, over real HTTP (uvicorn): champion, reloads, auth."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+
+from libs.common import topology
+from libs.common.artifacts import Artifact, ArtifactStore
+from libs.common.bus import Bus
+from libs.common.events import ModelDeployed
+from libs.common.models import load_model
+from libs.common.runtime import ServiceRuntime
+from libs.common.tracing import current_trace_id, setup_tracing, tracer
+from services.inference.auth import GENERATED_KEY_PATH
+from services.inference.service import start
+from services.inference.settings import InferenceSettings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+LONG = 950  # tokens: a generation that takes a second or two on the tiny model
+HELLO = [{"role": "user", "content": "Hello, how can I help you today?"}]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_checkpoint(store: ArtifactStore, base: Path, name: str, *, reinit_seed: int | None = None) -> Artifact:
+    """A checkpoint directory in the store: the base model, optionally with layer 0 re-initialised."""
+    import torch
+
+    target = store.location("checkpoints", name)
+    shutil.copytree(base, target)
+    if reinit_seed is not None:
+        model = load_model(target, "cpu")
+        torch.manual_seed(reinit_seed)
+        with torch.no_grad():
+            for param in model.model.layers[0].parameters():
+                param.normal_(0.0, 0.05)
+        model.save_pretrained(target)
+    return store.describe_dir(target)
+
+
+def deployed(checkpoint: Artifact, run_id: str, step: int) -> ModelDeployed:
+    return ModelDeployed(checkpoint_uri=checkpoint.uri, checkpoint_sha256=checkpoint.sha256, run_id=run_id,
+                         step=step, exact_match=0.5, val_loss=1.0, reason="test")
+
+
+async def put_champion(bus: Bus, checkpoint: Artifact, run_id: str, step: int) -> None:
+    """The record as the deployer writes it (fields this service does not read included)."""
+    kv = await bus.kv(topology.CHAMPION_BUCKET)
+    record = {"checkpoint_uri": checkpoint.uri, "checkpoint_sha256": checkpoint.sha256, "run_id": run_id,
+              "step": step, "deployed_at": "2025-01-01T00:00:00Z", "event_id": f"deploy-{run_id}-{step}",
+              "exact_match": 0.5, "kind": "promotion"}
+    await kv.put("current", msgspec.json.encode(record))
+
+
+@pytest.fixture
+def settings(tmp_path: Path, nats_server: str, tiny_model_dir: Path) -> InferenceSettings:
+    return InferenceSettings(
+        data_dir=tmp_path / "data", nats_url=nats_server, http_port=free_port(), base_model=str(tiny_model_dir),
+        device="cpu", max_tokens_limit=1000,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(settings: InferenceSettings, *, ready: bool = True, key: str = ""):
+    """The service as `python -m services.inference` runs it, in this process; yields an HTTP client."""
+    runtime = ServiceRuntime("inference", settings)
+    task = asyncio.create_task(runtime.run(start))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30) as client:
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                assert not task.done(), "the service stopped while starting"
+                with contextlib.suppress(httpx.TransportError):
+                    response = await client.get("/ready")
+                    if response.status_code == 200 or (not ready and "model" in response.json()["checks"]):
+                        break
+                assert time.monotonic() < deadline, "the service did not start"
+                await asyncio.sleep(0.1)
+            key = key or (settings.data_dir / GENERATED_KEY_PATH).read_text().strip()
+            client.headers["Authorization"] = f"Bearer {key}"
+            yield client
+        finally:
+            runtime.stop.set()
+            assert await asyncio.wait_for(task, 30) == 0
+
+
+async def info_when(client: httpx.AsyncClient, condition, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = (await client.get("/models/info")).json()
+        if condition(info):
+            return info
+        assert time.monotonic() < deadline, f"/models/info never matched; last: {info}"
+        await asyncio.sleep(0.05)
+
+
+async def chat(client: httpx.AsyncClient, **fields) -> dict:
+    response = await client.post("/v1/chat/completions", json={"model": "flywheel", "messages": HELLO, **fields})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def test_serves_base_then_reloads_on_deployment_while_a_request_runs(settings, bus: Bus, tiny_model_dir: Path):
+    setup_tracing("test", None)
+    store = ArtifactStore(settings.data_dir / "artifacts")
+    first = make_checkpoint(store, tiny_model_dir, "run-a-1")
+    second = make_checkpoint(store, tiny_model_dir, "run-a-2", reinit_seed=1)
+    assert first.sha256 != second.sha256
+
+    async with running(settings) as client:
+        # No champion yet: the base model, said so.
+        info = (await client.get("/models/info")).json()
+        assert info["source"] == "base" and info["id"] == "flywheel:base"
+        # The generated key guards the API over real HTTP; the open routes stay open.
+        assert (await client.get("/v1/models", headers={"Authorization": "Bearer nope"})).status_code == 401
+        assert (await client.get("/health", headers={"Authorization": ""})).status_code == 200
+        on_base = await chat(client, max_tokens=LONG, temperature=0)
+        assert on_base["model"] == "flywheel:base" and on_base["usage"]["completion_tokens"] == LONG
+        base_text = on_base["choices"][0]["message"]["content"]
+        # Seeded sampling shows a change of weights where the random model's argmax may not.
+        sampled = {"max_tokens": 32, "temperature": 1.0, "seed": 3}
+        base_sample = (await chat(client, **sampled))["choices"][0]["message"]["content"]
+
+        await put_champion(bus, first, "run-a", 1)
+        await bus.publish(topology.MODEL_DEPLOYED, deployed(first, "run-a", 1))
+        info = await info_when(client, lambda i: i["sha256"] == first.sha256)
+        assert info["source"] == "champion" and info["uri"] == first.uri
+        assert (info["run_id"], info["step"], info["id"]) == ("run-a", 1, "flywheel:run-a-step1")
+
+        # A long generation starts on the first checkpoint; the second is deployed meanwhile.
+        body = {"model": "flywheel", "messages": HELLO, "max_tokens": LONG, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = aiter(response.aiter_lines())
+            while not (line := await anext(lines)).startswith("data: "):
+                pass
+            with tracer().start_as_current_span("deploy"):
+                deploy_trace = current_trace_id()
+                event = deployed(second, "run-a", 2)
+                await put_champion(bus, second, "run-a", 2)
+                await bus.publish(topology.MODEL_DEPLOYED, event)
+            info = await info_when(client, lambda i: i["sha256"] == second.sha256)
+            swapped_at = time.monotonic()
+            events = [line] + [line async for line in lines if line.startswith("data: ")]
+            finished_at = time.monotonic()
+        assert swapped_at < finished_at
+        assert events[-1] == "data: [DONE]"
+        chunks = [msgspec.json.decode(e[len("data: "):]) for e in events[:-1]]
+        assert {c["model"] for c in chunks} == {"flywheel:run-a-step1"}  # finished on the model it started with
+        assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+        assert chunks[-1]["usage"]["completion_tokens"] == LONG
+        # ...and on its weights (the first checkpoint is a copy of the base).
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == base_text
+
+        assert (info["run_id"], info["step"], info["uri"]) == ("run-a", 2, second.uri)
+        assert info["event_id"] == event.id and info["trace_id"] == deploy_trace
+        on_second = await chat(client, **sampled)
+        assert on_second["model"] == "flywheel:run-a-step2"
+        assert on_second["choices"][0]["message"]["content"] != base_sample  # the new weights answer
+        listed = (await client.get("/v1/models")).json()["data"]
+        assert [m["id"] for m in listed] == ["flywheel:run-a-step2"]
+
+        # A deployment whose bytes do not match its hash is refused; the old model keeps serving.
+        bad = make_checkpoint(store, tiny_model_dir, "run-b-1", reinit_seed=2)
+        await bus.publish(topology.MODEL_DEPLOYED, deployed(Artifact(bad.uri, second.sha256[::-1], 0), "run-b", 1))
+        info = await info_when(client, lambda i: i["last_reload_error"] != "")
+        assert "does not match" in info["last_reload_error"] and info["sha256"] == second.sha256
+        assert (await chat(client, max_tokens=4))["model"] == "flywheel:run-a-step2"
+        metrics = (await client.get("/metrics")).text
+        assert 'flywheel_inference_reloads_total{outcome="failed"} 1.0' in metrics
+        assert 'flywheel_inference_reloads_total{outcome="ok"} 3.0' in metrics
+
+        # A rollback is announced as a deployment of the earlier champion.
+        await put_champion(bus, first, "run-a", 1)
+        await bus.publish(topology.MODEL_DEPLOYED, deployed(first, "run-a", 1))
+        info = await info_when(client, lambda i: i["sha256"] == first.sha256)
+        assert (info["run_id"], info["step"], info["last_reload_error"]) == ("run-a", 1, "")
+
+        # A manual reload re-reads the KV champion; force reloads it even though it is unchanged.
+        same = (await client.post("/models/reload")).json()
+        assert same["loaded_at"] == info["loaded_at"]
+        forced = (await client.post("/models/reload", json={"force": True})).json()
+        assert forced["sha256"] == first.sha256 and forced["loaded_at"] > info["loaded_at"]
+
+
+async def test_starts_on_the_kv_champion_and_waits_for_a_loadable_one(settings, bus: Bus, tiny_model_dir: Path):
+    store = ArtifactStore(settings.data_dir / "artifacts")
+    good = make_checkpoint(store, tiny_model_dir, "run-c-5")
+    # The champion's bytes changed after it was announced: nothing may be served from them.
+    await put_champion(bus, Artifact(good.uri, "0" * 64, 0), "run-c", 5)
+    key_file = settings.data_dir.parent / "key"
+    key_file.write_text("from-a-file\n")
+    settings = msgspec.structs.replace(settings, api_key_file=str(key_file))
+
+    async with running(settings, ready=False, key="from-a-file") as client:
+        assert (await client.get("/ready")).status_code == 503
+        response = await client.get("/models/info")
+        assert response.status_code == 503 and "does not match" in response.json()["error"]["message"]
+
+        await put_champion(bus, good, "run-c", 5)
+        assert (await client.post("/models/reload")).status_code == 200
+        assert (await client.get("/ready")).status_code == 200
+        info = (await client.get("/models/info")).json()
+        assert (info["source"], info["sha256"], info["run_id"], info["step"]) == ("champion", good.sha256, "run-c", 5)
+        assert info["event_id"] == "deploy-run-c-5"
+
+    assert not (settings.data_dir / GENERATED_KEY_PATH).exists()
+    # A restart finds the champion in the KV straight away.
+    async with running(settings, key="from-a-file") as client:
+        info = (await client.get("/models/info")).json()
+        assert (info["source"], info["sha256"]) == ("champion", good.sha256)

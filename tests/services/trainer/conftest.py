@@ -1,0 +1,32 @@
+"""Fixtures for the trainer tests: a data directory and fast settings for the tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.trainer.settings import TrainerSettings
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def make_settings(data_dir: Path, tiny_model_dir: Path):
+    """Trainer settings for the tiny model, small and fast; keyword overrides win."""
+
+    def build(**overrides) -> TrainerSettings:
+        values = dict(
+            data_dir=data_dir, base_model=str(tiny_model_dir), nats_url="nats://unused:4222",
+            batch_size=4, max_length=128, warmup_steps=2, epochs=1, save_every_steps=50,
+            progress_every_steps=2, device="cpu",
+        )
+        values.update(overrides)
+        return TrainerSettings(**values)
+
+    return build

@@ -1,0 +1,100 @@
+"""Unit: the control state machine, the gate the training loop passes, status words and folding."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from libs.common.events import CheckpointSaved, TrainingProgress, TrainingStarted
+from services.trainer.control import ControlGate, decide
+from services.trainer.status import RunStatus, describe_state
+
+
+@pytest.mark.parametrize(("mode", "action", "expected", "ok"), [
+    ("running", "pause", "paused", True),
+    ("paused", "pause", "paused", True),
+    ("stopped", "pause", "stopped", False),
+    ("running", "resume", "running", True),
+    ("paused", "resume", "running", True),
+    ("stopped", "resume", "running", True),
+    ("running", "stop", "stopped", True),
+    ("paused", "stop", "stopped", True),
+    ("stopped", "stop", "stopped", True),
+])
+def test_decide(mode, action, expected, ok):
+    decision = decide(mode, action)
+    assert (decision.mode, decision.ok) == (expected, ok)
+    assert decision.message
+
+
+def test_decide_refuses_unknown_actions():
+    with pytest.raises(ValueError):
+        decide("running", "explode")
+
+
+def run_in_thread(fn):
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", fn()))
+    thread.start()
+    return thread, result
+
+
+def test_gate_lets_a_running_loop_through():
+    assert ControlGate().proceed() is True
+
+
+def test_gate_holds_a_paused_loop_until_resume():
+    gate = ControlGate("paused")
+    thread, result = run_in_thread(gate.proceed)
+    time.sleep(0.2)
+    assert thread.is_alive() and gate.waiting
+    gate.set_mode("running")
+    thread.join(2)
+    assert result["value"] is True and not gate.waiting
+
+
+def test_gate_releases_a_paused_loop_to_stop():
+    gate = ControlGate("paused")
+    thread, result = run_in_thread(gate.proceed)
+    time.sleep(0.1)
+    gate.set_mode("stopped")
+    thread.join(2)
+    assert result["value"] is False
+
+
+def test_gate_shutdown_stops_even_a_paused_loop():
+    gate = ControlGate("paused")
+    thread, result = run_in_thread(gate.proceed)
+    time.sleep(0.1)
+    gate.shut_down()
+    thread.join(2)
+    assert result["value"] is False
+    assert ControlGate().proceed() is True and gate.proceed() is False
+
+
+@pytest.mark.parametrize(("mode", "active", "held", "word"), [
+    ("running", False, False, "idle"),
+    ("running", True, False, "training"),
+    ("paused", True, False, "pausing"),
+    ("paused", True, True, "paused"),
+    ("paused", False, False, "paused"),
+    ("stopped", True, False, "stopping"),
+    ("stopped", False, False, "stopped"),
+])
+def test_describe_state(mode, active, held, word):
+    assert describe_state(mode, active, held) == word
+
+
+def test_run_status_folds_events():
+    status = RunStatus()
+    status.observe(TrainingStarted(run_id="r", dataset_id="d", init_weights="w", total_steps=10, start_step=4,
+                                   global_step=24))
+    assert (status.run_id, status.step, status.total_steps, status.global_step) == ("r", 4, 10, 24)
+    status.observe(TrainingProgress(run_id="r", dataset_id="d", step=6, total_steps=10, global_step=26,
+                                    loss=1.5, learning_rate=1e-3, tokens_per_second=900.0))
+    assert (status.step, status.last_loss, status.tokens_per_second) == (6, 1.5, 900.0)
+    status.observe(CheckpointSaved(run_id="r", step=6, global_step=26, dataset_id="d", uri="file:///c", sha256="s",
+                                   final=False))
+    assert status.as_dict()["last_checkpoint"] == "file:///c"

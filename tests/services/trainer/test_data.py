@@ -1,0 +1,81 @@
+"""Unit: reading rows, collation and masking, shuffle determinism, the step plan, the LR schedule."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from libs.common.chat import IGNORE_INDEX, EncodedChat
+from services.trainer.data import DatasetError, TrainingPlan, collate, epoch_order, read_rows
+from services.trainer.schedule import MIN_LR_RATIO, lr_multiplier
+
+
+def test_read_rows_ignores_extra_fields_and_blank_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "extra": 1}
+    path.write_bytes(msgspec.json.encode(row) + b"\n\n" + msgspec.json.encode(row) + b"\n")
+    rows = read_rows(path)
+    assert len(rows) == 2 and rows[0].messages[1].content == "yo"
+
+
+def test_read_rows_names_the_bad_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"messages": []}\n{"nope": 1}\n')
+    with pytest.raises(DatasetError, match="line 2"):
+        read_rows(path)
+
+
+def test_collate_pads_right_and_masks_padding():
+    examples = [
+        EncodedChat(input_ids=[5, 6, 7], labels=[IGNORE_INDEX, 6, 7]),
+        EncodedChat(input_ids=[8], labels=[8]),
+    ]
+    batch = collate(examples, pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_collate_pads_to_the_longest_row_of_this_batch_only():
+    short = collate([EncodedChat(input_ids=[1, 2], labels=[1, 2])] * 3, pad_id=0)
+    assert short["input_ids"].shape == (3, 2)
+
+
+def test_epoch_order_depends_only_on_seed_dataset_and_epoch():
+    first = epoch_order(50, seed=0, dataset_id="abc", epoch=0)
+    assert first == epoch_order(50, seed=0, dataset_id="abc", epoch=0)
+    assert sorted(first) == list(range(50))
+    assert first != list(range(50))
+    assert first != epoch_order(50, seed=1, dataset_id="abc", epoch=0)
+    assert first != epoch_order(50, seed=0, dataset_id="abd", epoch=0)
+    assert first != epoch_order(50, seed=0, dataset_id="abc", epoch=1)
+
+
+def test_plan_counts_partial_batches_and_caps_steps():
+    plan = TrainingPlan(num_examples=10, batch_size=4, epochs=2)
+    assert plan.batches_per_epoch == 3 and plan.total_steps == 6
+    assert TrainingPlan(num_examples=10, batch_size=4, epochs=2, max_steps=4).total_steps == 4
+    assert TrainingPlan(num_examples=10, batch_size=4, epochs=2, max_steps=100).total_steps == 6
+
+
+def test_plan_positions_cover_every_example_once_per_epoch():
+    plan = TrainingPlan(num_examples=10, batch_size=4, epochs=2)
+    assert [plan.position(step) for step in range(6)] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    order = epoch_order(10, 0, "d", 0)
+    seen = [i for b in range(plan.batches_per_epoch) for i in plan.batch(order, b)]
+    assert seen == order and len(plan.batch(order, 2)) == 2
+
+
+def test_schedule_warms_up_linearly_then_decays_to_the_floor():
+    warmup, total = 4, 20
+    multipliers = [lr_multiplier(step, warmup, total) for step in range(total + 1)]
+    assert multipliers[:warmup] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert multipliers[warmup] == pytest.approx(1.0)
+    decay = multipliers[warmup:]
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+    assert multipliers[-1] == pytest.approx(MIN_LR_RATIO)
+
+
+def test_schedule_without_warmup_starts_at_peak():
+    assert lr_multiplier(0, 0, 10) == pytest.approx(1.0)
+    assert lr_multiplier(0, 0, 1) == pytest.approx(1.0)

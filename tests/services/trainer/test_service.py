@@ -1,0 +1,260 @@
+"""Integration: the trainer's wiring against a real nats-server, training the tiny model.
+
+Datasets go in as dataset.accepted events (their artifacts written here the way the
+gatekeeper writes them); what comes out is read from the bus: training.*, checkpoint.saved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+from fastapi import FastAPI
+
+from libs.common import topology
+from libs.common.artifacts import ArtifactStore
+from libs.common.bus import Bus
+from libs.common.events import AnyEvent, ControlReply, ControlTraining, DatasetAccepted
+from libs.common.http import ServiceMetrics
+from libs.common.models import load_model
+from libs.common.tracing import current_trace_id, setup_tracing, trace_id_from_headers, tracer
+from services.trainer import api
+from services.trainer.control import CONTROL_KEY, ControlState
+from services.trainer.service import TrainerService
+from services.trainer.state import STATE_FILE, load_state
+from tests.services.trainer.samples import chat_rows, write_dataset
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+class Recorder:
+    """Every trainer event seen on the bus, with its headers."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict, object]] = []
+
+    async def attach(self, bus: Bus) -> None:
+        async def on_msg(msg) -> None:
+            self.seen.append((msg.subject, dict(msg.headers or {}), msgspec.json.decode(msg.data, type=AnyEvent)))
+
+        for subject in ("training.>", "checkpoint.>"):
+            await bus.nc.subscribe(subject, cb=on_msg)
+
+    def events(self, subject: str, **match) -> list:
+        return [e for s, _, e in self.seen if s == subject and all(getattr(e, k) == v for k, v in match.items())]
+
+    async def wait_for(self, subject: str, count: int = 1, timeout: float = 60.0, **match) -> list:
+        await until(lambda: len(self.events(subject, **match)) >= count, timeout, f"{count} x {subject} {match}")
+        return self.events(subject, **match)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def running_trainer(nats_url: str, settings):
+    """The service's wiring as `start()` builds it, with its own connection, until the block ends."""
+    bus = await Bus.connect([nats_url], "trainer")
+    stop = asyncio.Event()
+    service = TrainerService(settings, bus, stop, ServiceMetrics("trainer"))
+    await service.open()
+    task = asyncio.create_task(service.run())
+    try:
+        yield service
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        await bus.close()
+
+
+@pytest.fixture
+async def recorder(bus: Bus) -> Recorder:
+    rec = Recorder()
+    await rec.attach(bus)
+    return rec
+
+
+async def publish(bus: Bus, event: DatasetAccepted) -> None:
+    await bus.publish(topology.dataset_accepted(event.priority), event)
+
+
+async def pending(bus: Bus) -> int:
+    """Messages the trainer has not acked yet, over its three durables."""
+    total = 0
+    for spec in topology.TRAINER:
+        info = await bus.js.consumer_info(spec.stream, spec.durable)
+        total += info.num_pending + info.num_ack_pending
+    return total
+
+
+async def test_dataset_becomes_checkpoints_in_one_trace(bus, recorder, nats_server, make_settings, data_dir):
+    setup_tracing("test", None)
+    settings = make_settings(epochs=2, save_every_steps=3)
+    event = write_dataset(data_dir, chat_rows(16))  # 4 steps per epoch, 8 in all
+    async with running_trainer(nats_server, settings) as trainer:
+        with tracer().start_as_current_span("submit"):
+            trace_id = current_trace_id()
+            await publish(bus, event)
+        [finished] = await recorder.wait_for(topology.TRAINING_FINISHED)
+        await until(lambda: trainer.snapshot()["state"] == "idle")
+        status = trainer.snapshot()
+
+    saved = recorder.events(topology.CHECKPOINT_SAVED)
+    assert [(e.step, e.final) for e in saved] == [(3, False), (6, False), (8, True)]
+    assert [trace_id_from_headers(h) for s, h, _ in recorder.seen if s == topology.CHECKPOINT_SAVED] == [trace_id] * 3
+    assert finished.checkpoint_uri == saved[-1].uri and finished.global_step == 8
+    store = ArtifactStore(data_dir / "artifacts")
+    checkpoint = store.verify(saved[-1].uri, saved[-1].sha256)
+    assert checkpoint.parent.name == finished.run_id and checkpoint.name == "step-00000008"
+    assert load_model(checkpoint).config.model_type == "qwen3"
+    progress = recorder.events(topology.TRAINING_PROGRESS)
+    assert progress and all(p.tokens_per_second > 0 and p.loss > 0 for p in progress)
+    [started] = recorder.events(topology.TRAINING_STARTED)
+    assert started.init_weights == Path(settings.base_model).resolve().as_uri() and started.total_steps == 8
+
+    state = load_state(data_dir / "trainer" / STATE_FILE)
+    assert state.current_weights == saved[-1].uri and state.finished == {event.dataset_id: saved[-1].uri}
+    assert status["current_weights"] == saved[-1].uri and status["run"]["step"] == 8
+    assert await pending(bus) == 0
+
+
+async def test_high_priority_datasets_are_trained_first_and_each_continues_from_the_last(
+    bus, recorder, nats_server, make_settings, data_dir,
+):
+    events = {
+        p: write_dataset(data_dir, chat_rows(4, seed=i), name=p, priority=p)
+        for i, p in enumerate(("low", "normal", "high"))
+    }
+    for event in events.values():
+        await publish(bus, event)
+    async with running_trainer(nats_server, make_settings()):
+        await recorder.wait_for(topology.TRAINING_FINISHED, count=3)
+    started = recorder.events(topology.TRAINING_STARTED)
+    finished = recorder.events(topology.TRAINING_FINISHED)
+    order = {e.dataset_id: p for p, e in events.items()}
+    assert [order[e.dataset_id] for e in started] == ["high", "normal", "low"]
+    assert started[1].init_weights == finished[0].checkpoint_uri
+    assert started[2].init_weights == finished[1].checkpoint_uri
+    assert [e.global_step for e in finished] == [1, 2, 3]
+
+
+async def test_a_dataset_already_trained_is_acked_without_training_again(
+    bus, recorder, nats_server, make_settings, data_dir,
+):
+    event = write_dataset(data_dir, chat_rows(4))
+    async with running_trainer(nats_server, make_settings()):
+        await publish(bus, event)
+        await recorder.wait_for(topology.TRAINING_FINISHED)
+        # The same dataset accepted again (a new submission of the same content): a new event id.
+        await publish(bus, msgspec.structs.replace(event, id="again", submission_id="sub-2"))
+        await asyncio.sleep(1.0)
+        assert await pending(bus) == 0
+    assert len(recorder.events(topology.TRAINING_STARTED)) == 1
+
+
+async def test_pause_resume_and_stop_over_nats_and_a_restart_honours_stop(
+    bus, recorder, nats_server, make_settings, data_dir,
+):
+    settings = make_settings(batch_size=2, epochs=2, progress_every_steps=1)
+    event = write_dataset(data_dir, chat_rows(12))  # 12 steps
+
+    async def command(action: str) -> ControlReply:
+        request = ControlTraining(action=action, requested_by="test")
+        return await bus.request(f"{topology.CONTROL_TRAINER}.{action}", request, ControlReply)
+
+    async def held_at_gate(trainer: TrainerService) -> int:
+        await until(lambda: trainer.snapshot()["state"] == "paused", what="paused")
+        return trainer.snapshot()["run"]["step"]
+
+    async with running_trainer(nats_server, settings) as trainer:
+        await publish(bus, event)
+        await recorder.wait_for(topology.TRAINING_PROGRESS)
+        reply = await command("pause")
+        assert reply.ok and reply.state in ("pausing", "paused")
+        step = await held_at_gate(trainer)
+        seen = len(recorder.seen)
+        await asyncio.sleep(1.0)
+        assert len(recorder.seen) == seen and trainer.snapshot()["run"]["step"] == step  # held, lease kept
+        assert await pending(bus) == 1
+
+        assert (await command("resume")).ok
+        await recorder.wait_for(topology.TRAINING_PROGRESS, step=step + 1)
+        assert (await command("pause")).ok
+        step = await held_at_gate(trainer)
+
+        reply = await command("stop")
+        assert reply.ok and reply.state == "stopping"
+        [saved] = await recorder.wait_for(topology.CHECKPOINT_SAVED)
+        assert not saved.final and saved.step == step
+        await until(lambda: trainer.snapshot()["state"] == "stopped", what="stopped")
+        assert not (await command("pause")).ok
+        kv = await bus.kv(topology.TRAINER_BUCKET)
+        assert msgspec.json.decode((await kv.get(CONTROL_KEY)).value, type=ControlState).mode == "stopped"
+
+    # A restarted trainer honours the stop: it takes no work until resumed.
+    async with running_trainer(nats_server, settings) as trainer:
+        await asyncio.sleep(1.0)
+        assert trainer.snapshot()["state"] == "stopped" and len(recorder.events(topology.TRAINING_STARTED)) == 1
+        assert (await command("resume")).ok
+        [finished] = await recorder.wait_for(topology.TRAINING_FINISHED)
+    started = recorder.events(topology.TRAINING_STARTED)
+    assert [s.start_step for s in started] == [0, saved.step] and started[0].run_id == started[1].run_id
+    assert finished.global_step == 12
+    assert not recorder.events(topology.TRAINING_FAILED)
+
+
+async def test_shutdown_checkpoints_and_the_next_trainer_resumes(bus, recorder, nats_server, make_settings, data_dir):
+    settings = make_settings(batch_size=2, progress_every_steps=1)
+    event = write_dataset(data_dir, chat_rows(60))  # 30 steps
+    async with running_trainer(nats_server, settings):
+        await publish(bus, event)
+        await recorder.wait_for(topology.TRAINING_PROGRESS, count=3)
+    # Leaving the block is SIGTERM: stop set, run checkpointed, message released.
+    [saved] = recorder.events(topology.CHECKPOINT_SAVED)
+    assert not saved.final and 3 <= saved.step < 30
+    assert load_state(data_dir / "trainer" / STATE_FILE).finished == {}
+    async with running_trainer(nats_server, settings):
+        [finished] = await recorder.wait_for(topology.TRAINING_FINISHED)
+    assert [s.start_step for s in recorder.events(topology.TRAINING_STARTED)] == [0, saved.step]
+    assert finished.global_step == 30
+
+
+async def test_a_dataset_whose_hash_does_not_match_is_dead_lettered(
+    bus, recorder, nats_server, make_settings, data_dir,
+):
+    event = msgspec.structs.replace(write_dataset(data_dir, chat_rows(4)), sha256="0" * 64)
+    dead = await bus.nc.subscribe(topology.dead_letter(topology.dataset_accepted("normal")))
+    async with running_trainer(nats_server, make_settings()):
+        await publish(bus, event)
+        [failed] = await recorder.wait_for(topology.TRAINING_FAILED)
+        msg = await dead.next_msg(timeout=10)
+    assert not failed.will_retry and "does not match" in failed.error
+    assert msgspec.json.decode(msg.data, type=DatasetAccepted).dataset_id == event.dataset_id
+    assert not recorder.events(topology.TRAINING_STARTED)
+
+
+async def test_http_routes_control_the_same_state(bus, nats_server, make_settings):
+    async with running_trainer(nats_server, make_settings()) as trainer:
+        app = FastAPI()
+        app.include_router(api.router(trainer))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            assert (await http.get("/status")).json()["state"] == "idle"
+            response = await http.post("/pause")
+            assert response.status_code == 200 and response.json()["state"] == "paused"
+            assert (await http.post("/stop")).json()["state"] == "stopped"
+            refused = await http.post("/pause")
+            assert refused.status_code == 409 and not refused.json()["ok"]
+            assert (await http.post("/resume")).json()["state"] == "idle"
+            status = (await http.get("/status")).json()
+    assert status["mode"] == "running" and status["current_weights"].startswith("file://")
+    assert status["run"]["active"] is False and status["datasets_finished"] == 0
