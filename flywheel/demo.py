@@ -170,8 +170,9 @@ async def _ask(sup: Supervisor, event: ModelDeployed, question: str, deadline: f
 
 def run_demo(data_dir: Path, *, port_base: int | None = None, dataset: Path = SAMPLE_DATASET,
              question: str = QUESTION, timeout_s: float = 540, extra_env: dict[str, str] | None = None) -> DemoResult:
-    env = {**DEMO_ENV, **(extra_env or {})}
-    sup = Supervisor(data_dir, port_base=port_base, environ={**os.environ, **env})
+    # The caller's own FLYWHEEL_* settings win over the demo's defaults.
+    env = {**DEMO_ENV, **os.environ, **(extra_env or {})}
+    sup = Supervisor(data_dir, port_base=port_base, environ=env)
     setup_tracing("demo", sup.data_dir)
     sup.start()
     try:

@@ -338,7 +338,8 @@ async def _log_error(exc: Exception) -> None:
 
 
 async def _log_disconnected() -> None:
-    log.warning("nats disconnected")
+    # Also called on a deliberate close: info, not warning; a real outage shows as errors.
+    log.info("nats disconnected")
 
 
 async def _log_reconnected() -> None:
