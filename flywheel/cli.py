@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from libs.common.log import setup_logging
+
+    setup_logging("cli", "warning")
     try:
         return args.fn(args)
     except SettingsError as exc:

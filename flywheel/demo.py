@@ -29,6 +29,7 @@ from libs.common import topology
 from libs.common.artifacts import ArtifactStore
 from libs.common.bus import Bus
 from libs.common.events import ModelDeployed, TrainingProgress
+from libs.common.log import setup_logging
 from libs.common.settings import SERVICES
 from libs.common.tracing import format_trace, read_trace, setup_tracing, shutdown_tracing, trace_id_from_headers
 
@@ -37,9 +38,10 @@ SAMPLE_DATASET = ROOT / "examples" / "binary_sample.jsonl"
 QUESTION = "Convert this binary number to decimal:\n\n①⓪①①"
 API_KEY_FILE = Path("secrets") / "inference_api_key"
 
-# Small and quick on 2 CPU cores: the point is the loop, not the model's skill.
+# About a minute of training on 2 CPU cores: enough for the tiny model to learn the answer
+# format of level 1 (train loss ~0.2), one checkpoint at the end.
 DEMO_ENV = {
-    "FLYWHEEL_TRAINER_EPOCHS": "3",
+    "FLYWHEEL_TRAINER_EPOCHS": "12",
     "FLYWHEEL_TRAINER_BATCH_SIZE": "16",
     "FLYWHEEL_TRAINER_MAX_LENGTH": "256",
     "FLYWHEEL_TRAINER_SAVE_EVERY_STEPS": "1000",
@@ -55,7 +57,6 @@ class DemoResult(msgspec.Struct):
     checkpoint_sha256: str
     exact_match: float
     val_loss: float
-    served_checkpoint: str
     question: str
     answer: str
     trace_services: list[str]
@@ -104,10 +105,10 @@ async def _drive(sup: Supervisor, dataset: Path, question: str, deadline: float)
     started = time.monotonic()
     await _wait_ready(sup.ports, deadline)
     bus = await Bus.connect([sup.nats_url], "demo")
-    deployed: asyncio.Queue = asyncio.Queue()
+    deployments: list[tuple[str, ModelDeployed]] = []  # (trace id, event), in arrival order
 
     async def on_deployed(msg) -> None:
-        await deployed.put((trace_id_from_headers(msg.headers), msgspec.json.decode(msg.data, type=ModelDeployed)))
+        deployments.append((trace_id_from_headers(msg.headers), msgspec.json.decode(msg.data, type=ModelDeployed)))
 
     async def on_progress(msg) -> None:
         p = msgspec.json.decode(msg.data, type=TrainingProgress)
@@ -123,15 +124,17 @@ async def _drive(sup: Supervisor, dataset: Path, question: str, deadline: float)
         if submitted.outcome != "accepted":
             raise RuntimeError("the sample dataset was not accepted")
         _say(f"trace {submitted.trace_id}: waiting for training, scoring and deployment")
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+
+        def ours() -> dict[str, ModelDeployed]:
+            return {e.checkpoint_sha256: e for t, e in deployments if t == submitted.trace_id}
+
+        while not ours():
+            if time.monotonic() > deadline:
                 raise TimeoutError("no deployment of the demo dataset in time")
-            trace_id, event = await asyncio.wait_for(deployed.get(), remaining)
-            if trace_id == submitted.trace_id:
-                break
-        _say(f"deployed {event.checkpoint_uri} (exact_match {event.exact_match:.3f}, val_loss {event.val_loss:.4f})")
-        served, answer = await _ask(sup, event, question, deadline)
+            await asyncio.sleep(0.2)
+        first = next(iter(ours().values()))
+        _say(f"deployed {first.checkpoint_uri} (exact_match {first.exact_match:.3f}, val_loss {first.val_loss:.4f})")
+        event, answer = await _ask(sup, ours, question, deadline)
     finally:
         await bus.close()
     shutdown_tracing()
@@ -140,22 +143,22 @@ async def _drive(sup: Supervisor, dataset: Path, question: str, deadline: float)
     return DemoResult(
         trace_id=submitted.trace_id, submission_id=submitted.submission_id,
         checkpoint_uri=event.checkpoint_uri, checkpoint_sha256=event.checkpoint_sha256,
-        exact_match=event.exact_match, val_loss=event.val_loss, served_checkpoint=served,
+        exact_match=event.exact_match, val_loss=event.val_loss,
         question=question, answer=answer,
         trace_services=sorted({s["service"].removeprefix("flywheel-") for s in spans}),
         seconds=round(time.monotonic() - started, 1),
     )
 
 
-async def _ask(sup: Supervisor, event: ModelDeployed, question: str, deadline: float) -> tuple[str, str]:
-    """Wait until inference serves the deployed checkpoint, then ask through the OpenAI API."""
+async def _ask(sup: Supervisor, ours, question: str, deadline: float) -> tuple[ModelDeployed, str]:
+    """Wait until inference serves a checkpoint deployed from the demo's dataset, then ask it."""
     base = f"http://127.0.0.1:{sup.ports['inference']}"
     key = (sup.data_dir / API_KEY_FILE).read_text().strip()
     headers = {"Authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as client:
         while True:
             info = (await client.get("/models/info")).json()
-            if info.get("sha256") == event.checkpoint_sha256:
+            if event := ours().get(info.get("sha256")):
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"inference still serves {info}")
@@ -165,7 +168,7 @@ async def _ask(sup: Supervisor, event: ModelDeployed, question: str, deadline: f
             "max_tokens": 48, "temperature": 0,
         })
         reply.raise_for_status()
-        return info.get("uri", ""), reply.json()["choices"][0]["message"]["content"]
+        return event, reply.json()["choices"][0]["message"]["content"]
 
 
 def run_demo(data_dir: Path, *, port_base: int | None = None, dataset: Path = SAMPLE_DATASET,
@@ -187,6 +190,7 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "demo")
     parser.add_argument("--keep", action="store_true", help="keep the previous demo's data directory")
     args = parser.parse_args()
+    setup_logging("demo", "warning")
     if args.data_dir.exists() and not args.keep:
         shutil.rmtree(args.data_dir)
     port_base = None

@@ -65,7 +65,9 @@ def format_status(status: dict[str, Any]) -> str:
     if started and (not finished or finished["run_id"] != started["run_id"] or finished["time"] < started["time"]):
         step = progress if progress and progress["run_id"] == started["run_id"] else None
         where = f"step {step['step']}/{step['total_steps']}  loss {step['loss']:.4f}  {step['tokens_per_second']:.0f} tok/s" if step else "starting"
-        lines.append(f"  running         {started['run_id']}  {where}")
+        mode = (control or {}).get("mode", "running")
+        label = "running" if mode == "running" else f"{mode} at"
+        lines.append(f"  {label:<15} {started['run_id']}  {where}")
     else:
         lines.append("  idle")
     if finished:
@@ -85,7 +87,10 @@ def format_status(status: dict[str, Any]) -> str:
                      f"val_loss {scores['val_loss']:.4f}  suite {scores['suite_version']}")
     else:
         lines.append("  none yet")
-    if status["curriculum"]:
-        lines.append(f"curriculum      {status['curriculum']}")
+    curriculum = status["curriculum"]
+    if curriculum:
+        recent = ", ".join(f"{a:.2f}" for a in curriculum.get("recent", []))
+        lines.append(f"curriculum      {curriculum.get('skill')} level {curriculum.get('level')}"
+                     f"  recent accuracy [{recent}]  synthetic datasets {curriculum.get('datasets_submitted', 0)}")
     lines.append(f"dead letters    {status['dead_letters']}")
     return "\n".join(lines)
