@@ -4,7 +4,7 @@
   flywheel status [--json]            queue, training progress, champion, last scores
   flywheel submit FILE [--wait]       submit a dataset file (chat_sft_v1 JSONL by default)
   flywheel pause|resume|stop          control the trainer (NATS request/reply)
-  flywheel trace TRACE_ID             a dataset's journey, span by span, from local trace files
+  flywheel trace TRACE_ID [--html F]  a dataset's journey, span by span, from local trace files
   flywheel asyncapi [--check]         write (or check) docs/asyncapi.yaml from the event schemas
 
 Every command reads the same settings as the services: FLYWHEEL_DATA_DIR (default ./data),
@@ -107,7 +107,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from libs.common.tracing import format_trace, read_trace
 
     spans = read_trace(_settings().data_dir, args.trace_id)
-    print(format_trace(spans))
+    if args.html:
+        from flywheel.trace_page import render_trace_page
+
+        Path(args.html).write_text(render_trace_page(args.trace_id, spans))
+        print(f"wrote {args.html} ({len(spans)} spans)")
+    else:
+        print(format_trace(spans))
     return 0 if spans else 1
 
 
@@ -151,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         control.set_defaults(fn=cmd_control)
     trace = sub.add_parser("trace", help="show one trace from the local trace files")
     trace.add_argument("trace_id")
+    trace.add_argument("--html", metavar="FILE", help="write an HTML waterfall of the trace to FILE")
     trace.set_defaults(fn=cmd_trace)
     asyncapi = sub.add_parser("asyncapi", help="generate docs/asyncapi.yaml")
     asyncapi.add_argument("--check", action="store_true")

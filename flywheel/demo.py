@@ -25,6 +25,7 @@ import msgspec
 
 from flywheel.submit import describe_verdict, submit_file
 from flywheel.supervisor import Supervisor
+from flywheel.trace_page import render_trace_page
 from libs.common import topology
 from libs.common.artifacts import ArtifactStore
 from libs.common.bus import Bus
@@ -212,7 +213,10 @@ def main() -> int:
     print(f"took                {result.seconds:.0f}s")
     print("=" * 72)
     print(format_trace(read_trace(args.data_dir, result.trace_id)))
-    print(f"\nSee it again: FLYWHEEL_DATA_DIR={args.data_dir} .venv/bin/flywheel trace {result.trace_id}")
+    page = args.data_dir / f"trace-{result.trace_id}.html"
+    page.write_text(render_trace_page(result.trace_id, read_trace(args.data_dir, result.trace_id)))
+    print(f"\nThe journey as a page: {page}")
+    print(f"See it again: FLYWHEEL_DATA_DIR={args.data_dir} .venv/bin/flywheel trace {result.trace_id} [--html FILE]")
     return 0
 
 

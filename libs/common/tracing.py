@@ -124,24 +124,42 @@ def read_trace(data_dir: Path, trace_id: str) -> list[dict]:
     return sorted(spans, key=lambda s: s["start_ns"])
 
 
-def format_trace(spans: list[dict]) -> str:
-    """An indented tree of spans with durations: the tracing view for a terminal."""
-    if not spans:
-        return "(no spans recorded)"
-    by_parent: dict[str | None, list[dict]] = {}
+def span_rows(spans: list[dict]) -> list[tuple[int, dict, int]]:
+    """Spans depth-first under their parents as (depth, span, repeats).
+
+    Runs of childless siblings with the same name (training.progress every few seconds)
+    fold into one row whose span stretches from the first start to the last end.
+    """
     ids = {s["span_id"] for s in spans}
+    children: dict[str | None, list[dict]] = {}
     for span in spans:
-        parent = span["parent_id"] if span["parent_id"] in ids else None
-        by_parent.setdefault(parent, []).append(span)
-    origin = spans[0]["start_ns"]
-    out: list[str] = []
+        children.setdefault(span["parent_id"] if span["parent_id"] in ids else None, []).append(span)
+    rows: list[tuple[int, dict, int]] = []
 
     def walk(parent: str | None, depth: int) -> None:
-        for span in by_parent.get(parent, []):
-            start = (span["start_ns"] - origin) / 1e9
-            took = ((span["end_ns"] or span["start_ns"]) - span["start_ns"]) / 1e9
-            out.append(f"{'  ' * depth}{span['name']:<{48 - 2 * depth}} {span['service']:<22} +{start:7.2f}s {took:7.2f}s")
+        for span in sorted(children.get(parent, []), key=lambda s: s["start_ns"]):
+            last = rows[-1] if rows else None
+            if (last and last[0] == depth and last[1]["name"] == span["name"] and span["span_id"] not in children
+                    and last[1]["span_id"] not in children and last[1]["parent_id"] == span["parent_id"]):
+                folded = {**last[1], "end_ns": max(last[1]["end_ns"] or 0, span["end_ns"] or 0)}
+                rows[-1] = (depth, folded, last[2] + 1)
+                continue
+            rows.append((depth, span, 1))
             walk(span["span_id"], depth + 1)
 
     walk(None, 0)
+    return rows
+
+
+def format_trace(spans: list[dict]) -> str:
+    """An indented tree of spans with start offsets and durations: the tracing view for a terminal."""
+    if not spans:
+        return "(no spans recorded)"
+    origin = min(s["start_ns"] for s in spans)
+    out = []
+    for depth, span, repeats in span_rows(spans):
+        start = (span["start_ns"] - origin) / 1e9
+        took = ((span["end_ns"] or span["start_ns"]) - span["start_ns"]) / 1e9
+        name = span["name"] + (f" ×{repeats}" if repeats > 1 else "")
+        out.append(f"{'  ' * depth}{name:<{48 - 2 * depth}} {span['service']:<22} +{start:7.2f}s {took:7.2f}s")
     return "\n".join(out)
