@@ -27,6 +27,10 @@ def mask_secrets(_logger, _name, event_dict: dict) -> dict:
     return event_dict
 
 
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    return structlog.PrintLogger(sys.stderr)
+
+
 def setup_logging(service: str, level: str = "info") -> None:
     numeric = getattr(logging, level.upper())
     logging.basicConfig(stream=sys.stderr, level=numeric, format="%(message)s", force=True)
@@ -44,7 +48,9 @@ def setup_logging(service: str, level: str = "info") -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # Look sys.stderr up per logger, not once: a replaced stream (tests, redirection)
+        # must not leave loggers writing to a closed file.
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.bind_contextvars(service=service)
