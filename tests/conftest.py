@@ -13,6 +13,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_logging_config():
+    """Code under test may call setup_logging (the CLI does); never leak that into later tests."""
+    yield
+    import structlog
+
+    structlog.reset_defaults()
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path):
     """A real nats-server with JetStream on a random loopback port; yields its URL."""
