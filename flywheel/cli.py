@@ -70,7 +70,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from libs.common.artifacts import ArtifactStore
     from libs.common.tracing import setup_tracing
-    from flywheel.submit import describe_verdict, submit_file
+    from flywheel.submit import describe_report, describe_verdict, submit_file
 
     settings = _settings()
     path = Path(args.file)
@@ -87,6 +87,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     result = asyncio.run(_with_bus(settings, go))
     print(f"submission {result.submission_id}\ntrace      {result.trace_id}\nsha256     {result.sha256}")
     print(describe_verdict(result))
+    if result.report is not None:
+        print(describe_report(result.report))
     return 1 if result.outcome == "rejected" else 0
 
 
@@ -119,8 +121,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 def cmd_asyncapi(args: argparse.Namespace) -> int:
     from libs.common.asyncapi import ASYNCAPI_PATH, render_asyncapi
+    from services.gatekeeper.schemas import json_schemas
 
-    text = render_asyncapi()
+    text = render_asyncapi(json_schemas())
     if args.check:
         current = ASYNCAPI_PATH.read_text() if ASYNCAPI_PATH.exists() else ""
         if current != text:

@@ -3,7 +3,9 @@
 The file is streamed into `<data_dir>/artifacts/uploads/` (a progress bar for large files),
 then a `dataset.submitted` event carries its URI and sha256; the submission opens the trace
 that follows the dataset through every service. With `wait`, the gatekeeper's verdict
-(`dataset.accepted.*` or `dataset.rejected`) is awaited and returned.
+(`dataset.accepted.*` or `dataset.rejected`) is awaited and returned, with the validation
+report it points to (`describe_report` prints it: counts, the findings of each check with
+their line numbers, the token length histogram).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from opentelemetry.trace import SpanKind
 from tqdm import tqdm
 
 from libs.common import topology
-from libs.common.artifacts import Artifact, ArtifactStore
+from libs.common.artifacts import Artifact, ArtifactError, ArtifactStore
 from libs.common.bus import Bus
 from libs.common.events import DatasetAccepted, DatasetRejected, DatasetSubmitted, Priority, ValidationLevel
 from libs.common.tracing import current_trace_id, tracer
@@ -37,6 +39,7 @@ class SubmitResult(msgspec.Struct):
     sha256: str
     outcome: str = "submitted"  # accepted | rejected | submitted (not waited for)
     verdict: dict | None = None
+    report: dict | None = None  # the gatekeeper's validation report, when readable from here
 
 
 def upload(store: ArtifactStore, source: Path) -> Artifact:
@@ -95,6 +98,7 @@ async def submit_file(
             subject, body = await asyncio.wait_for(verdict, wait_s)
             result.outcome = "rejected" if subject == topology.DATASET_REJECTED else "accepted"
             result.verdict = body
+            result.report = read_report(store, body.get("report_uri", ""))
         finally:
             for sub in subs:
                 await sub.unsubscribe()
@@ -111,3 +115,50 @@ def describe_verdict(result: SubmitResult) -> str:
         reasons = "\n".join(f"  - {r}" for r in v.reasons[:20])
         return f"rejected  {v.num_errors} errors\n{reasons}\n  report {v.report_uri}"
     return "submitted (not waiting for the verdict)"
+
+
+def read_report(store: ArtifactStore, uri: str) -> dict | None:
+    """The report behind a verdict's report_uri, if this machine shares the data directory."""
+    try:
+        return msgspec.json.decode(store.path_for(uri).read_bytes())
+    except (ArtifactError, OSError, msgspec.DecodeError):
+        return None
+
+
+_BAR = "█"
+_FINDINGS_SHOWN = 3
+
+
+def describe_report(report: dict, width: int = 40) -> str:
+    """A validation report for a terminal: counts, each check's findings with line numbers, lengths."""
+    out = [
+        f"report    {report.get('report_uri', '')}",
+        f"rows      {report['num_rows']:,} read, {report['num_rows_valid']:,} kept, {report['num_rows_dropped']:,} "
+        f"dropped ({report['error_fraction']:.1%}); {report['num_errors']:,} errors, {report['num_warnings']:,} "
+        f"warnings; {len(report.get('checks_run', []))} checks at level {report['level']}, schema {report['schema']}",
+    ]
+    findings = report.get("findings", {})
+    for severity in ("error", "warning"):
+        checks = sorted(((name, f) for name, f in findings.items() if f["severity"] == severity),
+                        key=lambda item: -item[1]["count"])
+        if checks:
+            out.append(f"{severity}s")
+        for name, found in checks:
+            lines = ", ".join(str(f["line"]) for f in found["findings"][:8] if f["line"])
+            more = ", ..." if found["count"] > 8 and lines else ""
+            where = f"  line {lines}{more}" if lines else ""
+            out.append(f"  {name:<24}{found['count']:>8,}{where}")
+            for finding in found["findings"][:_FINDINGS_SHOWN]:
+                at = f"line {finding['line']}: " if finding["line"] else ""
+                out.append(f"      {at}{finding['reason'][:160]}")
+    lengths = report.get("lengths")
+    if lengths and lengths.get("count"):
+        out.append(f"lengths   tokens per row (max_length {lengths['max_length']}): min {lengths['min']}, "
+                   f"p50 {lengths['p50']}, p90 {lengths['p90']}, p99 {lengths['p99']}, max {lengths['max']}; "
+                   f"{lengths['over_max_length']:,} over max_length")
+        top = max(b["count"] for b in lengths["histogram"]) or 1
+        for b in lengths["histogram"]:
+            span = f"{b['lo']}-{b['hi'] - 1}" if b["hi"] is not None else f">{b['lo'] - 1}"
+            bar = _BAR * round(width * b["count"] / top) or ("▏" if b["count"] else "")
+            out.append(f"  {span:>11}  {bar:<{width}} {b['count']:,}")
+    return "\n".join(out)

@@ -2,6 +2,9 @@
 
 `flywheel asyncapi` writes it to docs/asyncapi.yaml (a test fails when the file is stale);
 the gatekeeper serves it. Any client in any language can publish `dataset.submitted` from it.
+It also shows the dataset schemas a submission may name (one JSON Schema per line format);
+the gatekeeper's schema registry owns those and the caller passes them in, so the contract
+library never imports a service.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import msgspec
 import yaml
 
 from libs.common import events, topology
-from libs.common.chat import ChatRow
 
 ASYNCAPI_PATH = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
 
@@ -61,14 +63,14 @@ def _doc(kind: type) -> str:
     return inspect.cleandoc(kind.__doc__ or kind.__name__)
 
 
-def build_asyncapi() -> dict:
+def build_asyncapi(dataset_schemas: dict[str, dict]) -> dict:
+    """The document; `dataset_schemas` maps a row-format name (chat_sft_v1, ...) to its JSON Schema."""
     kinds = sorted({k for _, _, ks, *_ in CHANNELS for k in ks}, key=lambda k: k.__name__)
-    _, schemas = msgspec.json.schema_components([*kinds, ChatRow], ref_template="#/components/schemas/{name}")
-    schemas["chat_sft_v1"] = schemas.pop("ChatRow")
-    schemas["chat_sft_v1"]["description"] = (
-        "One line of a chat_sft_v1 dataset (JSONL): system/user/assistant messages, the last one "
-        "from the assistant, no empty content. Extra top-level fields are kept but not trained on."
-    )
+    _, schemas = msgspec.json.schema_components(kinds, ref_template="#/components/schemas/{name}")
+    datasets = dataset_schemas
+    if clash := set(datasets) & set(schemas):
+        raise ValueError(f"dataset schema names clash with event schemas: {sorted(clash)}")
+    schemas.update(datasets)
     channels, operations, messages = {}, {}, {}
     for channel_id, address, kinds_here, params, publishers, subscribers in CHANNELS:
         channels[channel_id] = {
@@ -115,6 +117,6 @@ def _slug(who: str) -> str:
     return who.replace(" ", "-")
 
 
-def render_asyncapi() -> str:
+def render_asyncapi(dataset_schemas: dict[str, dict]) -> str:
     header = "# Generated from libs/common/events.py by `flywheel asyncapi`. Do not edit by hand.\n"
-    return header + yaml.safe_dump(build_asyncapi(), sort_keys=False, allow_unicode=True, width=100)
+    return header + yaml.safe_dump(build_asyncapi(dataset_schemas), sort_keys=False, allow_unicode=True, width=100)

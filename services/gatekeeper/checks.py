@@ -1,13 +1,18 @@
-"""What a validation check is, what it finds, and how findings are tallied into a report.
+"""What a validation check is, the checks every schema shares, and how findings are tallied.
 
-A check has a stable name (it appears in reports, events and tests), a level and a severity.
-Levels nest: `quick` checks structure only; `standard` adds what needs the base model's
-tokenizer; `deep` adds costlier content checks (none yet, so deep = standard today). A
-submission runs every check at or below its level. Errors drop the row (or, for file and
-submission checks, reject the whole submission); warnings are recorded and change nothing.
+A check has a stable name (it appears in reports, events and tests), a level, a severity and
+a scope. Levels nest: a submission validated at `standard` runs every quick and standard
+check. An error drops its row (row and line scope) or rejects the submission (submission and
+file scope); a warning is recorded and changes nothing. Whether a file with dropped rows is
+still accepted is `policy.py`'s decision.
 
-The checks shared by every schema live here; each schema adds its own row checks
-(see `chat_sft.py`).
+The checks shared by every schema (the rest live next to what they check):
+
+submission  submission, schema, uri, sha256                        (here)
+file        file_size, file_empty, gzip, binary, encoding, bom, no_rows   (here; made in framing.py)
+line        line_size, blank_line, utf8, json, nesting, json_object  (here; made in framing.py and decoding.py)
+row         per schema: chat_sft.py, syllo.py, completion.py (quick);
+            tokens.py (standard); duplicates.py, leakage.py, profiles.py (deep)
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ class Check:
     scope: Scope
     description: str
 
+    def describe(self) -> dict:
+        return {"name": self.name, "level": self.level, "severity": self.severity, "scope": self.scope,
+                "description": self.description}
+
 
 # ---------------------------------------------------------------------------- shared checks
 # Submission: decided before a byte is read.
@@ -46,70 +55,95 @@ SCHEMA = Check("schema", "quick", "error", "submission", "the named schema is on
 URI = Check("uri", "quick", "error", "submission", "a uri is file:// inside the artifact store and exists")
 SHA256 = Check("sha256", "quick", "error", "submission", "the content matches the announced sha256")
 # File: one finding rejects the whole file.
-FILE_SIZE = Check("file_size", "quick", "error", "file", "the file is at most max_file_bytes")
+FILE_SIZE = Check(
+    "file_size", "quick", "error", "file", "the file is at most max_file_bytes, and so is a gzip file decompressed"
+)
 FILE_EMPTY = Check("file_empty", "quick", "error", "file", "the file has content")
-BINARY = Check("binary", "quick", "error", "file", "the file is text (no NUL bytes at its start)")
+GZIP = Check("gzip", "quick", "error", "file", "a gzip file (found by its magic bytes) decompresses cleanly")
+BINARY = Check(
+    "binary", "quick", "error", "file",
+    "the file is text: no NUL byte in its first 64 KiB, not a zip/bzip2/xz/zstd archive, image, PDF or executable",
+)
+ENCODING = Check("encoding", "quick", "error", "file", "the file is UTF-8, not UTF-16 or UTF-32")
 BOM = Check("bom", "quick", "warning", "file", "a leading UTF-8 byte order mark is stripped")
 NO_ROWS = Check("no_rows", "quick", "error", "file", "at least one non-blank line")
 # Line: one JSON object per line.
-LINE_SIZE = Check("line_size", "quick", "error", "line", "a line is at most max_line_bytes")
+LINE_SIZE = Check(
+    "line_size", "quick", "error", "line", "a line is at most max_line_bytes (longer ones are skipped unread)"
+)
 BLANK_LINE = Check("blank_line", "quick", "warning", "line", "blank lines are skipped")
 UTF8 = Check("utf8", "quick", "error", "line", "a line is valid UTF-8")
-JSON = Check("json", "quick", "error", "line", "a line is one valid JSON value")
+JSON = Check("json", "quick", "error", "line", "a line is one valid JSON value (no lone surrogate escapes)")
 # A chat row needs 3 levels; anything much deeper is garbage or an attack on the decoder.
 MAX_NESTING = 32
 NESTING = Check("nesting", "quick", "error", "line", f"JSON nesting is at most {MAX_NESTING} levels deep")
 JSON_OBJECT = Check("json_object", "quick", "error", "line", "a line is a JSON object (not an array, string, ...)")
 
-SHARED_CHECKS: tuple[Check, ...] = (
-    SUBMISSION, SCHEMA, URI, SHA256, FILE_SIZE, FILE_EMPTY, BINARY, BOM, NO_ROWS,
-    LINE_SIZE, BLANK_LINE, UTF8, JSON, NESTING, JSON_OBJECT,
-)
+SUBMISSION_CHECKS: tuple[Check, ...] = (SUBMISSION, SCHEMA, URI, SHA256)
+FILE_CHECKS: tuple[Check, ...] = (FILE_SIZE, FILE_EMPTY, GZIP, BINARY, ENCODING, BOM, NO_ROWS)
+LINE_CHECKS: tuple[Check, ...] = (LINE_SIZE, BLANK_LINE, UTF8, JSON, NESTING, JSON_OBJECT)
+SHARED_CHECKS: tuple[Check, ...] = (*SUBMISSION_CHECKS, *FILE_CHECKS, *LINE_CHECKS)
 
 
 class Finding(msgspec.Struct, frozen=True):
-    """One problem: where (line 0 = the submission or the file as a whole), which check, why."""
+    """Where (line 0 = the submission or the file as a whole) and why."""
 
     line: int
-    check: str
-    severity: Severity
     reason: str
 
 
+class CheckFindings(msgspec.Struct, kw_only=True):
+    """One check's findings in a report: the complete count, the first findings with their lines."""
+
+    level: ValidationLevel
+    severity: Severity
+    scope: Scope
+    count: int = 0
+    findings: list[Finding] = []
+
+
 class Tally:
-    """Counts and (capped) findings of one validation run: bounded memory for any file size."""
+    """Counts and (capped) findings of one validation run: bounded memory for any file size.
+
+    Every check's count is complete; each check keeps its first `max_findings` findings, so a
+    check that fires on every row cannot crowd the others out of the report.
+    """
 
     def __init__(self, max_findings: int) -> None:
         self.max_findings = max_findings
-        self.findings: list[Finding] = []
-        self.counts: Counter[str] = Counter()
+        self.checks: dict[str, CheckFindings] = {}
         self.error_counts: Counter[str] = Counter()
-        self.num_findings = 0
         self.num_errors = 0
         self.num_warnings = 0
         self.num_lines = 0
         self.num_rows = 0
         self.num_rows_valid = 0
-        # Findings that condemn the submission or file as a whole.
-        self.fatal: list[Finding] = []
+        # Findings that condemn the submission or file as a whole, as "check: reason".
+        self.fatal: list[str] = []
 
     def add(self, line: int, check: Check, reason: str) -> None:
-        finding = Finding(line=line, check=check.name, severity=check.severity, reason=reason)
-        self.counts[check.name] += 1
-        self.num_findings += 1
+        found = self.checks.get(check.name)
+        if found is None:
+            found = self.checks[check.name] = CheckFindings(level=check.level, severity=check.severity,
+                                                           scope=check.scope, findings=[])
+        found.count += 1
+        if len(found.findings) < self.max_findings:
+            found.findings.append(Finding(line, reason))
         if check.severity == "error":
             self.num_errors += 1
             self.error_counts[check.name] += 1
             if check.scope in ("submission", "file"):
-                self.fatal.append(finding)
+                self.fatal.append(f"{check.name}: {reason}")
         else:
             self.num_warnings += 1
-        if len(self.findings) < self.max_findings:
-            self.findings.append(finding)
 
-    def row(self, valid: bool) -> None:
-        self.num_rows += 1
+    def rows(self, total: int, valid: int) -> None:
+        self.num_rows += total
         self.num_rows_valid += valid
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {name: found.count for name, found in self.checks.items()}
 
     @property
     def num_rows_dropped(self) -> int:
@@ -121,3 +155,33 @@ class Tally:
 
     def most_common_errors(self, n: int = 3) -> str:
         return ", ".join(f"{name} ({count})" for name, count in self.error_counts.most_common(n))
+
+
+class Batch:
+    """A block's rows that passed the quick checks, on their way through the level checks.
+
+    An error drops the row (and later checks skip it); a warning keeps it.
+    """
+
+    def __init__(self, rows: list, numbers, tally: Tally) -> None:
+        self.rows = rows
+        self.numbers = numbers  # line number of each row
+        self.tally = tally
+        self.dropped: set[int] = set()
+        # The rows' normalised lines, once a check needed them (duplicates does).
+        self.lines: list[bytes] | None = None
+
+    def live(self) -> list[int]:
+        """Indices of the rows still in."""
+        if not self.dropped:
+            return list(range(len(self.rows)))
+        return [i for i in range(len(self.rows)) if i not in self.dropped]
+
+    def error(self, index: int, check: Check, reason: str) -> None:
+        self.tally.add(self.numbers[index], check, reason)
+        if index not in self.dropped:
+            self.dropped.add(index)
+            self.tally.num_rows_valid -= 1
+
+    def warn(self, index: int, check: Check, reason: str) -> None:
+        self.tally.add(self.numbers[index], check, reason)

@@ -11,15 +11,20 @@ When a file counts as complete
 - Hidden files and folders (`.name`) and `*.part`, `*.tmp`, `*.partial`, `*.crdownload`,
   `*.swp` are never taken.
 
-Priority (default: the `default_priority` setting)
-- `<name>.priority-<high|normal|low>.<ext>`, e.g. `math.priority-high.jsonl`, or
-- a first-level subfolder `high/`, `normal/` or `low/`, e.g. `inbox/low/big.jsonl`.
-The file name wins over the folder. The dataset name is the file name without the priority
-mark and extension.
+Options ride in the file name as dot-separated marks, in any order:
+- priority: `.priority-<high|normal|low>`, or a first-level subfolder `high/`, `normal/` or
+  `low/` (e.g. `inbox/low/big.jsonl`); the mark wins over the folder; default: the
+  `default_priority` setting
+- level: `.level-<quick|standard|deep>` (default standard)
+- schema: `.schema-<name>`, e.g. `puzzles.schema-syllo_v1.jsonl` (default chat_sft_v1; an
+  unknown name is rejected like on any other path)
+e.g. `math.priority-high.level-deep.jsonl.gz`. The dataset name is what remains without the
+marks and the extensions (.jsonl, .json, .ndjson, .txt, .gz). A mark with an unknown value is
+part of the name. The content decides gzip (magic bytes), not the extension.
 
 A taken file is first renamed (atomically) to `.processing/<submission_id>--<priority>--<name>`
-so it is never taken twice, then handed over: the gatekeeper copies it into the artifact store
-as the submission's original and removes it once the outcome is announced. Files left in
+so it is never taken twice, then handed over: the gatekeeper hard-links (or copies) it into the
+artifact store as the submission's original and removes it once the outcome is announced. Files left in
 `.processing/` by a crash or a stop are resumed, under the same submission id, at start.
 """
 
@@ -37,11 +42,14 @@ from urllib.parse import quote, unquote
 import structlog
 from watchfiles import Change, awatch
 
-from libs.common.events import PRIORITIES, Priority, new_id
+from libs.common.events import PRIORITIES, Priority, ValidationLevel, new_id
+from services.gatekeeper.schemas import DEFAULT_SCHEMA
 
 PROCESSING = ".processing"
 _TEMP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".swp")
-_PRIORITY_MARK = re.compile(r"(?P<name>.+)\.priority-(?P<priority>high|normal|low)(\.[^.]*)?")
+_MARK = re.compile(r"(?P<key>priority|level|schema)-(?P<value>[A-Za-z0-9_]+)")
+_VALUES = {"priority": PRIORITIES, "level": ("quick", "standard", "deep")}
+_EXTENSIONS = {"jsonl", "json", "ndjson", "txt", "gz"}
 _CLAIMED = re.compile(r"(?P<sid>[0-9a-f]{32})--(?P<priority>high|normal|low)--(?P<name>.+)")
 
 log = structlog.get_logger("gatekeeper.inbox")
@@ -56,6 +64,18 @@ class InboxFile:
     priority: Priority
     name: str  # dataset name
     source: str  # its path relative to the inbox, as it was dropped
+    level: ValidationLevel = "standard"
+    schema: str = DEFAULT_SCHEMA
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a dropped file's path says about its submission."""
+
+    priority: Priority
+    name: str
+    level: ValidationLevel = "standard"
+    schema: str = DEFAULT_SCHEMA
 
 
 Handover = Callable[[InboxFile], Awaitable[None]]
@@ -65,13 +85,25 @@ def wanted(relative: Path) -> bool:
     return not any(part.startswith(".") for part in relative.parts) and not relative.name.endswith(_TEMP_SUFFIXES)
 
 
-def priority_and_name(relative: Path, default: Priority) -> tuple[Priority, str]:
-    if mark := _PRIORITY_MARK.fullmatch(relative.name):
-        return mark["priority"], mark["name"]  # type: ignore[return-value]
-    stem = relative.name.rsplit(".", 1)[0] if "." in relative.name else relative.name
-    if len(relative.parts) > 1 and relative.parts[0] in PRIORITIES:
-        return relative.parts[0], stem  # type: ignore[return-value]
-    return default, stem
+def options_of(relative: Path, default_priority: Priority) -> Options:
+    """The submission options a dropped file's path names (see the module docstring)."""
+    first, *rest = relative.name.split(".")
+    marks: dict[str, str] = {}
+    kept = [first]
+    for part in rest:
+        mark = _MARK.fullmatch(part)
+        if mark and mark["value"] in _VALUES.get(mark["key"], (mark["value"],)) and mark["key"] not in marks:
+            marks[mark["key"]] = mark["value"]
+        else:
+            kept.append(part)
+    while len(kept) > 1 and kept[-1].lower() in _EXTENSIONS:
+        kept.pop()
+    folder = relative.parts[0] if len(relative.parts) > 1 and relative.parts[0] in PRIORITIES else default_priority
+    return Options(
+        priority=marks.get("priority", folder),  # type: ignore[arg-type]
+        name=".".join(kept), level=marks.get("level", "standard"),  # type: ignore[arg-type]
+        schema=marks.get("schema", DEFAULT_SCHEMA),
+    )
 
 
 @dataclass
@@ -159,10 +191,11 @@ class Inbox:
                 continue
             self._pending.pop(path, None)
             relative = path.relative_to(self.root)
-            priority, name = priority_and_name(relative, self.default_priority)
+            options = options_of(relative, self.default_priority)
             submission_id = new_id()
             # The original path rides in the name (for a resume), cut to stay within NAME_MAX.
-            claimed = self.processing / f"{submission_id}--{priority}--{quote(relative.as_posix(), safe='')[-150:]}"
+            source = quote(relative.as_posix(), safe="")[-150:]
+            claimed = self.processing / f"{submission_id}--{options.priority}--{source}"
             try:
                 os.replace(path, claimed)
             except FileNotFoundError:
@@ -170,7 +203,8 @@ class Inbox:
             except OSError as exc:
                 log.error("cannot claim an inbox file; left where it is", path=str(path), error=repr(exc))
                 continue
-            await self._hand_over(InboxFile(claimed, submission_id, priority, name, relative.as_posix()))
+            await self._hand_over(InboxFile(claimed, submission_id, options.priority, options.name,
+                                            relative.as_posix(), options.level, options.schema))
 
     async def _resume(self, path: Path) -> None:
         match = _CLAIMED.fullmatch(path.name)
@@ -178,9 +212,10 @@ class Inbox:
             log.warning("unexpected entry in .processing left alone", path=str(path))
             return
         source = unquote(match["name"])
-        _, name = priority_and_name(Path(source), self.default_priority)
+        options = options_of(Path(source), self.default_priority)
         log.info("resuming a file claimed before a restart", path=str(path))
-        await self._hand_over(InboxFile(path, match["sid"], match["priority"], name, source))  # type: ignore[arg-type]
+        await self._hand_over(InboxFile(path, match["sid"], match["priority"], options.name, source,  # type: ignore[arg-type]
+                                        options.level, options.schema))
 
     async def _hand_over(self, item: InboxFile) -> None:
         try:

@@ -4,10 +4,13 @@ One small JSON file per dataset id under `<data_dir>/gatekeeper/accepted/`, crea
 atomic link-if-absent, so two submissions of the same content racing each other (HTTP, inbox
 and NATS run concurrently) agree on which one came first. The dataset id is the sha256 of the
 normalised content: the same rows submitted twice are one dataset and are trained once.
+The newest entries (by file time) are the "recently accepted datasets" deep validation
+compares rows with (recent.py).
 """
 
 from __future__ import annotations
 
+import heapq
 import os
 import re
 import tempfile
@@ -26,7 +29,13 @@ class IndexEntry(msgspec.Struct, frozen=True, kw_only=True):
     submission_id: str
     name: str
     uri: str
+    schema: str = "chat_sft_v1"
+    num_rows: int = 0
     accepted_at: datetime = msgspec.field(default_factory=utcnow)
+
+
+def is_dataset_id(text: str) -> bool:
+    return bool(_SHA256.fullmatch(text))
 
 
 class AcceptedIndex:
@@ -35,7 +44,7 @@ class AcceptedIndex:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def _path(self, dataset_id: str) -> Path:
-        if not _SHA256.fullmatch(dataset_id):
+        if not is_dataset_id(dataset_id):
             raise ValueError(f"not a dataset id (sha256 hex): {dataset_id!r}")
         return self.folder / f"{dataset_id}.json"
 
@@ -61,3 +70,10 @@ class AcceptedIndex:
             return existing
         finally:
             os.unlink(tmp)
+
+    def recent(self, n: int) -> list[IndexEntry]:
+        """The `n` most recently accepted datasets, newest first."""
+        with os.scandir(self.folder) as found:
+            files = [(entry.stat().st_mtime_ns, entry.name.removesuffix(".json")) for entry in found
+                     if entry.name.endswith(".json") and is_dataset_id(entry.name.removesuffix(".json"))]
+        return [entry for _, dataset_id in heapq.nlargest(n, files) if (entry := self.get(dataset_id)) is not None]

@@ -1,10 +1,14 @@
-"""The acceptance policy: whether a validated file is accepted, and the reasons when it is not.
+"""The acceptance policy: whether a validated file is accepted, and the verdict's reasons.
 
 - Any submission- or file-level error (unknown schema, uri outside the store, empty, binary,
-  too large, no rows, ...) rejects the submission.
-- Rows with errors are dropped. The file is rejected when no valid row remains, or when the
-  share of rows with errors is above `max_error_fraction` (a file that is mostly wrong is
-  more likely the wrong file than a few bad rows).
+  too large, a gzip bomb, no rows, ...) rejects the submission.
+- Rows with errors are dropped (which row checks are errors is fixed per check: see
+  checks.py and the modules it names). The file is rejected when no valid row remains, or
+  when the share of rows with errors is above `max_error_fraction`: a file that is mostly
+  wrong is more likely the wrong file than a few bad rows.
+- Rows longer than max_length: the overlength setting, applied by the standard level
+  (standard.py), makes them errors ("reject") or warnings that the trainer truncates
+  ("truncate", unless no answer token would survive).
 - Warnings never reject.
 """
 
@@ -23,7 +27,7 @@ class Decision:
 
 def decide(tally: Tally, max_error_fraction: float) -> Decision:
     if tally.fatal:
-        return Decision(False, [f"{f.check}: {f.reason}" for f in tally.fatal])
+        return Decision(False, list(tally.fatal))
     if tally.num_rows_valid == 0:
         return Decision(False, [
             f"no valid rows: all {tally.num_rows} rows have errors; most common: {tally.most_common_errors()}"

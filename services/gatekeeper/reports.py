@@ -1,10 +1,17 @@
 """The validation report of one submission, and the event that announces its outcome.
 
 A report is written for every submission, accepted or not, to the artifact store at
-`reports/<submission_id>.json`. It holds the counts per check (always complete), the first
-`max_findings` findings with line numbers, the reasons for a rejection and the timing. The
-announcement is derived from the report alone, so a redelivered submission whose report
-exists is announced again identically, without validating twice.
+`reports/<submission_id>.json` (its `report_uri` travels in the event). It holds:
+- the outcome and its reasons (the policy's verdict first, then each row check with errors:
+  its count, its first line numbers and its first reason);
+- counts: lines, rows, rows kept and dropped, errors, warnings;
+- `checks_run`: every check the submission's level ran, and `findings`: per check its level,
+  severity, complete count and first findings with line numbers;
+- `lengths`: the length distribution (tokens at standard and deep);
+- the policy in force, the original's uri and sha256, the accepted dataset's, the timing.
+The announcement is derived from the report alone, so a redelivered submission whose report
+exists is announced again identically, without validating twice. `DatasetRejected.reasons`
+carries the report's reasons; `DatasetAccepted` its counts and report_uri.
 
 Event ids are deterministic: `DatasetAccepted` from the dataset id (JetStream drops a
 republished acceptance inside its duplicate window), `DatasetRejected` from the submission id.
@@ -20,10 +27,14 @@ import msgspec
 
 from libs.common import topology
 from libs.common.events import DatasetAccepted, DatasetRejected, Event, Priority, ValidationLevel
-from services.gatekeeper.checks import Finding
+from services.gatekeeper.checks import CheckFindings, Tally
+from services.gatekeeper.lengths import LengthSummary
 
 Status = Literal["accepted", "rejected", "duplicate"]
 EVENT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "flywheel/gatekeeper")
+# Reasons in an event stay short; the report has everything.
+_MAX_REASONS = 12
+_LINES_SHOWN = 5
 
 
 class Report(msgspec.Struct, kw_only=True):
@@ -54,18 +65,32 @@ class Report(msgspec.Struct, kw_only=True):
     num_errors: int = 0
     num_warnings: int = 0
     error_fraction: float = 0.0
+    policy: dict[str, Any] = {}
+    checks_run: list[str] = []
     counts: dict[str, int] = {}
-    num_findings: int = 0
-    findings: list[Finding] = []
-    findings_truncated: bool = False
+    findings: dict[str, CheckFindings] = {}
+    lengths: LengthSummary | None = None
     duration_s: float = 0.0
     rows_per_second: float = 0.0
 
-    def summary(self, preview: int = 20) -> dict[str, Any]:
-        """The report without its full findings list (the first `preview` are kept)."""
-        shown = msgspec.to_builtins(self)
-        shown["findings"] = shown["findings"][:preview]
-        return shown
+    def summary(self, shown: int = 5) -> dict[str, Any]:
+        """The report with each check's findings cut to the first `shown`."""
+        out = msgspec.to_builtins(self)
+        for found in out["findings"].values():
+            found["findings"] = found["findings"][:shown]
+        return out
+
+
+def check_reasons(tally: Tally) -> list[str]:
+    """One line per check with errors, most frequent first: count, first lines, first reason."""
+    lines = []
+    errors = [(name, f) for name, f in tally.checks.items() if f.severity == "error" and f.scope in ("line", "row")]
+    for name, found in sorted(errors, key=lambda item: -item[1].count):
+        where = ", ".join(str(f.line) for f in found.findings[:_LINES_SHOWN])
+        more = ", ..." if found.count > _LINES_SHOWN else ""
+        noun = "row" if found.count == 1 else "rows"
+        lines.append(f"{name}: {found.count} {noun} (line {where}{more}): {found.findings[0].reason}")
+    return lines
 
 
 def encode_report(report: Report) -> bytes:
@@ -99,7 +124,7 @@ def announcement(report: Report) -> tuple[str, Event]:
     return topology.DATASET_REJECTED, DatasetRejected(
         id=uuid.uuid5(EVENT_NAMESPACE, f"rejected:{report.submission_id}").hex,
         name=report.name,
-        reasons=report.reasons,
+        reasons=report.reasons[:_MAX_REASONS],
         report_uri=report.report_uri,
         submission_id=report.submission_id,
         dataset_id=report.dataset_id,

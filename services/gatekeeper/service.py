@@ -25,13 +25,14 @@ from libs.common.models import ensure_base_model, load_tokenizer
 from libs.common.runtime import ServiceRuntime, run_service
 from libs.common.tracing import tracer
 from services.gatekeeper.api import add_routes
-from services.gatekeeper.chat_sft import TokenBudget
 from services.gatekeeper.inbox import Inbox, InboxFile
 from services.gatekeeper.index import AcceptedIndex
+from services.gatekeeper.recent import RecentDatasets
 from services.gatekeeper.reports import Report, announcement
 from services.gatekeeper.settings import GatekeeperSettings
 from services.gatekeeper.submissions import Gatekeeper, Submission
-from services.gatekeeper.validation import Limits, ValidationInterrupted
+from services.gatekeeper.tokens import TokenCounter
+from services.gatekeeper.validation import ValidationInterrupted
 
 NAME = "gatekeeper"
 # Publishing is retried this many times (1, 2, 4, ... s apart) before a submission fails.
@@ -52,16 +53,19 @@ class GatekeeperService:
             if time.time() - partial.stat().st_mtime > _STALE_UPLOAD_S:
                 rt.log.warning("removing an unfinished upload", path=str(partial))
                 partial.unlink(missing_ok=True)
+        store = ArtifactStore(Path(settings.data_dir) / "artifacts")
+        index = AcceptedIndex(own / "accepted")
         self.gatekeeper = Gatekeeper(
-            ArtifactStore(Path(settings.data_dir) / "artifacts"),
-            AcceptedIndex(own / "accepted"),
-            limits=Limits(max_line_bytes=settings.max_line_bytes, max_file_bytes=settings.max_file_bytes),
+            store, index,
+            RecentDatasets(index, store, own / "fingerprints", max_datasets=settings.recent_datasets,
+                           max_rows=settings.recent_rows),
+            config=settings.validation,
             max_error_fraction=settings.max_error_fraction,
             max_findings=settings.max_findings,
-            tokens=self.token_budget,
+            tokens=self.token_counter,
         )
-        self._budget: TokenBudget | None = None
-        self._budget_lock = threading.Lock()
+        self._counter: TokenCounter | None = None
+        self._counter_lock = threading.Lock()
         self._submissions = rt.metrics.counter(
             "flywheel_gatekeeper_submissions_total", "Submissions by channel and outcome", ("channel", "status")
         )
@@ -71,13 +75,13 @@ class GatekeeperService:
             buckets=(0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 1800),
         )
 
-    def token_budget(self) -> TokenBudget:
-        """The base model's tokenizer, loaded once (called from worker threads)."""
-        with self._budget_lock:
-            if self._budget is None:
+    def token_counter(self) -> TokenCounter:
+        """The base model's tokenizer and chat template, loaded once (called from worker threads)."""
+        with self._counter_lock:
+            if self._counter is None:
                 model = ensure_base_model(self.settings.data_dir, self.settings.base_model)
-                self._budget = TokenBudget(load_tokenizer(model), self.settings.max_tokens)
-            return self._budget
+                self._counter = TokenCounter(load_tokenizer(model))
+            return self._counter
 
     # ------------------------------------------------------------------ the three ways in
 
@@ -103,7 +107,7 @@ class GatekeeperService:
         """Copied, not moved: until it is announced the claimed file stays, and a restart resumes it."""
         submission = Submission(
             submission_id=item.submission_id, name=item.name, channel="inbox", source=item.source,
-            priority=item.priority,
+            priority=item.priority, level=item.level, schema=item.schema,
         )
         await self.submit_file(submission, item.path, move=False)
         item.path.unlink()
@@ -147,7 +151,7 @@ async def start(rt: ServiceRuntime[GatekeeperSettings]) -> None:
     rt.spawn(inbox.run(rt.stop), "inbox")
     rt.spawn(service.interrupt_on_stop(), "interrupt-on-stop")
     # Load the tokenizer now, so a wrong base model stops the service at start, not mid-submission.
-    rt.spawn(asyncio.to_thread(service.token_budget), "tokenizer")
+    rt.spawn(asyncio.to_thread(service.token_counter), "tokenizer")
 
 
 def main() -> None:

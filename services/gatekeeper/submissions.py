@@ -1,19 +1,22 @@
 """How one submission is taken in: keep the original, validate, store, index, report.
 
 Every intake path (NATS `dataset.submitted` with inline rows or a uri, HTTP upload, inbox
-file) ends here, so all of them run the same pipeline. Nothing here touches the bus: the
-result is a `Report`, from which `reports.announcement` derives the event to publish.
+file) ends here, so all of them run the same pipeline and the same checks. Nothing here
+touches the bus: the result is a `Report`, from which `reports.announcement` derives the event.
 
 Artifact store layout:
   submissions/<submission_id>/original<.ext>   the bytes as submitted, kept whatever the outcome
-  datasets/<dataset_id>.jsonl                  accepted rows, normalised; dataset_id = its sha256
+  datasets/<dataset_id>.jsonl                  accepted rows, normalised; dataset_id = their sha256
   reports/<submission_id>.json                 the report
   staging/<submission_id>.jsonl                normalised rows while validation runs (transient)
+The original is a hard link where the filesystem allows (no copy), else a streamed copy. A
+file over max_file_bytes is kept unhashed: it is rejected before a byte of it is read.
 
 Duplicates: a dataset id already in the index under another submission is not announced as
 accepted again. Its report has status "duplicate" and `duplicate_of` (the first submission),
 and it is announced as a `DatasetRejected` with the reason "duplicate of <dataset_id> ...",
-so every submission gets exactly one answer and no dataset is trained twice.
+so every submission gets exactly one answer and no dataset is trained twice. At the deep
+level, a file whose every row is already in recently accepted datasets is a duplicate too.
 
 Idempotent per submission id: when its report exists, that report is returned unchanged
 (a redelivered `dataset.submitted` is announced again, not validated again).
@@ -24,6 +27,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -35,13 +39,15 @@ import msgspec
 
 from libs.common.artifacts import Artifact, ArtifactError, ArtifactStore, sha256_file
 from libs.common.events import DatasetSubmitted, Priority, ValidationLevel, utcnow
-from services.gatekeeper.chat_sft import TokenBudget
-from services.gatekeeper.checks import SCHEMA, SHA256, SUBMISSION, URI, Tally
-from services.gatekeeper.index import AcceptedIndex, IndexEntry
+from services.gatekeeper.checks import SCHEMA, SHA256, SUBMISSION, URI, Check, Tally
+from services.gatekeeper.duplicates import ACCEPTED_DUPLICATE
+from services.gatekeeper.index import AcceptedIndex, IndexEntry, is_dataset_id
 from services.gatekeeper.policy import decide
-from services.gatekeeper.reports import EVENT_NAMESPACE, Report, decode_report, encode_report
+from services.gatekeeper.recent import RecentDatasets
+from services.gatekeeper.reports import EVENT_NAMESPACE, Report, check_reasons, decode_report, encode_report
 from services.gatekeeper.schemas import DEFAULT_SCHEMA, UnknownSchema, lookup
-from services.gatekeeper.validation import Limits, validate_file
+from services.gatekeeper.tokens import TokenCounter
+from services.gatekeeper.validation import Tools, Validation, ValidationConfig
 
 _SUBMISSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,10}")
@@ -74,18 +80,20 @@ class Gatekeeper:
         self,
         store: ArtifactStore,
         index: AcceptedIndex,
+        recent: RecentDatasets,
         *,
-        limits: Limits,
+        config: ValidationConfig,
         max_error_fraction: float,
         max_findings: int,
-        tokens: Callable[[], TokenBudget],
+        tokens: Callable[[], TokenCounter],
     ) -> None:
         self.store = store
         self.index = index
-        self.limits = limits
+        self.recent = recent
+        self.config = config
         self.max_error_fraction = max_error_fraction
         self.max_findings = max_findings
-        self.tokens = tokens
+        self.tools = Tools(tokens=tokens, recent=recent.load)
         # Set when the service stops: a validation in progress raises ValidationInterrupted
         # and leaves no report, so the submission is taken up again after the restart.
         self.stopping = threading.Event()
@@ -121,8 +129,8 @@ class Gatekeeper:
             return self._done_early(submission, URI, str(exc))
         if not path.is_file():
             return self._done_early(submission, URI, f"{uri} is not a file in the artifact store")
-        original = self.store.import_file(path, *self._original_parts(submission, path.suffix))
-        if sha256 and sha256 != original.sha256:
+        original = self._keep(path, self._original_parts(submission, path.suffix), move=False)
+        if sha256 and original.sha256 and sha256 != original.sha256:
             return self._done_early(
                 submission, SHA256, f"content sha256 {original.sha256} does not match the announced {sha256}", original
             )
@@ -132,27 +140,16 @@ class Gatekeeper:
         """A local file (an upload or an inbox file); `move` hands it over to the store."""
         if known := self.read_report(submission.submission_id):
             return known
-        target = self.store.location(*self._original_parts(submission, Path(submission.source).suffix))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        original = None
-        # A symlink is copied, never moved: the store must not hold links to elsewhere.
-        if move and not Path(path).is_symlink():
-            try:
-                os.replace(path, target)
-                original = Artifact(uri=target.as_uri(), sha256=sha256_file(target), size=target.stat().st_size)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:  # another filesystem: copy instead
-                    raise
-        if original is None:
-            original = self.store.import_file(path, *self._original_parts(submission, target.suffix))
-            if move:
-                Path(path).unlink()
+        original = self._keep(Path(path), self._original_parts(submission, Path(submission.source).suffix), move=move)
         return self._validate(submission, original)
 
-    def read_report(self, submission_id: str) -> Report | None:
-        if not is_submission_id(submission_id):
+    def read_report(self, report_id: str) -> Report | None:
+        """The report of a submission id, or of the submission that got a dataset id accepted."""
+        if is_dataset_id(report_id) and (entry := self.index.get(report_id)):
+            report_id = entry.submission_id
+        if not is_submission_id(report_id):
             return None
-        path = self.store.location("reports", f"{submission_id}.json")
+        path = self.store.location("reports", f"{report_id}.json")
         return decode_report(path.read_bytes()) if path.is_file() else None
 
     # ------------------------------------------------------------------ pipeline
@@ -161,11 +158,35 @@ class Gatekeeper:
         suffix = suffix if _SUFFIX.fullmatch(suffix) else ".jsonl"
         return ("submissions", submission.submission_id, f"original{suffix}")
 
-    def _done_early(self, submission, check, reason: str, original: Artifact | None = None) -> Report:
+    def _keep(self, source: Path, parts: tuple[str, ...], *, move: bool) -> Artifact:
+        """The submitted bytes as an artifact: moved or hard-linked in when possible, else copied."""
+        target = self.store.location(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)  # left by an attempt that stopped before its report
+        # A symlink is copied, never moved or linked: the store must not hold links to elsewhere.
+        kept = False
+        if not source.is_symlink():
+            try:
+                (os.replace if move else os.link)(source, target)
+                kept = True
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+        if not kept:
+            shutil.copyfile(source, target)
+            if move:
+                source.unlink()
+        size = target.stat().st_size
+        # Over the limit: rejected unread, so not read to be hashed either (a 10 GB file).
+        digest = sha256_file(target) if size <= self.config.limits.max_file_bytes else ""
+        return Artifact(uri=target.as_uri(), sha256=digest, size=size)
+
+    def _done_early(self, submission: Submission, check: Check, reason: str,
+                    original: Artifact | None = None) -> Report:
         """A submission refused before validation: the report says why."""
         tally = Tally(self.max_findings)
         tally.add(0, check, reason)
-        return self._finish(submission, tally, original, staged=None, started=time.perf_counter())
+        return self._finish(submission, tally, original, None, None, time.perf_counter())
 
     def _validate(self, submission: Submission, original: Artifact) -> Report:
         started = time.perf_counter()
@@ -174,40 +195,54 @@ class Gatekeeper:
             schema = lookup(submission.schema)
         except UnknownSchema as exc:
             tally.add(0, SCHEMA, str(exc))
-            return self._finish(submission, tally, original, staged=None, started=started)
-        rows = validate_file(
-            self.store.path_for(original.uri), schema, submission.level, self.limits, tally, self.tokens, self.stopping
-        )
-        staged = self.store.write_lines(rows, "staging", f"{submission.submission_id}.jsonl")
-        return self._finish(submission, tally, original, staged, started)
+            return self._finish(submission, tally, original, None, None, started)
+        validation = Validation(schema, submission.level, self.config, tally, self.tools)
+        rows = validation.run(self.store.path_for(original.uri), self.stopping)
+        try:
+            staged = self.store.write_lines(rows, "staging", f"{submission.submission_id}.jsonl")
+        finally:
+            rows.close()
+        return self._finish(submission, tally, original, staged, validation, started)
 
-    def _finish(self, submission, tally: Tally, original: Artifact | None, staged: Artifact | None, started) -> Report:
+    def _finish(self, submission: Submission, tally: Tally, original: Artifact | None, staged: Artifact | None,
+                validation: Validation | None, started: float) -> Report:
         decision = decide(tally, self.max_error_fraction)
         duration = time.perf_counter() - started
+        config = self.config
         report = Report(
             submission_id=submission.submission_id, status="accepted" if decision.accepted else "rejected",
             name=submission.name, schema=submission.schema, level=submission.level, priority=submission.priority,
             channel=submission.channel, submitted_by=submission.submitted_by, source=submission.source,
-            started_at=utcnow() - timedelta(seconds=duration), reasons=decision.reasons,
+            started_at=utcnow() - timedelta(seconds=duration),
+            reasons=[] if decision.accepted else [*decision.reasons, *check_reasons(tally)],
             original_uri=original.uri if original else "", original_sha256=original.sha256 if original else "",
             original_bytes=original.size if original else 0,
             report_uri=self.store.location("reports", f"{submission.submission_id}.json").as_uri(),
             num_lines=tally.num_lines, num_rows=tally.num_rows, num_rows_valid=tally.num_rows_valid,
             num_rows_dropped=tally.num_rows_dropped, num_errors=tally.num_errors, num_warnings=tally.num_warnings,
-            error_fraction=round(tally.error_fraction, 6), counts=dict(tally.counts), num_findings=tally.num_findings,
-            findings=tally.findings, findings_truncated=tally.num_findings > len(tally.findings),
+            error_fraction=round(tally.error_fraction, 6),
+            policy={
+                "max_error_fraction": self.max_error_fraction, "max_line_bytes": config.limits.max_line_bytes,
+                "max_file_bytes": config.limits.max_file_bytes, "max_length": config.max_length,
+                "overlength": config.overlength, "near_duplicate_similarity": config.near_duplicate_similarity,
+                "leakage_min_chars": config.leakage_min_chars, "leakage_fraction": config.leakage_fraction,
+            },
+            checks_run=validation.checks_run if validation else [], counts=tally.counts, findings=tally.checks,
+            lengths=validation.lengths if validation else None,
             duration_s=round(duration, 4), rows_per_second=round(tally.num_rows / duration, 1) if duration else 0.0,
         )
         if staged is not None:
             staged_path = self.store.path_for(staged.uri)
             if decision.accepted:
-                report = self._publishable(report, staged, staged_path)
+                report = self._publishable(report, staged, staged_path, validation)
             else:
                 staged_path.unlink()
+                report = self._already_accepted(report, tally, validation)
         self.store.write_bytes(encode_report(report), "reports", f"{submission.submission_id}.json")
         return report
 
-    def _publishable(self, report: Report, staged: Artifact, staged_path: Path) -> Report:
+    def _publishable(self, report: Report, staged: Artifact, staged_path: Path,
+                     validation: Validation | None) -> Report:
         """Move the accepted rows to their content address and settle whether they are new."""
         dataset_id = staged.sha256
         target = self.store.location("datasets", f"{dataset_id}.jsonl")
@@ -218,11 +253,28 @@ class Gatekeeper:
             os.replace(staged_path, target)
         first = self.index.claim(IndexEntry(
             dataset_id=dataset_id, submission_id=report.submission_id, name=report.name, uri=target.as_uri(),
+            schema=report.schema, num_rows=report.num_rows_valid,
         ))
         report = msgspec.structs.replace(report, dataset_id=dataset_id, dataset_uri=target.as_uri())
         if first.submission_id == report.submission_id:
+            if validation is not None and (prints := validation.fingerprints()) is not None:
+                self.recent.remember(dataset_id, prints)
             return report
         return msgspec.structs.replace(
             report, status="duplicate", duplicate_of=first.submission_id,
             reasons=[f"duplicate of {dataset_id} (accepted as submission {first.submission_id})"],
+        )
+
+    def _already_accepted(self, report: Report, tally: Tally, validation: Validation | None) -> Report:
+        """A deep validation that dropped every row as already accepted: a duplicate, not a bad file."""
+        duplicates = validation.duplicates if validation is not None else None
+        if duplicates is None or tally.fatal or tally.num_rows_valid or set(tally.error_counts) != {
+            ACCEPTED_DUPLICATE.name
+        }:
+            return report
+        originals = sorted(duplicates.matched_datasets)
+        entry = self.index.get(originals[0])
+        return msgspec.structs.replace(
+            report, status="duplicate", duplicate_of=entry.submission_id if entry else "",
+            reasons=[f"every row is already in accepted dataset {', '.join(originals)}", *report.reasons],
         )

@@ -1,54 +1,53 @@
-"""Streaming validation of one file: file checks, then line by line, yielding normalised rows.
+"""Validating one file, streamed: which checks run at each level, in which order.
 
-The pipeline, in order (check names as they appear in reports; see `checks.py` and the
-schema module for the row checks):
+quick     file   file_size, file_empty, gzip, binary, encoding, bom          (framing.py)
+          line   line_size, blank_line, utf8, json, nesting, json_object     (framing.py, decoding.py)
+          row    the schema's own checks: chat_sft_v1 messages_field, message_shape, role,
+                 profile, extra_fields, content_nonempty, has_assistant, last_turn_assistant;
+                 syllo_v1 the same but profile, plus puzzle; completion_v1 text_field,
+                 extra_fields, content_nonempty                                (chat_sft.py, ...)
+          end    no_rows
+standard  template, token_length, token_truncation                           (standard.py)
+          the length distribution in tokens, as the trainer encodes each row
+deep      answer_format (rows with a profile)                                 (profiles.py)
+          answer_leakage (chat schemas)                                        (leakage.py)
+          exact_duplicate, accepted_duplicate, near_duplicate,
+          accepted_near_duplicate, dedup_capacity                              (duplicates.py)
 
-1. file      file_size, file_empty, binary (NUL bytes in the first 64 KiB), bom (warning:
-             a leading UTF-8 BOM is stripped)
-2. line      line_size, blank_line (warning), utf8, json, nesting, json_object
-3. row       the schema's checks at the submission's level (chat_sft_v1: messages_field,
-             message_shape, role, extra_fields, content_nonempty, has_assistant,
-             last_turn_assistant; standard adds token_length, token_truncation); a row's
-             rules stop at its first error
-4. end       no_rows when nothing but blank lines was found
-
-Memory stays bounded whatever the file size: a line is read at most max_line_bytes + 1 bytes
-at a time (a longer one is skipped in chunks), and findings beyond the cap are only counted.
+Every check of the level runs on every row that is still in (a row stops at its first
+error); the report's `checks_run` lists them. Rows flow in blocks of about 64 KiB: read,
+decoded, checked level by level, and written out normalised, so memory does not grow with
+the file (bar deep's duplicate index, which is capped). A `stop` event (the service is
+shutting down) interrupts the run at the next block, deciding nothing.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
-
-import msgspec
 
 from libs.common.events import ValidationLevel
-from services.gatekeeper.chat_sft import Findings, TokenBudget
 from services.gatekeeper.checks import (
-    BINARY,
-    BLANK_LINE,
-    BOM,
-    FILE_EMPTY,
-    FILE_SIZE,
-    JSON,
-    JSON_OBJECT,
-    LINE_SIZE,
-    MAX_NESTING,
-    NESTING,
+    FILE_CHECKS,
+    LINE_CHECKS,
     NO_ROWS,
-    UTF8,
+    Batch,
+    Check,
     Tally,
+    runs_at,
 )
-from services.gatekeeper.schemas import RowSchema
-
-_SNIFF_BYTES = 64 * 1024
-_DRAIN_BYTES = 1 << 20
-_STOP_EVERY = 1024
-_BOM = b"\xef\xbb\xbf"
+from services.gatekeeper.decoding import decode_block
+from services.gatekeeper.duplicates import DUPLICATE_CHECKS, Duplicates
+from services.gatekeeper.fingerprints import Fingerprints, RecentIndex
+from services.gatekeeper.framing import Limits, read_blocks
+from services.gatekeeper.leakage import ANSWER_LEAKAGE, AnswerLeakage
+from services.gatekeeper.lengths import LengthSummary
+from services.gatekeeper.profiles import ANSWER_FORMAT, AnswerFormat
+from services.gatekeeper.schemas import DEFAULT_SCHEMA, SCHEMAS, RowSchema
+from services.gatekeeper.standard import STANDARD_CHECKS, Overlength, TokenLengths
+from services.gatekeeper.tokens import TokenCounter
 
 
 class ValidationInterrupted(Exception):
@@ -56,123 +55,108 @@ class ValidationInterrupted(Exception):
 
 
 @dataclass(frozen=True)
-class Limits:
-    max_line_bytes: int = 1 << 20
-    max_file_bytes: int = 1 << 30
+class ValidationConfig:
+    limits: Limits = field(default_factory=Limits)
+    max_length: int = 512
+    overlength: Overlength = "truncate"
+    near_duplicate_similarity: float = 0.8
+    max_dedup_rows: int = 1_000_000
+    leakage_min_chars: int = 16
+    leakage_fraction: float = 0.5
 
 
-def validate_file(
-    path: Path,
-    schema: RowSchema,
-    level: ValidationLevel,
-    limits: Limits,
-    tally: Tally,
-    tokens: Callable[[], TokenBudget],
-    stop: threading.Event | None = None,
-) -> Iterator[bytes]:
-    """Yield the normalised line of every valid row of `path`; record everything in `tally`.
+@dataclass(frozen=True)
+class Tools:
+    """What the higher levels need, loaded only when a level asks for it."""
 
-    `tokens` gives the tokenizer budget; it is only called when the level needs it. Setting
-    `stop` (the service is shutting down) raises `ValidationInterrupted` within a few thousand lines.
-    """
-    size = Path(path).stat().st_size
-    if size > limits.max_file_bytes:
-        tally.add(0, FILE_SIZE, f"the file is {size} bytes, over the limit of {limits.max_file_bytes} bytes")
-        return
-    if size == 0:
-        tally.add(0, FILE_EMPTY, "the file is empty")
-        return
-    with open(path, "rb") as fh:
-        head = fh.read(_SNIFF_BYTES)
-        nul = head.find(b"\0")
-        if nul >= 0:
-            tally.add(0, BINARY, f"NUL byte at offset {nul}: a binary file, not JSON lines")
-            return
-        fh.seek(0)
-        if head.startswith(_BOM):
-            tally.add(1, BOM, "a leading UTF-8 byte order mark was stripped")
-            fh.seek(len(_BOM))
-        rules = schema.rules(level, tokens)
-        for number, line in _lines(fh, limits.max_line_bytes, tally):
-            if stop is not None and number % _STOP_EVERY == 0 and stop.is_set():
-                raise ValidationInterrupted(f"stopped at line {number}")
-            if not line.strip():
-                tally.add(number, BLANK_LINE, "blank line skipped")
+    tokens: Callable[[], TokenCounter]
+    recent: Callable[[], RecentIndex] = lambda: RecentIndex([])
+
+
+def checks_for(schema: RowSchema, level: ValidationLevel) -> list[Check]:
+    """Every check that runs for `schema` at `level`, in order (submission checks excluded)."""
+    checks = [*FILE_CHECKS, *LINE_CHECKS, *schema.checks]
+    if runs_at("standard", level):
+        checks += STANDARD_CHECKS
+    if runs_at("deep", level):
+        if schema.profiles:
+            checks.append(ANSWER_FORMAT)
+        if schema.kind == "chat":
+            checks.append(ANSWER_LEAKAGE)
+        checks += DUPLICATE_CHECKS
+    return checks
+
+
+def describe_schemas() -> list[dict]:
+    """Every schema with the checks each level adds, for `GET /specs`."""
+    out = []
+    for schema in SCHEMAS.values():
+        by_level, seen = {}, set()
+        for level in ("quick", "standard", "deep"):
+            added = [c for c in checks_for(schema, level) if c.name not in seen]  # type: ignore[arg-type]
+            seen.update(c.name for c in added)
+            by_level[level] = [c.describe() for c in added]
+        out.append({"name": schema.name, "description": schema.description, "kind": schema.kind,
+                    "default": schema.name == DEFAULT_SCHEMA, "checks": by_level})
+    return out
+
+
+class Validation:
+    """One file through one schema at one level."""
+
+    def __init__(self, schema: RowSchema, level: ValidationLevel, config: ValidationConfig, tally: Tally,
+                 tools: Tools) -> None:
+        self.schema = schema
+        self.level = level
+        self.config = config
+        self.tally = tally
+        self.checks_run = [c.name for c in checks_for(schema, level)]
+        self._level_checks: list = []
+        self._tokens: TokenLengths | None = None
+        self.duplicates: Duplicates | None = None
+        if runs_at("standard", level):
+            self._tokens = TokenLengths(schema, tools.tokens(), config.max_length, config.overlength)
+            self._level_checks.append(self._tokens)
+        if runs_at("deep", level):
+            if ANSWER_FORMAT.name in self.checks_run:
+                self._level_checks.append(AnswerFormat(schema))
+            if ANSWER_LEAKAGE.name in self.checks_run:
+                self._level_checks.append(AnswerLeakage(
+                    schema, min_chars=config.leakage_min_chars, min_fraction=config.leakage_fraction))
+            # Last: only rows every other check kept are indexed as seen.
+            self.duplicates = Duplicates(schema, tools.recent(), threshold=config.near_duplicate_similarity,
+                                         max_rows=config.max_dedup_rows)
+            self._level_checks.append(self.duplicates)
+
+    def run(self, path: Path, stop: threading.Event | None = None) -> Iterator[bytes]:
+        """Yield the normalised lines of the rows that pass, block by block; findings go to the tally."""
+        schema, tally = self.schema, self.tally
+        for block in read_blocks(path, self.config.limits, tally):
+            if stop is not None and stop.is_set():
+                raise ValidationInterrupted(f"stopped at line {block.first}")
+            rows, numbers = decode_block(schema, block, tally)
+            if not rows:
                 continue
-            found: Findings = []
-            row = schema.decode(line)
-            if row is None:
-                value = _decode_object(line, found)
-                row = None if value is None else schema.from_object(value, found)
-            if row is not None:
-                for rule in rules:
-                    found.extend(rule(row))
-                    if _has_error(found):
-                        break
-            valid = row is not None and not _has_error(found)
-            for check, reason in found:
-                tally.add(number, check, reason)
-            tally.row(valid)
-            if valid:
-                yield schema.encode(row) + b"\n"
-    if tally.num_rows == 0:
-        tally.add(0, NO_ROWS, "every line is blank")
+            if not self._level_checks:
+                yield schema.encode_lines(rows)
+                continue
+            batch = Batch(rows, numbers, tally)
+            for check in self._level_checks:
+                check(batch)
+            if batch.lines is not None:
+                yield b"".join(batch.lines[i] + b"\n" for i in batch.live())
+            else:
+                yield schema.encode_lines([rows[i] for i in batch.live()] if batch.dropped else rows)
+        for check in self._level_checks:
+            check.finish(tally)
+        if tally.num_rows == 0 and not tally.fatal:
+            tally.add(0, NO_ROWS, "every line is blank")
 
+    @property
+    def lengths(self) -> LengthSummary | None:
+        """The token length distribution (standard and deep; quick measures no tokens)."""
+        return self._tokens.stats.summary() if self._tokens is not None else None
 
-def _lines(fh: BinaryIO, max_line_bytes: int, tally: Tally) -> Iterator[tuple[int, bytes]]:
-    """(line number, line) for every line within the limit; longer lines become findings."""
-    number = 0
-    while line := fh.readline(max_line_bytes + 1):
-        number += 1
-        tally.num_lines = number
-        if len(line) > max_line_bytes and not line.endswith(b"\n"):
-            total = len(line)
-            while chunk := fh.readline(_DRAIN_BYTES):
-                total += len(chunk)
-                if chunk.endswith(b"\n"):
-                    break
-            tally.add(number, LINE_SIZE, f"the line is {total} bytes, over the limit of {max_line_bytes} bytes")
-            tally.row(False)
-            continue
-        yield number, line
-
-
-def _decode_object(line: bytes, found: Findings) -> dict | None:
-    """The slow path: decode generically and say precisely why the line is not an object."""
-    try:
-        line.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        found.append((UTF8, f"invalid UTF-8 at byte {exc.start}: {exc.reason}"))
-        return None
-    try:
-        value = msgspec.json.decode(line)
-    except RecursionError:
-        found.append((NESTING, "JSON nested too deeply to decode"))
-        return None
-    except msgspec.DecodeError as exc:
-        found.append((JSON, f"not valid JSON: {exc}"))
-        return None
-    if _deeper_than(value, MAX_NESTING):
-        found.append((NESTING, f"JSON nested more than {MAX_NESTING} levels deep"))
-        return None
-    if not isinstance(value, dict):
-        kind = {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(type(value), "a number")
-        found.append((JSON_OBJECT, f"the line is {kind}, expected a JSON object"))
-        return None
-    return value
-
-
-def _deeper_than(value: object, limit: int) -> bool:
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth > limit:
-                return True
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return False
-
-
-def _has_error(found: Findings) -> bool:
-    return any(check.severity == "error" for check, _ in found)
+    def fingerprints(self) -> Fingerprints | None:
+        """The kept rows' fingerprints (deep only), for the recent-datasets index."""
+        return self.duplicates.fingerprints() if self.duplicates is not None else None

@@ -7,9 +7,11 @@ from pathlib import Path
 import msgspec
 
 from libs.common.artifacts import ArtifactStore
+from services.gatekeeper.framing import Limits
 from services.gatekeeper.index import AcceptedIndex
+from services.gatekeeper.recent import RecentDatasets
 from services.gatekeeper.submissions import Gatekeeper, Submission
-from services.gatekeeper.validation import Limits
+from services.gatekeeper.validation import ValidationConfig
 
 
 def chat(*turns: tuple[str, str], **extra) -> dict:
@@ -29,10 +31,16 @@ def no_tokens():
 
 
 def make_gatekeeper(root: Path, *, tokens=no_tokens, max_error_fraction: float = 0.1,
-                    limits: Limits = Limits(), max_findings: int = 1000) -> Gatekeeper:
+                    config: ValidationConfig | None = None, limits: Limits | None = None,
+                    max_findings: int = 100, recent_datasets: int = 16, recent_rows: int = 100_000) -> Gatekeeper:
+    store = ArtifactStore(root / "artifacts")
+    index = AcceptedIndex(root / "gatekeeper" / "accepted")
+    config = config or ValidationConfig(limits=limits or Limits())
     return Gatekeeper(
-        ArtifactStore(root / "artifacts"), AcceptedIndex(root / "gatekeeper" / "accepted"),
-        limits=limits, max_error_fraction=max_error_fraction, max_findings=max_findings, tokens=tokens,
+        store, index,
+        RecentDatasets(index, store, root / "gatekeeper" / "fingerprints", max_datasets=recent_datasets,
+                       max_rows=recent_rows),
+        config=config, max_error_fraction=max_error_fraction, max_findings=max_findings, tokens=tokens,
     )
 
 

@@ -9,21 +9,26 @@ from pathlib import Path
 
 import pytest
 
-from services.gatekeeper.inbox import Inbox, InboxFile, priority_and_name, wanted
+from services.gatekeeper.inbox import Inbox, InboxFile, Options, options_of, wanted
 
 
-@pytest.mark.parametrize(("relative", "priority", "name"), [
-    ("math.jsonl", "normal", "math"),
-    ("math.priority-high.jsonl", "high", "math"),
-    ("math.priority-low", "low", "math"),
-    ("high/math.jsonl", "high", "math"),
-    ("low/sub/math.jsonl", "low", "math"),
-    ("high/math.priority-low.jsonl", "low", "math"),  # the file name wins
-    ("urgent/math.jsonl", "normal", "math"),
-    ("a.b.jsonl", "normal", "a.b"),
+@pytest.mark.parametrize(("relative", "priority", "name", "level", "schema"), [
+    ("math.jsonl", "normal", "math", "standard", "chat_sft_v1"),
+    ("math.priority-high.jsonl", "high", "math", "standard", "chat_sft_v1"),
+    ("math.priority-low", "low", "math", "standard", "chat_sft_v1"),
+    ("high/math.jsonl", "high", "math", "standard", "chat_sft_v1"),
+    ("low/sub/math.jsonl", "low", "math", "standard", "chat_sft_v1"),
+    ("high/math.priority-low.jsonl", "low", "math", "standard", "chat_sft_v1"),  # the file name wins
+    ("urgent/math.jsonl", "normal", "math", "standard", "chat_sft_v1"),
+    ("a.b.jsonl", "normal", "a.b", "standard", "chat_sft_v1"),
+    ("math.level-deep.priority-high.jsonl.gz", "high", "math", "deep", "chat_sft_v1"),
+    ("words.schema-syllo_v1.level-quick.jsonl", "normal", "words", "quick", "syllo_v1"),
+    ("notes.schema-completion_v1.txt", "normal", "notes", "standard", "completion_v1"),
+    ("x.level-ultra.jsonl", "normal", "x.level-ultra", "standard", "chat_sft_v1"),  # unknown value: part of the name
+    ("x.schema-nope_v9.jsonl", "normal", "x", "standard", "nope_v9"),  # rejected later, like on any path
 ])
-def test_priority_and_name_from_the_path(relative, priority, name):
-    assert priority_and_name(Path(relative), "normal") == (priority, name)
+def test_options_from_the_path(relative, priority, name, level, schema):
+    assert options_of(Path(relative), "normal") == Options(priority=priority, name=name, level=level, schema=schema)
 
 
 @pytest.mark.parametrize(("relative", "taken"), [
@@ -114,7 +119,7 @@ async def test_files_present_at_start_and_claimed_before_a_crash_are_taken(tmp_p
     for path in (root / "a.priority-high.jsonl", root / "low" / "deeper" / "b.jsonl", root / "c.part"):
         path.write_bytes(b"x\n")
         os.utime(path, (time.time() - 60, time.time() - 60))
-    claimed = root / ".processing" / f"{'f' * 32}--high--sub%2Fd.jsonl"
+    claimed = root / ".processing" / f"{'f' * 32}--high--sub%2Fd.level-deep.schema-syllo_v1.jsonl"
     claimed.write_bytes(b"resumed\n")
     recorder = Recorder()
     inbox = Inbox(root, settle_seconds=0.5, default_priority="normal", handover=recorder)
@@ -125,9 +130,10 @@ async def test_files_present_at_start_and_claimed_before_a_crash_are_taken(tmp_p
         stop.set()
         await task
     taken = {(item.source, item.priority, content) for item, content, _ in recorder.items}
-    assert taken == {("sub/d.jsonl", "high", b"resumed\n"), ("a.priority-high.jsonl", "high", b"x\n"),
-                     ("low/deeper/b.jsonl", "low", b"x\n")}
-    assert recorder.items[0][0].submission_id == "f" * 32
+    assert taken == {("sub/d.level-deep.schema-syllo_v1.jsonl", "high", b"resumed\n"),
+                     ("a.priority-high.jsonl", "high", b"x\n"), ("low/deeper/b.jsonl", "low", b"x\n")}
+    resumed = recorder.items[0][0]
+    assert resumed.submission_id == "f" * 32 and (resumed.name, resumed.level, resumed.schema) == ("d", "deep", "syllo_v1")
     assert (root / "c.part").exists()
 
 

@@ -7,15 +7,14 @@ import pytest
 from services.gatekeeper.chat_sft import EXTRA_FIELDS, ROLE
 from services.gatekeeper.checks import FILE_EMPTY, Tally
 from services.gatekeeper.policy import decide
+from services.gatekeeper.reports import check_reasons
 
 
 def tally(valid: int, bad: int, *, warnings: int = 0) -> Tally:
     t = Tally(max_findings=100)
     for i in range(bad):
         t.add(i + 1, ROLE, "bad role")
-        t.row(False)
-    for _ in range(valid):
-        t.row(True)
+    t.rows(valid + bad, valid)
     for i in range(warnings):
         t.add(i + 1, EXTRA_FIELDS, "dropped")
     return t
@@ -53,3 +52,10 @@ def test_a_fatal_finding_rejects_even_without_rows():
 
 def test_warnings_never_reject():
     assert decide(tally(5, 0, warnings=50), 0.0).accepted
+
+
+def test_report_reasons_name_each_check_with_its_first_lines():
+    t = tally(3, 7)
+    assert check_reasons(t) == ["role: 7 rows (line 1, 2, 3, 4, 5, ...): bad role"]
+    t.add(9, FILE_EMPTY, "file-level findings are the verdict's, not listed per check")
+    assert check_reasons(t) == ["role: 7 rows (line 1, 2, 3, 4, 5, ...): bad role"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import os
 import time
 from pathlib import Path
 
@@ -87,9 +89,12 @@ async def test_bad_submissions_are_rejected_with_report_and_original_kept(gateke
     await bus.publish(topology.DATASET_SUBMITTED, DatasetSubmitted(name="roles", rows=rows))
     _, event = await next_event(rejected, DatasetRejected)
     assert event.name == "roles" and event.num_errors == 1 and "role (1)" in event.reasons[0]
+    assert event.reasons[1] == "role: 1 row (line 1): messages[1].role is 'bot'; allowed: system, user, assistant"
     report = (await gatekeeper.client.get(f"/datasets/{event.submission_id}/report")).json()
-    assert report["findings"][0] == {"line": 1, "check": "role", "severity": "error",
-                                     "reason": "messages[1].role is 'bot'; allowed: system, user, assistant"}
+    assert report["findings"]["role"] == {
+        "level": "quick", "severity": "error", "scope": "row", "count": 1,
+        "findings": [{"line": 1, "reason": "messages[1].role is 'bot'; allowed: system, user, assistant"}]}
+    assert report["level"] == "standard" and "token_length" in report["checks_run"]
     assert gatekeeper.store.path_for(report["original_uri"]).read_bytes() == jsonl(rows)
 
     outside = Path(gatekeeper.settings.data_dir).resolve() / "elsewhere.jsonl"
@@ -101,7 +106,7 @@ async def test_bad_submissions_are_rejected_with_report_and_original_kept(gateke
 
     await bus.publish(topology.DATASET_SUBMITTED, DatasetSubmitted(name="x", schema="nope", rows=good_rows(1)))
     _, event = await next_event(rejected, DatasetRejected)
-    assert event.reasons == ["schema: unknown schema 'nope'; known: chat_sft_v1"]
+    assert event.reasons == ["schema: unknown schema 'nope'; known: chat_sft_v1, syllo_v1, completion_v1"]
 
 
 async def test_http_body_and_multipart_uploads(gatekeeper: Running, bus: Bus):
@@ -139,13 +144,18 @@ async def test_http_body_and_multipart_uploads(gatekeeper: Running, bus: Bus):
     specs = (await client.get("/specs")).json()
     quick = [c["name"] for c in specs["schemas"][0]["checks"]["quick"]]
     assert specs["default_schema"] == "chat_sft_v1" and "last_turn_assistant" in quick
-    assert [c["name"] for c in specs["schemas"][0]["checks"]["standard"]] == ["token_length", "token_truncation"]
+    assert [s["name"] for s in specs["schemas"]] == ["chat_sft_v1", "syllo_v1", "completion_v1"]
+    assert [c["name"] for c in specs["schemas"][0]["checks"]["standard"]] == ["template", "token_length",
+                                                                              "token_truncation"]
+    assert "answer_leakage" in [c["name"] for c in specs["schemas"][0]["checks"]["deep"]]
+    assert specs["policy"]["overlength"] == "truncate" and "syllo_v1" in specs["row_json_schemas"]
     asyncapi = await client.get("/asyncapi.yaml")
     assert asyncapi.status_code == (200 if ASYNCAPI.is_file() else 404)
     assert not list((Path(gatekeeper.settings.data_dir) / "gatekeeper" / "uploads").iterdir())
 
 
-async def test_oversized_http_body_is_refused(nats_server: str, bus: Bus, tmp_path: Path, tiny_model_dir: Path):
+async def test_oversized_uploads_are_cut_off_at_the_limit(nats_server: str, bus: Bus, tmp_path: Path,
+                                                         tiny_model_dir: Path):
     settings = load_settings(
         GatekeeperSettings, "gatekeeper", environ={}, nats_url=nats_server, data_dir=str(tmp_path / "data"),
         base_model=str(tiny_model_dir), http_port=0, max_file_bytes=1000,
@@ -162,6 +172,11 @@ async def test_oversized_http_body_is_refused(nats_server: str, bus: Bus, tmp_pa
 
         reply = await client.post("/datasets", content=streamed())  # no content-length: caught while streaming
         assert reply.status_code == 413 and "max_file_bytes" in reply.json()["detail"]
+        reply = await client.post("/datasets/upload", files={"file": ("big.jsonl", b"y" * 5000)})
+        assert reply.status_code == 413
+        reply = await client.post("/datasets/upload", files={"file": ("ok.jsonl", jsonl(good_rows(2)))},
+                                  params={"level": "quick"})
+        assert reply.status_code == 200, reply.text
         rt.stop.set()
     assert await task == 0
     assert not list((tmp_path / "data" / "gatekeeper" / "uploads").iterdir())
@@ -198,7 +213,7 @@ async def test_health_stays_responsive_while_a_large_file_is_validated(gatekeepe
         assert (await gatekeeper.client.get("/health")).status_code == 200
         latencies.append(time.perf_counter() - started)
         overlapped |= not upload.done()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.01)
     reply = await upload
     assert reply.status_code == 200 and reply.json()["report"]["num_rows_valid"] == 150_000
     assert overlapped and len(latencies) >= 3
@@ -213,7 +228,9 @@ async def test_a_stop_mid_validation_releases_the_submission_to_the_next_run(
         base_model=str(tiny_model_dir), http_port=0,
     )
     store = ArtifactStore(tmp_path / "data" / "artifacts")
-    big = store.write_bytes(jsonl(good_rows(300_000)), "uploads", "big.jsonl")
+    # Big enough that a quick validation (~1M rows/s) is still running when the stop comes.
+    rows = (jsonl(good_rows(1)).replace(b"0", str(i).encode()) for i in range(1_500_000))
+    big = store.write_lines(rows, "uploads", "big.jsonl")
     accepted = await bus.js.subscribe("dataset.accepted.>")
     event = DatasetSubmitted(name="big", uri=big.uri, sha256=big.sha256, level="quick")
     await bus.publish(topology.DATASET_SUBMITTED, event)
@@ -233,7 +250,62 @@ async def test_a_stop_mid_validation_releases_the_submission_to_the_next_run(
     task = asyncio.create_task(second.run(start))
     try:
         _, done = await next_event(accepted, DatasetAccepted, timeout=30)
-        assert done.submission_id == event.id and done.num_rows == 300_000
+        assert done.submission_id == event.id and done.num_rows == 1_500_000
     finally:
         second.stop.set()
         assert await asyncio.wait_for(task, 20) == 0
+
+
+async def test_every_schema_through_nats_with_its_schema_in_the_event(gatekeeper: Running, bus: Bus):
+    accepted = await bus.js.subscribe("dataset.accepted.>")
+    puzzle = {"syllables": ["ba", "na", "na", "ap", "ple"], "answers": ["banana", "apple"], "difficulty": 1}
+    syllo = [chat(("user", f"Puzzle {i}: ba na na ap ple"), ("assistant", "banana, apple"), puzzle=puzzle)
+             for i in range(3)]
+    await bus.publish(topology.DATASET_SUBMITTED, DatasetSubmitted(name="words", schema="syllo_v1", rows=syllo,
+                                                                   level="deep"))
+    _, event = await next_event(accepted, DatasetAccepted)
+    assert (event.name, event.schema, event.num_rows) == ("words", "syllo_v1", 3)
+    stored = msgspec.json.decode(gatekeeper.store.verify(event.uri, event.sha256).read_bytes().splitlines()[0])
+    assert stored["puzzle"] == puzzle
+    texts = [{"text": f"Chapter {i}. It was a bright cold day."} for i in range(4)]
+    await bus.publish(topology.DATASET_SUBMITTED, DatasetSubmitted(name="book", schema="completion_v1", rows=texts))
+    _, event = await next_event(accepted, DatasetAccepted)
+    assert (event.name, event.schema, event.num_rows) == ("book", "completion_v1", 4)
+    report = (await gatekeeper.client.get(f"/datasets/{event.dataset_id}/report")).json()  # by dataset id
+    assert report["submission_id"] == event.submission_id and report["lengths"]["count"] == 4
+
+
+async def test_all_intake_paths_share_one_duplicate_index(gatekeeper: Running, bus: Bus):
+    accepted = await bus.js.subscribe("dataset.accepted.>")
+    rejected = await bus.js.subscribe(topology.DATASET_REJECTED)
+    data = jsonl(good_rows(5, tag=" shared"))
+    reply = await gatekeeper.client.post("/datasets", params={"name": "first", "level": "quick"},
+                                         content=gzip.compress(data))  # gzip, found by its magic bytes
+    assert reply.status_code == 200 and reply.json()["status"] == "accepted"
+    _, first = await next_event(accepted, DatasetAccepted)
+    inbox = Path(gatekeeper.settings.data_dir) / "inbox"
+    (inbox / "copy.level-quick.jsonl").write_bytes(data.replace(b'{"messages"', b'{ "messages"'))
+    _, duplicate = await next_event(rejected, DatasetRejected)
+    assert duplicate.name == "copy" and duplicate.dataset_id == first.dataset_id
+    assert duplicate.reasons[0].startswith(f"duplicate of {first.dataset_id}")
+
+
+async def test_hostile_uploads_are_rejected_with_reasons_and_the_service_stays_up(gatekeeper: Running, tmp_path: Path):
+    client = gatekeeper.client
+    hostile = {
+        "garbage.bin": (os.urandom(3000) + b"\0", "binary"),
+        "nested.jsonl": (b"[" * 50_000 + b"]" * 50_000 + b"\n", "nesting"),
+        "cut.jsonl.gz": (gzip.compress(jsonl(good_rows(1000)))[:-100], "gzip"),
+        "../../../../etc/passwd": (b"root:x:0:0:root:/root:/bin/bash\n", "json"),
+        "bom.jsonl": (b"\xef\xbb\xbf" + b"not json\n", "json"),
+    }
+    for filename, (content, check) in hostile.items():
+        reply = await client.post("/datasets/upload", files={"file": (filename, content)}, params={"level": "quick"})
+        assert reply.status_code == 422, (filename, reply.text)
+        report = reply.json()["report"]
+        assert check in report["counts"], (filename, report["counts"])
+        assert gatekeeper.store.path_for(report["original_uri"]).read_bytes() == content
+        assert "/submissions/" in report["original_uri"] and "etc" not in report["original_uri"]
+    assert (await client.get("/health")).status_code == 200
+    reply = await client.post("/datasets", params={"level": "quick"}, content=jsonl(good_rows(3, tag=" after")))
+    assert reply.status_code == 200

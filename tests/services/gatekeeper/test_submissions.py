@@ -45,7 +45,9 @@ def test_rejected_submission_keeps_its_original_and_report(tmp_path: Path):
     rows = [chat(("user", "hi"))] * 3
     report = gk.submit_rows(submission("bad"), rows)
     assert report.status == "rejected" and report.counts == {"has_assistant": 3}
-    assert report.findings[0].line == 1 and report.dataset_uri == ""
+    assert [f.line for f in report.findings["has_assistant"].findings] == [1, 2, 3] and report.dataset_uri == ""
+    assert report.reasons == ["no valid rows: all 3 rows have errors; most common: has_assistant (3)",
+                              "has_assistant: 3 rows (line 1, 2, 3): no assistant turn: nothing to train on"]
     assert gk.store.path_for(report.original_uri).read_bytes() == jsonl(rows)
     assert gk.store.path_for(report.report_uri).is_file()
     subject, event = announcement(report)
@@ -81,7 +83,7 @@ def test_unknown_schema_is_rejected_with_the_known_ones(tmp_path: Path):
     gk = make_gatekeeper(tmp_path)
     report = gk.submit_rows(submission("s", schema="preference_v9"), good_rows(1))
     assert report.status == "rejected" and report.counts == {"schema": 1}
-    assert report.reasons == ["schema: unknown schema 'preference_v9'; known: chat_sft_v1"]
+    assert report.reasons == ["schema: unknown schema 'preference_v9'; known: chat_sft_v1, syllo_v1, completion_v1"]
     assert gk.store.path_for(report.original_uri).read_bytes() == jsonl(good_rows(1))
 
 
@@ -165,7 +167,35 @@ def test_a_stop_interrupts_validation_without_deciding_anything(tmp_path: Path):
         gk.submit_file(submission("big", source="big.jsonl"), source, move=False)
     assert gk.read_report("big") is None and not list((gk.store.root / "staging").iterdir())
     assert source.exists()
+    assert source.stat().st_nlink == 2  # the original was linked in, not copied
 
     gk.stopping.clear()  # after the restart the same submission goes through
     report = gk.submit_file(submission("big", source="big.jsonl"), source, move=False)
     assert report.status == "accepted" and report.num_rows_valid == 5000
+
+
+def test_a_10_gb_file_is_kept_unhashed_and_rejected_unread(tmp_path: Path):
+    gk = make_gatekeeper(tmp_path)
+    huge = tmp_path / "huge.jsonl"
+    with open(huge, "wb") as fh:
+        fh.truncate(10 * 1024**3)  # sparse: no disk, and reading it would take minutes
+    report = gk.submit_file(submission("huge", source="huge.jsonl"), huge, move=True)
+    assert report.status == "rejected" and report.counts == {"file_size": 1}
+    assert report.original_bytes == 10 * 1024**3 and report.original_sha256 == ""
+    assert gk.store.path_for(report.original_uri).stat().st_size == 10 * 1024**3  # kept, never deleted
+
+
+def test_reports_are_found_by_submission_or_dataset_id(tmp_path: Path):
+    gk = make_gatekeeper(tmp_path)
+    report = gk.submit_rows(submission("sub-1"), good_rows(3))
+    assert gk.read_report("sub-1") == gk.read_report(report.dataset_id) == report
+    assert gk.read_report("0" * 64) is None and gk.read_report("../reports/sub-1") is None
+
+
+def test_hostile_source_names_never_choose_a_path(tmp_path: Path):
+    gk = make_gatekeeper(tmp_path)
+    source = tmp_path / "x"
+    source.write_bytes(jsonl(good_rows(2, tag="!")))
+    report = gk.submit_file(submission("h", source="../../../etc/cron.d/evil.sh;rm -rf"), source, move=True)
+    original = gk.store.path_for(report.original_uri)
+    assert original == gk.store.root / "submissions" / "h" / "original.jsonl" and report.status == "accepted"

@@ -1,31 +1,43 @@
-"""Every validation check fails on its bad case and passes on a near miss; streaming and normalisation."""
+"""Every quick check fails on its bad case and passes on a near miss, for every schema; streaming and normalisation."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from libs.common.chat import ChatRow
-from libs.common.models import load_tokenizer
-from services.gatekeeper.chat_sft import TokenBudget
 from services.gatekeeper.checks import MAX_NESTING, Tally
-from services.gatekeeper.schemas import describe_schemas, lookup
-from services.gatekeeper.validation import Limits, validate_file
+from services.gatekeeper.framing import Limits
+from services.gatekeeper.schemas import SCHEMAS, json_schemas, lookup
+from services.gatekeeper.validation import (
+    Tools,
+    Validation,
+    ValidationConfig,
+    ValidationInterrupted,
+    checks_for,
+    describe_schemas,
+)
 from tests.services.gatekeeper.samples import chat, jsonl, no_tokens
 
-SCHEMA = lookup("chat_sft_v1")
 GOOD = json.dumps(chat(("user", "hi"), ("assistant", "hello"))).encode() + b"\n"
+PUZZLE = {"syllables": ["ba", "na", "na", "ap", "ple"], "answers": ["banana", "apple"], "difficulty": 2}
+SYLLO = json.dumps(chat(("user", "ba na na ap ple?"), ("assistant", "banana, apple"), puzzle=PUZZLE)).encode() + b"\n"
+TEXT = b'{"text": "Once upon a time"}\n'
 
 
-def run(tmp_path: Path, data: bytes, *, level="quick", limits=Limits(), tokens=no_tokens, max_findings=1000):
+def validate(tmp_path: Path, data: bytes, *, schema: str = "chat_sft_v1", level: str = "quick",
+             limits: Limits | None = None, max_findings: int = 100, stop: threading.Event | None = None):
     path = tmp_path / "data.jsonl"
     path.write_bytes(data)
     tally = Tally(max_findings)
-    rows = list(validate_file(path, SCHEMA, level, limits, tally, tokens))
+    config = ValidationConfig(limits=limits or Limits())
+    validation = Validation(lookup(schema), level, config, tally, Tools(tokens=no_tokens))
+    rows = b"".join(validation.run(path, stop)).splitlines(keepends=True)
     return tally, rows
 
 
@@ -38,110 +50,169 @@ def nested(depth: int) -> bytes:
     return GOOD[:-2] + b', "meta": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}\n"
 
 
-# (check, bad content, near-miss content that passes, limits)
+def syllo(**puzzle) -> bytes:
+    return line(chat(("user", "q"), ("assistant", "banana apple"), puzzle={**PUZZLE, **puzzle}))
+
+
+# (schema, check, bad content, near-miss content that passes, limits)
 CASES = [
-    ("file_size", GOOD * 3, GOOD * 2, Limits(max_file_bytes=len(GOOD) * 2)),
-    ("file_empty", b"", GOOD, Limits()),
-    ("binary", b"\x89PNG\r\n\x1a\n\x00\x00", GOOD, Limits()),
-    ("no_rows", b"\n \n", b"\n" + GOOD, Limits()),
-    ("line_size", GOOD[:-1] + b" " * 2 + b"\n", GOOD[:-1] + b" " + b"\n", Limits(max_line_bytes=len(GOOD))),
-    ("utf8", "café".encode("latin-1").join(GOOD.split(b"hi")), "café".encode().join(GOOD.split(b"hi")), Limits()),
-    ("json", b'{"messages": [}\n', GOOD, Limits()),
-    ("json", b'{"messages": []} {}\n', GOOD, Limits()),
-    ("nesting", nested(MAX_NESTING + 1), nested(MAX_NESTING), Limits()),
-    ("json_object", b'[{"role": "user", "content": "hi"}]\n', GOOD, Limits()),
-    ("json_object", b"null\n", GOOD, Limits()),
-    ("messages_field", line({"conversation": []}), GOOD, Limits()),
-    ("messages_field", line({"messages": {"role": "user"}}), GOOD, Limits()),
-    ("messages_field", line({"messages": []}), GOOD, Limits()),
-    ("message_shape", line({"messages": ["hi", {"role": "assistant", "content": "x"}]}), GOOD, Limits()),
-    ("message_shape", line({"messages": [{"role": "assistant"}]}), GOOD, Limits()),
-    ("message_shape", line(chat(("user", "hi"), ("assistant", 4))), line(chat(("user", "hi"), ("assistant", "4"))),
+    ("chat_sft_v1", "file_size", GOOD * 3, GOOD * 2, Limits(max_file_bytes=len(GOOD) * 2)),
+    ("chat_sft_v1", "file_empty", b"", GOOD, Limits()),
+    ("chat_sft_v1", "gzip", b"\x1f\x8b\x08\x00broken", GOOD, Limits()),
+    ("chat_sft_v1", "binary", b"\x89PNG\r\n\x1a\n\x00\x00", GOOD, Limits()),
+    ("chat_sft_v1", "encoding", GOOD.decode().encode("utf-16"), GOOD, Limits()),
+    ("chat_sft_v1", "no_rows", b"\n \n", b"\n" + GOOD, Limits()),
+    ("chat_sft_v1", "line_size", GOOD[:-1] + b" " * 2 + b"\n", GOOD[:-1] + b" " + b"\n",
+     Limits(max_line_bytes=len(GOOD))),
+    ("chat_sft_v1", "utf8", "café".encode("latin-1").join(GOOD.split(b"hi")), "café".encode().join(GOOD.split(b"hi")),
      Limits()),
-    ("role", line(chat(("tool", "hi"), ("assistant", "x"))), line(chat(("system", "hi"), ("assistant", "x"))),
-     Limits()),
-    ("role", line(chat(("User", "hi"), ("assistant", "x"))), GOOD, Limits()),
-    ("content_nonempty", line(chat(("user", ""), ("assistant", "x"))), line(chat(("user", " . "), ("assistant", "x"))),
-     Limits()),
-    ("content_nonempty", line(chat(("user", "hi"), ("assistant", " \n\t"))), GOOD, Limits()),
-    ("has_assistant", line(chat(("system", "s"), ("user", "hi"))), line(chat(("system", "s"), ("assistant", "x"))),
-     Limits()),
-    ("last_turn_assistant", line(chat(("user", "a"), ("assistant", "b"), ("user", "c"))),
+    ("chat_sft_v1", "json", b'{"messages": [}\n', GOOD, Limits()),
+    ("chat_sft_v1", "json", b'{"messages": []} {}\n', GOOD, Limits()),
+    ("chat_sft_v1", "json", GOOD.replace(b"hello", b"\\ud83d"), GOOD.replace(b"hello", b"\\ud83d\\ude00"), Limits()),
+    ("chat_sft_v1", "nesting", nested(MAX_NESTING + 1), nested(MAX_NESTING), Limits()),
+    ("chat_sft_v1", "nesting", b"[" * 100_000 + b"]" * 100_000 + b"\n", GOOD, Limits()),
+    ("chat_sft_v1", "json_object", b'[{"role": "user", "content": "hi"}]\n', GOOD, Limits()),
+    ("chat_sft_v1", "json_object", b"null\n", GOOD, Limits()),
+    ("chat_sft_v1", "messages_field", line({"conversation": []}), GOOD, Limits()),
+    ("chat_sft_v1", "messages_field", line({"messages": {"role": "user"}}), GOOD, Limits()),
+    ("chat_sft_v1", "messages_field", line({"messages": []}), GOOD, Limits()),
+    ("chat_sft_v1", "message_shape", line({"messages": ["hi", {"role": "assistant", "content": "x"}]}), GOOD, Limits()),
+    ("chat_sft_v1", "message_shape", line({"messages": [{"role": "assistant"}]}), GOOD, Limits()),
+    ("chat_sft_v1", "message_shape", line(chat(("user", "hi"), ("assistant", 4))),
+     line(chat(("user", "hi"), ("assistant", "4"))), Limits()),
+    ("chat_sft_v1", "role", line(chat(("tool", "hi"), ("assistant", "x"))),
+     line(chat(("system", "hi"), ("assistant", "x"))), Limits()),
+    ("chat_sft_v1", "role", line(chat(("User", "hi"), ("assistant", "x"))), GOOD, Limits()),
+    ("chat_sft_v1", "profile", line(chat(("user", "hi"), ("assistant", "x"), profile="maths")),
+     line(chat(("user", "hi"), ("assistant", "x"), profile="binary")), Limits()),
+    ("chat_sft_v1", "content_nonempty", line(chat(("user", ""), ("assistant", "x"))),
+     line(chat(("user", " . "), ("assistant", "x"))), Limits()),
+    ("chat_sft_v1", "content_nonempty", line(chat(("user", "hi"), ("assistant", " \n\t\u3000"))), GOOD, Limits()),
+    ("chat_sft_v1", "has_assistant", line(chat(("system", "s"), ("user", "hi"))),
+     line(chat(("system", "s"), ("assistant", "x"))), Limits()),
+    ("chat_sft_v1", "last_turn_assistant", line(chat(("user", "a"), ("assistant", "b"), ("user", "c"))),
      line(chat(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d"))), Limits()),
+    ("syllo_v1", "puzzle", line(chat(("user", "q"), ("assistant", "banana"))), SYLLO, Limits()),
+    ("syllo_v1", "puzzle", syllo(syllables=[]), syllo(syllables=["x"]), Limits()),
+    ("syllo_v1", "puzzle", syllo(answers=["banana", ""]), syllo(answers=["banana"]), Limits()),
+    ("syllo_v1", "puzzle", syllo(difficulty=0), syllo(difficulty=1), Limits()),
+    ("syllo_v1", "puzzle", syllo(syllables="ba na"), syllo(syllables=["ba na"]), Limits()),
+    ("syllo_v1", "last_turn_assistant",
+     line(chat(("assistant", "x"), ("user", "q"), puzzle=PUZZLE)), SYLLO, Limits()),
+    ("completion_v1", "text_field", b'{"txt": "a"}\n', TEXT, Limits()),
+    ("completion_v1", "text_field", b'{"text": ["a"]}\n', TEXT, Limits()),
+    ("completion_v1", "content_nonempty", b'{"text": "  \\n "}\n', b'{"text": " x "}\n', Limits()),
 ]
 
 
-@pytest.mark.parametrize(("check", "bad", "good", "limits"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
-def test_check_fails_on_bad_and_passes_on_near_miss(tmp_path: Path, check, bad, good, limits):
-    tally, rows = run(tmp_path, bad, limits=limits)
-    assert tally.error_counts[check] >= 1, tally.findings
+@pytest.mark.parametrize(("schema", "check", "bad", "good", "limits"), CASES,
+                         ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(CASES)])
+def test_check_fails_on_bad_and_passes_on_near_miss(tmp_path: Path, schema, check, bad, good, limits):
+    tally, rows = validate(tmp_path, bad, schema=schema, limits=limits)
+    assert tally.error_counts[check] >= 1, tally.counts
     assert not rows
-    found = next(f for f in tally.findings if f.check == check)
-    assert found.severity == "error" and found.reason
+    finding = tally.checks[check].findings[0]
+    assert tally.checks[check].severity == "error" and finding.reason
 
-    tally, rows = run(tmp_path, good, limits=limits)
-    assert tally.num_errors == 0, tally.findings
+    tally, rows = validate(tmp_path, good, schema=schema, limits=limits)
+    assert tally.num_errors == 0, tally.counts
     assert rows
 
 
-def test_every_error_check_is_covered():
-    quick = {c["name"] for c in describe_schemas()[0]["checks"]["quick"] if c["severity"] == "error"}
+def test_every_quick_error_check_of_every_schema_is_covered():
     submission_level = {"submission", "schema", "uri", "sha256"}  # covered in test_submissions.py
-    assert quick - submission_level == {case[0] for case in CASES}
+    for schema in SCHEMAS.values():
+        quick = {c.name for c in checks_for(schema, "quick") if c.severity == "error"}
+        covered = {case[1] for case in CASES if case[0] == schema.name}
+        shared = {case[1] for case in CASES if case[0] == "chat_sft_v1"}
+        assert quick - submission_level <= covered | shared, (schema.name, quick - covered - shared)
+
+
+def test_checks_nest_by_level_and_specs_list_each_level_once():
+    for schema in SCHEMAS.values():
+        quick, standard, deep = (checks_for(schema, level) for level in ("quick", "standard", "deep"))
+        assert quick == standard[: len(quick)] and standard == deep[: len(standard)]
+    described = {s["name"]: s for s in describe_schemas()}
+    assert set(described) == {"chat_sft_v1", "syllo_v1", "completion_v1"} and described["chat_sft_v1"]["default"]
+    assert [c["name"] for c in described["chat_sft_v1"]["checks"]["standard"]] == [
+        "template", "token_length", "token_truncation"]
+    deep = [c["name"] for c in described["syllo_v1"]["checks"]["deep"]]
+    assert deep[:2] == ["answer_format", "answer_leakage"] and "exact_duplicate" in deep
+    assert "answer_leakage" not in [c["name"] for c in described["completion_v1"]["checks"]["deep"]]
+    assert "puzzle" in [c["name"] for c in described["syllo_v1"]["checks"]["quick"]]
+
+
+def test_row_json_schemas_describe_each_registered_schema():
+    schemas = json_schemas()
+    assert {"chat_sft_v1", "syllo_v1", "completion_v1"} <= set(schemas)
+    assert schemas["syllo_v1"]["required"] == ["messages", "puzzle"]
+    assert schemas["completion_v1"]["properties"]["text"]["type"] == "string"
 
 
 def test_bom_is_stripped_with_a_warning(tmp_path: Path):
-    tally, rows = run(tmp_path, b"\xef\xbb\xbf" + GOOD)
-    assert tally.counts["bom"] == 1 and tally.num_errors == 0 and tally.findings[0].severity == "warning"
+    tally, rows = validate(tmp_path, b"\xef\xbb\xbf" + GOOD)
+    assert tally.counts == {"bom": 1} and tally.num_errors == 0
     assert rows == [b'{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"hello"}]}\n']
-    tally, _ = run(tmp_path, GOOD)
-    assert "bom" not in tally.counts
 
 
 def test_blank_lines_and_extra_fields_are_warnings_only(tmp_path: Path):
     data = b"\n" + line(chat(("user", "hi"), ("assistant", "x"), id=7) | {"messages": [
         {"role": "user", "content": "hi", "name": "bob"}, {"role": "assistant", "content": "x"}]}) + b"\r\n"
-    tally, rows = run(tmp_path, data)
+    tally, rows = validate(tmp_path, data)
     assert tally.num_errors == 0 and tally.num_rows == tally.num_rows_valid == 1
     assert tally.counts == {"blank_line": 2, "extra_fields": 2}
     assert rows == [b'{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"x"}]}\n']
-    tally, _ = run(tmp_path, GOOD)
-    assert not tally.counts
 
 
 def test_findings_have_line_numbers_and_a_row_reports_all_its_problems(tmp_path: Path):
     bad = line({"messages": [{"role": "bot", "content": "a"}, {"role": "user", "content": 1}]})
-    tally, rows = run(tmp_path, GOOD + bad + GOOD)
+    tally, rows = validate(tmp_path, GOOD + bad + GOOD)
     assert len(rows) == 2 and tally.num_rows == 3 and tally.num_rows_dropped == 1
-    assert {(f.line, f.check) for f in tally.findings} == {(2, "role"), (2, "message_shape")}
+    assert {(f.line, name) for name, found in tally.checks.items() for f in found.findings} == {
+        (2, "role"), (2, "message_shape")}
 
 
-def test_crlf_lines_and_a_missing_final_newline_are_fine(tmp_path: Path):
-    tally, rows = run(tmp_path, GOOD.replace(b"\n", b"\r\n") + GOOD.rstrip(b"\n"))
-    assert tally.num_errors == 0 and len(rows) == 2
+def test_fast_and_slow_paths_agree_on_a_big_mixed_file(tmp_path: Path):
+    """Bad rows far apart in a large file: each block takes the path it needs, and nothing shifts."""
+    good = [line(chat(("user", f"q{i}"), ("assistant", f"a{i}"))) for i in range(20_000)]
+    bad_at = {17: line(chat(("user", "x"))), 9_001: b"  \n", 15_555: b'{"messages": 1}\n', 19_999: b"[]\n"}
+    data = b"".join(bad_at.get(i, row) for i, row in enumerate(good))
+    tally, rows = validate(tmp_path, data)
+    found = {f.line: name for name, check in tally.checks.items() for f in check.findings}
+    assert found == {18: "has_assistant", 9_002: "blank_line", 15_556: "messages_field", 20_000: "json_object"}
+    assert len(rows) == 20_000 - 4 and tally.num_rows == 19_999
+    kept = {i for i in range(20_000) if i not in bad_at}
+    assert rows == [msgspec.json.encode(msgspec.json.decode(good[i])) + b"\n" for i in sorted(kept)]
 
 
-def test_huge_line_is_skipped_without_losing_the_lines_after_it(tmp_path: Path):
-    huge = line(chat(("user", "x" * 50_000), ("assistant", "y")))
-    tally, rows = run(tmp_path, GOOD + huge + GOOD, limits=Limits(max_line_bytes=1000))
-    assert len(rows) == 2 and tally.num_rows == 3 and tally.num_lines == 3
-    [finding] = tally.findings
-    assert finding.line == 2 and finding.check == "line_size" and str(len(huge)) in finding.reason
+def test_profile_is_kept_in_the_normalised_row(tmp_path: Path):
+    _, rows = validate(tmp_path, line(chat(("user", "q"), ("assistant", "a"), profile="binary")))
+    assert rows == [b'{"messages":[{"role":"user","content":"q"},{"role":"assistant","content":"a"}],'
+                    b'"profile":"binary"}\n']
 
 
-def test_findings_are_capped_but_counts_are_complete(tmp_path: Path):
-    tally, _ = run(tmp_path, b"[1]\n" * 2000, max_findings=10)
-    assert len(tally.findings) == 10 and tally.counts["json_object"] == 2000 and tally.num_findings == 2000
+def test_syllo_and_completion_rows_are_normalised(tmp_path: Path):
+    tally, rows = validate(tmp_path, line(json.loads(SYLLO) | {"source": "generator"}), schema="syllo_v1")
+    assert tally.counts == {"extra_fields": 1}
+    assert msgspec.json.decode(rows[0]) == json.loads(SYLLO)  # puzzle kept, extra field dropped
+    assert msgspec.json.decode(rows[0], type=ChatRow).messages[1].content == "banana, apple"
+    tally, rows = validate(tmp_path, b'{ "text" : "a\\u00e9", "id": 3 }\n', schema="completion_v1")
+    assert rows == ['{"text":"aé"}\n'.encode()] and tally.counts == {"extra_fields": 1}
+
+
+def test_findings_are_capped_per_check_but_counts_are_complete(tmp_path: Path):
+    tally, _ = validate(tmp_path, b"[1]\n" * 2000 + b"\n" * 50, max_findings=10)
+    assert len(tally.checks["json_object"].findings) == 10 and tally.checks["json_object"].count == 2000
+    assert len(tally.checks["blank_line"].findings) == 10 and tally.checks["blank_line"].count == 50
 
 
 def test_normalised_rows_are_compact_utf8_and_read_as_chat_rows(tmp_path: Path):
     messy = (b'{ "messages" : [ {"content": "caf\\u00e9 \\ud83d\\ude00", "role": "user"},\t'
              b'{"role":"assistant","content":" x "} ] }\n')
-    _, rows = run(tmp_path, messy)
+    _, rows = validate(tmp_path, messy)
     assert rows == ['{"messages":[{"role":"user","content":"café 😀"},{"role":"assistant","content":" x "}]}\n'
                     .encode()]
-    decoded = msgspec.json.decode(rows[0], type=ChatRow)
-    assert decoded.messages[1].content == " x "
+    assert msgspec.json.decode(rows[0], type=ChatRow).messages[1].content == " x "
 
 
 def test_same_conversations_in_any_formatting_give_the_same_dataset_bytes(tmp_path: Path):
@@ -150,42 +221,25 @@ def test_same_conversations_in_any_formatting_give_the_same_dataset_bytes(tmp_pa
     pretty = b"\xef\xbb\xbf" + b"\n".join(
         json.dumps({"id": i, **row}, indent=None, separators=(", ", " : ")).encode() for i, row in enumerate(rows)
     ) + b"\n\n"
-    _, a = run(tmp_path, compact)
-    _, b = run(tmp_path, pretty)
+    _, a = validate(tmp_path, compact)
+    _, b = validate(tmp_path, pretty)
     assert a == b
     assert hashlib.sha256(b"".join(a)).hexdigest() == hashlib.sha256(compact).hexdigest()
 
 
-def test_quick_level_never_loads_the_tokenizer(tmp_path: Path):
-    tally, rows = run(tmp_path, GOOD, level="quick", tokens=no_tokens)
-    assert rows and tally.num_errors == 0
+def test_a_stop_interrupts_within_a_few_blocks(tmp_path: Path):
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(ValidationInterrupted):
+        validate(tmp_path, GOOD * 100_000, stop=stop)
 
 
-# ---------------------------------------------------------------------------- standard level
+def test_every_check_is_named_in_a_test():
+    """A guard for "every check has a test": each check's name appears in this folder's tests."""
+    from services.gatekeeper.checks import SUBMISSION_CHECKS
 
-
-@pytest.fixture(scope="module")
-def budget(tiny_model_dir) -> TokenBudget:
-    return TokenBudget(load_tokenizer(tiny_model_dir), max_tokens=48)
-
-
-def test_token_length_fails_when_no_answer_token_fits(tmp_path: Path, budget: TokenBudget):
-    long_prompt = line(chat(("user", "add these two binary numbers " * 20), ("assistant", "42")))
-    tally, rows = run(tmp_path, long_prompt, level="standard", tokens=lambda: budget)
-    assert tally.error_counts["token_length"] == 1 and not rows
-    assert "first 48 tokens" in tally.findings[0].reason
-
-    tally, rows = run(tmp_path, GOOD, level="standard", tokens=lambda: budget)
-    assert tally.num_findings == 0 and rows
-
-
-def test_token_truncation_warns_but_keeps_the_row(tmp_path: Path, budget: TokenBudget):
-    long_answer = line(chat(("user", "hi"), ("assistant", "the answer is " * 40)))
-    tally, rows = run(tmp_path, long_answer, level="deep", tokens=lambda: budget)
-    assert tally.counts == {"token_truncation": 1} and tally.num_errors == 0 and rows
-    assert tally.findings[0].severity == "warning"
-
-
-def test_token_checks_skip_rows_that_already_failed(tmp_path: Path, budget: TokenBudget):
-    tally, _ = run(tmp_path, line(chat(("user", "x " * 200))), level="standard", tokens=lambda: budget)
-    assert tally.counts == {"has_assistant": 1}
+    names = {c.name for schema in SCHEMAS.values() for c in checks_for(schema, "deep")}
+    names |= {c.name for c in SUBMISSION_CHECKS}
+    sources = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
+    sources += (Path(__file__).parent / "malformed" / "expected.toml").read_text()
+    assert {name for name in names if f'"{name}"' not in sources} == set()
