@@ -3,8 +3,10 @@
 The assistant spans are found by rendering the conversation prefix by prefix with the
 tokenizer's own chat template: the text added by turn i (rendered with the generation prompt
 before it) is that turn's answer. This works with any template, including the stock Qwen3
-one that has no `{% generation %}` markers (see NOTES.md), and fails loudly when a template
-is not prefix-stable instead of silently training on the wrong tokens.
+one that has no `{% generation %}` markers (see NOTES.md). An earlier turn that the template
+renders differently once later turns exist (Qwen3 drops its think block) is located by its
+verbatim content right after the generation prompt. Anything else fails loudly instead of
+silently training on the wrong tokens.
 """
 
 from __future__ import annotations
@@ -53,10 +55,29 @@ def assistant_char_spans(tokenizer, messages: list[ChatMessage]) -> tuple[str, l
             continue
         before = _render(tokenizer, plain[:i], add_generation_prompt=True) if i else ""
         through = _render(tokenizer, plain[: i + 1], add_generation_prompt=False)
-        if not through.startswith(before) or not full.startswith(through):
+        if through.startswith(before) and full.startswith(through):
+            spans.append((len(before), len(through)))
+        elif span := _earlier_turn_span(tokenizer, full, before, message.content):
+            spans.append(span)
+        else:
             raise TemplateError(f"chat template is not prefix-stable at turn {i}; cannot mask assistant tokens")
-        spans.append((len(before), len(through)))
     return full, spans
+
+
+def _earlier_turn_span(tokenizer, full: str, before: str, content: str) -> tuple[int, int] | None:
+    """An earlier assistant turn that the template renders differently once later turns exist.
+
+    Qwen3's template, for one, gives the last answer an empty think block that earlier answers
+    lose. The turn still opens exactly as the generation prompt does and its content follows
+    verbatim: train on that content and the end-of-turn token after it.
+    """
+    if not content or not full.startswith(before) or not full.startswith(content, len(before)):
+        return None
+    end = len(before) + len(content)
+    eos = tokenizer.eos_token or ""
+    if eos and full.startswith(eos, end):
+        end += len(eos)
+    return len(before), end
 
 
 def encode_chat(tokenizer, messages: list[ChatMessage], max_length: int) -> EncodedChat:

@@ -53,3 +53,18 @@ def test_template_that_is_not_prefix_stable_fails_loudly(tiny_model_dir):
     msgs = [ChatMessage("user", "a"), ChatMessage("assistant", "b"), ChatMessage("user", "c"), ChatMessage("assistant", "d")]
     with pytest.raises(TemplateError):
         encode_chat(tok, msgs, 64)
+
+
+def test_qwen3_style_template_masks_every_turn_of_a_multi_turn_chat(tiny_model_dir):
+    """Qwen3 gives only the final answer an empty think block: earlier turns render differently."""
+    from libs.common.models import load_tokenizer
+    from tests.services.gatekeeper.test_tokens import QWEN3
+
+    tok = load_tokenizer(tiny_model_dir)
+    tok.chat_template = QWEN3
+    msgs = [ChatMessage("user", "a"), ChatMessage("assistant", "first answer"),
+            ChatMessage("user", "c"), ChatMessage("assistant", "second answer")]
+    trained = _trained_text(tok, encode_chat(tok, msgs, 256))
+    # The earlier answer by its content and end of turn; the last one as the prefix renders it,
+    # with the empty think block Qwen3 expects before a final answer.
+    assert trained == "first answer<|im_end|><think>\n\n</think>\n\nsecond answer<|im_end|>\n"

@@ -35,7 +35,14 @@ QWEN3 = """{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + m
 {%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}
 {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
 {%- else %}{{- '<|im_start|>' + message.role + '\\n' + content }}{%- endif %}
-{{- '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"""
+{{- '<|im_end|>\\n' }}{%- endif %}{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
+{%- endif %}"""
+# Opens earlier answers differently from the generation prompt: they cannot be located.
+LAST_TURN_DIFFERS = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
+                     "assistant> {{ m['content'] }}\n{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}"
+                     "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
 # Strips every content: the layout holds for contents without whitespace at their edges.
 STRIPPING = "{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] | trim + '<|im_end|>\\n' }}{%- endfor %}"
 # Rewrites every content: no layout can predict it; every row is encoded in full.
@@ -181,10 +188,19 @@ def test_template_refusal_is_a_row_error(tmp_path: Path, tiny_model_dir: Path):
 
 
 def test_prefix_unstable_conversations_are_template_errors(tmp_path: Path, tiny_model_dir: Path):
+    unstable = TokenCounter(with_template(tiny_model_dir, LAST_TURN_DIFFERS))
+    multi_turn = chat(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d"))
+    tally, _, _ = standard(tmp_path, unstable, [multi_turn, SHORT], max_length=512)
+    assert tally.counts == {"template": 1} and "not prefix-stable" in tally.checks["template"].findings[0].reason
+
+
+def test_qwen3_multi_turn_conversations_are_measured_not_refused(tmp_path: Path, tiny_model_dir: Path):
+    # Qwen3 renders earlier answers without the think block the last one gets; the trainer
+    # masks them by their verbatim content, so they are trainable rows.
     qwen3 = TokenCounter(with_template(tiny_model_dir, QWEN3))
     multi_turn = chat(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d"))
-    tally, _, _ = standard(tmp_path, qwen3, [multi_turn, SHORT], max_length=512)
-    assert tally.counts == {"template": 1} and "not prefix-stable" in tally.checks["template"].findings[0].reason
+    tally, kept, _ = standard(tmp_path, qwen3, [multi_turn, SHORT], max_length=512)
+    assert not tally.checks and len(kept) == 2
 
 
 def test_completion_rows_are_measured_and_truncated(tmp_path: Path, counter):
