@@ -13,6 +13,7 @@ import nats.js.errors
 
 from libs.common import topology
 from libs.common.bus import Bus
+from libs.common.kv import read_entry
 
 
 async def _last(bus: Bus, subject: str) -> dict | None:
@@ -24,12 +25,8 @@ async def _last(bus: Bus, subject: str) -> dict | None:
 
 
 async def _kv_value(bus: Bus, bucket: topology.BucketSpec, key: str) -> Any:
-    kv = await bus.kv(bucket)
-    try:
-        entry = await kv.get(key)
-    except nats.js.errors.KeyNotFoundError:
-        return None
-    return msgspec.json.decode(entry.value) if entry.value else None
+    value, _ = await read_entry(await bus.kv(bucket), key)
+    return msgspec.json.decode(value) if value else None
 
 
 async def read_status(bus: Bus) -> dict[str, Any]:

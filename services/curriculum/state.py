@@ -11,8 +11,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import msgspec
-import nats.js.errors
 from nats.js.kv import KeyValue
+
+from libs.common.kv import RevisionConflict, read_entry, write_entry
 
 from services.curriculum.progression import SkillState
 
@@ -26,13 +27,8 @@ class SkillBoard:
 
     async def read(self, skill: str) -> tuple[SkillState, int]:
         """The skill's state and revision; a fresh level-1 state (revision 0) if never written."""
-        try:
-            entry = await self.kv.get(skill)
-        except nats.js.errors.KeyDeletedError as exc:
-            return SkillState(skill=skill), exc.entry.revision
-        except nats.js.errors.KeyNotFoundError:
-            return SkillState(skill=skill), 0
-        return msgspec.json.decode(entry.value, type=SkillState), entry.revision
+        value, revision = await read_entry(self.kv, skill)
+        return (msgspec.json.decode(value, type=SkillState) if value else SkillState(skill=skill)), revision
 
     async def change(self, skill: str, fn: Callable[[SkillState], tuple[SkillState, T]]) -> T:
         """Apply `fn` (state -> (next state, result)) atomically; returns the result.
@@ -44,13 +40,9 @@ class SkillBoard:
             new_state, result = fn(state)
             if new_state == state:
                 return result
-            data = msgspec.json.encode(new_state)
             try:
-                if revision == 0:
-                    await self.kv.create(skill, data)
-                else:
-                    await self.kv.update(skill, data, last=revision)
-            except nats.js.errors.KeyWrongLastSequenceError:
+                await write_entry(self.kv, skill, msgspec.json.encode(new_state), revision)
+            except RevisionConflict:
                 continue
             return result
         raise RuntimeError(f"curriculum state {skill!r} kept changing: {MAX_ATTEMPTS} conflicts in a row")

@@ -11,6 +11,8 @@ import msgspec
 import nats.js.errors
 from nats.js.kv import KeyValue
 
+from libs.common.kv import RevisionConflict, read_entry, write_entry
+
 from services.deployer.promotion import Champion
 
 KEY = "current"
@@ -30,22 +32,14 @@ class ChampionBoard:
 
     async def read(self) -> tuple[Champion | None, int]:
         """The champion and its revision; (None, revision to write over) when there is none."""
-        try:
-            entry = await self.kv.get(KEY)
-        except nats.js.errors.KeyDeletedError as exc:
-            return None, exc.entry.revision
-        except nats.js.errors.KeyNotFoundError:
-            return None, 0
-        return msgspec.json.decode(entry.value, type=Champion), entry.revision
+        value, revision = await read_entry(self.kv, KEY)
+        return (msgspec.json.decode(value, type=Champion) if value else None), revision
 
     async def write(self, champion: Champion, revision: int) -> int:
         """Store `champion` if the key is still at `revision` (0: absent); the new revision."""
-        data = msgspec.json.encode(champion)
         try:
-            if revision == 0:
-                return await self.kv.create(KEY, data)
-            return await self.kv.update(KEY, data, last=revision)
-        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            return await write_entry(self.kv, KEY, msgspec.json.encode(champion), revision)
+        except RevisionConflict as exc:
             raise ChampionChanged(str(exc)) from exc
 
     async def history(self) -> list[Champion]:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
-import nats.js.errors
 from nats.js.kv import KeyValue
 
 from libs.common.events import ModelDeployed
+from libs.common.kv import read_entry
 
 CHAMPION_KEY = "current"
 Source = Literal["champion", "base"]
@@ -61,13 +61,8 @@ def decode_champion(data: bytes) -> ModelTarget:
 
 async def read_champion(kv: KeyValue) -> ModelTarget:
     """The champion in the KV bucket, or BASE when none was ever deployed (or it was deleted)."""
-    try:
-        entry = await kv.get(CHAMPION_KEY)
-    except nats.js.errors.KeyNotFoundError:
-        return BASE
-    if not entry.value:
-        return BASE
-    return decode_champion(entry.value)
+    value, _ = await read_entry(kv, CHAMPION_KEY)
+    return decode_champion(value) if value else BASE
 
 
 def target_for_event(event: ModelDeployed) -> ModelTarget:

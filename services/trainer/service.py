@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import msgspec
-import nats.js.errors
 import transformers
 
 from libs.common import topology
@@ -35,6 +34,7 @@ from libs.common.events import (
     TrainingFinished,
 )
 from libs.common.http import ServiceMetrics
+from libs.common.kv import read_entry
 from libs.common.log import get_logger
 from libs.common.models import ensure_base_model
 from libs.common.runtime import ServiceRuntime, run_service
@@ -73,11 +73,8 @@ class TrainerService:
         self._loop = asyncio.get_running_loop()
         self.base_model = await asyncio.to_thread(ensure_base_model, self.settings.data_dir, self.settings.base_model)
         self._kv = await self.bus.kv(topology.TRAINER_BUCKET)
-        try:
-            entry = await self._kv.get(CONTROL_KEY)
-            mode = msgspec.json.decode(entry.value, type=ControlState).mode
-        except nats.js.errors.KeyNotFoundError:
-            mode = "running"
+        persisted, _ = await read_entry(self._kv, CONTROL_KEY)
+        mode = msgspec.json.decode(persisted, type=ControlState).mode if persisted else "running"
         self._apply_mode(mode)
         await self.bus.serve(f"{topology.CONTROL_TRAINER}.*", ControlTraining, self._on_control_request)
         log.info("trainer ready", base_model=str(self.base_model), mode=mode,
