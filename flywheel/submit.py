@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import hashlib
-import os
-import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -45,18 +43,15 @@ class SubmitResult(msgspec.Struct):
 def upload(store: ArtifactStore, source: Path) -> Artifact:
     """Stream `source` into the store's uploads area with a progress bar when it is large."""
     size = source.stat().st_size
-    target = store.location("uploads", uuid.uuid4().hex, source.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"upload {source.name}", disable=size < PROGRESS_ABOVE_BYTES)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
-    with bar, open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
-        while chunk := src.read(_CHUNK):
-            dst.write(chunk)
-            digest.update(chunk)
-            bar.update(len(chunk))
-    os.replace(tmp, target)
-    return Artifact(uri=target.as_uri(), sha256=digest.hexdigest(), size=size)
+
+    def chunks() -> Iterator[bytes]:
+        with tqdm(total=size, unit="B", unit_scale=True, desc=f"upload {source.name}",
+                  disable=size < PROGRESS_ABOVE_BYTES) as bar, open(source, "rb") as src:
+            while chunk := src.read(_CHUNK):
+                bar.update(len(chunk))
+                yield chunk
+
+    return store.write_lines(chunks(), "uploads", uuid.uuid4().hex, source.name)
 
 
 async def submit_file(

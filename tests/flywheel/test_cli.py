@@ -65,3 +65,15 @@ def test_submit_of_a_missing_file_is_a_clear_error(tmp_path: Path, capsys):
 
 def test_asyncapi_check_passes_on_the_committed_document(capsys):
     assert main(["asyncapi", "--check"]) == 0
+
+
+def test_upload_streams_into_the_store(tmp_path: Path):
+    from flywheel.submit import upload
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    source = tmp_path / "d.jsonl"
+    source.write_bytes(b'{"a": 1}\n' * 1000)
+    art = upload(store, source)
+    assert store.verify(art.uri, art.sha256).read_bytes() == source.read_bytes() and art.size == source.stat().st_size
+    assert "/uploads/" in art.uri
+    assert not list((tmp_path / "artifacts" / "uploads").rglob(".part-*"))
