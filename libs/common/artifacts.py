@@ -31,6 +31,31 @@ class Artifact(msgspec.Struct, frozen=True):
     size: int
 
 
+def write_atomically(path: Path, chunks: Iterable[bytes]) -> tuple[str, int]:
+    """Write `chunks` to `path` via a temporary file, fsync and rename; (sha256, size).
+
+    A reader sees the old file or the whole new one, never half, even after a crash; a
+    failure leaves no temporary file behind. Services use it for the files they own too.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest, size = hashlib.sha256(), 0
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return digest.hexdigest(), size
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -80,20 +105,8 @@ class ArtifactStore:
     def write_lines(self, lines: Iterable[bytes], *parts: str) -> Artifact:
         """Write `lines` (each ending in newline) atomically, hashing as it goes."""
         target = self.location(*parts)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        digest, size = hashlib.sha256(), 0
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                for line in lines:
-                    fh.write(line)
-                    digest.update(line)
-                    size += len(line)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return Artifact(uri=target.as_uri(), sha256=digest.hexdigest(), size=size)
+        sha256, size = write_atomically(target, lines)
+        return Artifact(uri=target.as_uri(), sha256=sha256, size=size)
 
     def write_bytes(self, data: bytes, *parts: str) -> Artifact:
         return self.write_lines([data], *parts)

@@ -7,13 +7,12 @@ of scoring again, and the per-item outputs, so a score can be inspected later.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import msgspec
 
+from libs.common.artifacts import write_atomically
 from libs.common.events import EvalScored
 from services.evaluator.scoring import ItemResult
 
@@ -48,10 +47,7 @@ class Scorebook:
     def save(self, record: ScoreRecord) -> None:
         """Write atomically: a crash leaves the old state or the whole record, never half."""
         path = self._path(record.event.checkpoint_sha256, record.event.suite_version)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".part-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(msgspec.json.encode(record))
-        os.replace(tmp, path)
+        write_atomically(path, [msgspec.json.encode(record)])
 
     def for_checkpoint(self, sha256: str) -> list[ScoreRecord]:
         if not is_sha256(sha256):

@@ -7,13 +7,11 @@ when a dataset's run has finished and its final checkpoint is on disk.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import msgspec
 
-from libs.common.artifacts import Artifact
+from libs.common.artifacts import Artifact, write_atomically
 
 STATE_FILE = "state.json"
 
@@ -34,17 +32,7 @@ def load_state(path: Path) -> TrainerState:
 
 
 def save_state(path: Path, state: TrainerState) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(msgspec.json.format(msgspec.json.encode(state)))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, [msgspec.json.format(msgspec.json.encode(state))])
 
 
 def record_finished(state: TrainerState, dataset_id: str, checkpoint: Artifact, global_step: int) -> TrainerState:

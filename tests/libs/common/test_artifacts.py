@@ -67,3 +67,20 @@ def test_directory_hash_depends_on_names_and_content(tmp_path: Path):
     store = ArtifactStore(tmp_path)
     art = store.describe_dir(d)
     assert store.verify(art.uri, art.sha256) == d.resolve()
+
+
+def test_write_atomically_replaces_whole_files_and_hashes(tmp_path: Path):
+    from libs.common.artifacts import write_atomically
+
+    target = tmp_path / "own" / "state.json"
+    sha, size = write_atomically(target, [b'{"a":', b"1}"])
+    assert target.read_bytes() == b'{"a":1}' and size == 7 and sha == hashlib.sha256(b'{"a":1}').hexdigest()
+
+    def broken():
+        yield b"half"
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_atomically(target, broken())
+    assert target.read_bytes() == b'{"a":1}'
+    assert [p.name for p in target.parent.iterdir()] == ["state.json"]
