@@ -3,6 +3,7 @@
   flywheel up [--port-base N]         start nats-server (unless NATS_URL) and the six services
   flywheel status [--json]            queue, training progress, champion, last scores
   flywheel submit FILE [--wait]       submit a dataset file (chat_sft_v1 JSONL by default)
+  flywheel check FILE [--level L]     validate a file here, as the gatekeeper would; keeps nothing
   flywheel pause|resume|stop          control the trainer (NATS request/reply)
   flywheel trace TRACE_ID [--html F]  a dataset's journey, span by span, from local trace files
   flywheel asyncapi [--check]         write (or check) docs/asyncapi.yaml from the event schemas
@@ -19,8 +20,6 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-
-import msgspec
 
 from flywheel.supervisor import NATS_URL_FILE
 from libs.common.settings import CommonSettings, SettingsError, load_settings
@@ -92,6 +91,26 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 1 if result.outcome == "rejected" else 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """The gatekeeper's verdict on a file, computed here with its settings and data directory; no bus needed."""
+    from flywheel.submit import describe_check
+    from services.gatekeeper.assembly import build_gatekeeper
+    from services.gatekeeper.reports import encode_report
+    from services.gatekeeper.settings import GatekeeperSettings
+    from services.gatekeeper.submissions import Submission
+
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"flywheel check: {path} is not a file", file=sys.stderr)
+        return 2
+    gatekeeper = build_gatekeeper(load_settings(GatekeeperSettings, "gatekeeper"))
+    submission = Submission(submission_id="check", name=path.stem, channel="cli", source=path.name,
+                            schema=args.schema, level=args.level)
+    report = gatekeeper.check_file(submission, path)
+    print(encode_report(report).decode() if args.json else describe_check(report))
+    return 0 if report.status == "accepted" else 1
+
+
 def cmd_control(args: argparse.Namespace) -> int:
     from libs.common.events import ControlReply, ControlTraining
     from libs.common.topology import CONTROL_TRAINER
@@ -155,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
                         help="wait this long for the gatekeeper's verdict (0: don't wait)")
     submit.set_defaults(fn=cmd_submit)
+    check = sub.add_parser("check", help="validate a dataset file here, as the gatekeeper would (a dry run)")
+    check.add_argument("file")
+    check.add_argument("--schema", default="chat_sft_v1")
+    check.add_argument("--level", choices=["quick", "standard", "deep"], default="standard")
+    check.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    check.set_defaults(fn=cmd_check)
     for action in ("pause", "resume", "stop"):
         control = sub.add_parser(action, help=f"{action} the trainer")
         control.set_defaults(fn=cmd_control)

@@ -15,6 +15,7 @@ import getpass
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 from opentelemetry.trace import SpanKind
@@ -25,6 +26,9 @@ from libs.common.artifacts import Artifact, ArtifactError, ArtifactStore
 from libs.common.bus import Bus
 from libs.common.events import DatasetAccepted, DatasetRejected, DatasetSubmitted, Priority, ValidationLevel
 from libs.common.tracing import current_trace_id, tracer
+
+if TYPE_CHECKING:
+    from services.gatekeeper.reports import Report
 
 _CHUNK = 1 << 20
 PROGRESS_ABOVE_BYTES = 32 << 20
@@ -120,14 +124,23 @@ def read_report(store: ArtifactStore, uri: str) -> dict | None:
         return None
 
 
+def describe_check(report: Report) -> str:
+    """A dry run's verdict and its report, for a terminal."""
+    if report.status == "accepted":
+        verdict = f"would be accepted: {report.num_rows_valid:,} of {report.num_rows:,} rows kept"
+    else:
+        verdict = "would be rejected:\n" + "\n".join(f"  - {reason}" for reason in report.reasons[:20])
+    return f"{verdict}\n{describe_report(msgspec.to_builtins(report))}"
+
+
 _BAR = "█"
 _FINDINGS_SHOWN = 3
 
 
 def describe_report(report: dict, width: int = 40) -> str:
     """A validation report for a terminal: counts, each check's findings with line numbers, lengths."""
-    out = [
-        f"report    {report.get('report_uri', '')}",
+    out = [f"report    {report['report_uri']}"] if report.get("report_uri") else []
+    out += [
         f"rows      {report['num_rows']:,} read, {report['num_rows_valid']:,} kept, {report['num_rows_dropped']:,} "
         f"dropped ({report['error_fraction']:.1%}); {report['num_errors']:,} errors, {report['num_warnings']:,} "
         f"warnings; {len(report.get('checks_run', []))} checks at level {report['level']}, schema {report['schema']}",

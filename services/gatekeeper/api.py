@@ -4,6 +4,8 @@
   gzip), streamed to disk (uploads.py).
 - `POST /datasets/upload` (same query parameters): multipart form with the file in field
   `file`, streamed too; the dataset name defaults to the file name.
+- `POST /datasets/check?schema=&level=`: a dry run on the raw JSONL body: the report the
+  submission would get (200 whatever the verdict), nothing kept, nothing announced.
 - `GET /datasets/{id}/report`: the full report of a submission (by submission id, whatever
   its channel) or of the submission that got a dataset accepted (by dataset id).
 - `GET /specs`: the schemas, the checks each level runs, the policy and limits in force.
@@ -17,6 +19,7 @@ when the outcome could not be published.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +28,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from libs.common.events import Priority, ValidationLevel, new_id
 from services.gatekeeper.profiles import PROFILES
+from services.gatekeeper.reports import encode_report
 from services.gatekeeper.schemas import DEFAULT_SCHEMA, json_schemas
 from services.gatekeeper.submissions import Submission
 from services.gatekeeper.uploads import UploadRefused, receive_body, receive_multipart
@@ -85,6 +89,24 @@ def add_routes(app: FastAPI, service: GatekeeperService) -> None:
         filename = filename or "upload.jsonl"
         return await submit(path, filename, name or filename.split(".")[0] or "upload", schema, priority, level,
                             submitted_by)
+
+    @router.post("/datasets/check")
+    async def check_body(request: Request, schema: str = DEFAULT_SCHEMA,
+                         level: ValidationLevel = "standard") -> Response:
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > settings.max_file_bytes:
+            raise HTTPException(413, f"the upload is over the limit of {settings.max_file_bytes} bytes")
+        try:
+            path = await receive_body(request.stream(), service.uploads, settings.max_file_bytes)
+        except UploadRefused as exc:
+            raise HTTPException(exc.status, str(exc)) from exc
+        submission = Submission(submission_id=new_id(), name="check", channel="http", source="body.jsonl",
+                                schema=schema, level=level)
+        try:
+            report = await asyncio.to_thread(service.gatekeeper.check_file, submission, path)
+        finally:
+            path.unlink(missing_ok=True)
+        return Response(encode_report(report), media_type="application/json")
 
     @router.get("/datasets/{report_id}/report")
     async def get_report(report_id: str) -> Response:

@@ -1,8 +1,9 @@
 """How a block of lines becomes rows of the submission's schema (the quick level's line and row checks).
 
 Fast path: the schema's strict decoder takes the whole block in one call (msgspec
-`decode_lines`) when every line starts with `{` (no blank or indented line that could hide
-two values on one line), else line by line; then only the schema's cheap Python checks run.
+`decode_lines`) when every line starts with `{` and ends with `}` (then no value spans two
+lines, see `Block.braces_every_line`, and as many values as lines means one on each), else
+line by line; then only the schema's cheap Python checks run.
 Any line it refuses sends the whole block down the slow path, line by line:
 
 1. blank_line   (warning) a blank line is skipped
@@ -32,7 +33,6 @@ _LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])
 
 
 _STRICT_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError)
-_OPEN_BRACE = ord("{")
 
 
 def decode_block(schema: RowSchema, block: Block, tally: Tally) -> tuple[list, Sequence[int]]:
@@ -58,8 +58,8 @@ def decode_block(schema: RowSchema, block: Block, tally: Tally) -> tuple[list, S
 def _decode_fast(schema: RowSchema, block: Block) -> list | None:
     """Every line strictly decoded, or None if any line needs the slow path."""
     try:
-        if block.starts_every_line_with(_OPEN_BRACE):
-            # Each line holds at least one value; as many values as lines means one each.
+        if block.braces_every_line():
+            # Each line holds whole values, at least one: as many values as lines means one each.
             rows = schema.decoder.decode_lines(block.data)
             return rows if len(rows) == len(block) else None
         return list(map(schema.decoder.decode, block.lines))

@@ -36,6 +36,7 @@ CHUNK_BYTES = 64 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
 UTF8_BOM = b"\xef\xbb\xbf"
 _NEWLINE = ord("\n")
+_OPEN, _CLOSE = ord("{"), ord("}")
 _SNIFF_BYTES = 64 * 1024
 _SIGNATURES = (
     (b"PK\x03\x04", "a zip archive"),
@@ -82,13 +83,21 @@ class Block:
             self._lines = data.split(b"\n")
         return self._lines
 
-    def starts_every_line_with(self, byte: int) -> bool:
-        """Whether each line's first byte is `byte` (so no line is blank or indented)."""
+    def braces_every_line(self) -> bool:
+        """Whether every line starts with `{` and ends with `}` (no blank, indented or padded line).
+
+        Then no JSON value can run past the end of a line: a string cannot hold a raw newline,
+        and inside an object or array a `}` is followed by `,`, `}` or `]`, never by the `{`
+        that opens the next line. So each line holds whole values only, at least one.
+        """
         view = np.frombuffer(self.data, np.uint8)
-        if view[0] != byte:
+        body = view[:-1] if self.data.endswith(b"\n") else view  # without the last newline
+        if body.size == 0 or body[0] != _OPEN or body[-1] != _CLOSE:
             return False
-        followed = np.count_nonzero(self._newlines[:-1] & (view[1:] == byte))
-        return followed == self._count - 1
+        inner = self._newlines[:body.size]  # the newlines between lines
+        between = self._count - 1
+        return bool(np.count_nonzero(inner[1:] & (body[:-1] == _CLOSE)) == between
+                    and np.count_nonzero(inner[:-1] & (body[1:] == _OPEN)) == between)
 
     def lengths(self) -> np.ndarray:
         """Each line's length in bytes, its newline excluded."""

@@ -11,30 +11,24 @@ Run: `FLYWHEEL_NATS_URL=nats://... FLYWHEEL_DATA_DIR=... python -m services.gate
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from pathlib import Path
 
 from opentelemetry.trace import Status, StatusCode
 
 from libs.common import topology
-from libs.common.artifacts import ArtifactStore
 from libs.common.bus import Delivery, Interrupted
 from libs.common.events import DatasetSubmitted
-from libs.common.models import ensure_base_model, load_tokenizer
 from libs.common.runtime import ServiceRuntime, run_service
 from libs.common.tracing import tracer
 from services.gatekeeper.api import add_routes
+from services.gatekeeper.assembly import NAME, build_gatekeeper
 from services.gatekeeper.inbox import Inbox, InboxFile
-from services.gatekeeper.index import AcceptedIndex
-from services.gatekeeper.recent import RecentDatasets
 from services.gatekeeper.reports import Report, announcement
 from services.gatekeeper.settings import GatekeeperSettings
-from services.gatekeeper.submissions import Gatekeeper, Submission
-from services.gatekeeper.tokens import TokenCounter
+from services.gatekeeper.submissions import Submission
 from services.gatekeeper.validation import ValidationInterrupted
 
-NAME = "gatekeeper"
 # Publishing is retried this many times (1, 2, 4, ... s apart) before a submission fails.
 _PUBLISH_ATTEMPTS = 5
 _STALE_UPLOAD_S = 3600.0
@@ -53,19 +47,7 @@ class GatekeeperService:
             if time.time() - partial.stat().st_mtime > _STALE_UPLOAD_S:
                 rt.log.warning("removing an unfinished upload", path=str(partial))
                 partial.unlink(missing_ok=True)
-        store = ArtifactStore(Path(settings.data_dir) / "artifacts")
-        index = AcceptedIndex(own / "accepted")
-        self.gatekeeper = Gatekeeper(
-            store, index,
-            RecentDatasets(index, store, own / "fingerprints", max_datasets=settings.recent_datasets,
-                           max_rows=settings.recent_rows),
-            config=settings.validation,
-            max_error_fraction=settings.max_error_fraction,
-            max_findings=settings.max_findings,
-            tokens=self.token_counter,
-        )
-        self._counter: TokenCounter | None = None
-        self._counter_lock = threading.Lock()
+        self.gatekeeper = build_gatekeeper(settings)
         self._submissions = rt.metrics.counter(
             "flywheel_gatekeeper_submissions_total", "Submissions by channel and outcome", ("channel", "status")
         )
@@ -74,14 +56,6 @@ class GatekeeperService:
             "flywheel_gatekeeper_validation_seconds", "Time to validate one submission",
             buckets=(0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 1800),
         )
-
-    def token_counter(self) -> TokenCounter:
-        """The base model's tokenizer and chat template, loaded once (called from worker threads)."""
-        with self._counter_lock:
-            if self._counter is None:
-                model = ensure_base_model(self.settings.data_dir, self.settings.base_model)
-                self._counter = TokenCounter(load_tokenizer(model))
-            return self._counter
 
     # ------------------------------------------------------------------ the three ways in
 
@@ -151,7 +125,7 @@ async def start(rt: ServiceRuntime[GatekeeperSettings]) -> None:
     rt.spawn(inbox.run(rt.stop), "inbox")
     rt.spawn(service.interrupt_on_stop(), "interrupt-on-stop")
     # Load the tokenizer now, so a wrong base model stops the service at start, not mid-submission.
-    rt.spawn(asyncio.to_thread(service.token_counter), "tokenizer")
+    rt.spawn(asyncio.to_thread(service.gatekeeper.tools.tokens), "tokenizer")
 
 
 def main() -> None:

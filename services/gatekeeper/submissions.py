@@ -143,6 +143,24 @@ class Gatekeeper:
         original = self._keep(Path(path), self._original_parts(submission, Path(submission.source).suffix), move=move)
         return self._validate(submission, original)
 
+    def check_file(self, submission: Submission, path: Path) -> Report:
+        """The report `submit_file` would give, with nothing kept: no original, dataset, index entry or report file.
+
+        A dry run for people checking a file before they submit it (`flywheel check`,
+        `POST /datasets/check`): the same checks at the same level, the same verdict, but the
+        rows are not written out and a "duplicate" of an accepted dataset is not looked for.
+        """
+        started = time.perf_counter()
+        tally = Tally(self.max_findings)
+        try:
+            schema = lookup(submission.schema)
+        except UnknownSchema as exc:
+            tally.add(0, SCHEMA, str(exc))
+            return self._report(submission, tally, None, None, started, report_uri="")
+        validation = Validation(schema, submission.level, self.config, tally, self.tools)
+        validation.check(Path(path), self.stopping)
+        return self._report(submission, tally, None, validation, started, report_uri="")
+
     def read_report(self, report_id: str) -> Report | None:
         """The report of a submission id, or of the submission that got a dataset id accepted."""
         if is_dataset_id(report_id) and (entry := self.index.get(report_id)):
@@ -206,10 +224,25 @@ class Gatekeeper:
 
     def _finish(self, submission: Submission, tally: Tally, original: Artifact | None, staged: Artifact | None,
                 validation: Validation | None, started: float) -> Report:
+        report_uri = self.store.location("reports", f"{submission.submission_id}.json").as_uri()
+        report = self._report(submission, tally, original, validation, started, report_uri)
+        if staged is not None:
+            staged_path = self.store.path_for(staged.uri)
+            if report.status == "accepted":
+                report = self._publishable(report, staged, staged_path, validation)
+            else:
+                staged_path.unlink()
+                report = self._already_accepted(report, tally, validation)
+        self.store.write_bytes(encode_report(report), "reports", f"{submission.submission_id}.json")
+        return report
+
+    def _report(self, submission: Submission, tally: Tally, original: Artifact | None,
+                validation: Validation | None, started: float, report_uri: str) -> Report:
+        """The report of a validation that has ended: the policy's verdict, counts, findings, lengths."""
         decision = decide(tally, self.max_error_fraction)
         duration = time.perf_counter() - started
         config = self.config
-        report = Report(
+        return Report(
             submission_id=submission.submission_id, status="accepted" if decision.accepted else "rejected",
             name=submission.name, schema=submission.schema, level=submission.level, priority=submission.priority,
             channel=submission.channel, submitted_by=submission.submitted_by, source=submission.source,
@@ -217,7 +250,7 @@ class Gatekeeper:
             reasons=[] if decision.accepted else [*decision.reasons, *check_reasons(tally)],
             original_uri=original.uri if original else "", original_sha256=original.sha256 if original else "",
             original_bytes=original.size if original else 0,
-            report_uri=self.store.location("reports", f"{submission.submission_id}.json").as_uri(),
+            report_uri=report_uri,
             num_lines=tally.num_lines, num_rows=tally.num_rows, num_rows_valid=tally.num_rows_valid,
             num_rows_dropped=tally.num_rows_dropped, num_errors=tally.num_errors, num_warnings=tally.num_warnings,
             error_fraction=round(tally.error_fraction, 6),
@@ -231,15 +264,6 @@ class Gatekeeper:
             lengths=validation.lengths if validation else None,
             duration_s=round(duration, 4), rows_per_second=round(tally.num_rows / duration, 1) if duration else 0.0,
         )
-        if staged is not None:
-            staged_path = self.store.path_for(staged.uri)
-            if decision.accepted:
-                report = self._publishable(report, staged, staged_path, validation)
-            else:
-                staged_path.unlink()
-                report = self._already_accepted(report, tally, validation)
-        self.store.write_bytes(encode_report(report), "reports", f"{submission.submission_id}.json")
-        return report
 
     def _publishable(self, report: Report, staged: Artifact, staged_path: Path,
                      validation: Validation | None) -> Report:

@@ -16,8 +16,9 @@ deep      answer_format (rows with a profile)                                 (p
 
 Every check of the level runs on every row that is still in (a row stops at its first
 error); the report's `checks_run` lists them. Rows flow in blocks of about 64 KiB: read,
-decoded, checked level by level, and written out normalised, so memory does not grow with
-the file (bar deep's duplicate index, which is capped). A `stop` event (the service is
+decoded, checked level by level, and written out normalised (`run`) or not at all (`check`:
+a dry run, what `flywheel check` and `POST /datasets/check` answer), so memory does not grow
+with the file (bar deep's duplicate index, which is capped). A `stop` event (the service is
 shutting down) interrupts the run at the next block, deciding nothing.
 """
 
@@ -130,6 +131,22 @@ class Validation:
 
     def run(self, path: Path, stop: threading.Event | None = None) -> Iterator[bytes]:
         """Yield the normalised lines of the rows that pass, block by block; findings go to the tally."""
+        schema = self.schema
+        for rows, batch in self._checked(path, stop):
+            if batch is None:
+                yield schema.encode_lines(rows)
+            elif batch.lines is not None:
+                yield b"".join(batch.lines[i] + b"\n" for i in batch.live())
+            else:
+                yield schema.encode_lines([rows[i] for i in batch.live()] if batch.dropped else rows)
+
+    def check(self, path: Path, stop: threading.Event | None = None) -> None:
+        """Every check of `run`, nothing written: the findings and counts alone (`flywheel check`)."""
+        for _ in self._checked(path, stop):
+            pass
+
+    def _checked(self, path: Path, stop: threading.Event | None) -> Iterator[tuple[list, Batch | None]]:
+        """Each block's rows that passed the quick checks, and the batch the level checks marked (if any ran)."""
         schema, tally = self.schema, self.tally
         for block in read_blocks(path, self.config.limits, tally):
             if stop is not None and stop.is_set():
@@ -138,15 +155,12 @@ class Validation:
             if not rows:
                 continue
             if not self._level_checks:
-                yield schema.encode_lines(rows)
+                yield rows, None
                 continue
             batch = Batch(rows, numbers, tally)
             for check in self._level_checks:
                 check(batch)
-            if batch.lines is not None:
-                yield b"".join(batch.lines[i] + b"\n" for i in batch.live())
-            else:
-                yield schema.encode_lines([rows[i] for i in batch.live()] if batch.dropped else rows)
+            yield rows, batch
         for check in self._level_checks:
             check.finish(tally)
         if tally.num_rows == 0 and not tally.fatal:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import msgspec
@@ -77,3 +76,28 @@ def test_upload_streams_into_the_store(tmp_path: Path):
     assert store.verify(art.uri, art.sha256).read_bytes() == source.read_bytes() and art.size == source.stat().st_size
     assert "/uploads/" in art.uri
     assert not list((tmp_path / "artifacts" / "uploads").rglob(".part-*"))
+
+
+def test_check_gives_the_gatekeepers_verdict_here_and_keeps_nothing(tmp_path: Path, monkeypatch, capsys,
+                                                                     tiny_model_dir: Path):
+    data = tmp_path / "data"
+    monkeypatch.setenv("FLYWHEEL_DATA_DIR", str(data))
+    monkeypatch.setenv("FLYWHEEL_BASE_MODEL", str(tiny_model_dir))
+    good = '{"messages": [{"role": "user", "content": "q%d"}, {"role": "assistant", "content": "a%d"}]}\n'
+    source = tmp_path / "mine.jsonl"
+    source.write_text("".join(good % (i, i) for i in range(30)) + '{"messages": [{"role": "user", "content": "q"}]}\n')
+
+    assert main(["check", str(source)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("would be accepted: 30 of 31 rows kept")
+    assert "has_assistant" in out and "line 31" in out and "tokens per row" in out  # standard: lengths
+
+    assert main(["check", str(source), "--level", "quick", "--json"]) == 0
+    report = msgspec.json.decode(capsys.readouterr().out)
+    assert report["level"] == "quick" and report["counts"] == {"has_assistant": 1} and report["lengths"] is None
+
+    source.write_text('{"messages": [{"role": "user", "content": "q"}]}\n' * 3)
+    assert main(["check", str(source), "--level", "quick"]) == 1
+    assert capsys.readouterr().out.startswith("would be rejected:\n  - ")
+    assert not (data / "artifacts").exists() or not any(p.is_file() for p in (data / "artifacts").rglob("*"))
+    assert main(["check", str(tmp_path / "missing.jsonl")]) == 2

@@ -28,3 +28,5 @@ def test_the_benchmark_prints_its_figures_and_one_json_line(tmp_path: Path, tiny
     assert all(summary[key] > 0 for key in ("baseline_rows_per_s", "quick_rows_per_s", "standard_rows_per_s",
                                             "deep_rows_per_s"))
     assert any(line.startswith("baseline") for line in lines) and any(line.startswith("deep") for line in lines)
+    assert set(summary["normalised_rows_per_s"]) == {"quick", "standard", "deep"}
+    assert summary["quick_normalised_vs_baseline"] > 0

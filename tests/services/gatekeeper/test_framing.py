@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from services.gatekeeper.checks import Tally
-from services.gatekeeper.framing import CHUNK_BYTES, Limits, read_blocks
+from services.gatekeeper.framing import CHUNK_BYTES, Block, Limits, read_blocks
 
 GOOD = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
 
@@ -172,3 +172,20 @@ def test_a_gzip_cut_short_after_many_good_lines_still_rejects_the_file(tmp_path:
     tally, lines = frame(write(tmp_path, packed[: int(len(packed) * 0.9)]))
     assert len(lines) > 1000  # read up to the cut
     assert [reason.split(":")[0] for reason in tally.fatal] == ["gzip"]
+
+
+@pytest.mark.parametrize(("data", "braced"), [
+    (b'{"a":1}\n{"b":2}\n', True),
+    (b'{"a":1}\n{"b":2}', True),  # no newline after the last line
+    (b'{"a":1}', True),
+    (b'{"a":1} {"b":2}\n', True),  # two values on a line: whole values still; the count tells
+    (b'{"a":\n{"b":1}}\n', False),  # a value spanning two lines
+    (b'{"a":1}\n\n{"b":2}\n', False),  # a blank line
+    (b' {"a":1}\n', False),
+    (b'{"a":1} \n', False),
+    (b'{"a":1}\r\n{"b":2}\r\n', False),  # CRLF lines go line by line
+    (b'[1]\n', False),
+    (b'\n', False),
+])
+def test_braces_every_line_tells_when_no_value_can_span_lines(data: bytes, braced: bool):
+    assert Block(1, data).braces_every_line() is braced

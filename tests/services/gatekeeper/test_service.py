@@ -309,3 +309,29 @@ async def test_hostile_uploads_are_rejected_with_reasons_and_the_service_stays_u
     assert (await client.get("/health")).status_code == 200
     reply = await client.post("/datasets", params={"level": "quick"}, content=jsonl(good_rows(3, tag=" after")))
     assert reply.status_code == 200
+
+
+async def test_http_check_is_a_dry_run_that_keeps_and_announces_nothing(gatekeeper: Running, bus: Bus):
+    events = await bus.js.subscribe("dataset.>")
+    client = gatekeeper.client
+    artifacts = gatekeeper.store.root
+    before = sorted(p for p in artifacts.rglob("*") if p.is_file())
+
+    bad = jsonl(good_rows(19)) + b'{"messages": [{"role": "user", "content": "no answer"}]}\n'
+    reply = await client.post("/datasets/check", params={"level": "standard"}, content=bad)
+    assert reply.status_code == 200, reply.text
+    report = reply.json()
+    assert report["status"] == "accepted" and report["num_rows"] == 20 and report["num_rows_valid"] == 19
+    assert report["counts"] == {"has_assistant": 1} and report["findings"]["has_assistant"][
+        "findings"][0]["line"] == 20
+    assert report["lengths"]["count"] == 19 and "token_length" in report["checks_run"]
+    assert report["report_uri"] == "" and report["dataset_id"] == ""
+
+    reply = await client.post("/datasets/check", params={"level": "quick", "schema": "chat_sft_v9"}, content=bad)
+    assert reply.status_code == 200 and reply.json()["status"] == "rejected"
+    assert "chat_sft_v9" in reply.json()["reasons"][0]
+
+    assert sorted(p for p in artifacts.rglob("*") if p.is_file()) == before
+    assert list((gatekeeper.settings.service_dir("gatekeeper") / "uploads").iterdir()) == []
+    with pytest.raises(TimeoutError):
+        await events.next_msg(timeout=1.0)

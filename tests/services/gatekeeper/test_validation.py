@@ -243,3 +243,16 @@ def test_every_check_is_named_in_a_test():
     sources = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
     sources += (Path(__file__).parent / "malformed" / "expected.toml").read_text()
     assert {name for name in names if f'"{name}"' not in sources} == set()
+
+
+def test_a_value_spread_over_lines_is_not_taken_for_rows_on_the_fast_path(tmp_path: Path):
+    # Three lines, each starting with "{", that hold three values between them: one spread over
+    # the first two lines, two on the third. None of the three lines is one JSON object.
+    row = SYLLO.rstrip(b"\n")
+    split = row.index(b'"puzzle":') + len(b'"puzzle":')
+    data = row[:split] + b"\n" + row[split:].lstrip() + b"\n" + row + b" " + row + b"\n"
+    assert all(part.startswith(b"{") for part in data.splitlines())
+    tally, rows = validate(tmp_path, data, schema="syllo_v1")
+    assert rows == []
+    assert tally.num_rows == 3 and tally.num_rows_valid == 0
+    assert set(tally.counts) == {"json"}
