@@ -93,7 +93,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """The gatekeeper's verdict on a file, computed here with its settings and data directory; no bus needed."""
-    from flywheel.submit import describe_check
+    from flywheel.submit import check_progress, describe_check
     from services.gatekeeper.assembly import build_gatekeeper
     from services.gatekeeper.reports import encode_report
     from services.gatekeeper.settings import GatekeeperSettings
@@ -106,7 +106,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     gatekeeper = build_gatekeeper(load_settings(GatekeeperSettings, "gatekeeper"))
     submission = Submission(submission_id="check", name=path.stem, channel="cli", source=path.name,
                             schema=args.schema, level=args.level)
-    report = gatekeeper.check_file(submission, path)
+    with check_progress(path) as bar:
+        report = gatekeeper.check_file(submission, path, progress=bar.update)
     print(encode_report(report).decode() if args.json else describe_check(report))
     return 0 if report.status == "accepted" else 1
 

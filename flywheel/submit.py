@@ -124,6 +124,15 @@ def read_report(store: ArtifactStore, uri: str) -> dict | None:
         return None
 
 
+def check_progress(path: Path) -> tqdm:
+    """A bar over the bytes checked, shown on a terminal for files over a few MB (gzip: no total)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        gzipped = fh.read(2) == b"\x1f\x8b"
+    return tqdm(total=None if gzipped else size, unit="B", unit_scale=True, desc=f"checking {path.name}",
+                disable=True if size < PROGRESS_ABOVE_BYTES else None, leave=False)
+
+
 def describe_check(report: Report) -> str:
     """A dry run's verdict and its report, for a terminal."""
     if report.status == "accepted":

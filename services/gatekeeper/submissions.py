@@ -143,12 +143,15 @@ class Gatekeeper:
         original = self._keep(Path(path), self._original_parts(submission, Path(submission.source).suffix), move=move)
         return self._validate(submission, original)
 
-    def check_file(self, submission: Submission, path: Path) -> Report:
+    def check_file(self, submission: Submission, path: Path,
+                   progress: Callable[[int], object] | None = None) -> Report:
         """The report `submit_file` would give, with nothing kept: no original, dataset, index entry or report file.
 
         A dry run for people checking a file before they submit it (`flywheel check`,
         `POST /datasets/check`): the same checks at the same level, the same verdict, but the
-        rows are not written out and a "duplicate" of an accepted dataset is not looked for.
+        rows are not written out, so whether the whole dataset was accepted before is not
+        settled (its id is the hash of those rows; deep still finds rows already accepted).
+        `progress` gets each checked block's size in bytes.
         """
         started = time.perf_counter()
         tally = Tally(self.max_findings)
@@ -158,7 +161,7 @@ class Gatekeeper:
             tally.add(0, SCHEMA, str(exc))
             return self._report(submission, tally, None, None, started, report_uri="")
         validation = Validation(schema, submission.level, self.config, tally, self.tools)
-        validation.check(Path(path), self.stopping)
+        validation.check(Path(path), self.stopping, progress)
         return self._report(submission, tally, None, validation, started, report_uri="")
 
     def read_report(self, report_id: str) -> Report | None:

@@ -140,17 +140,24 @@ class Validation:
             else:
                 yield schema.encode_lines([rows[i] for i in batch.live()] if batch.dropped else rows)
 
-    def check(self, path: Path, stop: threading.Event | None = None) -> None:
-        """Every check of `run`, nothing written: the findings and counts alone (`flywheel check`)."""
-        for _ in self._checked(path, stop):
+    def check(self, path: Path, stop: threading.Event | None = None,
+              progress: Callable[[int], object] | None = None) -> None:
+        """Every check of `run`, nothing written: the findings and counts alone (`flywheel check`).
+
+        `progress` is called with each block's size in bytes (decompressed) once it is checked.
+        """
+        for _ in self._checked(path, stop, progress):
             pass
 
-    def _checked(self, path: Path, stop: threading.Event | None) -> Iterator[tuple[list, Batch | None]]:
+    def _checked(self, path: Path, stop: threading.Event | None,
+                 progress: Callable[[int], object] | None = None) -> Iterator[tuple[list, Batch | None]]:
         """Each block's rows that passed the quick checks, and the batch the level checks marked (if any ran)."""
         schema, tally = self.schema, self.tally
         for block in read_blocks(path, self.config.limits, tally):
             if stop is not None and stop.is_set():
                 raise ValidationInterrupted(f"stopped at line {block.first}")
+            if progress is not None:
+                progress(len(block.data))
             rows, numbers = decode_block(schema, block, tally)
             if not rows:
                 continue

@@ -256,3 +256,16 @@ def test_a_value_spread_over_lines_is_not_taken_for_rows_on_the_fast_path(tmp_pa
     assert rows == []
     assert tally.num_rows == 3 and tally.num_rows_valid == 0
     assert set(tally.counts) == {"json"}
+
+
+def test_check_runs_every_check_of_run_and_reports_progress_in_bytes(tmp_path: Path):
+    data = GOOD * 5000 + line(chat(("user", "no answer"))) + b"  \n" + GOOD
+    tally_run, rows = validate(tmp_path, data)
+    path = tmp_path / "again.jsonl"
+    path.write_bytes(data)
+    tally, seen = Tally(100), []
+    Validation(lookup("chat_sft_v1"), "quick", ValidationConfig(), tally, Tools(tokens=no_tokens)).check(
+        path, progress=seen.append)
+    assert tally.counts == tally_run.counts == {"has_assistant": 1, "blank_line": 1}
+    assert (tally.num_rows, tally.num_rows_valid) == (tally_run.num_rows, tally_run.num_rows_valid) == (5002, 5001)
+    assert len(seen) > 1 and sum(seen) == len(data)
