@@ -32,7 +32,7 @@ from services.gatekeeper.reports import encode_report
 from services.gatekeeper.schemas import DEFAULT_SCHEMA, json_schemas
 from services.gatekeeper.submissions import Submission
 from services.gatekeeper.uploads import UploadRefused, receive_body, receive_multipart
-from services.gatekeeper.validation import describe_schemas
+from services.gatekeeper.validation import ValidationInterrupted, describe_schemas
 
 if TYPE_CHECKING:
     from services.gatekeeper.service import GatekeeperService
@@ -104,6 +104,8 @@ def add_routes(app: FastAPI, service: GatekeeperService) -> None:
                                 schema=schema, level=level)
         try:
             report = await asyncio.to_thread(service.gatekeeper.check_file, submission, path)
+        except ValidationInterrupted as exc:
+            raise HTTPException(503, f"the gatekeeper is stopping ({exc}); ask again") from exc
         finally:
             path.unlink(missing_ok=True)
         return Response(encode_report(report), media_type="application/json")
