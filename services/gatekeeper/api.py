@@ -63,17 +63,21 @@ def add_routes(app: FastAPI, service: GatekeeperService) -> None:
         }
         return JSONResponse(body, status_code=422 if report.status == "rejected" else 200)
 
-    @router.post("/datasets")
-    async def submit_body(request: Request, name: str = "unnamed", schema: str = DEFAULT_SCHEMA,
-                          priority: Priority | None = None, level: ValidationLevel = "standard",
-                          submitted_by: str = "anonymous") -> JSONResponse:
+    async def receive_raw(request: Request) -> Path:
+        """A raw (JSONL or gzip) body streamed to an upload file, refused past max_file_bytes."""
         declared = int(request.headers.get("content-length") or 0)
         if declared > settings.max_file_bytes:
             raise HTTPException(413, f"the upload is over the limit of {settings.max_file_bytes} bytes")
         try:
-            path = await receive_body(request.stream(), service.uploads, settings.max_file_bytes)
+            return await receive_body(request.stream(), service.uploads, settings.max_file_bytes)
         except UploadRefused as exc:
             raise HTTPException(exc.status, str(exc)) from exc
+
+    @router.post("/datasets")
+    async def submit_body(request: Request, name: str = "unnamed", schema: str = DEFAULT_SCHEMA,
+                          priority: Priority | None = None, level: ValidationLevel = "standard",
+                          submitted_by: str = "anonymous") -> JSONResponse:
+        path = await receive_raw(request)
         return await submit(path, "body.jsonl", name, schema, priority, level, submitted_by)
 
     @router.post("/datasets/upload")
@@ -93,13 +97,7 @@ def add_routes(app: FastAPI, service: GatekeeperService) -> None:
     @router.post("/datasets/check")
     async def check_body(request: Request, schema: str = DEFAULT_SCHEMA,
                          level: ValidationLevel = "standard") -> Response:
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > settings.max_file_bytes:
-            raise HTTPException(413, f"the upload is over the limit of {settings.max_file_bytes} bytes")
-        try:
-            path = await receive_body(request.stream(), service.uploads, settings.max_file_bytes)
-        except UploadRefused as exc:
-            raise HTTPException(exc.status, str(exc)) from exc
+        path = await receive_raw(request)
         submission = Submission(submission_id=new_id(), name="check", channel="http", source="body.jsonl",
                                 schema=schema, level=level)
         try:

@@ -155,13 +155,9 @@ class Gatekeeper:
         """
         started = time.perf_counter()
         tally = Tally(self.max_findings)
-        try:
-            schema = lookup(submission.schema)
-        except UnknownSchema as exc:
-            tally.add(0, SCHEMA, str(exc))
-            return self._report(submission, tally, None, None, started, report_uri="")
-        validation = Validation(schema, submission.level, self.config, tally, self.tools)
-        validation.check(Path(path), self.stopping, progress)
+        validation = self._validation(submission, tally)
+        if validation is not None:
+            validation.check(Path(path), self.stopping, progress)
         return self._report(submission, tally, None, validation, started, report_uri="")
 
     def read_report(self, report_id: str) -> Report | None:
@@ -212,18 +208,24 @@ class Gatekeeper:
     def _validate(self, submission: Submission, original: Artifact) -> Report:
         started = time.perf_counter()
         tally = Tally(self.max_findings)
-        try:
-            schema = lookup(submission.schema)
-        except UnknownSchema as exc:
-            tally.add(0, SCHEMA, str(exc))
+        validation = self._validation(submission, tally)
+        if validation is None:
             return self._finish(submission, tally, original, None, None, started)
-        validation = Validation(schema, submission.level, self.config, tally, self.tools)
         rows = validation.run(self.store.path_for(original.uri), self.stopping)
         try:
             staged = self.store.write_lines(rows, "staging", f"{submission.submission_id}.jsonl")
         finally:
             rows.close()
         return self._finish(submission, tally, original, staged, validation, started)
+
+    def _validation(self, submission: Submission, tally: Tally) -> Validation | None:
+        """The validation the submission asks for; None (and a schema finding) when its schema is unknown."""
+        try:
+            schema = lookup(submission.schema)
+        except UnknownSchema as exc:
+            tally.add(0, SCHEMA, str(exc))
+            return None
+        return Validation(schema, submission.level, self.config, tally, self.tools)
 
     def _finish(self, submission: Submission, tally: Tally, original: Artifact | None, staged: Artifact | None,
                 validation: Validation | None, started: float) -> Report:
