@@ -126,9 +126,11 @@ def read_report(store: ArtifactStore, uri: str) -> dict | None:
 
 def check_progress(path: Path) -> tqdm:
     """A bar over the bytes checked, shown on a terminal for files over a few MB (gzip: no total)."""
+    from services.gatekeeper.framing import GZIP_MAGIC  # the gatekeeper's own test, so the two agree
+
     size = path.stat().st_size
     with open(path, "rb") as fh:
-        gzipped = fh.read(2) == b"\x1f\x8b"
+        gzipped = fh.read(len(GZIP_MAGIC)) == GZIP_MAGIC
     return tqdm(total=None if gzipped else size, unit="B", unit_scale=True, desc=f"checking {path.name}",
                 disable=True if size < PROGRESS_ABOVE_BYTES else None, leave=False)
 

@@ -151,7 +151,7 @@ class Gatekeeper:
         `POST /datasets/check`): the same checks at the same level, the same verdict, but the
         rows are not written out, so whether the whole dataset was accepted before is not
         settled (its id is the hash of those rows; deep still finds rows already accepted).
-        `progress` gets each checked block's size in bytes.
+        `progress` gets each block's size in bytes as validation takes it up.
         """
         started = time.perf_counter()
         tally = Tally(self.max_findings)

@@ -144,7 +144,7 @@ class Validation:
               progress: Callable[[int], object] | None = None) -> None:
         """Every check of `run`, nothing written: the findings and counts alone (`flywheel check`).
 
-        `progress` is called with each block's size in bytes (decompressed) once it is checked.
+        `progress` is called with each block's size in bytes (decompressed) as the block is taken up.
         """
         for _ in self._checked(path, stop, progress):
             pass
