@@ -40,7 +40,7 @@ lock:
 	  cat $(LOCK).new ) > $(LOCK) && rm $(LOCK).new
 
 demo: $(STAMP)
-	$(BIN)/python -m flywheel.demo
+	$(BIN)/flywheel demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -155,11 +155,10 @@ def best_of(repeats: int, measure) -> tuple[float, object]:
 def run_level(level: str, source: Path, root: Path, counter, repeats: int) -> dict:
     from libs.common.artifacts import ArtifactStore
     from services.gatekeeper.checks import Tally
-    from services.gatekeeper.index import AcceptedIndex
-    from services.gatekeeper.recent import RecentDatasets
+    from services.gatekeeper.duplicates import AcceptedIndex, RecentDatasets
+    from services.gatekeeper.intake import Submission
+    from services.gatekeeper.pipeline import Gatekeeper, Tools, Validation, ValidationConfig
     from services.gatekeeper.schemas import lookup
-    from services.gatekeeper.submissions import Gatekeeper, Submission
-    from services.gatekeeper.validation import Tools, Validation, ValidationConfig
 
     config = ValidationConfig()
 
@@ -212,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"arithmetic with profile=binary), {size / 1e6:.1f} MB, in {source}")
 
         from libs.common.models import ensure_base_model, load_tokenizer
-        from services.gatekeeper.tokens import TokenCounter
+        from services.gatekeeper.checks.standard import TokenCounter
 
         started = time.perf_counter()
         model = ensure_base_model(args.data_dir or work / "models-data")

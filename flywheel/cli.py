@@ -1,16 +1,26 @@
 """The `flywheel` command.
 
-  flywheel up [--port-base N]         start nats-server (unless NATS_URL) and the six services
-  flywheel status [--json]            queue, training progress, champion, last scores
-  flywheel submit FILE [--wait]       submit a dataset file (chat_sft_v1 JSONL by default)
-  flywheel check FILE [--level L]     validate a file here, as the gatekeeper would; keeps nothing
-  flywheel pause|resume|stop          control the trainer (NATS request/reply)
-  flywheel trace TRACE_ID [--html F]  a dataset's journey, span by span, from local trace files
-  flywheel asyncapi [--check]         write (or check) docs/asyncapi.yaml from the event schemas
+  flywheel up [--port-base N]                start nats-server (unless NATS_URL) and the six services
+  flywheel demo [--data-dir D] [--keep]      `make demo`: one dataset through the whole loop, then stop
+  flywheel status [--json]                   queue, training progress, champion, last scores
+  flywheel submit FILE [--wait S] [--json]   submit a dataset file (chat_sft_v1 JSONL by default)
+  flywheel check FILE [--level L] [--json]   validate a file here, as the gatekeeper would; keeps nothing
+  flywheel pause|resume|stop [--json]        control the trainer (NATS request/reply)
+  flywheel trace TRACE_ID [--html F|--json]  a dataset's journey, span by span, from local trace files
+  flywheel asyncapi [--check [--json]]       write (or check) docs/asyncapi.yaml from the event schemas
+
+`--json` prints exactly one JSON document on stdout and nothing else there: the status, the
+submission with its verdict and report, the validation report, the trainer's reply
+({"ok", "state", "message"}), the trace ({"trace_id", "spans"}) or, for `asyncapi --check`,
+{"up_to_date", "path"}.
 
 Every command reads the same settings as the services: FLYWHEEL_DATA_DIR (default ./data),
 FLYWHEEL_NATS_URL or NATS_URL. Without a NATS URL, commands other than `up` use the URL that
 a running `flywheel up` wrote to <data_dir>/nats.url.
+
+Failures are one line on stderr, never a traceback: a command that cannot talk to NATS (no
+server within a few seconds, nobody answering, a timeout, a JetStream error) names what failed
+and what to do and exits 1; a configuration error exits 2.
 """
 
 from __future__ import annotations
@@ -19,10 +29,38 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import msgspec
+import nats.errors
+import nats.js.errors
 
 from flywheel.supervisor import NATS_URL_FILE
 from libs.common.settings import CommonSettings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from libs.common.bus import Bus
+
+T = TypeVar("T")
+
+# A person is waiting: say within seconds that NATS is unreachable instead of retrying the way a
+# starting service does.
+CONNECT_DEADLINE_S = 5.0
+
+
+class NatsUnreachable(Exception):
+    """No NATS server answered at `servers` within CONNECT_DEADLINE_S."""
+
+    def __init__(self, servers: list[str]) -> None:
+        super().__init__(f"cannot reach NATS at {', '.join(servers)}")
+        self.servers = servers
+
+
+# What talking to NATS can raise: every nats-py error (nats.js.errors.* derive from
+# nats.errors.Error), a failed connect, and timeouts (a request's, or a wait for a verdict).
+_NATS_FAILURES = (NatsUnreachable, nats.errors.Error, ConnectionError, TimeoutError)
 
 
 def _settings() -> CommonSettings:
@@ -40,15 +78,26 @@ def _nats_url(settings: CommonSettings) -> list[str]:
     )
 
 
-async def _with_bus(settings: CommonSettings, fn):
+async def _with_bus(settings: CommonSettings, fn: Callable[[Bus], Awaitable[T]]) -> T:
     from libs.common.bus import Bus
 
-    bus = await Bus.connect(_nats_url(settings), "cli", wait_s=5)
+    servers = _nats_url(settings)
+    try:
+        # The outer bound is the CLI's promise whatever the bus's retry policy does inside
+        # (nats-py may retry a server in its pool for minutes within one connect call).
+        bus = await asyncio.wait_for(Bus.connect(servers, "cli", deadline_s=CONNECT_DEADLINE_S), CONNECT_DEADLINE_S)
+    except (nats.errors.Error, OSError) as exc:  # OSError: ConnectionError, TimeoutError, refused sockets
+        raise NatsUnreachable(servers) from exc
     try:
         await bus.ensure_topology()
         return await fn(bus)
     finally:
         await bus.close()
+
+
+def _print_json(value: object) -> None:
+    """The one shape of every `--json` output: a single JSON document on stdout."""
+    print(json.dumps(msgspec.to_builtins(value), indent=2))
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -58,11 +107,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flywheel.demo import run_and_report
+
+    return run_and_report(args.data_dir, keep=args.keep)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from flywheel.status import format_status, read_status
 
     status = asyncio.run(_with_bus(_settings(), read_status))
-    print(json.dumps(status, indent=2, default=str) if args.json else format_status(status))
+    if args.json:
+        _print_json(status)
+    else:
+        print(format_status(status))
     return 0
 
 
@@ -84,26 +142,31 @@ def cmd_submit(args: argparse.Namespace) -> int:
                                  level=args.level, wait_s=args.wait)
 
     result = asyncio.run(_with_bus(settings, go))
-    print(f"submission {result.submission_id}\ntrace      {result.trace_id}\nsha256     {result.sha256}")
-    print(describe_verdict(result))
-    if result.report is not None:
-        print(describe_report(result.report))
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"submission {result.submission_id}\ntrace      {result.trace_id}\nsha256     {result.sha256}")
+        print(describe_verdict(result))
+        if result.report is not None:
+            print(describe_report(result.report))
     return 1 if result.outcome == "rejected" else 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """The gatekeeper's verdict on a file, computed here with its settings and data directory; no bus needed."""
     from flywheel.submit import check_progress, describe_check
-    from services.gatekeeper.assembly import build_gatekeeper
-    from services.gatekeeper.reports import encode_report
+    from libs.common.artifacts import ArtifactStore
+    from services.gatekeeper.intake import Submission
+    from services.gatekeeper.pipeline import build_gatekeeper
     from services.gatekeeper.settings import GatekeeperSettings
-    from services.gatekeeper.submissions import Submission
+    from services.gatekeeper.verdict import encode_report
 
     path = Path(args.file)
     if not path.is_file():
         print(f"flywheel check: {path} is not a file", file=sys.stderr)
         return 2
-    gatekeeper = build_gatekeeper(load_settings(GatekeeperSettings, "gatekeeper"))
+    settings = load_settings(GatekeeperSettings, "gatekeeper")
+    gatekeeper = build_gatekeeper(settings, ArtifactStore(settings.artifacts_dir))
     submission = Submission(submission_id="check", name=path.stem, channel="cli", source=path.name,
                             schema=args.schema, level=args.level)
     with check_progress(path) as bar:
@@ -121,7 +184,10 @@ def cmd_control(args: argparse.Namespace) -> int:
                                  ControlReply, timeout=10)
 
     reply = asyncio.run(_with_bus(_settings(), go))
-    print(f"trainer: {reply.state}" + (f" ({reply.message})" if reply.message else ""))
+    if args.json:
+        _print_json(reply)
+    else:
+        print(f"trainer: {reply.state}" + (f" ({reply.message})" if reply.message else ""))
     return 0 if reply.ok else 1
 
 
@@ -134,23 +200,31 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
         Path(args.html).write_text(render_trace_page(args.trace_id, spans))
         print(f"wrote {args.html} ({len(spans)} spans)")
+    elif args.json:
+        _print_json({"trace_id": args.trace_id, "spans": spans})
     else:
         print(format_trace(spans))
     return 0 if spans else 1
 
 
 def cmd_asyncapi(args: argparse.Namespace) -> int:
-    from libs.common.asyncapi import ASYNCAPI_PATH, render_asyncapi
-    from services.gatekeeper.schemas import json_schemas
+    from flywheel.contract import render
+    from libs.common.asyncapi import ASYNCAPI_PATH
 
-    text = render_asyncapi(json_schemas())
+    if args.json and not args.check:
+        print("flywheel asyncapi: --json goes with --check (writing the document has nothing to report)",
+              file=sys.stderr)
+        return 2
+    text = render()
     if args.check:
-        current = ASYNCAPI_PATH.read_text() if ASYNCAPI_PATH.exists() else ""
-        if current != text:
+        up_to_date = ASYNCAPI_PATH.exists() and ASYNCAPI_PATH.read_text() == text
+        if args.json:
+            _print_json({"up_to_date": up_to_date, "path": str(ASYNCAPI_PATH)})
+        elif up_to_date:
+            print(f"{ASYNCAPI_PATH} is up to date")
+        else:
             print(f"{ASYNCAPI_PATH} is out of date: run `flywheel asyncapi`", file=sys.stderr)
-            return 1
-        print(f"{ASYNCAPI_PATH} is up to date")
-        return 0
+        return 0 if up_to_date else 1
     ASYNCAPI_PATH.parent.mkdir(parents=True, exist_ok=True)
     ASYNCAPI_PATH.write_text(text)
     print(f"wrote {ASYNCAPI_PATH}")
@@ -158,13 +232,23 @@ def cmd_asyncapi(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from libs.common.topology import CONTROL_TRAINER
+
     parser = argparse.ArgumentParser(prog="flywheel", description="A self-improving loop for a small language model.")
+    # Who should answer a command over NATS, and on which subject: named in its one-line error
+    # when nobody does.
+    parser.set_defaults(peer="NATS server", subject=None)
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the whole stack on this machine")
     up.add_argument("--port-base", type=int, default=None, help="HTTP ports base..base+5 instead of 8100-8105")
     up.set_defaults(fn=cmd_up)
+    demo = sub.add_parser("demo", help="one dataset through the whole loop on a fresh stack, then stop (make demo)")
+    demo.add_argument("--data-dir", type=Path, default=None, help="where the demo's stack keeps its data "
+                      "(default: data/demo in the repository; emptied first)")
+    demo.add_argument("--keep", action="store_true", help="keep the previous demo's data directory")
+    demo.set_defaults(fn=cmd_demo)
     status = sub.add_parser("status", help="the loop's state")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(fn=cmd_status)
     submit = sub.add_parser("submit", help="submit a dataset file")
     submit.add_argument("file")
@@ -174,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--level", choices=["quick", "standard", "deep"], default="standard")
     submit.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
                         help="wait this long for the gatekeeper's verdict (0: don't wait)")
-    submit.set_defaults(fn=cmd_submit)
+    submit.add_argument("--json", action="store_true", help="print the submission, verdict and report as JSON")
+    submit.set_defaults(fn=cmd_submit, peer="gatekeeper")
     check = sub.add_parser("check", help="validate a dataset file here, as the gatekeeper would (a dry run)")
     check.add_argument("file")
     check.add_argument("--schema", default="chat_sft_v1")
@@ -183,30 +268,64 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(fn=cmd_check)
     for action in ("pause", "resume", "stop"):
         control = sub.add_parser(action, help=f"{action} the trainer")
-        control.set_defaults(fn=cmd_control)
+        control.add_argument("--json", action="store_true", help="print the trainer's reply as JSON")
+        control.set_defaults(fn=cmd_control, peer="trainer", subject=f"{CONTROL_TRAINER}.{action}")
     trace = sub.add_parser("trace", help="show one trace from the local trace files")
     trace.add_argument("trace_id")
-    trace.add_argument("--html", metavar="FILE", help="write an HTML waterfall of the trace to FILE")
+    shown = trace.add_mutually_exclusive_group()
+    shown.add_argument("--html", metavar="FILE", help="write an HTML waterfall of the trace to FILE")
+    shown.add_argument("--json", action="store_true", help="print the spans as JSON")
     trace.set_defaults(fn=cmd_trace)
     asyncapi = sub.add_parser("asyncapi", help="generate docs/asyncapi.yaml")
-    asyncapi.add_argument("--check", action="store_true")
+    asyncapi.add_argument("--check", action="store_true", help="only check that the document is up to date")
+    asyncapi.add_argument("--json", action="store_true", help="with --check: print {up_to_date, path} as JSON")
     asyncapi.set_defaults(fn=cmd_asyncapi)
     return parser
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _explain_nats_failure(exc: BaseException, peer: str, subject: str | None) -> str:
+    """One line: what failed while talking to NATS, and what to do about it."""
+    up = "is `flywheel up` running?"
+    on = f" on {subject}" if subject else ""
+    match exc:
+        case NatsUnreachable():
+            return (f"cannot reach NATS at {', '.join(exc.servers)} within {CONNECT_DEADLINE_S:g} s "
+                    f"({up} if NATS runs elsewhere, set FLYWHEEL_NATS_URL)")
+        case nats.errors.NoRespondersError():
+            return f"no {peer} is answering{on} ({up})"
+        case nats.js.errors.ServiceUnavailableError():  # before APIError: it is one
+            return "JetStream is not available on the NATS server (is it started with JetStream enabled, -js?)"
+        case nats.js.errors.APIError():
+            return f"JetStream refused a request: {_one_line(exc.description or repr(exc))} (see the nats-server log)"
+        case nats.errors.ConnectionClosedError():
+            return f"the connection to NATS closed before the command finished ({up})"
+        case TimeoutError() if isinstance(exc, nats.errors.Error) or not str(exc):
+            return f"the {peer} did not answer{on} in time ({up})"
+        case _:
+            # Errors that explain themselves (the demo's deadlines, a connect that gave up).
+            return _one_line(exc) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from libs.common.log import setup_logging
 
-    setup_logging("cli", "warning")
+    # Errors only: a command reports its own failure in one line, which the bus's warnings
+    # (a retried connect, a lost connection) would otherwise bury.
+    setup_logging("cli", "error")
+    # The one place where failures become messages, so no command prints a traceback for them.
     try:
         return args.fn(args)
     except SettingsError as exc:
-        print(f"flywheel: {exc}", file=sys.stderr)
+        print(f"flywheel {args.command}: {exc}", file=sys.stderr)
         return 2
-    except (ConnectionError, TimeoutError) as exc:
-        print(f"flywheel: {exc}", file=sys.stderr)
-        return 3
+    except _NATS_FAILURES as exc:
+        print(f"flywheel {args.command}: {_explain_nats_failure(exc, args.peer, args.subject)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

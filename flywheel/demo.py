@@ -6,12 +6,11 @@ OpenAI-compatible API, prints the answer, the deployed checkpoint and the trace 
 the journey, shows that trace span by span, and stops the stack. The end-to-end test runs
 this same function on a temporary data directory.
 
-    python -m flywheel.demo [--data-dir DIR] [--keep]
+    flywheel demo [--data-dir DIR] [--keep]     (also: python -m flywheel.demo [...])
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import shutil
@@ -35,6 +34,7 @@ from libs.common.settings import SERVICES
 from libs.common.tracing import format_trace, read_trace, setup_tracing, shutdown_tracing, trace_id_from_headers
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO_DATA_DIR = ROOT / "data" / "demo"
 SAMPLE_DATASET = ROOT / "examples" / "binary_sample.jsonl"
 QUESTION = "Convert this binary number to decimal:\n\n①⓪①①"
 API_KEY_FILE = Path("secrets") / "inference_api_key"
@@ -44,7 +44,7 @@ API_KEY_FILE = Path("secrets") / "inference_api_key"
 DEMO_ENV = {
     "FLYWHEEL_TRAINER_EPOCHS": "12",
     "FLYWHEEL_TRAINER_BATCH_SIZE": "16",
-    "FLYWHEEL_TRAINER_MAX_LENGTH": "256",
+    "FLYWHEEL_MAX_LENGTH": "256",
     "FLYWHEEL_TRAINER_SAVE_EVERY_STEPS": "1000",
     # Stay out of the way of the demo's own dataset.
     "FLYWHEEL_CURRICULUM_IDLE_SECONDS": "600",
@@ -56,6 +56,9 @@ class DemoResult(msgspec.Struct):
     submission_id: str
     checkpoint_uri: str
     checkpoint_sha256: str
+    # What inference said it served when it was asked (/models/info).
+    served_uri: str
+    served_sha256: str
     exact_match: float
     val_loss: float
     question: str
@@ -135,24 +138,25 @@ async def _drive(sup: Supervisor, dataset: Path, question: str, deadline: float)
             await asyncio.sleep(0.2)
         first = next(iter(ours().values()))
         _say(f"deployed {first.checkpoint_uri} (exact_match {first.exact_match:.3f}, val_loss {first.val_loss:.4f})")
-        event, answer = await _ask(sup, ours, question, deadline)
+        event, served, answer = await _ask(sup, ours, question, deadline)
     finally:
         await bus.close()
-    shutdown_tracing()
-    await asyncio.sleep(1.5)  # services export spans every 0.5 s
-    spans = read_trace(sup.data_dir, submitted.trace_id)
     return DemoResult(
         trace_id=submitted.trace_id, submission_id=submitted.submission_id,
         checkpoint_uri=event.checkpoint_uri, checkpoint_sha256=event.checkpoint_sha256,
+        served_uri=served["uri"], served_sha256=served["sha256"],
         exact_match=event.exact_match, val_loss=event.val_loss,
         question=question, answer=answer,
-        trace_services=sorted({s["service"].removeprefix("flywheel-") for s in spans}),
+        trace_services=[],  # read once the stack has stopped: see run_demo
         seconds=round(time.monotonic() - started, 1),
     )
 
 
-async def _ask(sup: Supervisor, ours, question: str, deadline: float) -> tuple[ModelDeployed, str]:
-    """Wait until inference serves a checkpoint deployed from the demo's dataset, then ask it."""
+async def _ask(sup: Supervisor, ours, question: str, deadline: float) -> tuple[ModelDeployed, dict, str]:
+    """Wait until inference serves a checkpoint deployed from the demo's dataset, then ask it.
+
+    Returns that deployment, what inference says it serves (/models/info) and the answer.
+    """
     base = f"http://127.0.0.1:{sup.ports['inference']}"
     key = (sup.data_dir / API_KEY_FILE).read_text().strip()
     headers = {"Authorization": f"Bearer {key}"}
@@ -169,7 +173,7 @@ async def _ask(sup: Supervisor, ours, question: str, deadline: float) -> tuple[M
             "max_tokens": 48, "temperature": 0,
         })
         reply.raise_for_status()
-        return event, reply.json()["choices"][0]["message"]["content"]
+        return event, info, reply.json()["choices"][0]["message"]["content"]
 
 
 def run_demo(data_dir: Path, *, port_base: int | None = None, dataset: Path = SAMPLE_DATASET,
@@ -180,20 +184,23 @@ def run_demo(data_dir: Path, *, port_base: int | None = None, dataset: Path = SA
     setup_tracing("demo", sup.data_dir)
     sup.start()
     try:
-        return asyncio.run(_drive(sup, dataset, question, time.monotonic() + timeout_s))
+        result = asyncio.run(_drive(sup, dataset, question, time.monotonic() + timeout_s))
     finally:
         _say("stopping the stack")
         sup.stop()
+        shutdown_tracing()
+    # Every service writes out its last spans as it stops: only now is the trace complete.
+    spans = read_trace(sup.data_dir, result.trace_id)
+    return msgspec.structs.replace(
+        result, trace_services=sorted({s["service"].removeprefix("flywheel-") for s in spans}))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "demo")
-    parser.add_argument("--keep", action="store_true", help="keep the previous demo's data directory")
-    args = parser.parse_args()
+def run_and_report(data_dir: Path | None = None, *, keep: bool = False) -> int:
+    """`flywheel demo`: run the demo on a fresh data directory (unless `keep`) and print what it showed."""
+    data_dir = data_dir or DEMO_DATA_DIR
     setup_logging("demo", "warning")
-    if args.data_dir.exists() and not args.keep:
-        shutil.rmtree(args.data_dir)
+    if data_dir.exists() and not keep:
+        shutil.rmtree(data_dir)
     port_base = None
     try:
         for port in range(8100, 8106):
@@ -202,7 +209,7 @@ def main() -> int:
     except OSError:
         port_base = free_port_base()
         _say(f"ports 8100-8105 are busy; using {port_base}-{port_base + 5}")
-    result = run_demo(args.data_dir, port_base=port_base)
+    result = run_demo(data_dir, port_base=port_base)
     print()
     print("=" * 72)
     print(f"question            {result.question!r}")
@@ -212,13 +219,16 @@ def main() -> int:
     print(f"trace id            {result.trace_id}   (services: {', '.join(result.trace_services)})")
     print(f"took                {result.seconds:.0f}s")
     print("=" * 72)
-    print(format_trace(read_trace(args.data_dir, result.trace_id)))
-    page = args.data_dir / f"trace-{result.trace_id}.html"
-    page.write_text(render_trace_page(result.trace_id, read_trace(args.data_dir, result.trace_id)))
+    print(format_trace(read_trace(data_dir, result.trace_id)))
+    page = data_dir / f"trace-{result.trace_id}.html"
+    page.write_text(render_trace_page(result.trace_id, read_trace(data_dir, result.trace_id)))
     print(f"\nThe journey as a page: {page}")
-    print(f"See it again: FLYWHEEL_DATA_DIR={args.data_dir} .venv/bin/flywheel trace {result.trace_id} [--html FILE]")
+    print(f"See it again: FLYWHEEL_DATA_DIR={data_dir} .venv/bin/flywheel trace {result.trace_id} [--html FILE]")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The options and the error handling live in the CLI: `flywheel demo` is the one entry point.
+    from flywheel.cli import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))

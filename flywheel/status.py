@@ -13,7 +13,8 @@ import nats.js.errors
 
 from libs.common import topology
 from libs.common.bus import Bus
-from libs.common.kv import read_entry
+from libs.common.records import CHAMPION, TRAINER_CONTROL, Key, skill_state
+from libs.common.skills import binary
 
 
 async def _last(bus: Bus, subject: str) -> dict | None:
@@ -24,9 +25,9 @@ async def _last(bus: Bus, subject: str) -> dict | None:
     return msgspec.json.decode(msg.data)
 
 
-async def _kv_value(bus: Bus, bucket: topology.BucketSpec, key: str) -> Any:
-    value, _ = await read_entry(await bus.kv(bucket), key)
-    return msgspec.json.decode(value) if value else None
+async def _record(bus: Bus, key: Key) -> dict | None:
+    record, _ = await (await bus.record(key)).read()
+    return msgspec.to_builtins(record) if record else None
 
 
 async def read_status(bus: Bus) -> dict[str, Any]:
@@ -41,10 +42,10 @@ async def read_status(bus: Bus) -> dict[str, Any]:
     return {
         "queue": queue,
         "training": {"started": last_started, "progress": last_progress, "finished": last_finished},
-        "trainer_control": await _kv_value(bus, topology.TRAINER_BUCKET, "state"),
-        "champion": await _kv_value(bus, topology.CHAMPION_BUCKET, "current"),
+        "trainer_control": await _record(bus, TRAINER_CONTROL),
+        "champion": await _record(bus, CHAMPION),
         "last_scores": await _last(bus, topology.EVAL_SCORED),
-        "curriculum": await _kv_value(bus, topology.CURRICULUM_BUCKET, "binary"),
+        "curriculum": await _record(bus, skill_state(binary.SKILL)),
         "dead_letters": dead.state.messages,
     }
 

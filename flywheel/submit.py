@@ -28,7 +28,7 @@ from libs.common.events import DatasetAccepted, DatasetRejected, DatasetSubmitte
 from libs.common.tracing import current_trace_id, tracer
 
 if TYPE_CHECKING:
-    from services.gatekeeper.reports import Report
+    from services.gatekeeper.verdict import Report
 
 _CHUNK = 1 << 20
 PROGRESS_ABOVE_BYTES = 32 << 20
@@ -126,7 +126,7 @@ def read_report(store: ArtifactStore, uri: str) -> dict | None:
 
 def check_progress(path: Path) -> tqdm:
     """A bar over the bytes checked, shown on a terminal for files over a few MB (gzip: no total)."""
-    from services.gatekeeper.framing import GZIP_MAGIC  # the gatekeeper's own test, so the two agree
+    from services.gatekeeper.reading import GZIP_MAGIC  # the gatekeeper's own test, so the two agree
 
     size = path.stat().st_size
     with open(path, "rb") as fh:

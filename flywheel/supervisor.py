@@ -19,7 +19,7 @@ from pathlib import Path
 
 from libs.common.models import ensure_base_model
 from libs.common.nats_server import NatsServer
-from libs.common.settings import DEFAULT_PORTS, SERVICES
+from libs.common.settings import DEFAULT_PORTS, SERVICES, load_all
 
 BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
@@ -76,6 +76,18 @@ class Supervisor:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        """Start the server (unless external) and the children; on failure stop what did start."""
+        try:
+            self._start()
+        except BaseException:
+            # Never leave a nats-server or children behind, e.g. when the base model is missing.
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        # Every service's settings, as its child will read them, before anything starts: a
+        # wrong one stops `flywheel up` at once with its name instead of a child restarting forever.
+        load_all(child_environment(self.data_dir, self.nats_url or "nats://127.0.0.1:4222", self.ports, self.environ))
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
         if not self.nats_url:
             self.nats = NatsServer(self.data_dir / "nats", port=-1, log_path=self.data_dir / "logs" / "nats-server.log")

@@ -8,12 +8,15 @@ are renamed into place: a reader never sees half a file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 import msgspec
@@ -31,29 +34,45 @@ class Artifact(msgspec.Struct, frozen=True):
     size: int
 
 
-def write_atomically(path: Path, chunks: Iterable[bytes]) -> tuple[str, int]:
-    """Write `chunks` to `path` via a temporary file, fsync and rename; (sha256, size).
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A file handle whose content replaces `path` only when the block ends without error.
 
-    A reader sees the old file or the whole new one, never half, even after a crash; a
-    failure leaves no temporary file behind. Services use it for the files they own too.
+    It goes to a temporary file beside `path`, is fsynced and renamed into place: a reader
+    sees the old file or the whole new one, never half, even after a crash; a failure leaves
+    no temporary file behind. Every file Flywheel writes in place goes through here.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    digest, size = hashlib.sha256(), 0
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
     try:
         with os.fdopen(fd, "wb") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomically(path: Path, chunks: Iterable[bytes]) -> tuple[str, int]:
+    """Write `chunks` to `path` through `atomic_file`; (sha256, size)."""
+    digest, size = hashlib.sha256(), 0
+    with atomic_file(path) as fh:
+        for chunk in chunks:
+            fh.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
     return digest.hexdigest(), size
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256(text: str) -> bool:
+    """A lowercase sha256 hex digest: the form of every content hash and dataset id here."""
+    return bool(_SHA256.fullmatch(text))
 
 
 def sha256_file(path: Path) -> str:

@@ -4,18 +4,22 @@
 - `publish` stamps CloudEvents-style headers (`ce-id`, `ce-type`, `ce-source`, `ce-time`),
   `Nats-Msg-Id` = the event id (JetStream drops a republished event inside the duplicate
   window) and the W3C `traceparent` of the current span.
-- `consume` is the one consume loop: explicit ack, nak with backoff on failure,
-  `in_progress()` heartbeats while a long handler runs, and a copy to `deadletter.<subject>`
-  with the reason when a message cannot be decoded, is refused by its handler (`Reject`) or
-  has failed `max_deliver` times. Nothing is dropped silently. Given several consumers it
-  always drains the first before looking at the next (priorities).
+  Only subjects the service declares may be published (`libs.common.service`).
+- `bind` attaches a declared subscription; its `Source.run` is the one consume loop. A shared
+  work queue: explicit ack, nak with backoff on failure, `in_progress()` heartbeats while a
+  long handler runs, and a copy to `deadletter.<subject>` with the reason when a message
+  cannot be decoded, is refused by its handler (`Reject`) or has failed `max_deliver` times.
+  Nothing is dropped silently. Given several consumers it always drains the first before
+  looking at the next (priorities), and takes nothing while its `while_open` valve is shut.
+  Every replica: an ordered consumer from the newest message on, through the same span and
+  decoding, never acked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -23,13 +27,18 @@ import nats
 import nats.errors
 import nats.js.errors
 import structlog
+import tenacity
 from nats.aio.msg import Msg
-from nats.js import api
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from libs.common import topology
 from libs.common.events import Event, encode
+from libs.common.kv import Record
+from libs.common.records import Key
+from libs.common.service import Publish, Subscribe, matches
 from libs.common.tracing import extract_context, inject_headers, trace_id_from_headers, tracer
 
 log = structlog.get_logger("bus")
@@ -38,10 +47,16 @@ E = TypeVar("E", bound=msgspec.Struct)
 R = TypeVar("R", bound=msgspec.Struct)
 
 REASON_HEADER = "Flywheel-Dead-Letter-Reason"
+# What an unreachable or not yet started server looks like to a first connect.
+_UNREACHABLE = (nats.errors.NoServersError, nats.errors.Error, OSError, TimeoutError)
 
 
 class Reject(Exception):
     """Raised by a handler: this message can never succeed; dead-letter it now with this reason."""
+
+
+class UndeclaredPublication(RuntimeError):
+    """A service published something its declaration does not list."""
 
 
 class Interrupted(Exception):
@@ -54,7 +69,7 @@ class Interrupted(Exception):
 class Delivery:
     """What a handler may know and do about the message it is handling."""
 
-    def __init__(self, msg: Msg, spec: topology.ConsumerSpec) -> None:
+    def __init__(self, msg: Msg, spec: topology.ConsumerSpec | None) -> None:
         self._msg = msg
         self.spec = spec
         self.subject = msg.subject
@@ -80,31 +95,66 @@ class Bus:
         self.js = nc.jetstream()
         self.service = service
         self._kv: dict[str, KeyValue] = {}
+        # Set by the runtime from the service's declaration: publishing elsewhere is a bug.
+        self.publications: tuple[Publish, ...] | None = None
 
     # ------------------------------------------------------------------ connection
 
     @classmethod
-    async def connect(cls, servers: list[str], service: str, *, wait_s: float = 30.0) -> Bus:
-        """Connect, retrying until `wait_s` so services may start before the server."""
-        deadline = asyncio.get_running_loop().time() + wait_s
-        while True:
-            try:
-                nc = await nats.connect(
-                    servers=servers,
-                    name=f"flywheel-{service}",
-                    connect_timeout=3,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=1,
-                    error_cb=_log_error,
-                    disconnected_cb=_log_disconnected,
-                    reconnected_cb=_log_reconnected,
-                )
-                return cls(nc, service)
-            except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise ConnectionError(f"cannot reach NATS at {servers}: {exc}") from exc
-                await asyncio.sleep(0.5)
+    async def connect(cls, servers: list[str], service: str, *, deadline_s: float = 30.0) -> Bus:
+        """Connect, retrying with exponential backoff for up to `deadline_s` (0: forever).
+
+        Services may start before the server. An unreachable server is reported once, with the
+        deadline, not on every attempt; past the deadline a `ConnectionError` says what was
+        tried. Cancelling the task (SIGTERM) stops the attempts at once.
+        """
+        connected = False
+
+        async def on_error(exc: Exception) -> None:
+            # Before the first connection the retry loop below reports; after it, every error counts.
+            if connected:
+                await _log_error(exc)
+
+        def report_once(state: tenacity.RetryCallState) -> None:
+            if state.attempt_number == 1:
+                log.warning("cannot reach NATS; retrying with backoff", servers=servers,
+                            error=repr(state.outcome.exception()),
+                            gives_up_after_s=deadline_s if deadline_s else "never")
+
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type(_UNREACHABLE),
+            wait=tenacity.wait_exponential(multiplier=0.25, max=5.0),
+            stop=tenacity.stop_after_delay(deadline_s) if deadline_s else tenacity.stop_never,
+            before_sleep=report_once,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    # One quick try per server, so tenacity paces the retries and the deadline
+                    # holds (by default nats-py retries inside connect() for minutes, or forever);
+                    # reconnecting is switched on once connected, below.
+                    nc = await nats.connect(
+                        servers=servers,
+                        name=f"flywheel-{service}",
+                        connect_timeout=3,
+                        allow_reconnect=False,
+                        max_reconnect_attempts=1,
+                        reconnect_time_wait=0.1,
+                        error_cb=on_error,
+                        disconnected_cb=_log_disconnected,
+                        reconnected_cb=_log_reconnected,
+                    )
+        except _UNREACHABLE as exc:
+            raise ConnectionError(f"cannot reach NATS at {', '.join(servers)} within {deadline_s:g} s: {exc!r}") from exc
+        # Once connected, ride out server restarts and failovers for as long as it takes.
+        nc.options["allow_reconnect"] = True
+        nc.options["max_reconnect_attempts"] = -1
+        nc.options["reconnect_time_wait"] = 1
+        connected = True
+        if retrying.statistics.get("attempt_number", 1) > 1:
+            log.info("connected to NATS", servers=servers)
+        return cls(nc, service)
 
     @property
     def connected(self) -> bool:
@@ -162,6 +212,10 @@ class Bus:
         except nats.js.errors.BadRequestError:
             await self.js.consumer_info(spec.stream, spec.durable)
 
+    async def record(self, key: Key[R]) -> Record[R]:
+        """Typed access to one KV record (see libs.common.records for the keys)."""
+        return Record(await self.kv(key.bucket), key)
+
     async def kv(self, spec: topology.BucketSpec) -> KeyValue:
         if spec.name not in self._kv:
             try:
@@ -177,7 +231,18 @@ class Bus:
 
     # ------------------------------------------------------------------ publishing
 
-    async def publish(self, subject: str, event: Event, *, timeout: float = 10.0) -> api.PubAck:
+    async def publish(self, subject: str, event: Event, *, timeout: float = 10.0, attempts: int = 1) -> api.PubAck:
+        """Publish `event` and wait for JetStream's ack.
+
+        With `attempts` > 1 a failed publish (NATS reconnecting, no ack in time) is tried again
+        with exponential backoff: safe, since the same event id is dropped as a duplicate.
+        """
+        if self.publications is not None and not any(
+            matches(p.subject, subject) and isinstance(event, p.event_type) for p in self.publications
+        ):
+            raise UndeclaredPublication(
+                f"{self.service} publishes {type(event).__name__} on {subject!r}, which its service.py does not declare"
+            )
         if not event.source:
             event = msgspec.structs.replace(event, source=self.service)
         headers = {
@@ -193,45 +258,46 @@ class Bus:
             span.set_attribute("messaging.destination.name", subject)
             span.set_attribute("flywheel.event_id", event.id)
             inject_headers(headers)
-            return await self.js.publish(subject, encode(event), headers=headers, timeout=timeout)
+            retrying = tenacity.AsyncRetrying(
+                retry=tenacity.retry_if_exception_type(_UNREACHABLE),
+                wait=tenacity.wait_exponential(multiplier=1, max=16),
+                stop=tenacity.stop_after_attempt(attempts),
+                before_sleep=lambda state: log.warning(
+                    "publish failed; retrying", subject=subject, attempt=state.attempt_number,
+                    error=repr(state.outcome.exception())),
+                reraise=True,
+            )
+            async for attempt in retrying:
+                with attempt:
+                    return await self.js.publish(subject, encode(event), headers=headers, timeout=timeout)
 
     # ------------------------------------------------------------------ consuming
 
-    async def consume(
-        self,
-        specs: topology.ConsumerSpec | Sequence[topology.ConsumerSpec],
-        event_type: type[E],
-        handler: Handler,
-        stop: asyncio.Event,
-    ) -> None:
-        """Handle messages one at a time until `stop` is set; earlier specs take priority."""
-        specs = [specs] if isinstance(specs, topology.ConsumerSpec) else list(specs)
-        subs = [await self.js.pull_subscribe_bind(s.durable, s.stream) for s in specs]
-        # With one consumer a long poll is fine; with several, poll briefly so a message on
-        # a higher-priority consumer is seen soon.
-        poll_s = 1.0 if len(specs) == 1 else 0.2
-        try:
-            while not stop.is_set():
-                handled = False
-                for spec, sub in zip(specs, subs):
-                    try:
-                        msgs = await sub.fetch(1, timeout=poll_s)
-                    except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                        continue
-                    except nats.errors.ConnectionClosedError:
-                        return
-                    for msg in msgs:
-                        await self._handle(spec, msg, event_type, handler)
-                    handled = True
-                    break
-                if not handled and not self.nc.is_connected:
-                    await asyncio.sleep(0.5)
-        finally:
-            for sub in subs:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+    async def bind(self, subscription: Subscribe) -> Source:
+        """Attach to a declared subscription's consumers now; `Source.run` then takes events.
 
-    async def _handle(self, spec: topology.ConsumerSpec, msg: Msg, event_type: type[E], handler: Handler) -> None:
+        Binding before the service is built means nothing published meanwhile is missed: a
+        shared consumer keeps its place anyway, and an every-replica consumer starts here.
+        """
+        if subscription.every_replica:
+            stream = topology.stream_for(subscription.subject)
+            # Stream sequences up to here are history. An ordered consumer that resets before
+            # its first message restarts from sequence 1; this bound skips that replay.
+            seen = (await self.js.stream_info(stream)).state.last_seq
+            sub = await self.js.subscribe(
+                subscription.subject, stream=stream, ordered_consumer=True, deliver_policy=api.DeliverPolicy.NEW,
+            )
+            return _EveryReplica(self, subscription, sub, seen)
+        subs = [await self.js.pull_subscribe_bind(c.durable, c.stream) for c in subscription.consumers]
+        return _WorkQueue(self, subscription, subs)
+
+    async def _process(self, spec: topology.ConsumerSpec | None, msg: Msg, event_type: type[E],
+                       handler: Handler) -> None:
+        """One message: a consumer span linked to the producer, decode, handle, settle.
+
+        `spec` None: an every-replica message, which is never acked or redelivered; a failure
+        is logged and the next event goes on.
+        """
         delivery = Delivery(msg, spec)
         context = extract_context(delivery.headers)
         event_id = delivery.headers.get("ce-id", "")
@@ -239,7 +305,7 @@ class Bus:
             f"{msg.subject} process", context=context, kind=SpanKind.CONSUMER,
             attributes={
                 "messaging.destination.name": msg.subject,
-                "messaging.consumer.group.name": spec.durable,
+                "messaging.consumer.group.name": spec.durable if spec else f"{self.service} (every replica)",
                 "flywheel.event_id": event_id,
                 "flywheel.delivery": delivery.num_delivered,
             },
@@ -247,8 +313,20 @@ class Bus:
             try:
                 event = msgspec.json.decode(msg.data, type=event_type)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                await self._dead_letter(spec, msg, f"payload does not decode as {event_type.__name__}: {exc}")
                 span.set_status(Status(StatusCode.ERROR, "undecodable"))
+                reason = f"payload does not decode as {event_type.__name__}: {exc}"
+                if spec:
+                    await self._dead_letter(spec, msg, reason)
+                else:
+                    log.error("ignoring an undecodable event", reason=reason)
+                return
+            if spec is None:
+                try:
+                    await handler(event, delivery)
+                except Exception as exc:  # noqa: BLE001 - one bad event must not stop the follower
+                    span.record_exception(exc)
+                    span.set_status(Status(StatusCode.ERROR, repr(exc)))
+                    log.exception("handler failed on an every-replica event")
                 return
             heartbeat = asyncio.create_task(self._heartbeat(msg, spec)) if spec.long_running else None
             try:
@@ -300,7 +378,9 @@ class Bus:
     # ------------------------------------------------------------------ request / reply
 
     async def serve(self, subject: str, request_type: type[E], handler: Callable[[E, str], Awaitable[msgspec.Struct]]):
-        """Answer core-NATS requests on `subject` (wildcards allowed); errors are replied, not raised."""
+        """Answer core-NATS requests on `subject` (wildcards or `{parameter}` tokens allowed);
+        errors are replied, not raised."""
+        subject = ".".join("*" if t.startswith("{") else t for t in subject.split("."))
 
         async def on_request(msg: Msg) -> None:
             with tracer().start_as_current_span(f"{msg.subject} request", context=extract_context(msg.headers), kind=SpanKind.SERVER):
@@ -323,6 +403,98 @@ class Bus:
         headers = inject_headers({})
         reply = await self.nc.request(subject, encode(payload), timeout=timeout, headers=headers)
         return msgspec.json.decode(reply.data, type=reply_type)
+
+
+class Source:
+    """A bound subscription: `run(service, stop)` handles its events until `stop` is set."""
+
+    def __init__(self, bus: Bus, subscription: Subscribe) -> None:
+        self.bus = bus
+        self.subscription = subscription
+
+    def _handler(self, service: Any) -> Handler:
+        method = self.subscription.handler
+        return lambda event, delivery: method(service, event, delivery)
+
+    async def run(self, service: Any, stop: asyncio.Event) -> None:
+        raise NotImplementedError
+
+
+class _WorkQueue(Source):
+    """Shared durable consumers, one message at a time; earlier consumers drain first."""
+
+    def __init__(self, bus: Bus, subscription: Subscribe, subs: list[JetStreamContext.PullSubscription]) -> None:
+        super().__init__(bus, subscription)
+        self.subs = subs
+
+    async def run(self, service: Any, stop: asyncio.Event) -> None:
+        specs = self.subscription.consumers
+        handler = self._handler(service)
+        valve = self.subscription.while_open(service) if self.subscription.while_open else None
+        # With one consumer a long poll is fine; with several, poll briefly so a message on
+        # a higher-priority consumer is seen soon.
+        poll_s = 1.0 if len(specs) == 1 else 0.2
+        try:
+            while not stop.is_set():
+                if valve is not None and not valve.is_set():
+                    await _first_of(valve, stop)
+                    continue
+                handled = False
+                for spec, sub in zip(specs, self.subs):
+                    try:
+                        msgs = await sub.fetch(1, timeout=poll_s)
+                    except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                        continue
+                    except nats.errors.ConnectionClosedError:
+                        return
+                    for msg in msgs:
+                        await self.bus._process(spec, msg, self.subscription.event_type, handler)
+                    handled = True
+                    break
+                if not handled and not self.bus.nc.is_connected:
+                    await _first_of(stop, timeout=0.5)
+        finally:
+            for sub in self.subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+
+class _EveryReplica(Source):
+    """An ordered consumer of this process alone, from the newest message on."""
+
+    def __init__(self, bus: Bus, subscription: Subscribe, sub: Subscription, seen_seq: int) -> None:
+        super().__init__(bus, subscription)
+        self.sub = sub
+        self.seen_seq = seen_seq
+
+    async def run(self, service: Any, stop: asyncio.Event) -> None:
+        handler = self._handler(service)
+        try:
+            while not stop.is_set():
+                try:
+                    msg = await self.sub.next_msg(timeout=1.0)
+                except nats.errors.TimeoutError:
+                    continue
+                except nats.errors.ConnectionClosedError:
+                    return
+                sequence = msg.metadata.sequence.stream
+                if sequence <= self.seen_seq:
+                    continue
+                self.seen_seq = sequence
+                await self.bus._process(None, msg, self.subscription.event_type, handler)
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await self.sub.unsubscribe()
+
+
+async def _first_of(*events: asyncio.Event, timeout: float | None = None) -> None:
+    """Wait until any of `events` is set (or `timeout` passes)."""
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:

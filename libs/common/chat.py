@@ -98,3 +98,23 @@ def prompt_messages(messages: list[ChatMessage]) -> list[dict]:
     """The conversation up to (not including) its last assistant turn: what a model is asked."""
     last = max(i for i, m in enumerate(messages) if m.role == "assistant")
     return [{"role": m.role, "content": m.content} for m in messages[:last]]
+
+
+def collate(examples: list[EncodedChat], pad_id: int, device: str = "cpu") -> dict:
+    """Right-pad to the longest example: input_ids, attention_mask, labels (IGNORE_INDEX on padding).
+
+    The one batching rule for training and scoring, so val loss is measured on exactly the
+    tokens and masks the trainer trains on.
+    """
+    import torch  # noqa: PLC0415 - keeps this module importable without torch (gatekeeper, CLI)
+
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}

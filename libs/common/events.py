@@ -23,6 +23,17 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def derived_id(producer: str, *key: object) -> str:
+    """The id of the event that states one fact: the same every time it is derived.
+
+    An event republished after a crash or a redelivery then carries the same id, and
+    JetStream's duplicate window (Nats-Msg-Id) drops it. `producer` scopes the key, so two
+    services can never derive the same id: uuid5(uuid5(URL, "flywheel/<producer>"), "k1:k2").
+    """
+    namespace = uuid.uuid5(uuid.NAMESPACE_URL, f"flywheel/{producer}")
+    return uuid.uuid5(namespace, ":".join(map(str, key))).hex
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

@@ -17,6 +17,22 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 ReadinessCheck = Callable[[], bool]
 
 
+class ApiError(Exception):
+    """Raised by any route or dependency: answered with `status` and `body()` as JSON.
+
+    A service's own error shape (e.g. OpenAI's) subclasses it; the app every service gets
+    from `create_app` turns it into the response, so routers need no app to register with.
+    """
+
+    status: int = 400
+
+    def body(self) -> dict:
+        return {"error": str(self)}
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
 class ServiceMetrics:
     """A per-service Prometheus registry with the metrics every service has."""
 
@@ -54,6 +70,10 @@ def create_app(service: str, metrics: ServiceMetrics, checks: dict[str, Readines
         metrics.http_requests.labels(path, request.method, str(response.status_code)).inc()
         metrics.http_latency.labels(path).observe(time.perf_counter() - started)
         return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> Response:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
     @app.get("/health")
     async def health() -> dict:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import structlog
 from opentelemetry import trace
 
-_SECRET_WORDS = ("api_key", "apikey", "authorization", "password", "secret", "token")
+# A name is secret when one of its words (split at _ and -) is one of these, or it ends in
+# one of the compounds: `access_token`, `api_key` and `Authorization` are; `max_tokens_limit`
+# and `api_key_file` (a path) are not.
+_SECRET_WORDS = frozenset({"apikey", "authorization", "password", "passwd", "secret", "token", "credentials"})
+_SECRET_ENDINGS = ("api_key", "api-key", "private_key")
 
 
 def _add_trace_ids(_logger, _name, event_dict: dict) -> dict:
@@ -19,12 +24,22 @@ def _add_trace_ids(_logger, _name, event_dict: dict) -> dict:
     return event_dict
 
 
+def is_secret_name(key: str) -> bool:
+    """The one rule for what is never logged: names that hold keys, passwords or tokens."""
+    lowered = key.lower()
+    return lowered.endswith(_SECRET_ENDINGS) or not _SECRET_WORDS.isdisjoint(re.split(r"[_\-]", lowered))
+
+
+def mask_secrets_in(mapping: dict) -> dict:
+    """`mapping` with every secret value replaced by *** (an empty one stays empty: "not set")."""
+    for key in list(mapping):
+        if is_secret_name(key) and mapping[key]:
+            mapping[key] = "***"
+    return mapping
+
+
 def mask_secrets(_logger, _name, event_dict: dict) -> dict:
-    for key in list(event_dict):
-        lowered = key.lower()
-        if any(word in lowered for word in _SECRET_WORDS) and not lowered.endswith(("_tokens", "_per_second")):
-            event_dict[key] = "***"
-    return event_dict
+    return mask_secrets_in(event_dict)
 
 
 def _stderr_logger(*_args: object) -> structlog.PrintLogger:

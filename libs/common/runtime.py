@@ -1,16 +1,24 @@
-"""What every service process does around its own logic.
+"""What every service process does around its own logic, driven by its declaration.
 
-Load and print settings, set up logs and traces, connect the bus (and create the topology),
-serve HTTP (/health, /ready, /metrics plus the service's routes), run the service's
-background loops, and on SIGTERM / SIGINT stop taking work, let in-flight handlers finish,
-drain the bus and exit 0. A background loop that crashes ends the process with 1 so the
-supervisor restarts it: a half-alive service is worse than a restart.
+`run(SERVICE)` is the whole body of every `python -m services.<name>`: load and print the
+settings (a bad one stops the process with exit 2 and the variable's name), set up logs and
+traces, serve HTTP (/health, /ready, /metrics plus the service's routes), connect the bus and
+create the topology, then start what `SERVICE` declares (see `libs.common.service`).
+
+SIGTERM / SIGINT is honoured at every stage. While starting (connecting to NATS, creating
+the topology, loading a model) it cancels the start-up and exits 0 at once. Once running it
+stops taking work, calls the service's `on_stop` (interrupt long jobs), lets in-flight
+handlers finish within the grace period, drains the bus and exits 0. A declared loop or
+subscription that crashes ends the process with 1 so the supervisor restarts it: a
+half-alive service is worse than a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -18,13 +26,19 @@ from typing import Any, Generic, TypeVar
 
 import uvicorn
 
+from libs.common.artifacts import ArtifactStore
 from libs.common.bus import Bus
 from libs.common.http import ServiceMetrics, create_app
 from libs.common.log import get_logger, setup_logging
+from libs.common.service import Service
 from libs.common.settings import CommonSettings, SettingsError, describe, load_settings
 from libs.common.tracing import setup_tracing, shutdown_tracing
 
 S = TypeVar("S", bound=CommonSettings)
+T = TypeVar("T")
+
+# How long a stopping service waits for in-flight handlers before cancelling them.
+SHUTDOWN_GRACE_S = 30.0
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -36,18 +50,27 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 class ServiceRuntime(Generic[S]):
-    def __init__(self, name: str, settings: S, *, shutdown_grace_s: float = 30.0) -> None:
+    """One service process: its settings, bus, HTTP app, metrics and the tasks it runs."""
+
+    def __init__(self, name: str, settings: S, *, shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> None:
         self.name = name
         self.settings = settings
         self.log = get_logger(name)
         self.metrics = ServiceMetrics(name)
+        self.store = ArtifactStore(settings.artifacts_dir)
         self.stop = asyncio.Event()
         self.bus: Bus | None = None
-        self.checks: dict[str, Callable[[], bool]] = {"bus": lambda: self.bus is not None and self.bus.connected}
+        self.started = False
+        # /ready: connected, and everything declared is built and running (model loaded, ...).
+        self.checks: dict[str, Callable[[], bool]] = {
+            "bus": lambda: self.bus is not None and self.bus.connected,
+            "started": lambda: self.started,
+        }
         self.app = create_app(name, self.metrics, self.checks)
         self.shutdown_grace_s = shutdown_grace_s
         self._tasks: list[asyncio.Task] = []
         self._crashed: BaseException | None = None
+        self._on_stop: list[Callable[[], None]] = []
         self._on_shutdown: list[Callable[[], Awaitable[None]]] = []
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
@@ -57,9 +80,6 @@ class ServiceRuntime(Generic[S]):
         self._tasks.append(task)
         return task
 
-    def on_shutdown(self, fn: Callable[[], Awaitable[None]]) -> None:
-        self._on_shutdown.append(fn)
-
     def _on_task_done(self, task: asyncio.Task) -> None:
         if task.cancelled() or task.exception() is None:
             return
@@ -67,37 +87,64 @@ class ServiceRuntime(Generic[S]):
         self.log.error("background loop crashed", task=task.get_name(), error=repr(task.exception()))
         self.stop.set()
 
-    async def run(self, start: Callable[[ServiceRuntime[S]], Awaitable[None]]) -> int:
+    # ------------------------------------------------------------------ start-up
+
+    async def start(self, service: Service[T]) -> T:
+        """Connect, create the topology, build the service and start what it declares."""
+        self.bus = await Bus.connect(self.settings.nats_servers, self.name,
+                                     deadline_s=self.settings.nats_connect_deadline_s)
+        self.bus.publications = service.publications
+        await self.bus.ensure_topology()
+        # Bound before the build, so an every-replica subscription misses nothing meanwhile.
+        sources = [await self.bus.bind(sub) for sub in service.subscriptions]
+        self.log.info("building the service (models, state)")
+        instance = await service.build(self)
+        if service.routes:
+            self.app.include_router(service.routes(instance))
+        if service.readiness:
+            self.checks.update(service.readiness(instance))
+        if service.on_stop:
+            self._on_stop.append(functools.partial(service.on_stop, instance))
+        if service.close:
+            self._on_shutdown.append(functools.partial(service.close, instance))
+        for reply in service.replies:
+            await self.bus.serve(reply.subject, reply.request_type, functools.partial(reply.handler, instance))
+        for sub, source in zip(service.subscriptions, sources):
+            self.spawn(source.run(instance, self.stop), f"consume {sub.subject}")
+        for loop in service.loops:
+            self.spawn(loop(instance, self.stop), loop.__name__)
+        self.log.info("service started", http_port=self.settings.http_port)
+        self.started = True
+        return instance
+
+    async def run(self, service: Service[T]) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
-        port = getattr(self.settings, "http_port", 0)
+        port = self.settings.http_port
         server = _EmbeddedServer(uvicorn.Config(
             self.app, host=self.settings.http_host, port=port, log_config=None, access_log=False, lifespan="off",
         ))
         http_task = asyncio.create_task(server.serve(), name="http")
+        starting = asyncio.create_task(self.start(service), name="start")
+        stopped = asyncio.create_task(self.stop.wait(), name="stop")
         try:
-            self.bus = await Bus.connect(self.settings.nats_servers, self.name)
-            await self.bus.ensure_topology()
-            await start(self)
-            self.log.info("service started", http_port=port)
-            await self.stop.wait()
-        except Exception as exc:  # noqa: BLE001 - startup failure: log it clearly, exit non-zero
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                self.log.info("stop requested while starting; start-up abandoned")
+                starting.cancel()
+                with contextlib.suppress(BaseException):
+                    await starting
+            elif starting.exception() is not None:
+                raise starting.exception()
+            else:
+                await self.stop.wait()
+        except Exception as exc:  # noqa: BLE001 - startup failure: say it clearly, exit non-zero
             self._crashed = exc
-            self.log.error("service failed", error=repr(exc))
+            self.log.error("service failed", error=str(exc) or repr(exc))
         finally:
-            self.log.info("stopping: finishing in-flight work")
-            self.stop.set()
-            if self._tasks:
-                _, pending = await asyncio.wait(self._tasks, timeout=self.shutdown_grace_s)
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-            for fn in self._on_shutdown:
-                with contextlib.suppress(Exception):
-                    await fn()
-            if self.bus:
-                await self.bus.close()
+            stopped.cancel()
+            await self.shut_down()
             server.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(http_task, 5)
@@ -105,19 +152,58 @@ class ServiceRuntime(Generic[S]):
             self.log.info("stopped")
         return 1 if self._crashed else 0
 
+    # ------------------------------------------------------------------ shutdown
 
-def run_service(name: str, settings_cls: type[S], start: Callable[[ServiceRuntime[S]], Awaitable[None]]) -> None:
+    async def shut_down(self) -> None:
+        """Stop taking work, interrupt long jobs, give in-flight handlers the grace period, drain."""
+        self.log.info("stopping: finishing in-flight work")
+        self.stop.set()
+        for fn in self._on_stop:
+            with contextlib.suppress(Exception):
+                fn()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=self.shutdown_grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for fn in self._on_shutdown:
+            with contextlib.suppress(Exception):
+                await fn()
+        if self.bus:
+            await self.bus.close()
+
+
+def run(service: Service) -> None:
     """The body of every `python -m services.<name>`."""
     try:
-        settings = load_settings(settings_cls, name)
+        settings = load_settings(service.settings, service.name)
     except SettingsError as exc:
-        print(f"flywheel-{name}: configuration error: {exc}", file=sys.stderr)
+        print(f"flywheel-{service.name}: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
-    setup_logging(name, settings.log_level)
-    setup_tracing(name, settings.data_dir)
-    get_logger(name).info("settings", **describe(settings))
+    setup_logging(service.name, settings.log_level)
+    setup_tracing(service.name, settings.data_dir)
+    get_logger(service.name).info("settings", **describe(settings))
 
     async def main() -> int:
-        return await ServiceRuntime(name, settings).run(start)
+        code = await ServiceRuntime(service.name, settings).run(service)
+        await _leave_worker_threads(code)
+        return code
 
     raise SystemExit(asyncio.run(main()))
+
+
+async def _leave_worker_threads(code: int, wait_s: float = 5.0) -> None:
+    """Wait briefly for worker threads, then leave without them.
+
+    A thread cannot be cancelled: a model still loading when SIGTERM came would hold the
+    interpreter (asyncio.run joins the executor) far past the grace period. What it was
+    doing is abandoned on purpose and everything that must survive is written atomically,
+    so once the orderly shutdown above is done, exit.
+    """
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().shutdown_default_executor(), wait_s)
+    except TimeoutError:
+        get_logger("runtime").info("exiting without waiting for a busy worker thread")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

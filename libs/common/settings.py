@@ -1,22 +1,45 @@
 """Typed settings: one struct per service, loaded from an optional TOML file and FLYWHEEL_* env.
 
 Precedence (later wins): field defaults < TOML file (`FLYWHEEL_CONFIG`, sections `[common]` and
-`[<service>]`) < environment. Common fields read `FLYWHEEL_<FIELD>`; a service's own fields
-read `FLYWHEEL_<SERVICE>_<FIELD>`. Anything unknown or of the wrong type stops the service
-with a message naming the variable: a typo must never silently fall back to a default.
+`[<service>]`) < environment < explicit overrides.
+
+Names:
+- a common field is set for every service at once: `FLYWHEEL_<FIELD>` / `[common]`. Values
+  services must agree on (`max_length`, `base_model`, ...) live here, so they have one owner;
+- a service's own field: `FLYWHEEL_<SERVICE>_<FIELD>` / `[<service>]`;
+- `http_port` is common to all but set per service (`FLYWHEEL_TRAINER_HTTP_PORT`), since no two
+  services may share a port.
+A field whose type is itself a struct (the trainer's `Hyperparameters`) is read flat, by its
+fields' names.
+
+Nothing is ignored: every `FLYWHEEL_*` variable and every TOML section and key must name a
+setting of some service, or loading stops with a `SettingsError` naming it and the nearest
+valid name. A typo must never silently fall back to a default. Values are checked by their
+types (`msgspec.Meta` bounds, `Literal`s) and each service's `__post_init__`.
+
+Every service declares its settings class as `SETTINGS` in `services/<name>/settings.py`;
+that is how the loader knows every valid name.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import os
+import re
 import tomllib
+from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
+from libs.common.log import mask_secrets_in
+
 ENV_PREFIX = "FLYWHEEL_"
 CONFIG_ENV = "FLYWHEEL_CONFIG"
+# Variables with the prefix that are not settings.
+NOT_SETTINGS = frozenset({CONFIG_ENV})
 
 # Where each service listens by default; tests and `flywheel up --port-base` override them.
 DEFAULT_PORTS = {
@@ -28,6 +51,20 @@ DEFAULT_PORTS = {
     "curriculum": 8105,
 }
 SERVICES = tuple(DEFAULT_PORTS)
+# Command-line tools read the common settings under this name; they have no own fields.
+CLI = "cli"
+# Common fields that are set per service only.
+PER_SERVICE = frozenset({"http_port"})
+
+# Reusable constrained types: a bad value fails with the field's name.
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+# auto: cuda when present, else cpu.
+Device = Annotated[str, msgspec.Meta(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
 
 
 class SettingsError(ValueError):
@@ -40,14 +77,17 @@ class CommonSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     data_dir: Path = Path("data")
     # Empty means "not set": `flywheel up` then starts an embedded nats-server.
     nats_url: str = ""
-    log_level: str = "info"
+    # How long a service keeps trying to reach NATS at start before it exits (0: forever).
+    nats_connect_deadline_s: NonNegativeFloat = 300.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     http_host: str = "127.0.0.1"
+    # Per service (FLYWHEEL_<SERVICE>_HTTP_PORT); defaults from DEFAULT_PORTS, 0 = any free port.
+    http_port: Port = 0
     # A local HF model directory. Empty: the tiny Qwen3 model created under data_dir.
     base_model: str = ""
-
-    def __post_init__(self) -> None:
-        if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
-            raise SettingsError(f"log_level must be debug/info/warning/error, got {self.log_level!r}")
+    # The longest token sequence the model is trained and scored on: the trainer cuts rows to
+    # it, the gatekeeper measures rows against it, the evaluator scores within it.
+    max_length: Annotated[int, msgspec.Meta(ge=16)] = 512
 
     @property
     def nats_servers(self) -> list[str]:
@@ -61,63 +101,169 @@ class CommonSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    @property
+    def artifacts_dir(self) -> Path:
+        """The local artifact store every service shares (datasets, reports, checkpoints)."""
+        return Path(self.data_dir) / "artifacts"
+
 
 S = TypeVar("S", bound=CommonSettings)
 
 
-def _common_fields() -> set[str]:
-    return set(CommonSettings.__struct_fields__)
+# ---------------------------------------------------------------------------- names
 
 
-def _read_toml(path: Path, service: str) -> dict[str, Any]:
+def settings_class(service: str) -> type[CommonSettings]:
+    """The settings class a service declares (`SETTINGS` in services/<service>/settings.py)."""
+    if service == CLI:
+        return CommonSettings
+    if service not in SERVICES:
+        raise SettingsError(f"unknown service {service!r}; known: {', '.join(SERVICES)}")
+    return importlib.import_module(f"services.{service}.settings").SETTINGS
+
+
+def _is_struct(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, msgspec.Struct)
+
+
+def _fields(cls: type[msgspec.Struct]) -> dict[str, tuple[str, ...]]:
+    """Flat field name -> path into the struct (nested struct fields are read flat)."""
+    flat: dict[str, tuple[str, ...]] = {}
+    for field in msgspec.structs.fields(cls):
+        if _is_struct(field.type):
+            for name, path in _fields(field.type).items():
+                flat[name] = (field.name, *path)
+        else:
+            flat[field.name] = (field.name,)
+    return flat
+
+
+def _own_fields(cls: type[CommonSettings]) -> dict[str, tuple[str, ...]]:
+    """What a service may set under its own prefix or section."""
+    common = _fields(CommonSettings)
+    own = {name: path for name, path in _fields(cls).items() if name not in common}
+    own.update({name: common[name] for name in PER_SERVICE})
+    return own
+
+
+def _global_fields() -> dict[str, tuple[str, ...]]:
+    return {name: path for name, path in _fields(CommonSettings).items() if name not in PER_SERVICE}
+
+
+@cache
+def _known_names(extra: tuple[tuple[str, type[CommonSettings]], ...] = ()) -> dict[str, tuple[str, str]]:
+    """Every valid env variable -> (service or "common", field)."""
+    names = {f"{ENV_PREFIX}{f.upper()}": ("common", f) for f in _global_fields()}
+    classes = {service: settings_class(service) for service in SERVICES}
+    classes.update(dict(extra))
+    for service, cls in classes.items():
+        for field in _own_fields(cls):
+            names[f"{ENV_PREFIX}{service.upper()}_{field.upper()}"] = (service, field)
+    return names
+
+
+def _nearest(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def env_name(service: str, field: str) -> str:
+    """The variable that sets `field` for `service`."""
+    if service == CLI or (field in _global_fields()):
+        return f"{ENV_PREFIX}{field.upper()}"
+    return f"{ENV_PREFIX}{service.upper()}_{field.upper()}"
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+def _read_toml(path: Path, known: dict[str, dict[str, tuple[str, ...]]]) -> dict[str, dict[str, Any]]:
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError as exc:
         raise SettingsError(f"{CONFIG_ENV} points at {path}, which does not exist") from exc
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{path}: invalid TOML: {exc}") from exc
-    merged: dict[str, Any] = {}
-    merged.update(data.get("common", {}))
-    merged.update(data.get(service, {}))
-    return merged
+    for section, values in data.items():
+        if section not in known:
+            raise SettingsError(f"{path}: unknown section [{section}]{_nearest(section, list(known))}"
+                                f" (sections: {', '.join(known)})")
+        if not isinstance(values, dict):
+            raise SettingsError(f"{path}: [{section}] must be a table of settings")
+        for key in values:
+            if key not in known[section]:
+                raise SettingsError(f"{path}: [{section}] has no setting {key!r}{_nearest(key, list(known[section]))}")
+    return data
 
 
-def _read_env(cls: type[S], service: str, environ: dict[str, str]) -> dict[str, Any]:
-    fields = set(cls.__struct_fields__)
-    common = _common_fields()
-    own_prefix = f"{ENV_PREFIX}{service.upper()}_"
-    values: dict[str, Any] = {}
-    if environ.get("NATS_URL") and not environ.get(f"{ENV_PREFIX}NATS_URL"):
-        values["nats_url"] = environ["NATS_URL"]
-    for key, raw in environ.items():
-        if key.startswith(own_prefix):
-            name = key[len(own_prefix):].lower()
-            if name not in fields or name in common:
-                raise SettingsError(
-                    f"{key}: {service} has no setting {name!r}; known: {sorted(fields - common)}"
-                )
-            values[name] = raw
-        elif key.startswith(ENV_PREFIX):
-            name = key[len(ENV_PREFIX):].lower()
-            if name in common:
-                values[name] = raw
-    return values
+def _check_environment(environ: dict[str, str], known: dict[str, tuple[str, str]]) -> None:
+    for key in environ:
+        if key.startswith(ENV_PREFIX) and key not in known and key not in NOT_SETTINGS:
+            if key == f"{ENV_PREFIX}HTTP_PORT":
+                raise SettingsError(f"{key}: http_port is set per service, e.g. {ENV_PREFIX}TRAINER_HTTP_PORT")
+            raise SettingsError(f"{key} is not a Flywheel setting{_nearest(key, list(known))}")
+
+
+def _nest(flat: dict[str, Any], paths: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, leaf = paths[name]
+        target = nested
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return nested
 
 
 def load_settings(cls: type[S], service: str, environ: dict[str, str] | None = None, **overrides: Any) -> S:
     """Build `cls` for `service` from defaults, TOML, env and explicit overrides (in that order)."""
     environ = dict(os.environ if environ is None else environ)
-    values: dict[str, Any] = {}
+    extra = () if service == CLI else ((service, cls),)
+    known_env = _known_names(extra)
+    _check_environment(environ, known_env)
+
+    own = {} if service == CLI else _own_fields(cls)
+    flat: dict[str, Any] = {}
     if config := environ.get(CONFIG_ENV):
-        values.update(_read_toml(Path(config), service))
-    values.update(_read_env(cls, service, environ))
-    values.update(overrides)
-    if "http_port" in cls.__struct_fields__ and "http_port" not in values:
-        values["http_port"] = DEFAULT_PORTS.get(service, 0)
+        sections = {"common": _global_fields(), **{s: _own_fields(settings_class(s)) for s in SERVICES}}
+        if service != CLI:
+            sections[service] = own
+        data = _read_toml(Path(config), sections)
+        flat.update(data.get("common", {}))
+        flat.update(data.get(service, {}))
+    if environ.get("NATS_URL") and not environ.get(f"{ENV_PREFIX}NATS_URL"):
+        flat["nats_url"] = environ["NATS_URL"]
+    for key, raw in environ.items():
+        owner = known_env.get(key)
+        if owner and owner[0] in ("common", service):
+            flat[owner[1]] = raw
+    flat.update(overrides)
+    if service in DEFAULT_PORTS and "http_port" not in flat:
+        flat["http_port"] = DEFAULT_PORTS[service]
+    paths = {**_fields(cls)}
+    if unknown := set(flat) - set(paths):
+        raise SettingsError(f"{service} has no setting(s) {sorted(unknown)}")
     try:
-        return msgspec.convert(values, cls, strict=False, dec_hook=_decode_extra)
+        return msgspec.convert(_nest(flat, paths), cls, strict=False, dec_hook=_decode_extra)
     except msgspec.ValidationError as exc:
-        raise SettingsError(f"{service} settings: {exc}") from exc
+        raise SettingsError(_explain(exc, service, flat)) from exc
+
+
+_AT = re.compile(r"at `\$\.(?:[A-Za-z_]+\.)*([A-Za-z_]+)`")
+# A service's own cross-field check raises SettingsError("<field>: why").
+_NAMED = re.compile(r"^([a-z_]+): ")
+
+
+def _explain(exc: msgspec.ValidationError, service: str, given: dict[str, Any]) -> str:
+    """msgspec says `... - at $.batch_size`; say which variable to fix and what it was."""
+    text = str(exc)
+    if match := _AT.search(text):
+        field = match.group(1)
+        got = f" (it is {given[field]!r})" if field in given else ""
+        return f"{env_name(service, field)}: {text[:match.start()].rstrip(' -')}{got}"
+    if match := _NAMED.match(text):
+        return f"{env_name(service, match.group(1))}: {text[match.end():]}"
+    return f"{service} settings: {text}"
 
 
 def _decode_extra(kind: type, value: Any) -> Any:
@@ -126,10 +272,11 @@ def _decode_extra(kind: type, value: Any) -> Any:
     raise NotImplementedError(f"cannot read {kind} from settings")
 
 
+def load_all(environ: dict[str, str] | None = None, **overrides: Any) -> dict[str, CommonSettings]:
+    """Every service's settings, checked at once (`flywheel up` does this before starting any)."""
+    return {s: load_settings(settings_class(s), s, environ, **overrides) for s in SERVICES}
+
+
 def describe(settings: msgspec.Struct) -> dict[str, Any]:
-    """Settings as a loggable dict, with anything secret-looking masked."""
-    shown = msgspec.to_builtins(settings, enc_hook=str)
-    for key in list(shown):
-        if key.endswith(("key", "secret", "password", "token")):
-            shown[key] = "***" if shown[key] else ""
-    return shown
+    """Settings as a loggable dict, with anything secret masked (the log's one rule)."""
+    return mask_secrets_in(msgspec.to_builtins(settings, enc_hook=str))

@@ -25,10 +25,18 @@ CURRICULUM_LEVEL_CHANGED = "curriculum.level_changed"
 DEAD_LETTER_PREFIX = "deadletter"
 # Core NATS request/reply (not stored): control.trainer.pause|resume|stop
 CONTROL_TRAINER = "control.trainer"
+DATASET_ACCEPTED = "dataset.accepted.{priority}"
+CONTROL_TRAINER_ACTION = f"{CONTROL_TRAINER}.{{action}}"
+
+# What a `{parameter}` in a subject stands for (documented in the AsyncAPI document).
+SUBJECT_PARAMETERS = {
+    "priority": {"enum": list(PRIORITIES), "description": "the trainer drains high before normal before low"},
+    "action": {"enum": ["pause", "resume", "stop"], "description": "core NATS request/reply, not stored"},
+}
 
 
 def dataset_accepted(priority: Priority) -> str:
-    return f"dataset.accepted.{priority}"
+    return DATASET_ACCEPTED.format(priority=priority)
 
 
 def dead_letter(subject: str) -> str:

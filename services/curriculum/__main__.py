@@ -1,3 +1,6 @@
-from services.curriculum.service import main
+"""`python -m services.curriculum`: the runtime starts what services/curriculum/service.py declares."""
 
-main()
+from libs.common.runtime import run
+from services.curriculum.service import SERVICE
+
+run(SERVICE)

@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import msgspec
-from fastapi import FastAPI
+from fastapi import APIRouter
 
-from services.curriculum.state import SkillBoard
-
-if TYPE_CHECKING:
-    from services.curriculum.service import CurriculumSettings
+from libs.common.records import SkillState
+from services.curriculum.settings import CurriculumSettings
 
 
-def add_routes(app: FastAPI, board: SkillBoard, settings: CurriculumSettings, skill: str) -> None:
-    @app.get("/levels")
+class Levels(Protocol):
+    """What the routes read: the settings, the skill and its state."""
+
+    settings: CurriculumSettings
+    skill: str
+
+    async def skill_state(self) -> SkillState: ...
+
+
+def router(curriculum: Levels) -> APIRouter:
+    routes = APIRouter()
+    settings, skill = curriculum.settings, curriculum.skill
+
+    @routes.get("/levels")
     async def levels() -> dict:
-        state, _ = await board.read(skill)
+        state = await curriculum.skill_state()
         return {skill: {
             "level": state.level,
             "max_level": settings.max_level,
@@ -26,8 +36,10 @@ def add_routes(app: FastAPI, board: SkillBoard, settings: CurriculumSettings, sk
             "datasets_submitted": state.datasets_submitted,
         }}
 
-    @app.get("/history")
+    @routes.get("/history")
     async def history() -> list[dict]:
         """Level changes, newest first."""
-        state, _ = await board.read(skill)
+        state = await curriculum.skill_state()
         return [{"skill": skill, **msgspec.to_builtins(c)} for c in reversed(state.changes)]
+
+    return routes

@@ -13,33 +13,11 @@ from datetime import datetime
 
 import msgspec
 
+from libs.common.records import LevelChange, SkillState
+
 # Keys of counted evaluations are kept this long; redeliveries come much sooner.
 SEEN_KEPT = 256
 CHANGES_KEPT = 100
-
-
-class LevelChange(msgspec.Struct, kw_only=True, frozen=True):
-    time: datetime
-    previous_level: int
-    level: int
-    accuracy: float
-    reason: str
-    eval_key: str
-    event_id: str
-
-
-class SkillState(msgspec.Struct, kw_only=True, frozen=True):
-    """One skill's record in KV bucket `curriculum` (key: the skill name)."""
-
-    skill: str
-    level: int = 1
-    # Accuracy at the current level, oldest first, at most `window` long.
-    recent: list[float] = []
-    seen: list[str] = []
-    changes: list[LevelChange] = []
-    # Synthetic datasets written so far: numbers each dataset and seeds its generator.
-    datasets_submitted: int = 0
-    last_submitted_at: datetime | None = None
 
 
 class Progression(msgspec.Struct, frozen=True):

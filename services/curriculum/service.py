@@ -11,52 +11,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 
 import msgspec
 import nats.errors
 
 from libs.common import topology
 from libs.common.bus import Bus, Delivery
-from libs.common.events import CurriculumLevelChanged, DatasetSubmitted, EvalScored, utcnow
+from libs.common.events import CurriculumLevelChanged, DatasetSubmitted, EvalScored, derived_id, utcnow
 from libs.common.http import ServiceMetrics
+from libs.common.kv import Record
 from libs.common.log import get_logger
-from libs.common.runtime import ServiceRuntime, run_service
-from libs.common.settings import CommonSettings, SettingsError
+from libs.common.records import LevelChange, SkillState, skill_state
+from libs.common.runtime import ServiceRuntime
+from libs.common.service import Publish, Service, Subscribe
 from libs.common.skills import binary
-from services.curriculum.api import add_routes
+from services.curriculum.api import router
 from services.curriculum.pacing import IdleTimer, queue_depth
-from services.curriculum.progression import LevelChange, SkillState, eval_key, progress
-from services.curriculum.state import SkillBoard
+from services.curriculum.progression import eval_key, progress
+from services.curriculum.settings import CurriculumSettings
 from services.curriculum.synthesis import synthetic_dataset
 
-log = get_logger("curriculum")
-SKILL = binary.SKILL
-LEVEL_NAMESPACE = uuid.UUID("a1f0e6d2-7c3b-4e8a-b5d9-6c2f1e0a9b84")
+NAME = "curriculum"
+log = get_logger(NAME)
 # The queue: datasets waiting for validation or for training, at any priority.
 QUEUE_CONSUMERS = (topology.GATEKEEPER, *topology.TRAINER)
-
-
-class CurriculumSettings(CommonSettings):
-    http_port: int = 0
-    # Write synthetic datasets when the queue is idle (level tracking runs regardless).
-    enabled: bool = True
-    threshold: float = 0.8
-    # Evaluations in a row at >= threshold needed to raise the level.
-    window: int = 2
-    max_level: int = binary.MAX_LEVEL
-    poll_interval_s: float = 5.0
-    idle_seconds: float = 60.0
-    rows_per_dataset: int = 200
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 1 <= self.max_level <= binary.MAX_LEVEL:
-            raise SettingsError(f"max_level must be 1..{binary.MAX_LEVEL}, got {self.max_level}")
-        if self.window < 1 or self.rows_per_dataset < 1 or self.poll_interval_s <= 0 or self.idle_seconds < 0:
-            raise SettingsError("window and rows_per_dataset must be >= 1, poll_interval_s > 0, idle_seconds >= 0")
-        if not 0.0 < self.threshold <= 1.0:
-            raise SettingsError(f"threshold must be in (0, 1], got {self.threshold}")
 
 
 def level_changed(skill: str, change: LevelChange) -> CurriculumLevelChanged:
@@ -67,36 +45,53 @@ def level_changed(skill: str, change: LevelChange) -> CurriculumLevelChanged:
 
 
 class Curriculum:
-    def __init__(self, bus: Bus, board: SkillBoard, settings: CurriculumSettings, metrics: ServiceMetrics) -> None:
-        self.bus = bus
-        self.board = board
+    def __init__(self, settings: CurriculumSettings, bus: Bus, metrics: ServiceMetrics, state: Record[SkillState],
+                 skill: str = binary.SKILL) -> None:
         self.settings = settings
+        self.bus = bus
         self.metrics = metrics
+        self.state = state
+        self.skill = skill
+
+    @classmethod
+    async def open(cls, rt: ServiceRuntime[CurriculumSettings]) -> Curriculum:
+        if not rt.settings.enabled:
+            log.info("synthetic data disabled (FLYWHEEL_CURRICULUM_ENABLED=false)")
+        return cls(rt.settings, rt.bus, rt.metrics, await rt.bus.record(skill_state(binary.SKILL)))
+
+    async def skill_state(self) -> SkillState:
+        """The skill's state; a fresh level-1 state if never written."""
+        state, _ = await self.state.read()
+        return state or SkillState(skill=self.skill)
+
+    async def _change(self, fn):
+        """Apply `fn(state) -> (next state, result)` with compare-and-set; the result."""
+        return await self.state.change(lambda state, _revision: fn(state or SkillState(skill=self.skill)))
 
     # ------------------------------------------------------------------ progression
 
-    async def handle(self, event: EvalScored, delivery: Delivery) -> None:
+    async def on_eval_scored(self, event: EvalScored, delivery: Delivery) -> None:
         key = eval_key(event.checkpoint_sha256, event.suite_version)
         s = self.settings
 
         def apply(state: SkillState):
             result = progress(
                 state, key, event.by_level, threshold=s.threshold, window=s.window, max_level=s.max_level,
-                now=utcnow(), event_id=uuid.uuid5(LEVEL_NAMESPACE, f"{state.skill}:{key}").hex,
+                now=utcnow(), event_id=derived_id(NAME, "level", state.skill, key),
             )
             return result.state, result
 
-        result = await self.board.change(SKILL, apply)
+        result = await self._change(apply)
         change = result.change
         if result.already_counted:
             # A crash may have come between storing the change and announcing it.
             last = result.state.changes[-1] if result.state.changes else None
             change = last if last and last.eval_key == key else None
         if change:
-            await self.bus.publish(topology.CURRICULUM_LEVEL_CHANGED, level_changed(SKILL, change))
-            log.info("level changed", skill=SKILL, level=change.level, reason=change.reason)
+            await self.bus.publish(topology.CURRICULUM_LEVEL_CHANGED, level_changed(self.skill, change))
+            log.info("level changed", skill=self.skill, level=change.level, reason=change.reason)
         else:
-            log.info("level kept", skill=SKILL, level=result.state.level, reason=result.reason)
+            log.info("level kept", skill=self.skill, level=result.state.level, reason=result.reason)
         self.metrics.events_handled.labels(delivery.subject, "level_changed" if change else "level_kept").inc()
 
     # ------------------------------------------------------------------ synthetic data
@@ -117,11 +112,11 @@ class Curriculum:
             )
             return claimed, claimed
 
-        claimed = await self.board.change(SKILL, claim)
+        claimed = await self._change(claim)
         if claimed is None:
             return None
         dataset = await asyncio.to_thread(
-            synthetic_dataset, SKILL, claimed.level, claimed.datasets_submitted, self.settings.rows_per_dataset
+            synthetic_dataset, self.skill, claimed.level, claimed.datasets_submitted, self.settings.rows_per_dataset
         )
         await self.bus.publish(topology.DATASET_SUBMITTED, dataset)
         log.info("synthetic dataset submitted", name=dataset.name, rows=len(dataset.rows or []), level=claimed.level)
@@ -129,6 +124,8 @@ class Curriculum:
 
     async def watch_queue(self, stop: asyncio.Event) -> None:
         """Poll the queue depth; submit a dataset once it has been idle long enough."""
+        if not self.settings.enabled:
+            return
         timer = IdleTimer(self.settings.idle_seconds)
         loop = asyncio.get_running_loop()
         while not stop.is_set():
@@ -145,16 +142,17 @@ class Curriculum:
                 await asyncio.wait_for(stop.wait(), self.settings.poll_interval_s)
 
 
-async def start(rt: ServiceRuntime[CurriculumSettings]) -> None:
-    board = SkillBoard(await rt.bus.kv(topology.CURRICULUM_BUCKET))
-    curriculum = Curriculum(rt.bus, board, rt.settings, rt.metrics)
-    add_routes(rt.app, board, rt.settings, SKILL)
-    rt.spawn(rt.bus.consume(topology.CURRICULUM, EvalScored, curriculum.handle, rt.stop), "consume")
-    if rt.settings.enabled:
-        rt.spawn(curriculum.watch_queue(rt.stop), "watch-queue")
-    else:
-        log.info("synthetic data disabled (FLYWHEEL_CURRICULUM_ENABLED=false)")
-
-
-def main() -> None:
-    run_service("curriculum", CurriculumSettings, start)
+SERVICE = Service(
+    name=NAME,
+    settings=CurriculumSettings,
+    build=Curriculum.open,
+    subscriptions=(
+        Subscribe(topology.EVAL_SCORED, EvalScored, Curriculum.on_eval_scored, consumers=(topology.CURRICULUM,)),
+    ),
+    publications=(
+        Publish(topology.CURRICULUM_LEVEL_CHANGED, CurriculumLevelChanged),
+        Publish(topology.DATASET_SUBMITTED, DatasetSubmitted, "curriculum publishes synthetic practice datasets"),
+    ),
+    routes=router,
+    loops=(Curriculum.watch_queue,),
+)

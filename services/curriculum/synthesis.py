@@ -7,12 +7,8 @@ so a republished submission is dropped by JetStream's duplicate window.
 
 from __future__ import annotations
 
-import uuid
-
-from libs.common.events import DatasetSubmitted
+from libs.common.events import DatasetSubmitted, derived_id
 from libs.common.skills import binary
-
-SYNTHESIS_NAMESPACE = uuid.UUID("4d3c1b7a-2e6f-4a59-8b0d-9f1e2c3a4b5d")
 
 
 def synthetic_dataset(skill: str, level: int, number: int, num_rows: int) -> DatasetSubmitted:
@@ -20,7 +16,7 @@ def synthetic_dataset(skill: str, level: int, number: int, num_rows: int) -> Dat
         raise ValueError(f"no generator for skill {skill!r}")
     rows = binary.generate(level, num_rows, seed=number)
     return DatasetSubmitted(
-        id=uuid.uuid5(SYNTHESIS_NAMESPACE, f"{skill}:{number}").hex,
+        id=derived_id("curriculum", "synthetic", skill, number),
         name=f"curriculum-{skill}-L{level}-{number}",
         priority="low",
         # chat_sft_v1 rows: only the conversation (the skill's bookkeeping fields would be dropped).

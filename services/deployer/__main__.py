@@ -1,3 +1,6 @@
-from services.deployer.service import main
+"""`python -m services.deployer`: the runtime starts what services/deployer/service.py declares."""
 
-main()
+from libs.common.runtime import run
+from services.deployer.service import SERVICE
+
+run(SERVICE)

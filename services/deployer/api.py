@@ -2,34 +2,45 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import msgspec
-from fastapi import FastAPI, HTTPException
+from fastapi import APIRouter, HTTPException
 
-from services.deployer.champion import NothingToRollBack
+from libs.common.kv import Record
+from libs.common.records import Champion
+from services.deployer.promotion import NothingToRollBack
 
-if TYPE_CHECKING:
-    from services.deployer.service import Deployer
+
+class ChampionDesk(Protocol):
+    """What the routes need: the champion record and the rollback command."""
+
+    champion: Record[Champion]
+
+    async def rollback(self, requested_by: str) -> Champion: ...
 
 
-def add_routes(app: FastAPI, deployer: Deployer) -> None:
-    @app.get("/champion")
+def router(deployer: ChampionDesk) -> APIRouter:
+    routes = APIRouter()
+
+    @routes.get("/champion")
     async def champion() -> dict:
-        current, revision = await deployer.board.read()
+        current, revision = await deployer.champion.read()
         if current is None:
             raise HTTPException(404, "no champion yet: the base model is served")
         return {"revision": revision, **msgspec.to_builtins(current)}
 
-    @app.get("/history")
+    @routes.get("/history")
     async def history() -> list[dict]:
         """Champions kept by the KV bucket, newest first."""
-        return msgspec.to_builtins(list(reversed(await deployer.board.history())))
+        return msgspec.to_builtins(list(reversed(await deployer.champion.history())))
 
-    @app.post("/rollback")
+    @routes.post("/rollback")
     async def rollback(requested_by: str = "http") -> dict:
         try:
             restored = await deployer.rollback(requested_by)
         except NothingToRollBack as exc:
             raise HTTPException(409, str(exc)) from exc
         return msgspec.to_builtins(restored)
+
+    return routes

@@ -16,47 +16,16 @@ back twice goes two promotions back, not back and forth.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
-
 import msgspec
 
-from libs.common.events import EvalScored, ModelDeployed
+from libs.common.events import EvalScored
+from libs.common.records import Champion
 
 TIE = 1e-9
 
 
-class Champion(msgspec.Struct, kw_only=True, frozen=True):
-    """The record in KV bucket `champion`, key `current`: the checkpoint being served."""
-
-    checkpoint_uri: str
-    checkpoint_sha256: str
-    run_id: str
-    step: int
-    exact_match: float
-    val_loss: float
-    suite_version: str
-    deployed_at: datetime
-    # The ModelDeployed event that announced this record (re-announced with the same id).
-    event_id: str
-    reason: str = ""
-    previous_checkpoint_uri: str = ""
-    kind: Literal["promotion", "rollback"] = "promotion"
-
-    def announcement(self) -> ModelDeployed:
-        """The ModelDeployed event for this record; the same every time it is built."""
-        return ModelDeployed(
-            id=self.event_id,
-            time=self.deployed_at,
-            checkpoint_uri=self.checkpoint_uri,
-            checkpoint_sha256=self.checkpoint_sha256,
-            run_id=self.run_id,
-            step=self.step,
-            exact_match=self.exact_match,
-            val_loss=self.val_loss,
-            reason=self.reason,
-            previous_checkpoint_uri=self.previous_checkpoint_uri,
-        )
+class NothingToRollBack(Exception):
+    """There is no earlier champion to return to."""
 
 
 class Decision(msgspec.Struct, frozen=True):

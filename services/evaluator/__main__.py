@@ -1,3 +1,6 @@
-from services.evaluator.service import main
+"""`python -m services.evaluator`: the runtime starts what services/evaluator/service.py declares."""
 
-main()
+from libs.common.runtime import run
+from services.evaluator.service import SERVICE
+
+run(SERVICE)

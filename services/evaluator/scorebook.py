@@ -12,21 +12,16 @@ from pathlib import Path
 
 import msgspec
 
-from libs.common.artifacts import write_atomically
+from libs.common.artifacts import is_sha256, write_atomically
 from libs.common.events import EvalScored
 from services.evaluator.scoring import ItemResult
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _VERSION = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class ScoreRecord(msgspec.Struct, frozen=True):
     event: EvalScored
     items: list[ItemResult]
-
-
-def is_sha256(text: str) -> bool:
-    return bool(_SHA256.fullmatch(text))
 
 
 class Scorebook:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import msgspec
 
-from libs.common.chat import IGNORE_INDEX, encode_chat, prompt_messages
+from libs.common.chat import IGNORE_INDEX, collate, encode_chat, prompt_messages
 from libs.common.models import load_model, load_tokenizer
 from libs.common.skills import binary
 from services.evaluator.suite import SuiteItem
@@ -73,10 +73,9 @@ def _validation_loss(model, tokenizer, items: list[SuiteItem], device: str, batc
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
-        input_ids = _right_padded([e.input_ids for e in batch], tokenizer.pad_token_id, device)
-        labels = _right_padded([e.labels for e in batch], IGNORE_INDEX, device)
-        attention = _right_padded([[1] * len(e.input_ids) for e in batch], 0, device)
-        logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+        tensors = collate(batch, tokenizer.pad_token_id, device)
+        labels = tensors["labels"]
+        logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits.float()
         # Token t predicts token t+1.
         shifted_logits, shifted_labels = logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
         total_loss += F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
@@ -84,13 +83,6 @@ def _validation_loss(model, tokenizer, items: list[SuiteItem], device: str, batc
     if total_tokens == 0:
         raise ValueError("the suite has no assistant tokens to score (chat template or max_length problem)")
     return total_loss / total_tokens
-
-
-def _right_padded(rows: list[list[int]], value: int, device: str):
-    import torch
-
-    width = max(len(row) for row in rows)
-    return torch.tensor([row + [value] * (width - len(row)) for row in rows], device=device)
 
 
 def _generate(model, tokenizer, items: list[SuiteItem], device: str, batch_size: int, max_new_tokens: int) -> list[str]:

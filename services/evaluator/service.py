@@ -9,48 +9,33 @@ id and scores nothing. Run with `python -m services.evaluator`.
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 from libs.common import topology
-from libs.common.artifacts import ArtifactError, ArtifactStore
+from libs.common.artifacts import ArtifactError, ArtifactStore, is_sha256
 from libs.common.bus import Bus, Delivery, Reject
-from libs.common.events import CheckpointSaved, EvalScored
+from libs.common.events import CheckpointSaved, EvalScored, derived_id
 from libs.common.http import ServiceMetrics
 from libs.common.log import get_logger
 from libs.common.models import pick_device
-from libs.common.runtime import ServiceRuntime, run_service
-from libs.common.settings import CommonSettings
-from services.evaluator.api import add_routes
-from services.evaluator.scorebook import Scorebook, ScoreRecord, is_sha256
+from libs.common.runtime import ServiceRuntime
+from libs.common.service import Publish, Service, Subscribe
+from services.evaluator.api import router
+from services.evaluator.scorebook import Scorebook, ScoreRecord
 from services.evaluator.scoring import score_checkpoint
+from services.evaluator.settings import EvaluatorSettings
 from services.evaluator.suite import load_or_create_suite
 
-log = get_logger("evaluator")
-# Event ids are uuid5(namespace, "<checkpoint sha256>:<suite version>"): the same evaluation
-# always has the same id.
-SCORE_NAMESPACE = uuid.UUID("6f2b8a52-5a4e-4c1e-9a43-3f1d0c6e7b10")
-
-
-class EvaluatorSettings(CommonSettings):
-    http_port: int = 0
-    device: str = "auto"
-    # Distinct from any training seed; the suite also draws only from the skill's eval split.
-    suite_seed: int = 1_000_003
-    suite_max_level: int = 5
-    items_per_level: int = 16
-    batch_size: int = 16
-    # The longest gold answer (level 5, chained) is ~60 tokens of the tiny tokenizer.
-    max_new_tokens: int = 64
-    max_length: int = 512
+NAME = "evaluator"
+log = get_logger(NAME)
 
 
 class Evaluator:
-    def __init__(self, bus: Bus, settings: EvaluatorSettings, metrics: ServiceMetrics) -> None:
-        self.bus = bus
+    def __init__(self, settings: EvaluatorSettings, bus: Bus, metrics: ServiceMetrics, store: ArtifactStore) -> None:
         self.settings = settings
+        self.bus = bus
         self.metrics = metrics
-        self.store = ArtifactStore(settings.data_dir / "artifacts")
-        folder = settings.service_dir("evaluator")
+        self.store = store
+        folder = settings.service_dir(NAME)
         self.suite = load_or_create_suite(
             folder / "suites", settings.suite_max_level, settings.items_per_level, settings.suite_seed
         )
@@ -58,7 +43,11 @@ class Evaluator:
         self.device = pick_device(settings.device)
         log.info("suite ready", suite_version=self.suite.version, items=len(self.suite.items), device=self.device)
 
-    async def handle(self, event: CheckpointSaved, delivery: Delivery) -> None:
+    @classmethod
+    async def open(cls, rt: ServiceRuntime[EvaluatorSettings]) -> Evaluator:
+        return await asyncio.to_thread(cls, rt.settings, rt.bus, rt.metrics, rt.store)
+
+    async def on_checkpoint_saved(self, event: CheckpointSaved, delivery: Delivery) -> None:
         if not is_sha256(event.sha256):
             raise Reject(f"checkpoint sha256 {event.sha256!r} is not a sha256 hex digest")
         if record := self.scorebook.get(event.sha256, self.suite.version):
@@ -79,7 +68,8 @@ class Evaluator:
             max_length=self.settings.max_length,
         )
         scored = EvalScored(
-            id=uuid.uuid5(SCORE_NAMESPACE, f"{event.sha256}:{self.suite.version}").hex,
+            # The same evaluation always has the same id.
+            id=derived_id(NAME, event.sha256, self.suite.version),
             run_id=event.run_id,
             step=event.step,
             checkpoint_uri=event.uri,
@@ -99,11 +89,14 @@ class Evaluator:
                  by_level=scored.by_level)
 
 
-async def start(rt: ServiceRuntime[EvaluatorSettings]) -> None:
-    evaluator = Evaluator(rt.bus, rt.settings, rt.metrics)
-    add_routes(rt.app, evaluator.scorebook, evaluator.suite)
-    rt.spawn(rt.bus.consume(topology.EVALUATOR, CheckpointSaved, evaluator.handle, rt.stop), "consume")
-
-
-def main() -> None:
-    run_service("evaluator", EvaluatorSettings, start)
+SERVICE = Service(
+    name=NAME,
+    settings=EvaluatorSettings,
+    build=Evaluator.open,
+    subscriptions=(
+        Subscribe(topology.CHECKPOINT_SAVED, CheckpointSaved, Evaluator.on_checkpoint_saved,
+                  consumers=(topology.EVALUATOR,)),
+    ),
+    publications=(Publish(topology.EVAL_SCORED, EvalScored),),
+    routes=router,
+)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import msgspec
 
+from libs.common.artifacts import write_atomically
+
 from libs.common.chat import ChatMessage
 from libs.common.skills import binary
 
@@ -64,7 +66,5 @@ def load_or_create_suite(folder: Path, max_level: int, items_per_level: int, see
         items = [decoder.decode(line) for line in path.read_bytes().splitlines() if line.strip()]
         return Suite(name=SUITE_NAME, version=suite_version(items), items=items)
     suite = build_suite(max_level, items_per_level, seed)
-    tmp = path.with_suffix(".part")
-    tmp.write_bytes(b"".join(msgspec.json.encode(item) + b"\n" for item in suite.items))
-    tmp.replace(path)
+    write_atomically(path, (msgspec.json.encode(item) + b"\n" for item in suite.items))
     return suite

@@ -1,3 +1,6 @@
-from services.gatekeeper.service import main
+"""`python -m services.gatekeeper`: the runtime starts what services/gatekeeper/service.py declares."""
 
-main()
+from libs.common.runtime import run
+from services.gatekeeper.service import SERVICE
+
+run(SERVICE)

@@ -1,7 +1,7 @@
 """HTTP routes of the gatekeeper.
 
 - `POST /datasets?name=&schema=&priority=&level=&submitted_by=`: the raw JSONL body (plain or
-  gzip), streamed to disk (uploads.py).
+  gzip), streamed to disk (intake.py).
 - `POST /datasets/upload` (same query parameters): multipart form with the file in field
   `file`, streamed too; the dataset name defaults to the file name.
 - `POST /datasets/check?schema=&level=`: a dry run on the raw JSONL body: the report the
@@ -21,27 +21,33 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from libs.common.events import Priority, ValidationLevel, new_id
-from services.gatekeeper.profiles import PROFILES
-from services.gatekeeper.reports import encode_report
-from services.gatekeeper.schemas import DEFAULT_SCHEMA, json_schemas
-from services.gatekeeper.submissions import Submission
-from services.gatekeeper.uploads import UploadRefused, receive_body, receive_multipart
-from services.gatekeeper.validation import ValidationInterrupted, describe_schemas
+from services.gatekeeper.intake import Submission, UploadRefused, receive_body, receive_multipart
+from services.gatekeeper.pipeline import Gatekeeper, ValidationInterrupted, describe_schemas
+from services.gatekeeper.schemas import DEFAULT_SCHEMA, PROFILES, json_schemas
+from services.gatekeeper.settings import GatekeeperSettings
+from services.gatekeeper.verdict import Report, encode_report
 
-if TYPE_CHECKING:
-    from services.gatekeeper.service import GatekeeperService
+
+class Intake(Protocol):
+    """What the routes need: settings, the uploads folder, the pipeline, and submit-and-announce."""
+
+    settings: GatekeeperSettings
+    uploads: Path
+    gatekeeper: Gatekeeper
+
+    async def submit_file(self, submission: Submission, path: Path, *, move: bool) -> Report: ...
 
 ASYNCAPI = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
 
 
-def add_routes(app: FastAPI, service: GatekeeperService) -> None:
-    router = APIRouter(tags=["gatekeeper"])
+def router(service: Intake) -> APIRouter:
+    routes = APIRouter(tags=["gatekeeper"])
     settings = service.settings
 
     async def submit(path: Path, source: str, name: str, schema: str, priority: Priority | None,
@@ -73,14 +79,14 @@ def add_routes(app: FastAPI, service: GatekeeperService) -> None:
         except UploadRefused as exc:
             raise HTTPException(exc.status, str(exc)) from exc
 
-    @router.post("/datasets")
+    @routes.post("/datasets")
     async def submit_body(request: Request, name: str = "unnamed", schema: str = DEFAULT_SCHEMA,
                           priority: Priority | None = None, level: ValidationLevel = "standard",
                           submitted_by: str = "anonymous") -> JSONResponse:
         path = await receive_raw(request)
         return await submit(path, "body.jsonl", name, schema, priority, level, submitted_by)
 
-    @router.post("/datasets/upload")
+    @routes.post("/datasets/upload")
     async def submit_upload(request: Request, name: str = "", schema: str = DEFAULT_SCHEMA,
                             priority: Priority | None = None, level: ValidationLevel = "standard",
                             submitted_by: str = "anonymous") -> JSONResponse:
@@ -94,7 +100,7 @@ def add_routes(app: FastAPI, service: GatekeeperService) -> None:
         return await submit(path, filename, name or filename.split(".")[0] or "upload", schema, priority, level,
                             submitted_by)
 
-    @router.post("/datasets/check")
+    @routes.post("/datasets/check")
     async def check_body(request: Request, schema: str = DEFAULT_SCHEMA,
                          level: ValidationLevel = "standard") -> Response:
         path = await receive_raw(request)
@@ -108,14 +114,14 @@ def add_routes(app: FastAPI, service: GatekeeperService) -> None:
             path.unlink(missing_ok=True)
         return Response(encode_report(report), media_type="application/json")
 
-    @router.get("/datasets/{report_id}/report")
+    @routes.get("/datasets/{report_id}/report")
     async def get_report(report_id: str) -> Response:
         report = service.gatekeeper.read_report(report_id)
         if report is None:
             raise HTTPException(404, f"no report for {report_id!r} (a submission id or an accepted dataset id)")
         return FileResponse(service.gatekeeper.store.path_for(report.report_uri), media_type="application/json")
 
-    @router.get("/specs")
+    @routes.get("/specs")
     async def specs() -> dict:
         return {
             "default_schema": DEFAULT_SCHEMA,
@@ -137,10 +143,10 @@ def add_routes(app: FastAPI, service: GatekeeperService) -> None:
             },
         }
 
-    @router.get("/asyncapi.yaml")
+    @routes.get("/asyncapi.yaml")
     async def asyncapi() -> Response:
         if not ASYNCAPI.is_file():
             raise HTTPException(404, "docs/asyncapi.yaml has not been generated; run `flywheel asyncapi`")
         return FileResponse(ASYNCAPI, media_type="application/yaml")
 
-    app.include_router(router)
+    return routes

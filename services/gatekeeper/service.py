@@ -1,7 +1,7 @@
 """The gatekeeper service: three ways in, one pipeline, one announcement per submission.
 
 In: `dataset.submitted` (durable consumer `gatekeeper`), HTTP (`api.py`), the inbox folder
-(`inbox.py`). Out: `dataset.accepted.<priority>` or `dataset.rejected`. Validation runs in a
+(`intake.py`). Out: `dataset.accepted.<priority>` or `dataset.rejected`. Validation runs in a
 worker thread so /health stays responsive while a large file is checked. HTTP and inbox
 submissions call the pipeline directly; they do not round-trip through `dataset.submitted`.
 
@@ -17,27 +17,30 @@ from pathlib import Path
 from opentelemetry.trace import Status, StatusCode
 
 from libs.common import topology
-from libs.common.bus import Delivery, Interrupted
-from libs.common.events import DatasetSubmitted
-from libs.common.runtime import ServiceRuntime, run_service
+from libs.common.artifacts import ArtifactStore
+from libs.common.bus import Bus, Delivery, Interrupted
+from libs.common.events import DatasetAccepted, DatasetRejected, DatasetSubmitted
+from libs.common.http import ServiceMetrics
+from libs.common.log import get_logger
+from libs.common.runtime import ServiceRuntime
+from libs.common.service import Publish, Service, Subscribe
 from libs.common.tracing import tracer
-from services.gatekeeper.api import add_routes
-from services.gatekeeper.assembly import NAME, build_gatekeeper
-from services.gatekeeper.inbox import Inbox, InboxFile
-from services.gatekeeper.reports import Report, announcement
+from services.gatekeeper.api import router
+from services.gatekeeper.intake import Inbox, InboxFile, Submission
+from services.gatekeeper.pipeline import NAME, ValidationInterrupted, build_gatekeeper
 from services.gatekeeper.settings import GatekeeperSettings
-from services.gatekeeper.submissions import Submission
-from services.gatekeeper.validation import ValidationInterrupted
+from services.gatekeeper.verdict import Report, announcement
 
-# Publishing is retried this many times (1, 2, 4, ... s apart) before a submission fails.
+log = get_logger(NAME)
+# Publishing is tried this many times (1, 2, 4, ... s apart) before a submission fails.
 _PUBLISH_ATTEMPTS = 5
 _STALE_UPLOAD_S = 3600.0
 
 
 class GatekeeperService:
-    def __init__(self, rt: ServiceRuntime[GatekeeperSettings]) -> None:
-        self.rt = rt
-        self.settings = settings = rt.settings
+    def __init__(self, settings: GatekeeperSettings, bus: Bus, metrics: ServiceMetrics, store: ArtifactStore) -> None:
+        self.settings = settings
+        self.bus = bus
         own = settings.service_dir(NAME)
         self.uploads = own / "uploads"
         self.uploads.mkdir(exist_ok=True)
@@ -45,17 +48,25 @@ class GatekeeperService:
         # upload still written by another copy of this service on the same host is fresher.
         for partial in self.uploads.glob("upload-*.part"):
             if time.time() - partial.stat().st_mtime > _STALE_UPLOAD_S:
-                rt.log.warning("removing an unfinished upload", path=str(partial))
+                log.warning("removing an unfinished upload", path=str(partial))
                 partial.unlink(missing_ok=True)
-        self.gatekeeper = build_gatekeeper(settings)
-        self._submissions = rt.metrics.counter(
+        self.gatekeeper = build_gatekeeper(settings, store)
+        self.inbox = Inbox(settings.inbox_path, settings.settle_seconds, settings.default_priority, self.on_inbox_file)
+        self._submissions = metrics.counter(
             "flywheel_gatekeeper_submissions_total", "Submissions by channel and outcome", ("channel", "status")
         )
-        self._rows = rt.metrics.counter("flywheel_gatekeeper_rows_total", "Rows validated", ("result",))
-        self._seconds = rt.metrics.histogram(
+        self._rows = metrics.counter("flywheel_gatekeeper_rows_total", "Rows validated", ("result",))
+        self._seconds = metrics.histogram(
             "flywheel_gatekeeper_validation_seconds", "Time to validate one submission",
             buckets=(0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 1800),
         )
+
+    @classmethod
+    async def open(cls, rt: ServiceRuntime[GatekeeperSettings]) -> GatekeeperService:
+        service = cls(rt.settings, rt.bus, rt.metrics, rt.store)
+        # Load the tokenizer now, so a wrong base model stops the service at start, not mid-submission.
+        await asyncio.to_thread(service.gatekeeper.tools.tokens)
+        return service
 
     # ------------------------------------------------------------------ the three ways in
 
@@ -86,10 +97,15 @@ class GatekeeperService:
         await self.submit_file(submission, item.path, move=False)
         item.path.unlink()
 
-    async def interrupt_on_stop(self) -> None:
+    async def watch_inbox(self, stop: asyncio.Event) -> None:
+        await self.inbox.run(stop)
+
+    def interrupt(self) -> None:
         """Validation runs in threads, which cannot be cancelled: tell them to stop instead."""
-        await self.rt.stop.wait()
         self.gatekeeper.stopping.set()
+
+    def readiness(self) -> dict:
+        return {"inbox": lambda: self.inbox.watching}
 
     # ------------------------------------------------------------------ out
 
@@ -99,34 +115,29 @@ class GatekeeperService:
         self._rows.labels("valid").inc(report.num_rows_valid)
         self._rows.labels("dropped").inc(report.num_rows_dropped)
         self._seconds.observe(report.duration_s)
-        self.rt.log.info(
+        log.info(
             f"dataset {report.status}", submission_id=report.submission_id, name=report.name,
             channel=report.channel, dataset_id=report.dataset_id, rows=report.num_rows_valid,
             dropped=report.num_rows_dropped, reasons=report.reasons, subject=subject,
         )
-        for attempt in range(_PUBLISH_ATTEMPTS):
-            try:
-                await self.rt.bus.publish(subject, event)
-                return
-            except Exception as exc:  # noqa: BLE001 - NATS may be reconnecting; the report is stored already
-                if attempt == _PUBLISH_ATTEMPTS - 1:
-                    raise
-                self.rt.log.warning("publish failed; retrying", subject=subject, error=repr(exc))
-                await asyncio.sleep(2**attempt)
+        # The report is stored already; NATS may be reconnecting: the same event id is safe to retry.
+        await self.bus.publish(subject, event, attempts=_PUBLISH_ATTEMPTS)
 
 
-async def start(rt: ServiceRuntime[GatekeeperSettings]) -> None:
-    service = GatekeeperService(rt)
-    add_routes(rt.app, service)
-    settings = rt.settings
-    inbox = Inbox(settings.inbox_path, settings.settle_seconds, settings.default_priority, service.on_inbox_file)
-    rt.checks["inbox"] = lambda: inbox.watching
-    rt.spawn(rt.bus.consume(topology.GATEKEEPER, DatasetSubmitted, service.on_submitted, rt.stop), "consume")
-    rt.spawn(inbox.run(rt.stop), "inbox")
-    rt.spawn(service.interrupt_on_stop(), "interrupt-on-stop")
-    # Load the tokenizer now, so a wrong base model stops the service at start, not mid-submission.
-    rt.spawn(asyncio.to_thread(service.gatekeeper.tools.tokens), "tokenizer")
-
-
-def main() -> None:
-    run_service(NAME, GatekeeperSettings, start)
+SERVICE = Service(
+    name=NAME,
+    settings=GatekeeperSettings,
+    build=GatekeeperService.open,
+    subscriptions=(
+        Subscribe(topology.DATASET_SUBMITTED, DatasetSubmitted, GatekeeperService.on_submitted,
+                  consumers=(topology.GATEKEEPER,)),
+    ),
+    publications=(
+        Publish(topology.DATASET_ACCEPTED, DatasetAccepted),
+        Publish(topology.DATASET_REJECTED, DatasetRejected),
+    ),
+    routes=router,
+    readiness=GatekeeperService.readiness,
+    loops=(GatekeeperService.watch_inbox,),
+    on_stop=GatekeeperService.interrupt,
+)

@@ -1,3 +1,6 @@
-from services.inference.service import main
+"""`python -m services.inference`: the runtime starts what services/inference/service.py declares."""
 
-main()
+from libs.common.runtime import run
+from services.inference.service import SERVICE
+
+run(SERVICE)

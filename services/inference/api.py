@@ -9,11 +9,11 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 import msgspec
-from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
 from libs.common.log import get_logger
@@ -37,7 +37,15 @@ from services.inference.serving import ModelInfo, ModelServer, ReloadFailed, Ser
 
 log = get_logger("inference.api")
 
-Reload = Callable[[bool], Awaitable[ModelInfo]]
+
+class Serving(Protocol):
+    """What the routes need: the model server, the key, the metrics and the reload command."""
+
+    server: ModelServer
+    api_key: str
+    metrics: InferenceMetrics
+
+    async def reload(self, force: bool) -> ModelInfo: ...
 
 
 class _ReloadRequest(msgspec.Struct):
@@ -48,21 +56,16 @@ def _json(payload: Any, status: int = 200) -> Response:
     return Response(msgspec.json.encode(payload), status_code=status, media_type="application/json")
 
 
-def add_routes(app: FastAPI, server: ModelServer, *, api_key: str, reload: Reload, metrics: InferenceMetrics) -> None:
-    async def request_error(_request: Request, exc: RequestError) -> Response:
-        response = _json(exc.body(), exc.status)
-        if exc.status == 401:
-            response.headers["WWW-Authenticate"] = "Bearer"
-        return response
-
-    app.add_exception_handler(RequestError, request_error)
+def router(serving: Serving) -> APIRouter:
+    """Every route behind the API key (RequestError answers via libs.common.http.ApiError)."""
+    server, api_key, metrics = serving.server, serving.api_key, serving.metrics
 
     async def require_key(authorization: str | None = Header(default=None)) -> None:
         if not is_authorized(authorization, api_key):
             raise RequestError("missing or invalid API key: send 'Authorization: Bearer <key>'",
                                status=401, code="invalid_api_key")
 
-    router = APIRouter(dependencies=[Depends(require_key)])
+    routes = APIRouter(dependencies=[Depends(require_key)])
 
     def served_or_503() -> ServedModel:
         served = server.current
@@ -71,7 +74,7 @@ def add_routes(app: FastAPI, server: ModelServer, *, api_key: str, reload: Reloa
             raise RequestError(f"no model is loaded{reason}", status=503, type="server_error", code="model_not_loaded")
         return served
 
-    @router.post("/v1/chat/completions")
+    @routes.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         started = time.perf_counter()
         try:
@@ -101,16 +104,16 @@ def add_routes(app: FastAPI, server: ModelServer, *, api_key: str, reload: Reloa
         metrics.latency.labels("false").observe(time.perf_counter() - started)
         return _json(completion_response(completion_id, created, served.info.id, completion))
 
-    @router.get("/v1/models")
+    @routes.get("/v1/models")
     async def list_models() -> Response:
         served = served_or_503()
         return _json(model_list(served.info.id, int(served.info.loaded_at.timestamp()), "flywheel"))
 
-    @router.get("/models/info")
+    @routes.get("/models/info")
     async def model_info() -> Response:
         return _json({**msgspec.to_builtins(served_or_503().info), "last_reload_error": server.last_error})
 
-    @router.post("/models/reload")
+    @routes.post("/models/reload")
     async def reload_model(request: Request) -> Response:
         body = await request.body()
         try:
@@ -118,13 +121,13 @@ def add_routes(app: FastAPI, server: ModelServer, *, api_key: str, reload: Reloa
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise RequestError(f"invalid request: {exc}", param="force") from exc
         try:
-            info = await reload(wanted.force)
+            info = await serving.reload(wanted.force)
         except (ReloadFailed, ChampionError) as exc:
             raise RequestError(f"reload failed, the previous model is still served: {exc}",
                                status=500, type="server_error", code="reload_failed") from exc
         return _json(msgspec.to_builtins(info))
 
-    app.include_router(router)
+    return routes
 
 
 async def _stream_events(server: ModelServer, served: ServedModel, prompt: PreparedPrompt, chat: ChatRequest,

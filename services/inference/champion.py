@@ -1,9 +1,8 @@
 """Which model should be served: the champion named by the deployer, or the base model.
 
-The deployer owns the champion pointer (KV bucket `champion`, key `current`) and announces
-every change, rollbacks included, with `model.deployed`. This module turns the record or a
-deployment into a `ModelTarget` and decides whether it differs from what is loaded. The record is decoded
-leniently: the deployer may add fields, and only the ones below matter here.
+The deployer owns the champion record (`libs.common.records.CHAMPION`) and announces every
+change, rollbacks included, with `model.deployed`. This module turns the record or a
+deployment into a `ModelTarget` and decides whether it differs from what is loaded.
 """
 
 from __future__ import annotations
@@ -12,22 +11,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
-from nats.js.kv import KeyValue
 
 from libs.common.events import ModelDeployed
-from libs.common.kv import read_entry
+from libs.common.kv import Record
+from libs.common.records import Champion
 
-CHAMPION_KEY = "current"
 Source = Literal["champion", "base"]
-
-
-class ChampionRecord(msgspec.Struct, kw_only=True):
-    checkpoint_uri: str
-    checkpoint_sha256: str
-    run_id: str = ""
-    step: int = 0
-    # The ModelDeployed event that announced this record.
-    event_id: str = ""
 
 
 class ChampionError(ValueError):
@@ -49,20 +38,20 @@ class ModelTarget:
 BASE = ModelTarget(source="base")
 
 
-def decode_champion(data: bytes) -> ModelTarget:
+async def read_champion(record: Record[Champion]) -> ModelTarget:
+    """The champion in KV, or BASE when none was ever deployed (or it was deleted)."""
     try:
-        record = msgspec.json.decode(data, type=ChampionRecord, strict=False)
+        champion, _ = await record.read()
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ChampionError(f"champion record does not decode: {exc}") from exc
-    return ModelTarget(
-        "champion", record.checkpoint_uri, record.checkpoint_sha256, record.run_id, record.step, record.event_id
-    )
+    return target_for_champion(champion)
 
 
-async def read_champion(kv: KeyValue) -> ModelTarget:
-    """The champion in the KV bucket, or BASE when none was ever deployed (or it was deleted)."""
-    value, _ = await read_entry(kv, CHAMPION_KEY)
-    return decode_champion(value) if value else BASE
+def target_for_champion(champion: Champion | None) -> ModelTarget:
+    if champion is None:
+        return BASE
+    return ModelTarget("champion", champion.checkpoint_uri, champion.checkpoint_sha256, champion.run_id,
+                       champion.step, champion.event_id)
 
 
 def target_for_event(event: ModelDeployed) -> ModelTarget:

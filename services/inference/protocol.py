@@ -16,6 +16,7 @@ import msgspec
 from msgspec import Meta
 
 from libs.common.chat import ChatMessage
+from libs.common.http import ApiError
 from services.inference.generation import Completion, GenerationParams
 
 MAX_STOP_SEQUENCES = 4
@@ -24,7 +25,7 @@ _ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "ass
 _PARAM_AT = re.compile(r"at `\$\.?([^`]*)`")
 
 
-class RequestError(ValueError):
+class RequestError(ApiError, ValueError):
     """A request the API refuses; becomes an OpenAI-style error body."""
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
@@ -34,6 +35,9 @@ class RequestError(ValueError):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,

@@ -1,27 +1,26 @@
-"""The inference service's typed settings (env `FLYWHEEL_INFERENCE_<FIELD>`)."""
+"""The inference service's typed settings (env `FLYWHEEL_INFERENCE_<FIELD>`, TOML section `[inference]`)."""
 
 from __future__ import annotations
 
-from libs.common.settings import CommonSettings, SettingsError
+from libs.common.settings import CommonSettings, Device, Positive, SettingsError
 
 
 class InferenceSettings(CommonSettings, kw_only=True, forbid_unknown_fields=True):
-    http_port: int = 0
     # The bearer key for /v1/* and /models/*: given inline, or as a file read at start. With
     # neither, one is generated once into data_dir/secrets/inference_api_key.
     api_key: str = ""
     api_key_file: str = ""
     # The most tokens one request may generate, whatever it asks for.
-    max_tokens_limit: int = 256
-    device: str = "auto"
+    max_tokens_limit: Positive = 256
+    device: Device = "auto"
     # The served model id is "<model_name>:<checkpoint>".
     model_name: str = "flywheel"
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.max_tokens_limit < 1:
-            raise SettingsError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
         if self.api_key and self.api_key_file:
-            raise SettingsError("set api_key or api_key_file, not both")
+            raise SettingsError("api_key: set api_key or api_key_file, not both")
         if not self.model_name or ":" in self.model_name:
-            raise SettingsError(f"model_name must be non-empty without ':', got {self.model_name!r}")
+            raise SettingsError(f"model_name: must be non-empty without ':', got {self.model_name!r}")
+
+
+SETTINGS = InferenceSettings

@@ -1,3 +1,6 @@
-from services.trainer.service import main
+"""`python -m services.trainer`: the runtime starts what services/trainer/service.py declares."""
 
-main()
+from libs.common.runtime import run
+from services.trainer.service import SERVICE
+
+run(SERVICE)

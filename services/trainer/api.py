@@ -6,17 +6,25 @@ command (e.g. pause while stopped) answers 409 with the reason.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import msgspec
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-if TYPE_CHECKING:
-    from services.trainer.service import TrainerService
+from libs.common.events import ControlReply
+from services.trainer.control import Action
 
 
-def router(service: TrainerService) -> APIRouter:
+class Controllable(Protocol):
+    """What the routes need: a snapshot to show and the control command."""
+
+    def snapshot(self) -> dict: ...
+
+    async def control(self, action: Action, requested_by: str) -> ControlReply: ...
+
+
+def router(service: Controllable) -> APIRouter:
     routes = APIRouter()
 
     @routes.get("/status")

@@ -41,14 +41,15 @@ class CheckpointInfo(msgspec.Struct, frozen=True, kw_only=True):
     loss: float
 
 
-def run_id_for(dataset_id: str, init_weights: str, recipe: dict[str, Any]) -> str:
+def run_id_for(dataset_id: str, init_weights: str, recipe_identity: str) -> str:
     """The run that trains `dataset_id` from `init_weights` with these hyperparameters.
 
-    Stable across redeliveries and restarts, so an interrupted run is found and resumed;
-    a change of starting weights or of any setting that shapes training is a new run,
-    never a resume that silently mixes two configurations.
+    `recipe_identity` is `Hyperparameters.identity(...)`. Stable across redeliveries and
+    restarts, so an interrupted run is found and resumed; a change of starting weights or of
+    any setting that shapes training is a new run, never a resume that silently mixes two
+    configurations.
     """
-    identity = msgspec.json.encode({"init_weights": init_weights, "recipe": dict(sorted(recipe.items()))})
+    identity = msgspec.json.encode({"init_weights": init_weights, "recipe": recipe_identity})
     return f"ds-{dataset_id[:12]}-{hashlib.sha256(identity).hexdigest()[:8]}"
 
 

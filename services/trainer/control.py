@@ -4,32 +4,19 @@ training loop passes between steps.
 Modes: `running` (takes datasets, trains), `paused` (the current step finishes, then the
 loop waits with its dataset's lease kept alive; no new dataset is taken), `stopped` (the
 current run checkpoints at its current step and releases its dataset for later; no new
-dataset is taken until `resume`). The mode is persisted by the service (KV bucket `trainer`,
-key `state`) so a restarted trainer honours it.
+dataset is taken until `resume`). The mode is persisted by the service
+(`libs.common.records.TRAINER_CONTROL`) so a restarted trainer honours it.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Literal
 
-import msgspec
+from libs.common.records import TrainerMode as Mode
 
-from libs.common.events import utcnow
-
-Mode = Literal["running", "paused", "stopped"]
 Action = Literal["pause", "resume", "stop"]
-CONTROL_KEY = "state"
-
-
-class ControlState(msgspec.Struct, frozen=True, kw_only=True):
-    """The persisted control state (value of key `state` in the trainer KV bucket)."""
-
-    mode: Mode = "running"
-    requested_by: str = ""
-    time: datetime = msgspec.field(default_factory=utcnow)
 
 
 @dataclass(frozen=True)

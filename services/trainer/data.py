@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
-import torch
 
-from libs.common.chat import IGNORE_INDEX, ChatRow, EncodedChat, TemplateError, encode_chat
+from libs.common.chat import ChatRow, EncodedChat, TemplateError, encode_chat
 
 
 class DatasetError(ValueError):
@@ -93,20 +92,3 @@ class TrainingPlan:
     def batch(self, order: list[int], batch_index: int) -> list[int]:
         """The example indices of batch `batch_index` of an epoch visiting examples in `order`."""
         return order[batch_index * self.batch_size:(batch_index + 1) * self.batch_size]
-
-
-# ---------------------------------------------------------------------------- collation
-
-
-def collate(examples: list[EncodedChat], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids, attention_mask, labels (-100 on padding)."""
-    width = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
-        labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import random
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 from libs.common import topology
 from libs.common.artifacts import Artifact, ArtifactStore
-from libs.common.events import CheckpointSaved, Event, TrainingProgress, TrainingStarted
+from libs.common.events import CheckpointSaved, Event, TrainingProgress, TrainingStarted, derived_id
 from libs.common.log import get_logger
 from libs.common.models import load_model, load_tokenizer, pick_device
 from services.trainer.checkpoints import (
@@ -49,25 +48,18 @@ from services.trainer.checkpoints import (
     step_dir_name,
     write_checkpoint,
 )
+from libs.common.chat import collate
 from services.trainer.control import ControlGate
-from services.trainer.data import TrainingPlan, collate, epoch_order, read_rows, tokenize
+from services.trainer.data import TrainingPlan, epoch_order, read_rows, tokenize
 from services.trainer.schedule import lr_multiplier
 from services.trainer.settings import TrainerSettings
 
 Emit = Callable[[str, Event], None]
-_EVENT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "flywheel/trainer")
 
 
 def event_id(*key: object) -> str:
     """A deterministic event id: JetStream drops the same fact published twice."""
-    return uuid.uuid5(_EVENT_NAMESPACE, ":".join(map(str, key))).hex
-
-
-def recipe_identity(settings: TrainerSettings) -> dict:
-    """The settings that shape the trained weights (part of a run's identity)."""
-    names = ("batch_size", "max_length", "learning_rate", "weight_decay", "warmup_steps",
-             "epochs", "max_steps", "seed", "grad_clip")
-    return {name: getattr(settings, name) for name in names}
+    return derived_id("trainer", *key)
 
 
 @dataclass(frozen=True)
@@ -125,8 +117,8 @@ class FullFinetuneRecipe:
         rows = read_rows(self.job.dataset_path)
         self._examples = tokenize(rows, self._tokenizer, self.settings.max_length)
         self._num_dropped = len(rows) - len(self._examples)
-        s = self.settings
-        self._plan = TrainingPlan(len(self._examples), s.batch_size, s.epochs, s.max_steps)
+        h = self.settings.hyperparameters
+        self._plan = TrainingPlan(len(self._examples), h.batch_size, h.epochs, h.max_steps)
 
     def _setup_model(self, weights: Path) -> None:
         # Loaded in fp32 and then moved: on CUDA the weights (and AdamW moments) stay fp32
@@ -136,9 +128,9 @@ class FullFinetuneRecipe:
         self._autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
 
     def _setup_optimizer(self) -> None:
-        s = self.settings
-        self._optimizer = torch.optim.AdamW(self._model.parameters(), lr=s.learning_rate, weight_decay=s.weight_decay)
-        schedule = partial(lr_multiplier, warmup_steps=s.warmup_steps, total_steps=self._plan.total_steps)
+        h = self.settings.hyperparameters
+        self._optimizer = torch.optim.AdamW(self._model.parameters(), lr=h.learning_rate, weight_decay=h.weight_decay)
+        schedule = partial(lr_multiplier, warmup_steps=h.warmup_steps, total_steps=self._plan.total_steps)
         self._scheduler = torch.optim.lr_scheduler.LambdaLR(self._optimizer, schedule)
 
     def _restore(self, checkpoint: Path) -> None:
@@ -176,7 +168,7 @@ class FullFinetuneRecipe:
                     return self._stop_early()
                 epoch, batch_index = plan.position(self._step)
                 if epoch != order_epoch:
-                    order_epoch, order = epoch, epoch_order(plan.num_examples, s.seed, job.dataset_id, epoch)
+                    order_epoch, order = epoch, epoch_order(plan.num_examples, s.hyperparameters.seed, job.dataset_id, epoch)
                 examples = [self._examples[i] for i in plan.batch(order, batch_index)]
                 batch = collate(examples, self._tokenizer.pad_token_id)
                 lr = self._scheduler.get_last_lr()[0]
@@ -205,8 +197,8 @@ class FullFinetuneRecipe:
         with self._autocast:
             loss = self._model(**batch).loss
         loss.backward()
-        if self.settings.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self._model.parameters(), self.settings.grad_clip)
+        if grad_clip := self.settings.hyperparameters.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self._model.parameters(), grad_clip)
         self._optimizer.step()
         self._scheduler.step()
         self._optimizer.zero_grad(set_to_none=True)

@@ -19,99 +19,90 @@ import asyncio
 import time
 from pathlib import Path
 
-import msgspec
 import transformers
 
 from libs.common import topology
 from libs.common.artifacts import ArtifactError, ArtifactStore
 from libs.common.bus import Bus, Delivery, Interrupted, Reject
 from libs.common.events import (
+    CheckpointSaved,
     ControlReply,
     ControlTraining,
     DatasetAccepted,
     Event,
     TrainingFailed,
     TrainingFinished,
+    TrainingProgress,
+    TrainingStarted,
 )
 from libs.common.http import ServiceMetrics
-from libs.common.kv import read_entry
+from libs.common.kv import Record
 from libs.common.log import get_logger
 from libs.common.models import ensure_base_model
-from libs.common.runtime import ServiceRuntime, run_service
-from services.trainer import api
+from libs.common.records import TRAINER_CONTROL, TrainerControl
+from libs.common.runtime import ServiceRuntime
+from libs.common.service import Publish, Reply, Service, Subscribe
+from services.trainer.api import router
 from services.trainer.checkpoints import run_id_for
-from services.trainer.control import CONTROL_KEY, Action, ControlGate, ControlState, Mode, decide
+from services.trainer.control import Action, ControlGate, Mode, decide
 from services.trainer.data import DatasetError
-from services.trainer.recipe import FullFinetuneRecipe, TrainingJob, TrainingResult, event_id, recipe_identity
+from services.trainer.recipe import FullFinetuneRecipe, TrainingJob, TrainingResult, event_id
 from services.trainer.settings import TrainerSettings
 from services.trainer.state import STATE_FILE, TrainerState, load_state, record_finished, save_state
 from services.trainer.status import RunStatus, describe_state
 
-log = get_logger("trainer")
+NAME = "trainer"
+log = get_logger(NAME)
 
 
 class TrainerService:
-    def __init__(self, settings: TrainerSettings, bus: Bus, stop: asyncio.Event, metrics: ServiceMetrics) -> None:
+    def __init__(self, settings: TrainerSettings, bus: Bus, metrics: ServiceMetrics, store: ArtifactStore,
+                 control: Record[TrainerControl], base_model: Path, mode: Mode = "running") -> None:
         self.settings = settings
         self.bus = bus
-        self.stop = stop
-        self.store = ArtifactStore(Path(settings.data_dir) / "artifacts")
-        self.state_path = settings.service_dir("trainer") / STATE_FILE
+        self.store = store
+        self.control_record = control
+        self.base_model = base_model
+        self.state_path = settings.service_dir(NAME) / STATE_FILE
         self.state: TrainerState = load_state(self.state_path)
         self.gate = ControlGate()
         self.run_status = RunStatus()
-        self.base_model: Path | None = None
         self._datasets = metrics.counter("flywheel_trainer_datasets_total", "Datasets handled", ("outcome",))
-        self._work_allowed = asyncio.Event()
-        self._round_stop = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    # ------------------------------------------------------------------ lifecycle
-
-    async def open(self) -> None:
-        """Resolve the base model, restore the persisted control mode, serve control requests."""
+        # Set while the mode is `running`: the subscription takes new datasets only then.
+        self.work_allowed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        self.base_model = await asyncio.to_thread(ensure_base_model, self.settings.data_dir, self.settings.base_model)
-        self._kv = await self.bus.kv(topology.TRAINER_BUCKET)
-        persisted, _ = await read_entry(self._kv, CONTROL_KEY)
-        mode = msgspec.json.decode(persisted, type=ControlState).mode if persisted else "running"
         self._apply_mode(mode)
-        await self.bus.serve(f"{topology.CONTROL_TRAINER}.*", ControlTraining, self._on_control_request)
-        log.info("trainer ready", base_model=str(self.base_model), mode=mode,
-                 current_weights=self.state.current_weights or "base", global_step=self.state.global_step)
 
-    async def run(self) -> None:
-        """Take datasets whenever the mode is `running`, until the service stops."""
-        watcher = asyncio.create_task(self._stop_on_shutdown())
-        try:
-            while not self.stop.is_set():
-                await self._work_allowed.wait()
-                if self.stop.is_set():
-                    break
-                # A fresh round per stretch of `running`: leaving it ends the round.
-                self._round_stop = asyncio.Event()
-                if self.gate.mode != "running":
-                    continue
-                await self.bus.consume(topology.TRAINER, DatasetAccepted, self.handle, self._round_stop)
-        finally:
-            watcher.cancel()
+    @classmethod
+    async def open(cls, rt: ServiceRuntime[TrainerSettings]) -> TrainerService:
+        """Resolve the base model and restore the persisted control mode."""
+        # HF's own tqdm bars (loading, saving shards) would interleave with the JSON log lines.
+        transformers.utils.logging.disable_progress_bar()
+        settings = rt.settings
+        base_model = await asyncio.to_thread(ensure_base_model, settings.data_dir, settings.base_model)
+        control = await rt.bus.record(TRAINER_CONTROL)
+        persisted, _ = await control.read()
+        service = cls(settings, rt.bus, rt.metrics, rt.store, control, base_model,
+                      persisted.mode if persisted else "running")
+        log.info("trainer ready", base_model=str(base_model), mode=service.gate.mode,
+                 current_weights=service.state.current_weights or "base", global_step=service.state.global_step)
+        return service
 
-    async def _stop_on_shutdown(self) -> None:
-        await self.stop.wait()
+    def interrupt(self) -> None:
+        """The process is stopping: the current run checkpoints and releases its dataset."""
         self.gate.shut_down()
-        self._round_stop.set()
-        self._work_allowed.set()
 
     # ------------------------------------------------------------------ datasets
 
-    async def handle(self, event: DatasetAccepted, delivery: Delivery) -> None:
+    async def on_dataset_accepted(self, event: DatasetAccepted, delivery: Delivery) -> None:
         dlog = log.bind(dataset_id=event.dataset_id, dataset=event.name, priority=event.priority)
         if done := self.state.finished.get(event.dataset_id):
             dlog.info("dataset already trained; acked without retraining", checkpoint=done)
             self._datasets.labels("skipped").inc()
             return
         init_weights, init_path = self._current_weights()
-        run_id = run_id_for(event.dataset_id, init_weights, recipe_identity(self.settings))
+        recipe = self.settings.hyperparameters.identity(self.settings.max_length)
+        run_id = run_id_for(event.dataset_id, init_weights, recipe)
         try:
             dataset_path = await asyncio.to_thread(self.store.verify, event.uri, event.sha256)
         except ArtifactError as exc:
@@ -202,13 +193,12 @@ class TrainerService:
         """pause / resume / stop, from NATS or HTTP: decide, persist, apply."""
         decision = decide(self.gate.mode, action)
         if decision.ok and decision.mode != self.gate.mode:
-            persisted = ControlState(mode=decision.mode, requested_by=requested_by)
-            await self._kv.put(CONTROL_KEY, msgspec.json.encode(persisted))
+            await self.control_record.put(TrainerControl(mode=decision.mode, requested_by=requested_by))
             self._apply_mode(decision.mode)
             log.info("control", action=action, mode=decision.mode, requested_by=requested_by)
         return ControlReply(ok=decision.ok, state=self.state_word(), message=decision.message)
 
-    async def _on_control_request(self, request: ControlTraining, subject: str) -> ControlReply:
+    async def on_control_request(self, request: ControlTraining, subject: str) -> ControlReply:
         named = subject.rsplit(".", 1)[-1]
         if named != request.action:
             message = f"subject says {named!r} but the request says {request.action!r}"
@@ -218,10 +208,9 @@ class TrainerService:
     def _apply_mode(self, mode: Mode) -> None:
         self.gate.set_mode(mode)
         if mode == "running":
-            self._work_allowed.set()
+            self.work_allowed.set()
         else:
-            self._work_allowed.clear()
-            self._round_stop.set()
+            self.work_allowed.clear()
 
     # ------------------------------------------------------------------ status
 
@@ -233,21 +222,30 @@ class TrainerService:
             "state": self.state_word(),
             "mode": self.gate.mode,
             "run": self.run_status.as_dict(),
-            "current_weights": self.state.current_weights or (self._current_weights()[0] if self.base_model else ""),
+            "current_weights": self.state.current_weights or self._current_weights()[0],
             "global_step": self.state.global_step,
             "datasets_finished": len(self.state.finished),
         }
 
 
-async def start(rt: ServiceRuntime[TrainerSettings]) -> None:
-    # HF's own tqdm bars (loading, saving shards) would interleave with the JSON log lines.
-    transformers.utils.logging.disable_progress_bar()
-    service = TrainerService(rt.settings, rt.bus, rt.stop, rt.metrics)
-    await service.open()
-    rt.app.include_router(api.router(service))
-    rt.checks["base_model"] = lambda: service.base_model is not None
-    rt.spawn(service.run(), "train")
-
-
-def main() -> None:
-    run_service("trainer", TrainerSettings, start)
+SERVICE = Service(
+    name=NAME,
+    settings=TrainerSettings,
+    build=TrainerService.open,
+    subscriptions=(
+        Subscribe(topology.DATASET_ACCEPTED, DatasetAccepted, TrainerService.on_dataset_accepted,
+                  consumers=topology.TRAINER, while_open=lambda trainer: trainer.work_allowed,
+                  summary="trainer consumes (durables trainer-high, -normal, -low, drained in that order; "
+                          "one dataset at a time, as a lease; none taken while paused or stopped)"),
+    ),
+    publications=(
+        Publish(topology.TRAINING_STARTED, TrainingStarted),
+        Publish(topology.TRAINING_PROGRESS, TrainingProgress),
+        Publish(topology.TRAINING_FINISHED, TrainingFinished),
+        Publish(topology.TRAINING_FAILED, TrainingFailed),
+        Publish(topology.CHECKPOINT_SAVED, CheckpointSaved),
+    ),
+    replies=(Reply(topology.CONTROL_TRAINER_ACTION, ControlTraining, ControlReply, TrainerService.on_control_request),),
+    routes=router,
+    on_stop=TrainerService.interrupt,
+)

@@ -1,19 +1,72 @@
-"""The CLI's bus-facing parts against a real nats-server: submit, verdict wait, status, settings errors."""
+"""The CLI against a real nats-server: submit, verdict wait, status, control, --json, one-line errors.
+
+Commands whose output is the point (errors on stderr, `--json` on stdout) run as the user runs
+them, in a subprocess, so what they print is exactly what a terminal or a script would see.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import msgspec
+import nats.errors
+import nats.js.errors
 import pytest
 
-from flywheel.cli import main
+from flywheel.cli import CONNECT_DEADLINE_S, NatsUnreachable, _explain_nats_failure, build_parser, cmd_demo, main
 from flywheel.status import format_status, read_status
 from flywheel.submit import describe_verdict, submit_file
 from libs.common import topology
 from libs.common.artifacts import ArtifactStore
-from libs.common.events import DatasetAccepted, DatasetSubmitted
+from libs.common.bus import Bus
+from libs.common.events import ControlReply, DatasetAccepted, DatasetSubmitted
 from libs.common.tracing import setup_tracing
+
+REPO = Path(__file__).resolve().parents[2]
+ONE_ROW = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+
+
+def cli_env(data_dir: Path, nats_url: str) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if name != "NATS_URL"}
+    return {**env, "FLYWHEEL_DATA_DIR": str(data_dir), "FLYWHEEL_NATS_URL": nats_url}
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "flywheel.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+async def run_cli_async(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    """`run_cli` for async tests: the event loop keeps serving the test's fake peers meanwhile."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "flywheel.cli", *args, cwd=REPO, env=env,
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    except TimeoutError:
+        proc.kill()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def answer_like_the_gatekeeper(bus: Bus, seen: list[DatasetSubmitted]) -> None:
+    """A peer on the real bus that accepts every submission, as the gatekeeper would."""
+
+    async def on_submitted(msg) -> None:
+        event = msgspec.json.decode(msg.data, type=DatasetSubmitted)
+        seen.append(event)
+        await bus.publish(topology.dataset_accepted("high"), DatasetAccepted(
+            dataset_id="d" * 64, name=event.name, uri=event.uri, sha256=event.sha256, schema=event.schema,
+            priority="high", num_rows=1, num_rows_dropped=0, report_uri="file:///r", submission_id=event.id))
+
+    await bus.nc.subscribe(topology.DATASET_SUBMITTED, cb=on_submitted)
 
 
 @pytest.mark.integration
@@ -21,17 +74,9 @@ async def test_submit_uploads_into_the_store_and_waits_for_the_verdict(bus, tmp_
     setup_tracing("test", None)
     store = ArtifactStore(tmp_path / "artifacts")
     source = tmp_path / "mine.jsonl"
-    source.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
+    source.write_text(ONE_ROW)
     seen: list[DatasetSubmitted] = []
-
-    async def fake_gatekeeper(msg):  # a peer on the real bus, answering like the gatekeeper
-        event = msgspec.json.decode(msg.data, type=DatasetSubmitted)
-        seen.append(event)
-        await bus.publish(topology.dataset_accepted("high"), DatasetAccepted(
-            dataset_id="d" * 64, name=event.name, uri=event.uri, sha256=event.sha256, schema=event.schema,
-            priority="high", num_rows=1, num_rows_dropped=0, report_uri="file:///r", submission_id=event.id))
-
-    await bus.nc.subscribe(topology.DATASET_SUBMITTED, cb=fake_gatekeeper)
+    await answer_like_the_gatekeeper(bus, seen)
     result = await submit_file(bus, store, source, priority="high", wait_s=10)
     assert result.outcome == "accepted" and len(result.trace_id) == 32
     [event] = seen
@@ -64,6 +109,12 @@ def test_submit_of_a_missing_file_is_a_clear_error(tmp_path: Path, capsys):
 
 def test_asyncapi_check_passes_on_the_committed_document(capsys):
     assert main(["asyncapi", "--check"]) == 0
+    capsys.readouterr()
+    assert main(["asyncapi", "--check", "--json"]) == 0
+    checked = json.loads(capsys.readouterr().out)
+    assert checked["up_to_date"] is True and checked["path"].endswith("docs/asyncapi.yaml")
+    assert main(["asyncapi", "--json"]) == 2  # writing the document has nothing to report
+    assert "--json goes with --check" in capsys.readouterr().err
 
 
 def test_upload_streams_into_the_store(tmp_path: Path):
@@ -78,6 +129,7 @@ def test_upload_streams_into_the_store(tmp_path: Path):
     assert not list((tmp_path / "artifacts" / "uploads").rglob(".part-*"))
 
 
+@pytest.mark.slow  # loads the tiny tokenizer
 def test_check_gives_the_gatekeepers_verdict_here_and_keeps_nothing(tmp_path: Path, monkeypatch, capsys,
                                                                      tiny_model_dir: Path):
     data = tmp_path / "data"
@@ -101,3 +153,99 @@ def test_check_gives_the_gatekeepers_verdict_here_and_keeps_nothing(tmp_path: Pa
     assert capsys.readouterr().out.startswith("would be rejected:\n  - ")
     assert not (data / "artifacts").exists() or not any(p.is_file() for p in (data / "artifacts").rglob("*"))
     assert main(["check", str(tmp_path / "missing.jsonl")]) == 2
+
+
+# ---------------------------------------------------------------------------- flywheel demo
+
+
+def test_demo_is_a_flywheel_subcommand_with_the_demos_options(monkeypatch, capsys):
+    args = build_parser().parse_args(["demo", "--data-dir", "elsewhere", "--keep"])
+    assert args.fn is cmd_demo and args.data_dir == Path("elsewhere") and args.keep
+    assert build_parser().parse_args(["demo"]).data_dir is None  # the demo's own default
+    with pytest.raises(SystemExit) as help_exit:
+        main(["demo", "--help"])
+    assert help_exit.value.code == 0 and "--keep" in capsys.readouterr().out
+
+    ran: list[tuple[Path | None, bool]] = []  # the whole demo takes minutes: stand in for it
+    monkeypatch.setattr("flywheel.demo.run_and_report", lambda data_dir, *, keep: ran.append((data_dir, keep)) or 0)
+    assert main(["demo", "--data-dir", "elsewhere"]) == 0 and ran == [(Path("elsewhere"), False)]
+
+
+def test_python_m_flywheel_demo_is_the_same_command():
+    shown = subprocess.run([sys.executable, "-m", "flywheel.demo", "--help"], cwd=REPO, capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: flywheel demo") and "--data-dir" in shown.stdout
+
+
+# ---------------------------------------------------------------------------- NATS failures: one line
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_pause_with_no_trainer_says_who_is_missing_in_one_line(nats_server: str, tmp_path: Path):
+    done = run_cli("pause", env=cli_env(tmp_path, nats_server))
+    assert done.returncode == 1 and done.stdout == "" and "Traceback" not in done.stderr
+    [line] = done.stderr.splitlines()
+    assert line == "flywheel pause: no trainer is answering on control.trainer.pause (is `flywheel up` running?)"
+
+
+def test_status_without_a_server_gives_up_quickly_in_one_line(tmp_path: Path):
+    url = f"nats://127.0.0.1:{closed_port()}"
+    started = time.monotonic()
+    done = run_cli("status", "--json", env=cli_env(tmp_path, url))
+    took = time.monotonic() - started
+    assert done.returncode == 1 and done.stdout == "" and "Traceback" not in done.stderr
+    [line] = done.stderr.splitlines()  # no log lines about retries either
+    assert line.startswith(f"flywheel status: cannot reach NATS at {url} within") and "FLYWHEEL_NATS_URL" in line
+    assert took < CONNECT_DEADLINE_S + 10  # the deadline plus the interpreter's start, not minutes of retries
+
+
+@pytest.mark.parametrize("failure, says", [
+    (NatsUnreachable(["nats://a:4222", "nats://b:4222"]), "cannot reach NATS at nats://a:4222, nats://b:4222"),
+    (nats.errors.NoRespondersError(), "no trainer is answering on control.trainer.stop"),
+    (nats.errors.TimeoutError(), "the trainer did not answer on control.trainer.stop in time"),
+    (nats.js.errors.ServiceUnavailableError(), "JetStream is not available"),
+    (nats.js.errors.APIError(code=500, description="insufficient resources\nmore"), "JetStream refused a request"),
+    (nats.errors.ConnectionClosedError(), "connection to NATS closed"),
+    (TimeoutError("services not ready in time: ['trainer']"), "services not ready in time: ['trainer']"),
+])
+def test_every_nats_failure_reads_as_one_line(failure: Exception, says: str):
+    message = _explain_nats_failure(failure, "trainer", "control.trainer.stop")
+    assert says in message and "\n" not in message
+
+
+# ---------------------------------------------------------------------------- --json: one document on stdout
+
+
+@pytest.mark.integration
+async def test_read_commands_print_one_json_document_with_json(bus, nats_server: str, tmp_path: Path):
+    env = cli_env(tmp_path, nats_server)
+
+    code, out, _ = await run_cli_async("status", "--json", env=env)
+    assert code == 0 and set(json.loads(out)["queue"]) == {"gatekeeper", "trainer-high", "trainer-normal", "trainer-low"}
+
+    async def answer_like_the_trainer(msg) -> None:
+        await msg.respond(msgspec.json.encode(ControlReply(ok=True, state="paused", message="by the test")))
+
+    await bus.nc.subscribe(f"{topology.CONTROL_TRAINER}.pause", cb=answer_like_the_trainer)
+    code, out, _ = await run_cli_async("pause", "--json", env=env)
+    assert code == 0 and json.loads(out) == {"ok": True, "state": "paused", "message": "by the test"}
+
+    seen: list[DatasetSubmitted] = []
+    await answer_like_the_gatekeeper(bus, seen)
+    source = tmp_path / "mine.jsonl"
+    source.write_text(ONE_ROW)
+    code, out, _ = await run_cli_async("submit", str(source), "--json", "--wait", "30", env=env)
+    submitted = json.loads(out)
+    assert code == 0 and submitted["outcome"] == "accepted" and submitted["verdict"]["submission_id"] == seen[0].id
+
+    # The submit process wrote its spans to the data directory as it exited.
+    code, out, _ = await run_cli_async("trace", submitted["trace_id"], "--json", env=env)
+    traced = json.loads(out)
+    assert code == 0 and traced["trace_id"] == submitted["trace_id"]
+    assert "flywheel submit" in {span["name"] for span in traced["spans"]}

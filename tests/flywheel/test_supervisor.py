@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import httpx
@@ -12,50 +11,50 @@ import pytest
 
 from flywheel.demo import free_port_base
 from flywheel.supervisor import NATS_URL_FILE, Supervisor, child_environment, service_ports
-
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _wait_healthy(port: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing ready on :{port}")
+from tests.conftest import wait_for_sync
 
 
-def test_child_killed_is_restarted_and_stop_is_clean(tmp_path: Path):
-    base = free_port_base()
-    sup = Supervisor(tmp_path / "data", port_base=base, services=("deployer",), environ=dict(os.environ), grace_s=10)
-    sup.start()
+def _ready(port: int) -> bool:
     try:
+        return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_child_killed_is_restarted_and_stop_is_clean(tmp_path: Path, tiny_model_dir: Path):
+    data = tmp_path / "data"
+    log = data / "logs" / "deployer.log"
+    environ = {**os.environ, "FLYWHEEL_BASE_MODEL": str(tiny_model_dir)}  # no model to build here
+    sup = Supervisor(data, port_base=free_port_base(), services=("deployer",), environ=environ, grace_s=30)
+
+    def started(times: int) -> bool:
+        """The deployer has finished starting `times` times and answers /ready.
+
+        /ready alone is not enough: a service may answer it a moment before it logs that it
+        started, and a kill in that moment leaves one start fewer in the log.
+        """
+        sup.poll()
+        return log.read_text().count("service started") == times and _ready(sup.ports["deployer"])
+
+    try:
+        sup.start()
         assert sup.nats_url.startswith("nats://127.0.0.1:")
-        assert (tmp_path / "data" / NATS_URL_FILE).read_text().strip() == sup.nats_url
-        port = sup.ports["deployer"]
-        _wait_healthy(port)
+        assert (data / NATS_URL_FILE).read_text().strip() == sup.nats_url
+        wait_for_sync(lambda: started(1), "the deployer to start")
         first = sup.children["deployer"].process
         os.kill(first.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            sup.poll()
-            proc = sup.children["deployer"].process
-            if proc is not None and proc.pid != first.pid:
-                break
-            time.sleep(0.2)
+        wait_for_sync(lambda: started(2), "the killed deployer to be restarted and to start again")
         assert sup.children["deployer"].restarts == 1
-        _wait_healthy(port)
+        assert sup.children["deployer"].process.pid != first.pid
     finally:
         sup.stop()
     child = sup.children["deployer"].process
     assert child.returncode == 0, "SIGTERM should stop a service cleanly with exit code 0"
     assert sup.nats.process.poll() is not None
-    assert not (tmp_path / "data" / NATS_URL_FILE).exists()
-    log = (tmp_path / "data" / "logs" / "deployer.log").read_text()
-    assert log.count("service started") == 2
+    assert not (data / NATS_URL_FILE).exists()
+    assert log.read_text().count("service started") == 2
 
 
 def test_ports_and_environment_for_children(tmp_path: Path):
@@ -66,10 +65,32 @@ def test_ports_and_environment_for_children(tmp_path: Path):
     assert env["FLYWHEEL_DATA_DIR"] == str(tmp_path)
 
 
-def test_external_nats_url_is_used_instead_of_starting_one(tmp_path: Path, nats_server: str):
-    sup = Supervisor(tmp_path / "data", port_base=free_port_base(), services=(), environ={"NATS_URL": nats_server})
+@pytest.mark.integration
+@pytest.mark.slow
+def test_external_nats_url_is_used_instead_of_starting_one(tmp_path: Path, nats_server: str, tiny_model_dir: Path):
+    environ = {"NATS_URL": nats_server, "FLYWHEEL_BASE_MODEL": str(tiny_model_dir)}
+    sup = Supervisor(tmp_path / "data", port_base=free_port_base(), services=(), environ=environ)
     sup.start()
     try:
         assert sup.nats is None and sup.nats_url == nats_server
     finally:
         sup.stop()
+
+
+@pytest.mark.integration
+def test_a_failed_start_leaves_no_server_behind(tmp_path: Path):
+    sup = Supervisor(tmp_path / "data", port_base=free_port_base(), services=("deployer",),
+                     environ={"FLYWHEEL_BASE_MODEL": str(tmp_path / "no-model")})
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        sup.start()
+    assert sup.nats.process.poll() is not None
+    assert not (tmp_path / "data" / NATS_URL_FILE).exists()
+
+
+def test_up_checks_every_services_settings_before_starting_anything(tmp_path):
+    from libs.common.settings import SettingsError
+
+    sup = Supervisor(tmp_path / "data", port_base=None, environ={"FLYWHEEL_EVALUATOR_BATCH_SIZE": "0"})
+    with pytest.raises(SettingsError, match="FLYWHEEL_EVALUATOR_BATCH_SIZE"):
+        sup.start()
+    assert sup.nats is None and not sup.children

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import msgspec
+import nats.errors
 import pytest
 
 from libs.common import topology
 from libs.common.bus import REASON_HEADER, Bus, Reject
 from libs.common.events import DatasetSubmitted, ModelDeployed
 from libs.common.tracing import setup_tracing, tracer
+from tests.conftest import consume, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +34,7 @@ async def collect_until(bus: Bus, spec, event_type, handler, n: int, timeout: fl
         if len(seen) >= n:
             stop.set()
 
-    task = asyncio.create_task(bus.consume(spec, event_type, wrapped, stop))
+    task = asyncio.create_task(consume(bus, spec, event_type, wrapped, stop))
     try:
         await asyncio.wait_for(stop.wait(), timeout)
     finally:
@@ -87,7 +90,7 @@ async def test_failing_handler_is_retried_then_dead_lettered_with_reason(bus: Bu
     event = submitted()
     await bus.publish(topology.DATASET_SUBMITTED, event)
     stop = asyncio.Event()
-    task = asyncio.create_task(bus.consume(FAST, DatasetSubmitted, failing, stop))
+    task = asyncio.create_task(consume(bus, FAST, DatasetSubmitted, failing, stop))
     dead = await bus.js.subscribe("deadletter.dataset.submitted")
     msg = await dead.next_msg(timeout=15)
     stop.set()
@@ -118,7 +121,7 @@ async def test_reject_dead_letters_without_retry(bus: Bus):
 
     await bus.publish(topology.DATASET_SUBMITTED, submitted())
     stop = asyncio.Event()
-    task = asyncio.create_task(bus.consume(FAST, DatasetSubmitted, refuse, stop))
+    task = asyncio.create_task(consume(bus, FAST, DatasetSubmitted, refuse, stop))
     dead = await bus.js.subscribe("deadletter.dataset.submitted")
     msg = await dead.next_msg(timeout=10)
     stop.set()
@@ -129,18 +132,27 @@ async def test_reject_dead_letters_without_retry(bus: Bus):
 async def test_long_handler_keeps_its_lease_with_heartbeats(bus: Bus):
     spec = topology.ConsumerSpec("t-long", "DATASETS", "dataset.submitted", ack_wait_s=1.0, long_running=True)
     await bus._ensure_consumer(spec)
-    deliveries = []
+    rival = await bus.js.pull_subscribe_bind(spec.durable, spec.stream)
+    deliveries, taken_by_rival = [], []
 
     async def slow(event, delivery):
         deliveries.append(delivery.num_delivered)
         await asyncio.sleep(3.5)  # 3.5x the ack wait
+        # Had the lease lapsed, the message would be free again: a second puller would get it.
+        with contextlib.suppress(nats.errors.TimeoutError, asyncio.TimeoutError):
+            taken_by_rival.extend(await rival.fetch(1, timeout=0.5))
 
     await bus.publish(topology.DATASET_SUBMITTED, submitted())
     await collect_until(bus, spec, DatasetSubmitted, slow, 1)
-    await asyncio.sleep(1.5)
-    info = await bus.js.consumer_info("DATASETS", "t-long")
-    assert deliveries == [1]
-    assert info.num_ack_pending == 0 and info.num_redelivered == 0
+    await rival.unsubscribe()  # a pull subscription left open holds up the bus's drain
+
+    async def acked():
+        info = await bus.js.consumer_info("DATASETS", "t-long")
+        return info if info.num_ack_pending == 0 and info.num_pending == 0 else None
+
+    info = await wait_for(acked, "the message to be acked")
+    assert deliveries == [1] and not taken_by_rival
+    assert info.num_redelivered == 0
 
 
 async def test_priority_consumers_drain_high_before_low(bus: Bus):

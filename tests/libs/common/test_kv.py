@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from libs.common import topology
-from libs.common.kv import RevisionConflict, read_entry, write_entry
-from services.inference.champion import BASE, read_champion
+from libs.common.kv import MAX_CAS_ATTEMPTS, RevisionConflict, read_entry, write_entry
+from libs.common.records import CHAMPION, TRAINER_CONTROL, SkillState, TrainerControl, skill_state
 
 pytestmark = pytest.mark.integration
 
@@ -34,6 +35,37 @@ async def test_deleted_key_reads_as_absent_and_can_be_written_over(bus):
     await kv.delete("current")
     assert await read_entry(kv, "current") == (None, 0)
     # Readers treat a deleted champion as "none yet", not as an error.
-    assert await read_champion(kv) == BASE
+    assert await (await bus.record(CHAMPION)).read() == (None, 0)
     revision = await write_entry(kv, "current", b"new", 0)
     assert await read_entry(kv, "current") == (b"new", revision)
+
+
+async def test_record_change_decides_again_on_a_conflict(bus):
+    record = await bus.record(skill_state("binary"))
+    other = await bus.record(skill_state("binary"))
+    seen: list[int] = []
+
+    async def bump(current, revision):
+        seen.append(revision)
+        if len(seen) == 1:  # another replica writes between this read and this write
+            await other.put(msgspec.structs.replace(current or SkillState(skill="binary"), level=5))
+        state = current or SkillState(skill="binary")
+        return msgspec.structs.replace(state, level=state.level + 1), state.level + 1
+
+    assert await record.change(bump) == 6  # decided again on the newer value, not 1 -> 2
+    assert len(seen) == 2 and (await record.read())[0].level == 6
+
+
+async def test_record_change_that_keeps_the_value_writes_nothing_and_endless_conflicts_end(bus):
+    record = await bus.record(TRAINER_CONTROL)
+    assert await record.change(lambda current, revision: (None, "kept")) == "kept"
+    assert await record.read() == (None, 0)
+
+    other = await bus.record(TRAINER_CONTROL)
+
+    async def always_overtaken(current, revision):
+        await other.put(TrainerControl(mode="paused"))
+        return TrainerControl(mode="running"), None
+
+    with pytest.raises(RevisionConflict, match=f"{MAX_CAS_ATTEMPTS} times"):
+        await record.change(always_overtaken)

@@ -6,7 +6,6 @@ from libs.common.settings import CommonSettings, SettingsError, describe, load_s
 
 
 class DemoSettings(CommonSettings, kw_only=True, forbid_unknown_fields=True):
-    http_port: int = 0
     batch_size: int = 8
     api_key: str = ""
 
@@ -28,17 +27,65 @@ def test_nats_url_alias():
 
 
 def test_unknown_service_variable_fails_loudly():
-    with pytest.raises(SettingsError, match="FLYWHEEL_TRAINER_BATCHSIZE"):
+    with pytest.raises(SettingsError, match="FLYWHEEL_TRAINER_BATCHSIZE.*did you mean FLYWHEEL_TRAINER_BATCH_SIZE"):
         load_settings(DemoSettings, "trainer", environ={"FLYWHEEL_TRAINER_BATCHSIZE": "3"})
 
 
+@pytest.mark.parametrize(("variable", "nearest"), [
+    ("FLYWHEEL_DATADIR", "FLYWHEEL_DATA_DIR"),                              # a common setting, mistyped
+    ("FLYWHEEL_EVALUATR_BATCH_SIZE", "FLYWHEEL_EVALUATOR_BATCH_SIZE"),      # a mistyped service prefix
+    ("FLYWHEEL_INFERENCE_MAX_TOKEN_LIMIT", "FLYWHEEL_INFERENCE_MAX_TOKENS_LIMIT"),
+])
+def test_any_unknown_flywheel_variable_stops_every_service_with_the_nearest_name(variable, nearest):
+    # Another service's variable, mistyped, stops this one too: it would be ignored everywhere.
+    for service, cls in (("trainer", DemoSettings), ("cli", CommonSettings)):
+        with pytest.raises(SettingsError, match=f"{variable} is not a Flywheel setting; did you mean {nearest}"):
+            load_settings(cls, service, environ={variable: "1"})
+
+
+def test_another_services_valid_variable_is_not_this_ones_business():
+    s = load_settings(DemoSettings, "trainer", environ={"FLYWHEEL_EVALUATOR_BATCH_SIZE": "99"})
+    assert s.batch_size == 8
+
+
+def test_values_services_must_agree_on_have_one_owner():
+    s = load_settings(DemoSettings, "trainer", environ={"FLYWHEEL_MAX_LENGTH": "256"})
+    assert s.max_length == 256
+    with pytest.raises(SettingsError, match="FLYWHEEL_TRAINER_MAX_LENGTH is not a Flywheel setting"):
+        load_settings(DemoSettings, "trainer", environ={"FLYWHEEL_TRAINER_MAX_LENGTH": "256"})
+
+
+def test_http_port_is_set_per_service_only():
+    assert load_settings(DemoSettings, "trainer", environ={"FLYWHEEL_TRAINER_HTTP_PORT": "9000"}).http_port == 9000
+    with pytest.raises(SettingsError, match="per service"):
+        load_settings(DemoSettings, "trainer", environ={"FLYWHEEL_HTTP_PORT": "9000"})
+
+
+def test_a_bad_value_names_the_variable_to_fix():
+    from services.evaluator.settings import EvaluatorSettings
+
+    with pytest.raises(SettingsError, match="FLYWHEEL_EVALUATOR_BATCH_SIZE: Expected `int` >= 1"):
+        load_settings(EvaluatorSettings, "evaluator", environ={"FLYWHEEL_EVALUATOR_BATCH_SIZE": "0"})
+    with pytest.raises(SettingsError, match="FLYWHEEL_EVALUATOR_DEVICE"):
+        load_settings(EvaluatorSettings, "evaluator", environ={"FLYWHEEL_EVALUATOR_DEVICE": "gpu7"})
+
+
+def test_every_service_declares_its_settings_and_all_load_with_defaults():
+    from libs.common.settings import SERVICES, load_all, settings_class
+
+    loaded = load_all(environ={})
+    assert set(loaded) == set(SERVICES)
+    for service in SERVICES:
+        assert isinstance(loaded[service], settings_class(service))
+
+
 def test_wrong_type_fails_loudly():
-    with pytest.raises(SettingsError, match="batch_size"):
+    with pytest.raises(SettingsError, match="FLYWHEEL_TRAINER_BATCH_SIZE: Expected `int`, got `str` \\(it is 'many'\\)"):
         load_settings(DemoSettings, "trainer", environ={"FLYWHEEL_TRAINER_BATCH_SIZE": "many"})
 
 
 def test_bad_log_level_fails():
-    with pytest.raises(SettingsError, match="log_level"):
+    with pytest.raises(SettingsError, match="FLYWHEEL_LOG_LEVEL"):
         load_settings(DemoSettings, "trainer", environ={"FLYWHEEL_LOG_LEVEL": "chatty"})
 
 
@@ -63,8 +110,16 @@ def test_missing_or_broken_toml_fails(tmp_path: Path):
 def test_unknown_toml_key_fails(tmp_path: Path):
     config = tmp_path / "f.toml"
     config.write_text("[trainer]\nbatchsize = 4\n")
-    with pytest.raises(SettingsError, match="batchsize"):
+    with pytest.raises(SettingsError, match="batchsize.*did you mean batch_size"):
         load_settings(DemoSettings, "trainer", environ={"FLYWHEEL_CONFIG": str(config)})
+
+
+def test_unknown_toml_section_fails_in_every_service(tmp_path: Path):
+    config = tmp_path / "f.toml"
+    config.write_text("[evaluatr]\nbatch_size = 4\n")
+    for service, cls in (("trainer", DemoSettings), ("cli", CommonSettings)):
+        with pytest.raises(SettingsError, match=r"unknown section \[evaluatr\]; did you mean evaluator"):
+            load_settings(cls, service, environ={"FLYWHEEL_CONFIG": str(config)})
 
 
 def test_describe_masks_secrets():

@@ -8,7 +8,8 @@ import pytest
 
 from libs.common.skills import binary
 from services.curriculum.pacing import IdleTimer
-from services.curriculum.progression import SEEN_KEPT, SkillState, progress
+from libs.common.records import SkillState
+from services.curriculum.progression import SEEN_KEPT, progress
 from services.curriculum.synthesis import synthetic_dataset
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)

@@ -11,12 +11,18 @@ import pytest
 
 from libs.common import topology
 from libs.common.bus import Bus
-from libs.common.events import CurriculumLevelChanged, DatasetSubmitted, EvalScored, new_id
+from libs.common.events import (
+    CurriculumLevelChanged,
+    DatasetSubmitted,
+    EvalScored,
+    new_id,
+)
 from libs.common.http import ServiceMetrics, create_app
+from libs.common.records import skill_state
 from libs.common.settings import load_settings
-from services.curriculum.api import add_routes
-from services.curriculum.service import Curriculum, CurriculumSettings
-from services.curriculum.state import SkillBoard
+from services.curriculum.service import SERVICE, Curriculum
+from services.curriculum.settings import CurriculumSettings
+from tests.conftest import consume, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +32,7 @@ async def make_curriculum(bus: Bus) -> Curriculum:
         CurriculumSettings, "curriculum", environ={}, nats_url="unused",
         idle_seconds=0.5, poll_interval_s=0.1, rows_per_dataset=20,
     )
-    return Curriculum(bus, SkillBoard(await bus.kv(topology.CURRICULUM_BUCKET)), settings, ServiceMetrics("curriculum"))
+    return Curriculum(settings, bus, ServiceMetrics("curriculum"), await bus.record(skill_state("binary")))
 
 
 def scored(sha: str, accuracy: float, level: int = 1) -> EvalScored:
@@ -61,7 +67,7 @@ async def test_idle_queue_gets_one_synthetic_dataset_at_a_time(bus: Bus):
         stop.set()
         await watching
         await submitted.unsubscribe()
-    state, _ = await curriculum.board.read("binary")
+    state, _ = await curriculum.state.read()
     assert state.datasets_submitted == 2
 
 
@@ -80,7 +86,7 @@ async def test_good_scores_raise_the_level_once(bus: Bus):
     curriculum = await make_curriculum(bus)
     changes = await bus.js.subscribe(topology.CURRICULUM_LEVEL_CHANGED)
     stop = asyncio.Event()
-    consuming = asyncio.create_task(bus.consume(topology.CURRICULUM, EvalScored, curriculum.handle, stop))
+    consuming = asyncio.create_task(consume(bus, topology.CURRICULUM, EvalScored, curriculum.on_eval_scored, stop))
     try:
         await bus.publish(topology.EVAL_SCORED, scored("a", 0.9))
         await bus.publish(topology.EVAL_SCORED, scored("b", 0.85))
@@ -92,11 +98,12 @@ async def test_good_scores_raise_the_level_once(bus: Bus):
         # announcement repeats with its id and is dropped as a duplicate.
         await bus.publish(topology.EVAL_SCORED, msgspec.structs.replace(scored("b", 0.85), id=new_id()))
         await bus.publish(topology.EVAL_SCORED, scored("c", 0.95, level=2))
-        for _ in range(100):
-            state, _ = await curriculum.board.read("binary")
-            if state.recent == [0.95]:
-                break
-            await asyncio.sleep(0.05)
+
+        async def level_2_scored():
+            state, _ = await curriculum.state.read()
+            return state if state.recent == [0.95] else None
+
+        state = await wait_for(level_2_scored, "the level-2 score to be recorded")
     finally:
         stop.set()
         await consuming
@@ -107,7 +114,7 @@ async def test_good_scores_raise_the_level_once(bus: Bus):
     assert (await curriculum.submit_synthetic()).name == "curriculum-binary-L2-1"
 
     app = create_app("curriculum", ServiceMetrics("curriculum"), {})
-    add_routes(app, curriculum.board, curriculum.settings, "binary")
+    app.include_router(SERVICE.routes(curriculum))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         levels = (await client.get("/levels")).json()
         assert levels["binary"]["level"] == 2 and levels["binary"]["datasets_submitted"] == 1

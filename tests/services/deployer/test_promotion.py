@@ -8,7 +8,8 @@ import msgspec
 import pytest
 
 from libs.common.events import EvalScored
-from services.deployer.promotion import Champion, decide, rollback_target
+from libs.common.records import Champion
+from services.deployer.promotion import decide, rollback_target
 
 SUITE = "binary-v1-aaaaaaaaaaaa"
 

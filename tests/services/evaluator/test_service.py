@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import httpx
@@ -14,37 +13,34 @@ from libs.common.bus import REASON_HEADER, Bus
 from libs.common.events import CheckpointSaved, EvalScored, new_id
 from libs.common.http import ServiceMetrics, create_app
 from libs.common.settings import load_settings
-from services.evaluator.api import add_routes
-from services.evaluator.service import Evaluator, EvaluatorSettings
+from services.evaluator.service import SERVICE
+from services.evaluator.settings import EvaluatorSettings
+from tests.conftest import wait_for
+from tests.services.conftest import running
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def make_evaluator(bus: Bus, tmp_path: Path) -> Evaluator:
-    settings = load_settings(
-        EvaluatorSettings, "evaluator", environ={}, data_dir=str(tmp_path / "data"), nats_url="unused",
+def evaluator_settings(nats_url: str, tmp_path: Path) -> EvaluatorSettings:
+    return load_settings(
+        EvaluatorSettings, "evaluator", environ={}, data_dir=str(tmp_path / "data"), nats_url=nats_url,
         suite_max_level=2, items_per_level=2, max_new_tokens=8, device="cpu",
     )
-    return Evaluator(bus, settings, ServiceMetrics("evaluator"))
 
 
 async def wait_until_drained(bus: Bus, delivered: int, timeout: float = 60.0) -> None:
-    for _ in range(int(timeout * 10)):
+    async def drained() -> bool:
         info = await bus.js.consumer_info(topology.EVALUATOR.stream, topology.EVALUATOR.durable)
-        if info.delivered.consumer_seq >= delivered and info.num_pending == 0 and info.num_ack_pending == 0:
-            return
-        await asyncio.sleep(0.1)
-    raise TimeoutError("evaluator did not finish its messages")
+        return info.delivered.consumer_seq >= delivered and info.num_pending == 0 and info.num_ack_pending == 0
+
+    await wait_for(drained, f"the evaluator to finish {delivered} messages", timeout=timeout, interval=0.1)
 
 
 async def test_checkpoint_is_scored_once_and_redelivery_republishes_the_same_event(
-    bus: Bus, checkpoint: CheckpointSaved, tmp_path: Path,
+    bus: Bus, nats_server: str, checkpoint: CheckpointSaved, tmp_path: Path,
 ):
-    evaluator = make_evaluator(bus, tmp_path)
     scored_sub = await bus.js.subscribe(topology.EVAL_SCORED)
-    stop = asyncio.Event()
-    consuming = asyncio.create_task(bus.consume(topology.EVALUATOR, CheckpointSaved, evaluator.handle, stop))
-    try:
+    async with running(SERVICE, evaluator_settings(nats_server, tmp_path)) as evaluator:
         await bus.publish(topology.CHECKPOINT_SAVED, checkpoint)
         msg = await scored_sub.next_msg(timeout=60)
         scored = msgspec.json.decode(msg.data, type=EvalScored)
@@ -68,12 +64,9 @@ async def test_checkpoint_is_scored_once_and_redelivery_republishes_the_same_eve
         await bus.publish(topology.CHECKPOINT_SAVED, msgspec.structs.replace(checkpoint, id=new_id(), sha256="0" * 64))
         reason = (await dead.next_msg(timeout=30)).headers[REASON_HEADER]
         assert "does not match" in reason
-    finally:
-        stop.set()
-        await consuming
 
     app = create_app("evaluator", ServiceMetrics("evaluator"), {})
-    add_routes(app, evaluator.scorebook, evaluator.suite)
+    app.include_router(SERVICE.routes(evaluator))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         recent = (await client.get("/scores")).json()
         assert [s["id"] for s in recent] == [scored.id]

@@ -7,11 +7,10 @@ from pathlib import Path
 import msgspec
 
 from libs.common.artifacts import ArtifactStore
-from services.gatekeeper.framing import Limits
-from services.gatekeeper.index import AcceptedIndex
-from services.gatekeeper.recent import RecentDatasets
-from services.gatekeeper.submissions import Gatekeeper, Submission
-from services.gatekeeper.validation import ValidationConfig
+from services.gatekeeper.duplicates import AcceptedIndex, RecentDatasets
+from services.gatekeeper.intake import Submission
+from services.gatekeeper.pipeline import Gatekeeper, ValidationConfig
+from services.gatekeeper.reading import Limits
 
 
 def chat(*turns: tuple[str, str], **extra) -> dict:

@@ -11,13 +11,14 @@ import pytest
 from libs.common.models import load_tokenizer
 from libs.common.skills import binary
 from services.gatekeeper.checks import Tally
-from services.gatekeeper.fingerprints import Fingerprints, RecentIndex, earliest_similar, exact_key, signatures
-from services.gatekeeper.leakage import leaked_fraction
-from services.gatekeeper.profiles import binary_answer_problem, syllo_answer_problem
+from services.gatekeeper.checks.deep import binary_answer_problem, leaked_fraction, syllo_answer_problem
+from services.gatekeeper.checks.standard import TokenCounter
+from services.gatekeeper.duplicates import Fingerprints, RecentIndex, earliest_similar, exact_key, signatures
+from services.gatekeeper.pipeline import Tools, Validation, ValidationConfig
 from services.gatekeeper.schemas import lookup
-from services.gatekeeper.tokens import TokenCounter
-from services.gatekeeper.validation import Tools, Validation, ValidationConfig
 from tests.services.gatekeeper.samples import chat, make_gatekeeper, submission
+
+pytestmark = pytest.mark.slow  # loads the tiny tokenizer
 
 PUZZLE = {"syllables": ["ba", "na", "na", "ap", "ple"], "answers": ["banana", "apple"]}
 STORY = ("The lighthouse keeper climbed the spiral stairs every evening at dusk, lit the great lamp, "

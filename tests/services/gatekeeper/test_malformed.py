@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 from libs.common.models import load_tokenizer
-from services.gatekeeper.framing import Limits
-from services.gatekeeper.tokens import TokenCounter
-from services.gatekeeper.validation import ValidationConfig
+from services.gatekeeper.checks.standard import TokenCounter
+from services.gatekeeper.pipeline import ValidationConfig
+from services.gatekeeper.reading import Limits
 from tests.services.gatekeeper.samples import make_gatekeeper, submission
+
+pytestmark = pytest.mark.slow  # loads the tiny tokenizer
 
 FOLDER = Path(__file__).parent / "malformed"
 EXPECTED: dict[str, str | dict] = tomllib.loads((FOLDER / "expected.toml").read_text())

@@ -20,18 +20,24 @@ from libs.common.events import DatasetAccepted, DatasetRejected, DatasetSubmitte
 from libs.common.runtime import ServiceRuntime
 from libs.common.settings import load_settings
 from services.gatekeeper.api import ASYNCAPI
-from services.gatekeeper.reports import accepted_event_id
-from services.gatekeeper.service import start
+from services.gatekeeper.service import SERVICE
 from services.gatekeeper.settings import GatekeeperSettings
+from services.gatekeeper.verdict import accepted_event_id
+from tests.conftest import wait_for
 from tests.services.gatekeeper.samples import chat, good_rows, jsonl
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a nats-server; the tiny tokenizer
 
 
 class Running:
     def __init__(self, rt: ServiceRuntime, client: httpx.AsyncClient, store: ArtifactStore) -> None:
         self.rt, self.client, self.store = rt, client, store
         self.settings: GatekeeperSettings = rt.settings
+
+
+async def _ready(client: httpx.AsyncClient, task: asyncio.Task) -> bool:
+    assert not task.done(), "the gatekeeper stopped while starting"
+    return (await client.get("/ready")).status_code == 200
 
 
 @pytest.fixture
@@ -41,12 +47,9 @@ async def gatekeeper(nats_server: str, bus: Bus, tmp_path: Path, tiny_model_dir:
         base_model=str(tiny_model_dir), http_port=0, settle_seconds=0.5,
     )
     rt = ServiceRuntime("gatekeeper", settings, shutdown_grace_s=10)
-    task = asyncio.create_task(rt.run(start))
+    task = asyncio.create_task(rt.run(SERVICE))
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=rt.app), base_url="http://gatekeeper")
-    deadline = time.monotonic() + 30
-    while (await client.get("/ready")).status_code != 200:
-        assert not task.done() and time.monotonic() < deadline, "gatekeeper did not become ready"
-        await asyncio.sleep(0.1)
+    await wait_for(lambda: _ready(client, task), "the gatekeeper to become ready", interval=0.1)
     try:
         yield Running(rt, client, ArtifactStore(tmp_path / "data" / "artifacts"))
     finally:
@@ -161,10 +164,9 @@ async def test_oversized_uploads_are_cut_off_at_the_limit(nats_server: str, bus:
         base_model=str(tiny_model_dir), http_port=0, max_file_bytes=1000,
     )
     rt = ServiceRuntime("gatekeeper", settings, shutdown_grace_s=10)
-    task = asyncio.create_task(rt.run(start))
+    task = asyncio.create_task(rt.run(SERVICE))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=rt.app), base_url="http://gk") as client:
-        while (await client.get("/ready")).status_code != 200:
-            await asyncio.sleep(0.1)
+        await wait_for(lambda: _ready(client, task), "the gatekeeper to become ready", interval=0.1)
 
         async def streamed():
             for _ in range(10):
@@ -236,10 +238,9 @@ async def test_a_stop_mid_validation_releases_the_submission_to_the_next_run(
     await bus.publish(topology.DATASET_SUBMITTED, event)
 
     first = ServiceRuntime("gatekeeper", settings, shutdown_grace_s=10)
-    task = asyncio.create_task(first.run(start))
+    task = asyncio.create_task(first.run(SERVICE))
     original = store.location("submissions", event.id, "original.jsonl")
-    while not original.exists():  # copied: validation is starting
-        await asyncio.sleep(0.01)
+    await wait_for(original.exists, "the submission to be copied: validation is starting", interval=0.01)
     first.stop.set()
     stopped = time.monotonic()
     assert await asyncio.wait_for(task, 20) == 0
@@ -247,7 +248,7 @@ async def test_a_stop_mid_validation_releases_the_submission_to_the_next_run(
     assert not store.location("reports", f"{event.id}.json").exists()
 
     second = ServiceRuntime("gatekeeper", settings, shutdown_grace_s=10)
-    task = asyncio.create_task(second.run(start))
+    task = asyncio.create_task(second.run(SERVICE))
     try:
         _, done = await next_event(accepted, DatasetAccepted, timeout=30)
         assert done.submission_id == event.id and done.num_rows == 1_500_000

@@ -10,13 +10,13 @@ import pytest
 
 from libs.common.chat import ChatMessage, TemplateError, encode_chat
 from libs.common.models import load_tokenizer
-from services.gatekeeper.chat_sft import Message
 from services.gatekeeper.checks import Tally
-from services.gatekeeper.lengths import LengthStats
-from services.gatekeeper.schemas import lookup
-from services.gatekeeper.tokens import TokenCounter
-from services.gatekeeper.validation import Tools, Validation, ValidationConfig
+from services.gatekeeper.checks.standard import LengthStats, TokenCounter
+from services.gatekeeper.pipeline import Tools, Validation, ValidationConfig
+from services.gatekeeper.schemas import Message, lookup
 from tests.services.gatekeeper.samples import chat, no_tokens
+
+pytestmark = pytest.mark.slow  # loads the tiny tokenizer
 
 # Qwen3's chat template (tools left out): content-dependent (`</think>`), position-dependent
 # (an empty think block on the final answer after the last user turn) and strips newlines.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import msgspec
@@ -12,7 +13,7 @@ import pytest
 from libs.common.artifacts import ArtifactStore
 from libs.common.chat import ChatMessage
 from libs.common.http import ServiceMetrics, create_app
-from services.inference.api import add_routes
+from services.inference.api import router
 from services.inference.champion import BASE
 from services.inference.generation import GenerationParams, PreparedPrompt
 from services.inference.metrics import InferenceMetrics
@@ -46,7 +47,8 @@ async def client(tiny_model_dir: Path, tmp_path: Path):
     async def reload(force: bool):
         return await server.deploy(BASE, force=force)
 
-    add_routes(app, server, api_key=KEY, reload=reload, metrics=metrics)
+    # The routes' narrow interface (services.inference.api.Serving), reloading the base model.
+    app.include_router(router(SimpleNamespace(server=server, api_key=KEY, metrics=metrics, reload=reload)))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", headers=AUTH) as c:
         yield c
     await server.close()

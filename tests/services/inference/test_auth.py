@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -13,7 +14,7 @@ from libs.common.artifacts import ArtifactStore
 from libs.common.http import ServiceMetrics, create_app
 from libs.common.settings import SettingsError, load_settings
 from services.inference import auth
-from services.inference.api import add_routes
+from services.inference.api import router
 from services.inference.auth import GENERATED_KEY_PATH, bearer_token, is_authorized, resolve_api_key
 from services.inference.metrics import InferenceMetrics
 from services.inference.serving import ModelServer
@@ -97,7 +98,7 @@ def client(tmp_path: Path):
     async def reload(force: bool):
         raise AssertionError("not reached in these tests")
 
-    add_routes(app, server, api_key=KEY, reload=reload, metrics=server.metrics)
+    app.include_router(router(SimpleNamespace(server=server, api_key=KEY, metrics=server.metrics, reload=reload)))
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 

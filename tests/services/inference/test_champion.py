@@ -6,12 +6,14 @@ import msgspec
 import pytest
 
 from libs.common.events import ModelDeployed
+from libs.common.records import Champion
 from services.inference.champion import (
     BASE,
     ChampionError,
     ModelTarget,
-    decode_champion,
     needs_reload,
+    read_champion,
+    target_for_champion,
     target_for_event,
 )
 from services.inference.serving import served_model_id
@@ -20,19 +22,31 @@ A = ModelTarget("champion", "file:///a", "aaaa" * 16, "run-1", 10)
 B = ModelTarget("champion", "file:///b", "bbbb" * 16, "run-1", 20)
 
 
-def test_record_decodes_leniently():
+def test_the_champion_record_names_its_checkpoint_and_fields_added_later_are_ignored():
     record = msgspec.json.encode({
-        "checkpoint_uri": "file:///a", "checkpoint_sha256": "aaaa" * 16, "run_id": "run-1", "step": "10",
-        "exact_match": 0.5, "deployed_at": "2025-01-01T00:00:00Z", "history": [1, 2], "event_id": "e1",
+        "checkpoint_uri": "file:///a", "checkpoint_sha256": "aaaa" * 16, "run_id": "run-1", "step": 10,
+        "exact_match": 0.5, "val_loss": 1.0, "suite_version": "s", "deployed_at": "2025-01-01T00:00:00Z",
+        "history": [1, 2], "event_id": "e1",
     })
-    assert decode_champion(record) == ModelTarget("champion", A.uri, A.sha256, "run-1", 10, "e1")
+    champion = msgspec.json.decode(record, type=Champion)
+    assert target_for_champion(champion) == ModelTarget("champion", A.uri, A.sha256, "run-1", 10, "e1")
+    assert target_for_champion(None) == BASE
 
 
-def test_record_without_the_checkpoint_is_an_error():
+class _Unreadable:
+    """A KV record whose stored bytes do not decode."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def read(self):
+        return msgspec.json.decode(self.data, type=Champion), 1
+
+
+@pytest.mark.parametrize("data", [b'{"run_id": "x"}', b"not json"])
+async def test_an_unreadable_record_is_a_champion_error(data: bytes):
     with pytest.raises(ChampionError):
-        decode_champion(b'{"run_id": "x"}')
-    with pytest.raises(ChampionError):
-        decode_champion(b"not json")
+        await read_champion(_Unreadable(data))
 
 
 def test_reload_only_when_the_wanted_model_differs():

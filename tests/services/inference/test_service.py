@@ -7,6 +7,7 @@ import contextlib
 import shutil
 import socket
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -21,8 +22,10 @@ from libs.common.models import load_model
 from libs.common.runtime import ServiceRuntime
 from libs.common.tracing import current_trace_id, setup_tracing, tracer
 from services.inference.auth import GENERATED_KEY_PATH
-from services.inference.service import start
+from libs.common.records import CHAMPION, Champion
+from services.inference.service import SERVICE
 from services.inference.settings import InferenceSettings
+from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -58,12 +61,13 @@ def deployed(checkpoint: Artifact, run_id: str, step: int) -> ModelDeployed:
 
 
 async def put_champion(bus: Bus, checkpoint: Artifact, run_id: str, step: int) -> None:
-    """The record as the deployer writes it (fields this service does not read included)."""
-    kv = await bus.kv(topology.CHAMPION_BUCKET)
-    record = {"checkpoint_uri": checkpoint.uri, "checkpoint_sha256": checkpoint.sha256, "run_id": run_id,
-              "step": step, "deployed_at": "2025-01-01T00:00:00Z", "event_id": f"deploy-{run_id}-{step}",
-              "exact_match": 0.5, "kind": "promotion"}
-    await kv.put("current", msgspec.json.encode(record))
+    """The record as the deployer writes it."""
+    record = await bus.record(CHAMPION)
+    await record.put(Champion(
+        checkpoint_uri=checkpoint.uri, checkpoint_sha256=checkpoint.sha256, run_id=run_id, step=step,
+        exact_match=0.5, val_loss=1.0, suite_version="s", deployed_at=datetime(2025, 1, 1, tzinfo=UTC),
+        event_id=f"deploy-{run_id}-{step}",
+    ))
 
 
 @pytest.fixture
@@ -78,18 +82,17 @@ def settings(tmp_path: Path, nats_server: str, tiny_model_dir: Path) -> Inferenc
 async def running(settings: InferenceSettings, *, ready: bool = True, key: str = ""):
     """The service as `python -m services.inference` runs it, in this process; yields an HTTP client."""
     runtime = ServiceRuntime("inference", settings)
-    task = asyncio.create_task(runtime.run(start))
+    task = asyncio.create_task(runtime.run(SERVICE))
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30) as client:
         try:
-            deadline = time.monotonic() + 30
-            while True:
+            async def started() -> bool:
                 assert not task.done(), "the service stopped while starting"
                 with contextlib.suppress(httpx.TransportError):
                     response = await client.get("/ready")
-                    if response.status_code == 200 or (not ready and "model" in response.json()["checks"]):
-                        break
-                assert time.monotonic() < deadline, "the service did not start"
-                await asyncio.sleep(0.1)
+                    return response.status_code == 200 or (not ready and "model" in response.json()["checks"])
+                return False
+
+            await wait_for(started, "the service to start", interval=0.1)
             key = key or (settings.data_dir / GENERATED_KEY_PATH).read_text().strip()
             client.headers["Authorization"] = f"Bearer {key}"
             yield client
@@ -98,14 +101,15 @@ async def running(settings: InferenceSettings, *, ready: bool = True, key: str =
             assert await asyncio.wait_for(task, 30) == 0
 
 
-async def info_when(client: httpx.AsyncClient, condition, timeout: float = 20.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = (await client.get("/models/info")).json()
-        if condition(info):
-            return info
-        assert time.monotonic() < deadline, f"/models/info never matched; last: {info}"
-        await asyncio.sleep(0.05)
+async def info_when(client: httpx.AsyncClient, condition, timeout: float = 60.0) -> dict:
+    last: dict = {}
+
+    async def matching() -> dict | None:
+        last.clear()
+        last.update((await client.get("/models/info")).json())
+        return dict(last) if condition(last) else None
+
+    return await wait_for(matching, lambda: f"/models/info to match; last: {last}", timeout=timeout)
 
 
 async def chat(client: httpx.AsyncClient, **fields) -> dict:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from libs.common.settings import load_settings
 from services.trainer.settings import TrainerSettings
 
 
@@ -27,6 +28,7 @@ def make_settings(data_dir: Path, tiny_model_dir: Path):
             progress_every_steps=2, device="cpu",
         )
         values.update(overrides)
-        return TrainerSettings(**values)
+        # Through the loader, as the service reads them: hyperparameters are named flat.
+        return load_settings(TrainerSettings, "trainer", environ={}, **values)
 
     return build

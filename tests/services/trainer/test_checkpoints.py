@@ -20,6 +20,7 @@ from services.trainer.checkpoints import (
     step_dir_name,
     write_checkpoint,
 )
+from services.trainer.settings import Hyperparameters
 from services.trainer.state import TrainerState, load_state, record_finished, save_state
 
 
@@ -90,12 +91,12 @@ def test_remove_staging_drops_leftovers_only(tmp_path):
 
 
 def test_run_id_is_stable_and_changes_with_weights_or_recipe():
-    recipe = {"batch_size": 8, "learning_rate": 1e-3}
+    recipe = Hyperparameters().identity(512)
     run = run_id_for("a" * 64, "file:///base", recipe)
-    assert run == run_id_for("a" * 64, "file:///base", dict(reversed(recipe.items())))
+    assert run == run_id_for("a" * 64, "file:///base", Hyperparameters().identity(512))
     assert run.startswith("ds-aaaaaaaaaaaa-")
     assert run != run_id_for("a" * 64, "file:///ckpt", recipe)
-    assert run != run_id_for("a" * 64, "file:///base", {**recipe, "batch_size": 4})
+    assert run != run_id_for("a" * 64, "file:///base", Hyperparameters(batch_size=4).identity(512))
 
 
 def test_state_file_round_trip_and_missing_file(tmp_path):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
 from libs.common.events import CheckpointSaved, TrainingProgress, TrainingStarted
 from services.trainer.control import ControlGate, decide
 from services.trainer.status import RunStatus, describe_state
+from tests.conftest import wait_for_sync
 
 
 @pytest.mark.parametrize(("mode", "action", "expected", "ok"), [
@@ -48,8 +48,8 @@ def test_gate_lets_a_running_loop_through():
 def test_gate_holds_a_paused_loop_until_resume():
     gate = ControlGate("paused")
     thread, result = run_in_thread(gate.proceed)
-    time.sleep(0.2)
-    assert thread.is_alive() and gate.waiting
+    wait_for_sync(lambda: gate.waiting, "the loop to wait at the gate")
+    assert thread.is_alive()
     gate.set_mode("running")
     thread.join(2)
     assert result["value"] is True and not gate.waiting
@@ -58,7 +58,7 @@ def test_gate_holds_a_paused_loop_until_resume():
 def test_gate_releases_a_paused_loop_to_stop():
     gate = ControlGate("paused")
     thread, result = run_in_thread(gate.proceed)
-    time.sleep(0.1)
+    wait_for_sync(lambda: gate.waiting, "the loop to wait at the gate")
     gate.set_mode("stopped")
     thread.join(2)
     assert result["value"] is False
@@ -67,7 +67,7 @@ def test_gate_releases_a_paused_loop_to_stop():
 def test_gate_shutdown_stops_even_a_paused_loop():
     gate = ControlGate("paused")
     thread, result = run_in_thread(gate.proceed)
-    time.sleep(0.1)
+    wait_for_sync(lambda: gate.waiting, "the loop to wait at the gate")
     gate.shut_down()
     thread.join(2)
     assert result["value"] is False

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from libs.common.chat import IGNORE_INDEX, EncodedChat
-from services.trainer.data import DatasetError, TrainingPlan, collate, epoch_order, read_rows
+from libs.common.chat import IGNORE_INDEX, EncodedChat, collate
+from services.trainer.data import DatasetError, TrainingPlan, epoch_order, read_rows
 from services.trainer.schedule import MIN_LR_RATIO, lr_multiplier
 
 

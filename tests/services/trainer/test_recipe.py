@@ -11,7 +11,11 @@ from safetensors.torch import load_file
 from libs.common.artifacts import ArtifactStore
 from libs.common.chat import ChatMessage, ChatRow
 from libs.common.models import load_tokenizer
-from services.trainer.checkpoints import TRAINING_STATE_FILE, list_checkpoints, read_info
+from services.trainer.checkpoints import (
+    TRAINING_STATE_FILE,
+    list_checkpoints,
+    read_info,
+)
 from services.trainer.control import ControlGate
 from services.trainer.data import DatasetError, tokenize
 from services.trainer.recipe import FullFinetuneRecipe, TrainingJob

@@ -20,13 +20,18 @@ from libs.common import topology
 from libs.common.artifacts import ArtifactStore
 from libs.common.bus import Bus
 from libs.common.events import AnyEvent, ControlReply, ControlTraining, DatasetAccepted
-from libs.common.http import ServiceMetrics
 from libs.common.models import load_model
-from libs.common.tracing import current_trace_id, setup_tracing, trace_id_from_headers, tracer
-from services.trainer import api
-from services.trainer.control import CONTROL_KEY, ControlState
-from services.trainer.service import TrainerService
+from libs.common.records import TRAINER_CONTROL
+from libs.common.tracing import (
+    current_trace_id,
+    setup_tracing,
+    trace_id_from_headers,
+    tracer,
+)
+from services.trainer.service import SERVICE, TrainerService
 from services.trainer.state import STATE_FILE, load_state
+from tests.conftest import wait_for
+from tests.services.conftest import running
 from tests.services.trainer.samples import chat_rows, write_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -54,27 +59,14 @@ class Recorder:
 
 
 async def until(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+    await wait_for(condition, what, timeout=timeout)
 
 
 @contextlib.asynccontextmanager
 async def running_trainer(nats_url: str, settings):
-    """The service's wiring as `start()` builds it, with its own connection, until the block ends."""
-    bus = await Bus.connect([nats_url], "trainer")
-    stop = asyncio.Event()
-    service = TrainerService(settings, bus, stop, ServiceMetrics("trainer"))
-    await service.open()
-    task = asyncio.create_task(service.run())
-    try:
+    """The service as `python -m services.trainer` starts it, in this process, until the block ends."""
+    async with running(SERVICE, msgspec.structs.replace(settings, nats_url=nats_url)) as service:
         yield service
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
-        await bus.close()
 
 
 @pytest.fixture
@@ -86,6 +78,10 @@ async def recorder(bus: Bus) -> Recorder:
 
 async def publish(bus: Bus, event: DatasetAccepted) -> None:
     await bus.publish(topology.dataset_accepted(event.priority), event)
+
+
+async def _none_pending(bus: Bus) -> bool:
+    return await pending(bus) == 0
 
 
 async def pending(bus: Bus) -> int:
@@ -157,8 +153,7 @@ async def test_a_dataset_already_trained_is_acked_without_training_again(
         await recorder.wait_for(topology.TRAINING_FINISHED)
         # The same dataset accepted again (a new submission of the same content): a new event id.
         await publish(bus, msgspec.structs.replace(event, id="again", submission_id="sub-2"))
-        await asyncio.sleep(1.0)
-        assert await pending(bus) == 0
+        await wait_for(lambda: _none_pending(bus), "the second acceptance to be acked")
     assert len(recorder.events(topology.TRAINING_STARTED)) == 1
 
 
@@ -182,6 +177,7 @@ async def test_pause_resume_and_stop_over_nats_and_a_restart_honours_stop(
         reply = await command("pause")
         assert reply.ok and reply.state in ("pausing", "paused")
         step = await held_at_gate(trainer)
+        await recorder.wait_for(topology.TRAINING_PROGRESS, step=step)  # in flight before the gate
         seen = len(recorder.seen)
         await asyncio.sleep(1.0)
         assert len(recorder.seen) == seen and trainer.snapshot()["run"]["step"] == step  # held, lease kept
@@ -198,8 +194,7 @@ async def test_pause_resume_and_stop_over_nats_and_a_restart_honours_stop(
         assert not saved.final and saved.step == step
         await until(lambda: trainer.snapshot()["state"] == "stopped", what="stopped")
         assert not (await command("pause")).ok
-        kv = await bus.kv(topology.TRAINER_BUCKET)
-        assert msgspec.json.decode((await kv.get(CONTROL_KEY)).value, type=ControlState).mode == "stopped"
+        assert (await (await bus.record(TRAINER_CONTROL)).read())[0].mode == "stopped"
 
     # A restarted trainer honours the stop: it takes no work until resumed.
     async with running_trainer(nats_server, settings) as trainer:
@@ -246,7 +241,7 @@ async def test_a_dataset_whose_hash_does_not_match_is_dead_lettered(
 async def test_http_routes_control_the_same_state(bus, nats_server, make_settings):
     async with running_trainer(nats_server, make_settings()) as trainer:
         app = FastAPI()
-        app.include_router(api.router(trainer))
+        app.include_router(SERVICE.routes(trainer))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
             assert (await http.get("/status")).json()["state"] == "idle"
             response = await http.post("/pause")

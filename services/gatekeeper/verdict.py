@@ -1,6 +1,18 @@
-"""The validation report of one submission, and the event that announces its outcome.
+"""The verdict on a validated submission, the report that explains it, and the event that announces it.
 
-A report is written for every submission, accepted or not, to the artifact store at
+The acceptance policy (`decide`):
+- Any submission- or file-level error (unknown schema, uri outside the store, empty, binary,
+  too large, a gzip bomb, no rows, ...) rejects the submission.
+- Rows with errors are dropped (which row checks are errors is fixed per check: see
+  checks/__init__.py and the modules it names). The file is rejected when no valid row
+  remains, or when the share of rows with errors is above `max_error_fraction`: a file that is
+  mostly wrong is more likely the wrong file than a few bad rows.
+- Rows longer than max_length: the overlength setting, applied by the standard level
+  (checks/standard.py), makes them errors ("reject") or warnings that the trainer truncates
+  ("truncate", unless no answer token would survive).
+- Warnings never reject.
+
+The report: written for every submission, accepted or not, to the artifact store at
 `reports/<submission_id>.json` (its `report_uri` travels in the event). It holds:
 - the outcome and its reasons (the policy's verdict first, then each row check with errors:
   its count, its first line numbers and its first reason);
@@ -9,32 +21,57 @@ A report is written for every submission, accepted or not, to the artifact store
   severity, complete count and first findings with line numbers;
 - `lengths`: the length distribution (tokens at standard and deep);
 - the policy in force, the original's uri and sha256, the accepted dataset's, the timing.
+
 The announcement is derived from the report alone, so a redelivered submission whose report
 exists is announced again identically, without validating twice. `DatasetRejected.reasons`
-carries the report's reasons; `DatasetAccepted` its counts and report_uri.
-
-Event ids are deterministic: `DatasetAccepted` from the dataset id (JetStream drops a
-republished acceptance inside its duplicate window), `DatasetRejected` from the submission id.
+carries the report's reasons; `DatasetAccepted` its counts and report_uri. Event ids are
+deterministic: `DatasetAccepted` from the dataset id (JetStream drops a republished acceptance
+inside its duplicate window), `DatasetRejected` from the submission id.
 """
 
 from __future__ import annotations
 
-import uuid
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
 
 from libs.common import topology
-from libs.common.events import DatasetAccepted, DatasetRejected, Event, Priority, ValidationLevel
+from libs.common.events import DatasetAccepted, DatasetRejected, Event, Priority, ValidationLevel, derived_id
 from services.gatekeeper.checks import CheckFindings, Tally
-from services.gatekeeper.lengths import LengthSummary
+from services.gatekeeper.checks.standard import LengthSummary
 
 Status = Literal["accepted", "rejected", "duplicate"]
-EVENT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "flywheel/gatekeeper")
 # Reasons in an event stay short; the report has everything.
 _MAX_REASONS = 12
 _LINES_SHOWN = 5
+
+# ---------------------------------------------------------------------------- the verdict
+
+
+@dataclass(frozen=True)
+class Decision:
+    accepted: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+def decide(tally: Tally, max_error_fraction: float) -> Decision:
+    if tally.fatal:
+        return Decision(False, list(tally.fatal))
+    if tally.num_rows_valid == 0:
+        return Decision(False, [
+            f"no valid rows: all {tally.num_rows} rows have errors; most common: {tally.most_common_errors()}"
+        ])
+    if tally.error_fraction > max_error_fraction:
+        return Decision(False, [
+            f"{tally.num_rows_dropped} of {tally.num_rows} rows ({tally.error_fraction:.1%}) have errors, "
+            f"above the limit of {max_error_fraction:.1%}; most common: {tally.most_common_errors()}"
+        ])
+    return Decision(True)
+
+
+# ---------------------------------------------------------------------------- the report and its announcement
 
 
 class Report(msgspec.Struct, kw_only=True):
@@ -102,7 +139,7 @@ def decode_report(data: bytes) -> Report:
 
 
 def accepted_event_id(dataset_id: str) -> str:
-    return uuid.uuid5(EVENT_NAMESPACE, f"accepted:{dataset_id}").hex
+    return derived_id("gatekeeper", "accepted", dataset_id)
 
 
 def announcement(report: Report) -> tuple[str, Event]:
@@ -122,7 +159,7 @@ def announcement(report: Report) -> tuple[str, Event]:
             submission_id=report.submission_id,
         )
     return topology.DATASET_REJECTED, DatasetRejected(
-        id=uuid.uuid5(EVENT_NAMESPACE, f"rejected:{report.submission_id}").hex,
+        id=derived_id("gatekeeper", "rejected", report.submission_id),
         name=report.name,
         reasons=report.reasons[:_MAX_REASONS],
         report_uri=report.report_uri,

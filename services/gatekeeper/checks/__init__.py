@@ -1,22 +1,34 @@
-"""What a validation check is, the checks every schema shares, and how findings are tallied.
+"""What a check is, the one protocol the standard and deep checks implement, and the tally of findings.
 
 A check has a stable name (it appears in reports, events and tests), a level, a severity and
 a scope. Levels nest: a submission validated at `standard` runs every quick and standard
 check. An error drops its row (row and line scope) or rejects the submission (submission and
 file scope); a warning is recorded and changes nothing. Whether a file with dropped rows is
-still accepted is `policy.py`'s decision.
+still accepted is the verdict's decision (verdict.py).
 
-The checks shared by every schema (the rest live next to what they check):
+The checks of each level, in the order a row meets them, and where they are made:
 
-submission  submission, schema, uri, sha256                        (here)
-file        file_size, file_empty, gzip, binary, encoding, bom, no_rows   (here; made in framing.py)
-line        line_size, blank_line, utf8, json, nesting, json_object  (here; made in framing.py and decoding.py)
-row         per schema: chat_sft.py, syllo.py, completion.py (quick);
-            tokens.py (standard); duplicates.py, leakage.py, profiles.py (deep)
+quick     submission  submission, schema, uri, sha256                   declared here, made in pipeline.py
+          file        file_size, file_empty, gzip, binary, encoding,    declared here, made in reading.py
+                      bom; no_rows                                      (no_rows: pipeline.py)
+          line        line_size, blank_line, utf8, json, nesting,       declared here, made in reading.py
+                      json_object
+          row         each schema's own                                 schemas.py
+standard  template, token_length, token_truncation                      checks/standard.py
+deep      answer_format, answer_leakage                                 checks/deep.py
+          exact_duplicate, accepted_duplicate, near_duplicate,          duplicates.py
+          accepted_near_duplicate, dedup_capacity
+
+The quick checks decide which rows exist at all, so they are made while the bytes are read and
+decoded. Every check after them is a `LevelCheck`: it sees each `Batch` of rows that passed
+the quick checks, in file order, drops or warns about rows, and may report once the whole file
+has been seen. A level is the list of its LevelChecks, run in order on every batch
+(`pipeline.Validation`).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
@@ -48,7 +60,18 @@ class Check:
                 "description": self.description}
 
 
-# ---------------------------------------------------------------------------- shared checks
+class LevelCheck(ABC):
+    """A standard or deep check: it sees every batch of rows that passed the quick checks, in file order."""
+
+    @abstractmethod
+    def __call__(self, batch: Batch) -> None:
+        """Look at the batch's live rows: `batch.error` drops a row, `batch.warn` keeps it."""
+
+    def finish(self, tally: Tally) -> None:
+        """Report what only the whole file shows, once its last batch has been seen (most checks: nothing)."""
+
+
+# ---------------------------------------------------------------------------- the quick checks every schema shares
 # Submission: decided before a byte is read.
 SUBMISSION = Check("submission", "quick", "error", "submission", "exactly one of inline rows or a uri is given")
 SCHEMA = Check("schema", "quick", "error", "submission", "the named schema is one the gatekeeper knows")
@@ -83,6 +106,9 @@ SUBMISSION_CHECKS: tuple[Check, ...] = (SUBMISSION, SCHEMA, URI, SHA256)
 FILE_CHECKS: tuple[Check, ...] = (FILE_SIZE, FILE_EMPTY, GZIP, BINARY, ENCODING, BOM, NO_ROWS)
 LINE_CHECKS: tuple[Check, ...] = (LINE_SIZE, BLANK_LINE, UTF8, JSON, NESTING, JSON_OBJECT)
 SHARED_CHECKS: tuple[Check, ...] = (*SUBMISSION_CHECKS, *FILE_CHECKS, *LINE_CHECKS)
+
+
+# ---------------------------------------------------------------------------- findings, tallied
 
 
 class Finding(msgspec.Struct, frozen=True):
@@ -185,3 +211,4 @@ class Batch:
 
     def warn(self, index: int, check: Check, reason: str) -> None:
         self.tally.add(self.numbers[index], check, reason)
+

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from services.gatekeeper.checks import Tally
-from services.gatekeeper.framing import CHUNK_BYTES, Block, Limits, read_blocks
+from services.gatekeeper.reading import CHUNK_BYTES, Block, Limits, read_blocks
 
 GOOD = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
 

@@ -12,9 +12,9 @@ import pytest
 from libs.common import topology
 from libs.common.chat import ChatRow
 from libs.common.events import DatasetAccepted, DatasetRejected, DatasetSubmitted
-from services.gatekeeper.reports import accepted_event_id, announcement
-from services.gatekeeper.submissions import is_submission_id, submission_id_for
-from services.gatekeeper.validation import ValidationInterrupted
+from services.gatekeeper.intake import is_submission_id, submission_id_for
+from services.gatekeeper.pipeline import ValidationInterrupted
+from services.gatekeeper.verdict import accepted_event_id, announcement
 from tests.services.gatekeeper.samples import chat, good_rows, jsonl, make_gatekeeper, submission
 
 

@@ -1,8 +1,31 @@
-"""How one submission is taken in: keep the original, validate, store, index, report.
+"""The pipeline: one file through the checks of its level, and one submission from its bytes to its report.
 
-Every intake path (NATS `dataset.submitted` with inline rows or a uri, HTTP upload, inbox
-file) ends here, so all of them run the same pipeline and the same checks. Nothing here
-touches the bus: the result is a `Report`, from which `reports.announcement` derives the event.
+Validating one file (`Validation`), streamed; which checks run at each level, in which order:
+
+quick     file   file_size, file_empty, gzip, binary, encoding, bom          (reading.py)
+          line   line_size, blank_line, utf8, json, nesting, json_object     (reading.py)
+          row    the schema's own checks: chat_sft_v1 messages_field, message_shape, role,
+                 profile, extra_fields, content_nonempty, has_assistant, last_turn_assistant;
+                 syllo_v1 the same but profile, plus puzzle; completion_v1 text_field,
+                 extra_fields, content_nonempty                                (schemas.py)
+          end    no_rows
+standard  template, token_length, token_truncation                           (checks/standard.py)
+          the length distribution in tokens, as the trainer encodes each row
+deep      answer_format (rows with a profile)                                 (checks/deep.py)
+          answer_leakage (chat schemas)                                        (checks/deep.py)
+          exact_duplicate, accepted_duplicate, near_duplicate,
+          accepted_near_duplicate, dedup_capacity                              (duplicates.py)
+
+Every check of the level runs on every row that is still in (a row stops at its first
+error); the report's `checks_run` lists them. Rows flow in blocks of about 64 KiB: read,
+decoded, checked level by level, and written out normalised (`run`) or not at all (`check`:
+a dry run, what `flywheel check` and `POST /datasets/check` answer), so memory does not grow
+with the file (bar deep's duplicate index, which is capped). A `stop` event (the service is
+shutting down) interrupts the run at the next block, deciding nothing.
+
+A submission (`Gatekeeper`): keep the original, validate, store, index, report. Every way in
+(intake.py) ends here, so all of them run the same pipeline and the same checks. Nothing here
+touches the bus: the result is a `Report`, from which `verdict.announcement` derives the event.
 
 Artifact store layout:
   submissions/<submission_id>/original<.ext>   the bytes as submitted, kept whatever the outcome
@@ -20,6 +43,11 @@ level, a file whose every row is already in recently accepted datasets is a dupl
 
 Idempotent per submission id: when its report exists, that report is returned unchanged
 (a redelivered `dataset.submitted` is announced again, not validated again).
+
+A Gatekeeper is put together from its settings (`build_gatekeeper`): the service and
+`flywheel check` build it alike. Both read the same data directory, so a check on the command
+line runs the same schemas, limits and policy, the same tokenizer (the base model the trainer
+trains) and, at the deep level, the same recently accepted datasets as the running service would.
 """
 
 from __future__ import annotations
@@ -30,49 +58,199 @@ import re
 import shutil
 import threading
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
-from libs.common.artifacts import Artifact, ArtifactError, ArtifactStore, sha256_file
-from libs.common.events import DatasetSubmitted, Priority, ValidationLevel, utcnow
-from services.gatekeeper.checks import SCHEMA, SHA256, SUBMISSION, URI, Check, Tally
-from services.gatekeeper.duplicates import ACCEPTED_DUPLICATE
-from services.gatekeeper.index import AcceptedIndex, IndexEntry, is_dataset_id
-from services.gatekeeper.policy import decide
-from services.gatekeeper.recent import RecentDatasets
-from services.gatekeeper.reports import EVENT_NAMESPACE, Report, check_reasons, decode_report, encode_report
-from services.gatekeeper.schemas import DEFAULT_SCHEMA, UnknownSchema, lookup
-from services.gatekeeper.tokens import TokenCounter
-from services.gatekeeper.validation import Tools, Validation, ValidationConfig
+from libs.common.artifacts import Artifact, ArtifactError, ArtifactStore, is_sha256, sha256_file
+from libs.common.events import DatasetSubmitted, ValidationLevel, utcnow
+from libs.common.models import ensure_base_model, load_tokenizer
+from services.gatekeeper.checks import (
+    FILE_CHECKS,
+    LINE_CHECKS,
+    NO_ROWS,
+    SCHEMA,
+    SHA256,
+    SUBMISSION,
+    URI,
+    Batch,
+    Check,
+    LevelCheck,
+    Tally,
+    runs_at,
+)
+from services.gatekeeper.checks.deep import ANSWER_FORMAT, ANSWER_LEAKAGE, AnswerFormat, AnswerLeakage
+from services.gatekeeper.checks.standard import (
+    STANDARD_CHECKS,
+    LengthSummary,
+    Overlength,
+    TokenCounter,
+    TokenLengths,
+)
+from services.gatekeeper.duplicates import (
+    ACCEPTED_DUPLICATE,
+    DUPLICATE_CHECKS,
+    AcceptedIndex,
+    Duplicates,
+    Fingerprints,
+    IndexEntry,
+    RecentDatasets,
+    RecentIndex,
+)
+from services.gatekeeper.intake import Submission, is_submission_id, submission_id_for
+from services.gatekeeper.reading import Limits, decode_block, read_blocks
+from services.gatekeeper.schemas import DEFAULT_SCHEMA, SCHEMAS, RowSchema, UnknownSchema, lookup
+from services.gatekeeper.verdict import Report, check_reasons, decide, decode_report, encode_report
 
-_SUBMISSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+if TYPE_CHECKING:  # the settings import ValidationConfig from here
+    from services.gatekeeper.settings import GatekeeperSettings
+
+NAME = "gatekeeper"
+
+# ---------------------------------------------------------------------------- one file through its level
+
+
+class ValidationInterrupted(Exception):
+    """Validation was asked to stop before the end of the file; nothing was decided."""
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    limits: Limits = field(default_factory=Limits)
+    max_length: int = 512
+    overlength: Overlength = "truncate"
+    near_duplicate_similarity: float = 0.8
+    max_dedup_rows: int = 1_000_000
+    leakage_min_chars: int = 16
+    leakage_fraction: float = 0.5
+
+
+@dataclass(frozen=True)
+class Tools:
+    """What the higher levels need, loaded only when a level asks for it."""
+
+    tokens: Callable[[], TokenCounter]
+    recent: Callable[[], RecentIndex] = lambda: RecentIndex([])
+
+
+def checks_for(schema: RowSchema, level: ValidationLevel) -> list[Check]:
+    """Every check that runs for `schema` at `level`, in order (submission checks excluded)."""
+    checks = [*FILE_CHECKS, *LINE_CHECKS, *schema.checks]
+    if runs_at("standard", level):
+        checks += STANDARD_CHECKS
+    if runs_at("deep", level):
+        if schema.profiles:
+            checks.append(ANSWER_FORMAT)
+        if schema.kind == "chat":
+            checks.append(ANSWER_LEAKAGE)
+        checks += DUPLICATE_CHECKS
+    return checks
+
+
+def describe_schemas() -> list[dict]:
+    """Every schema with the checks each level adds, for `GET /specs`."""
+    out = []
+    for schema in SCHEMAS.values():
+        by_level, seen = {}, set()
+        for level in ("quick", "standard", "deep"):
+            added = [c for c in checks_for(schema, level) if c.name not in seen]  # type: ignore[arg-type]
+            seen.update(c.name for c in added)
+            by_level[level] = [c.describe() for c in added]
+        out.append({"name": schema.name, "description": schema.description, "kind": schema.kind,
+                    "default": schema.name == DEFAULT_SCHEMA, "checks": by_level})
+    return out
+
+
+class Validation:
+    """One file through one schema at one level."""
+
+    def __init__(self, schema: RowSchema, level: ValidationLevel, config: ValidationConfig, tally: Tally,
+                 tools: Tools) -> None:
+        self.schema = schema
+        self.level = level
+        self.config = config
+        self.tally = tally
+        self.checks_run = [c.name for c in checks_for(schema, level)]
+        # The level beyond quick: its checks, in the order they see every batch.
+        self._level_checks: list[LevelCheck] = []
+        self._tokens: TokenLengths | None = None
+        self.duplicates: Duplicates | None = None
+        if runs_at("standard", level):
+            self._tokens = TokenLengths(schema, tools.tokens(), config.max_length, config.overlength)
+            self._level_checks.append(self._tokens)
+        if runs_at("deep", level):
+            if ANSWER_FORMAT.name in self.checks_run:
+                self._level_checks.append(AnswerFormat(schema))
+            if ANSWER_LEAKAGE.name in self.checks_run:
+                self._level_checks.append(AnswerLeakage(
+                    schema, min_chars=config.leakage_min_chars, min_fraction=config.leakage_fraction))
+            # Last: only rows every other check kept are indexed as seen.
+            self.duplicates = Duplicates(schema, tools.recent(), threshold=config.near_duplicate_similarity,
+                                         max_rows=config.max_dedup_rows)
+            self._level_checks.append(self.duplicates)
+
+    def run(self, path: Path, stop: threading.Event | None = None) -> Iterator[bytes]:
+        """Yield the normalised lines of the rows that pass, block by block; findings go to the tally."""
+        schema = self.schema
+        for rows, batch in self._checked(path, stop):
+            if batch is None:
+                yield schema.encode_lines(rows)
+            elif batch.lines is not None:
+                yield b"".join(batch.lines[i] + b"\n" for i in batch.live())
+            else:
+                yield schema.encode_lines([rows[i] for i in batch.live()] if batch.dropped else rows)
+
+    def check(self, path: Path, stop: threading.Event | None = None,
+              progress: Callable[[int], object] | None = None) -> None:
+        """Every check of `run`, nothing written: the findings and counts alone (`flywheel check`).
+
+        `progress` is called with each block's size in bytes (decompressed) as the block is taken up.
+        """
+        for _ in self._checked(path, stop, progress):
+            pass
+
+    def _checked(self, path: Path, stop: threading.Event | None,
+                 progress: Callable[[int], object] | None = None) -> Iterator[tuple[list, Batch | None]]:
+        """Each block's rows that passed the quick checks, and the batch the level checks marked (if any ran)."""
+        schema, tally = self.schema, self.tally
+        for block in read_blocks(path, self.config.limits, tally):
+            if stop is not None and stop.is_set():
+                raise ValidationInterrupted(f"stopped at line {block.first}")
+            if progress is not None:
+                progress(len(block.data))
+            rows, numbers = decode_block(schema, block, tally)
+            if not rows:
+                continue
+            if not self._level_checks:
+                yield rows, None
+                continue
+            batch = Batch(rows, numbers, tally)
+            for check in self._level_checks:
+                check(batch)
+            yield rows, batch
+        for check in self._level_checks:
+            check.finish(tally)
+        if tally.num_rows == 0 and not tally.fatal:
+            tally.add(0, NO_ROWS, "every line is blank")
+
+    @property
+    def lengths(self) -> LengthSummary | None:
+        """The token length distribution (standard and deep; quick measures no tokens)."""
+        return self._tokens.stats.summary() if self._tokens is not None else None
+
+    def fingerprints(self) -> Fingerprints | None:
+        """The kept rows' fingerprints (deep only), for the recent-datasets index."""
+        return self.duplicates.fingerprints() if self.duplicates is not None else None
+
+
+# ---------------------------------------------------------------------------- one submission
+
 _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,10}")
 _row_encoder = msgspec.json.Encoder()
-
-
-class Submission(msgspec.Struct, frozen=True, kw_only=True):
-    submission_id: str
-    name: str
-    channel: str
-    # Where the bytes come from: "inline", a uri, an uploaded or inbox file name.
-    source: str
-    schema: str = DEFAULT_SCHEMA
-    priority: Priority = "normal"
-    level: ValidationLevel = "standard"
-    submitted_by: str = "anonymous"
-
-
-def submission_id_for(event_id: str) -> str:
-    """A NATS submission's id is its event id (so redeliveries match), made path-safe."""
-    return event_id if _SUBMISSION_ID.fullmatch(event_id) else uuid.uuid5(EVENT_NAMESPACE, event_id).hex
-
-
-def is_submission_id(text: str) -> bool:
-    return bool(_SUBMISSION_ID.fullmatch(text))
 
 
 class Gatekeeper:
@@ -162,7 +340,7 @@ class Gatekeeper:
 
     def read_report(self, report_id: str) -> Report | None:
         """The report of a submission id, or of the submission that got a dataset id accepted."""
-        if is_dataset_id(report_id) and (entry := self.index.get(report_id)):
+        if is_sha256(report_id) and (entry := self.index.get(report_id)):
             report_id = entry.submission_id
         if not is_submission_id(report_id):
             return None
@@ -307,3 +485,32 @@ class Gatekeeper:
             report, status="duplicate", duplicate_of=entry.submission_id if entry else "",
             reasons=[f"every row is already in accepted dataset {', '.join(originals)}", *report.reasons],
         )
+
+
+# ---------------------------------------------------------------------------- put together from the settings
+
+
+def token_counter_loader(settings: GatekeeperSettings) -> Callable[[], TokenCounter]:
+    """The base model's tokenizer and chat template, loaded on first use, once (callable from any thread)."""
+    lock = threading.Lock()
+    loaded: list[TokenCounter] = []
+
+    def load() -> TokenCounter:
+        with lock:
+            if not loaded:
+                model = ensure_base_model(settings.data_dir, settings.base_model)
+                loaded.append(TokenCounter(load_tokenizer(model)))
+            return loaded[0]
+
+    return load
+
+
+def build_gatekeeper(settings: GatekeeperSettings, store: ArtifactStore) -> Gatekeeper:
+    own = settings.service_dir(NAME)
+    index = AcceptedIndex(own / "accepted")
+    recent = RecentDatasets(index, store, own / "fingerprints", max_datasets=settings.recent_datasets,
+                            max_rows=settings.recent_rows)
+    return Gatekeeper(
+        store, index, recent, config=settings.validation, max_error_fraction=settings.max_error_fraction,
+        max_findings=settings.max_findings, tokens=token_counter_loader(settings),
+    )

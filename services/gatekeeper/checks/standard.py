@@ -1,12 +1,27 @@
-"""Token lengths as the trainer will see them (the standard level), exact and fast.
+"""The standard level: every row measured in tokens exactly as the trainer will encode it.
 
-The trainer renders a chat row with the base model's chat template and tokenizes the text
-(`libs.common.chat.encode_chat`, which also needs the template to render the conversation
-as stable prefixes to find the answer tokens). Rendering every row through jinja costs more
-than tokenizing it, so `TokenCounter` learns the template's layout once: the text it writes
-before, between and after the contents, keyed by (previous role, role, is last message, is
-after the last user message), from probe conversations; a row's text is then a string
-concatenation. The layout is used only while it is proven right:
+Checks (all rows that passed the quick checks, measured in batches):
+- template          (error) the base model's chat template cannot render the conversation,
+                    or not as stable prefixes, so the trainer cannot find its answer tokens
+- token_length      (error) overlength policy "reject": the row is longer than max_length;
+                    policy "truncate": not one answer token lies within the first max_length
+                    tokens (there would be nothing left to learn from)
+- token_truncation  (warning) policy "truncate": the row is longer than max_length and the
+                    trainer cuts it there
+max_length and the overlength policy are settings; keep max_length equal to the trainer's.
+
+The length distribution (`LengthStats`, in the report at standard and deep): every measured
+length; the summary has the quantiles, how many rows are over max_length, and a histogram of 8
+equal bins up to max_length (inclusive) and one bin beyond. Lengths are counted per distinct
+value, which stays small: a file of at most B bytes holds fewer than sqrt(2B) distinct lengths.
+
+Exact and fast (`TokenCounter`). The trainer renders a chat row with the base model's chat
+template and tokenizes the text (`libs.common.chat.encode_chat`, which also needs the template
+to render the conversation as stable prefixes to find the answer tokens). Rendering every row
+through jinja costs more than tokenizing it, so `TokenCounter` learns the template's layout
+once: the text it writes before, between and after the contents, keyed by (previous role,
+role, is last message, is after the last user message), from probe conversations; a row's
+text is then a string concatenation. The layout is used only while it is proven right:
 - at start, probes render exactly as the layout predicts, also with contents holding
   newlines, braces, quotes, the tokenizer's special tokens and every string literal of the
   template source, alone and in pairs. A literal that changes the rendering (Qwen3 treats
@@ -25,16 +40,142 @@ without a template.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import re
 import threading
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Literal
 
+import msgspec
 import structlog
 
 from libs.common.chat import ROLES, ChatMessage, TemplateError, assistant_char_spans, encode_chat
+from services.gatekeeper.checks import Batch, Check, LevelCheck
+from services.gatekeeper.schemas import RowSchema
 
 log = structlog.get_logger("gatekeeper.tokens")
+
+Overlength = Literal["truncate", "reject"]
+
+TEMPLATE = Check(
+    "template", "standard", "error", "row",
+    "the model's chat template renders the conversation as stable prefixes (the trainer needs them)",
+)
+TOKEN_LENGTH = Check(
+    "token_length", "standard", "error", "row",
+    "overlength=reject: at most max_length tokens; overlength=truncate: an answer token within the first max_length",
+)
+TOKEN_TRUNCATION = Check(
+    "token_truncation", "standard", "warning", "row", "overlength=truncate: longer rows are cut at max_length"
+)
+STANDARD_CHECKS = (TEMPLATE, TOKEN_LENGTH, TOKEN_TRUNCATION)
+
+
+class TokenLengths(LevelCheck):
+    def __init__(self, schema: RowSchema, counter: TokenCounter, max_length: int, overlength: Overlength) -> None:
+        self.schema = schema
+        self.counter = counter
+        self.max_length = max_length
+        self.overlength = overlength
+        self.stats = LengthStats(max_length)
+
+    def __call__(self, batch: Batch) -> None:
+        live = batch.live()
+        if self.schema.kind == "chat":
+            conversation = self.schema.conversation
+            lengths = self.counter.measure_chats([conversation(batch.rows[i]) for i in live])
+        else:
+            text = self.schema.text
+            lengths = self.counter.count_texts([text(batch.rows[i]) for i in live])
+        measured = []
+        for i, length in zip(live, lengths):
+            if isinstance(length, str):
+                batch.error(i, TEMPLATE, length)
+                continue
+            measured.append(length)
+            if length > self.max_length:
+                self._over(batch, i, length)
+        self.stats.add(measured)
+
+    def _over(self, batch: Batch, i: int, length: int) -> None:
+        if self.overlength == "reject":
+            batch.error(i, TOKEN_LENGTH, f"the row is {length} tokens, over max_length {self.max_length}")
+            return
+        if self.schema.kind == "chat":
+            messages = self.schema.conversation(batch.rows[i])
+            if self.counter.trained_within(messages, self.max_length) == 0:
+                batch.error(i, TOKEN_LENGTH, (
+                    f"no answer token within the first {self.max_length} tokens (the row is {length} tokens): "
+                    "truncated, it teaches nothing"
+                ))
+                return
+        batch.warn(i, TOKEN_TRUNCATION, f"the row is {length} tokens; the trainer cuts it to {self.max_length}")
+
+
+# ---------------------------------------------------------------------------- the length distribution
+
+class Bin(msgspec.Struct, frozen=True):
+    lo: int  # inclusive
+    hi: int | None  # exclusive; None: no upper bound
+    count: int
+
+
+class LengthSummary(msgspec.Struct, kw_only=True):
+    unit: str = "tokens"
+    count: int = 0
+    min: int = 0
+    max: int = 0
+    mean: float = 0.0
+    p50: int = 0
+    p90: int = 0
+    p99: int = 0
+    max_length: int = 0
+    over_max_length: int = 0
+    histogram: list[Bin] = []
+
+
+class LengthStats:
+    def __init__(self, max_length: int) -> None:
+        self.max_length = max_length
+        self.counts: Counter[int] = Counter()
+
+    def add(self, lengths: Iterable[int]) -> None:
+        self.counts.update(lengths)
+
+    def summary(self) -> LengthSummary:
+        total = sum(self.counts.values())
+        if not total:
+            return LengthSummary(max_length=self.max_length, histogram=self._histogram())
+        values = sorted(self.counts)
+        return LengthSummary(
+            count=total, min=values[0], max=values[-1],
+            mean=round(sum(v * n for v, n in self.counts.items()) / total, 2),
+            p50=self._quantile(values, total, 0.5), p90=self._quantile(values, total, 0.9),
+            p99=self._quantile(values, total, 0.99), max_length=self.max_length,
+            over_max_length=sum(n for v, n in self.counts.items() if v > self.max_length),
+            histogram=self._histogram(),
+        )
+
+    def _quantile(self, values: list[int], total: int, q: float) -> int:
+        rank, seen = q * total, 0
+        for value in values:
+            seen += self.counts[value]
+            if seen >= rank:
+                return value
+        return values[-1]
+
+    def _histogram(self) -> list[Bin]:
+        edges = [round(self.max_length * k / 8) for k in range(8)] + [self.max_length + 1]
+        counts = [0] * len(edges)
+        for value, n in self.counts.items():
+            counts[bisect.bisect_right(edges, value) - 1] += n
+        bins = [Bin(lo=lo, hi=hi, count=n) for lo, hi, n in zip(edges, edges[1:], counts)]
+        return [*bins, Bin(lo=self.max_length + 1, hi=None, count=counts[-1])]
+
+
+# ---------------------------------------------------------------------------- token counts
 
 # (previous role, role, is the last message, comes after the last user message)
 Key = tuple[str | None, str, bool, bool]

@@ -12,9 +12,7 @@ import pytest
 
 from libs.common.chat import ChatRow
 from services.gatekeeper.checks import MAX_NESTING, Tally
-from services.gatekeeper.framing import Limits
-from services.gatekeeper.schemas import SCHEMAS, json_schemas, lookup
-from services.gatekeeper.validation import (
+from services.gatekeeper.pipeline import (
     Tools,
     Validation,
     ValidationConfig,
@@ -22,6 +20,8 @@ from services.gatekeeper.validation import (
     checks_for,
     describe_schemas,
 )
+from services.gatekeeper.reading import Limits
+from services.gatekeeper.schemas import SCHEMAS, json_schemas, lookup
 from tests.services.gatekeeper.samples import chat, jsonl, no_tokens
 
 GOOD = json.dumps(chat(("user", "hi"), ("assistant", "hello"))).encode() + b"\n"
@@ -120,7 +120,7 @@ def test_check_fails_on_bad_and_passes_on_near_miss(tmp_path: Path, schema, chec
 
 
 def test_every_quick_error_check_of_every_schema_is_covered():
-    submission_level = {"submission", "schema", "uri", "sha256"}  # covered in test_submissions.py
+    submission_level = {"submission", "schema", "uri", "sha256"}  # covered in test_pipeline.py
     for schema in SCHEMAS.values():
         quick = {c.name for c in checks_for(schema, "quick") if c.severity == "error"}
         covered = {case[1] for case in CASES if case[0] == schema.name}

@@ -1,0 +1,114 @@
+"""The small shared facts kept in JetStream KV: each bucket's keys and their record types.
+
+One owner writes each record (deployer: the champion; trainer: its control state;
+curriculum: each skill's state); anyone may read it (inference loads the champion, `flywheel
+status` and the dashboard show them all). Reading and compare-and-set writing go through
+`libs.common.kv.Record`. Record types never forbid unknown fields: a reader ignores what a
+newer writer added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Generic, Literal, TypeVar
+
+import msgspec
+
+from libs.common import topology
+from libs.common.events import ModelDeployed, utcnow
+
+R = TypeVar("R", bound=msgspec.Struct)
+
+
+@dataclass(frozen=True)
+class Key(Generic[R]):
+    """Where a record lives (bucket and key) and what it decodes as."""
+
+    bucket: topology.BucketSpec
+    key: str
+    kind: type[R]
+
+
+# ---------------------------------------------------------------------------- champion
+
+
+class Champion(msgspec.Struct, kw_only=True, frozen=True):
+    """The checkpoint being served (bucket `champion`, key `current`), written by the deployer."""
+
+    checkpoint_uri: str
+    checkpoint_sha256: str
+    run_id: str
+    step: int
+    exact_match: float
+    val_loss: float
+    suite_version: str
+    deployed_at: datetime
+    # The ModelDeployed event that announced this record (re-announced with the same id).
+    event_id: str
+    reason: str = ""
+    previous_checkpoint_uri: str = ""
+    kind: Literal["promotion", "rollback"] = "promotion"
+
+    def announcement(self) -> ModelDeployed:
+        """The ModelDeployed event for this record; the same every time it is built."""
+        return ModelDeployed(
+            id=self.event_id,
+            time=self.deployed_at,
+            checkpoint_uri=self.checkpoint_uri,
+            checkpoint_sha256=self.checkpoint_sha256,
+            run_id=self.run_id,
+            step=self.step,
+            exact_match=self.exact_match,
+            val_loss=self.val_loss,
+            reason=self.reason,
+            previous_checkpoint_uri=self.previous_checkpoint_uri,
+        )
+
+
+CHAMPION = Key(topology.CHAMPION_BUCKET, "current", Champion)
+
+# ---------------------------------------------------------------------------- trainer control
+
+TrainerMode = Literal["running", "paused", "stopped"]
+
+
+class TrainerControl(msgspec.Struct, frozen=True, kw_only=True):
+    """The trainer's persisted control mode (bucket `trainer`, key `state`)."""
+
+    mode: TrainerMode = "running"
+    requested_by: str = ""
+    time: datetime = msgspec.field(default_factory=utcnow)
+
+
+TRAINER_CONTROL = Key(topology.TRAINER_BUCKET, "state", TrainerControl)
+
+# ---------------------------------------------------------------------------- curriculum
+
+
+class LevelChange(msgspec.Struct, kw_only=True, frozen=True):
+    time: datetime
+    previous_level: int
+    level: int
+    accuracy: float
+    reason: str
+    eval_key: str
+    event_id: str
+
+
+class SkillState(msgspec.Struct, kw_only=True, frozen=True):
+    """One skill's progress (bucket `curriculum`, key: the skill name), written by the curriculum."""
+
+    skill: str
+    level: int = 1
+    # Accuracy at the current level, oldest first, at most `window` long.
+    recent: list[float] = []
+    seen: list[str] = []
+    changes: list[LevelChange] = []
+    # Synthetic datasets written so far: numbers each dataset and seeds its generator.
+    datasets_submitted: int = 0
+    last_submitted_at: datetime | None = None
+
+
+def skill_state(skill: str) -> Key[SkillState]:
+    return Key(topology.CURRICULUM_BUCKET, skill, SkillState)
