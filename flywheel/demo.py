@@ -105,7 +105,22 @@ async def _wait_ready(ports: dict[str, int], deadline: float) -> None:
             await asyncio.sleep(0.5)
 
 
+async def _supervise(sup: Supervisor) -> None:
+    """Restart any service that dies while the demo drives, as `flywheel up` does."""
+    while True:
+        sup.poll()
+        await asyncio.sleep(0.5)
+
+
 async def _drive(sup: Supervisor, dataset: Path, question: str, deadline: float) -> DemoResult:
+    supervising = asyncio.create_task(_supervise(sup))
+    try:
+        return await _drive_supervised(sup, dataset, question, deadline)
+    finally:
+        supervising.cancel()
+
+
+async def _drive_supervised(sup: Supervisor, dataset: Path, question: str, deadline: float) -> DemoResult:
     started = time.monotonic()
     await _wait_ready(sup.ports, deadline)
     bus = await Bus.connect([sup.nats_url], "demo")

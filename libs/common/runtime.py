@@ -121,15 +121,17 @@ class ServiceRuntime(Generic[S]):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
-        port = self.settings.http_port
+        host, port = self.settings.http_host, self.settings.http_port
         server = _EmbeddedServer(uvicorn.Config(
-            self.app, host=self.settings.http_host, port=port, log_config=None, access_log=False, lifespan="off",
+            self.app, host=host, port=port, log_config=None, access_log=False, lifespan="off",
         ))
-        http_task = asyncio.create_task(server.serve(), name="http")
+        http_task = asyncio.create_task(_serve_http(server, f"{host}:{port}"), name="http")
         starting = asyncio.create_task(self.start(service), name="start")
         stopped = asyncio.create_task(self.stop.wait(), name="stop")
         try:
-            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({starting, stopped, http_task}, return_when=asyncio.FIRST_COMPLETED)
+            if http_task in done:
+                http_task.result()  # raises: the HTTP server could not start
             if not starting.done():
                 self.log.info("stop requested while starting; start-up abandoned")
                 starting.cancel()
@@ -138,15 +140,22 @@ class ServiceRuntime(Generic[S]):
             elif starting.exception() is not None:
                 raise starting.exception()
             else:
-                await self.stop.wait()
+                done, _ = await asyncio.wait({stopped, http_task}, return_when=asyncio.FIRST_COMPLETED)
+                if http_task in done and not self.stop.is_set():
+                    http_task.result()
+                    raise RuntimeError("the HTTP server stopped on its own")
         except Exception as exc:  # noqa: BLE001 - startup failure: say it clearly, exit non-zero
             self._crashed = exc
             self.log.error("service failed", error=str(exc) or repr(exc))
         finally:
             stopped.cancel()
+            if not starting.done():
+                starting.cancel()
+                with contextlib.suppress(BaseException):
+                    await starting
             await self.shut_down()
             server.should_exit = True
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(BaseException):
                 await asyncio.wait_for(http_task, 5)
             shutdown_tracing()
             self.log.info("stopped")
@@ -171,6 +180,14 @@ class ServiceRuntime(Generic[S]):
                 await fn()
         if self.bus:
             await self.bus.close()
+
+
+async def _serve_http(server: uvicorn.Server, address: str) -> None:
+    try:
+        await server.serve()
+    except SystemExit:
+        # uvicorn exits the process when it cannot bind; make it an error the runtime reports.
+        raise RuntimeError(f"the HTTP server could not start on {address} (port in use?)") from None
 
 
 def run(service: Service) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 import msgspec
 
 from libs.common.artifacts import write_atomically
-
 from libs.common.chat import ChatMessage
 from libs.common.skills import binary
 

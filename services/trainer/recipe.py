@@ -51,6 +51,7 @@ from services.trainer.checkpoints import (
 from libs.common.chat import collate
 from services.trainer.control import ControlGate
 from services.trainer.data import TrainingPlan, epoch_order, read_rows, tokenize
+from services.trainer.divergence import DivergenceGuard
 from services.trainer.schedule import lr_multiplier
 from services.trainer.settings import TrainerSettings
 
@@ -94,6 +95,7 @@ class FullFinetuneRecipe:
         self._log = get_logger("trainer.recipe").bind(run_id=job.run_id, dataset_id=job.dataset_id)
         self._step = 0  # optimizer steps done in this run
         self._loss = float("nan")
+        self._divergence = DivergenceGuard()
 
     # ------------------------------------------------------------------ setup
 
@@ -197,8 +199,11 @@ class FullFinetuneRecipe:
         with self._autocast:
             loss = self._model(**batch).loss
         loss.backward()
+        grad_norm = None
         if grad_clip := self.settings.hyperparameters.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self._model.parameters(), grad_clip)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self._model.parameters(), grad_clip))
+        # Checked before the step: a non-finite update would poison the weights for good.
+        self._divergence.check(self._step + 1, loss.item(), grad_norm)
         self._optimizer.step()
         self._scheduler.step()
         self._optimizer.zero_grad(set_to_none=True)

@@ -46,6 +46,7 @@ from services.trainer.api import router
 from services.trainer.checkpoints import run_id_for
 from services.trainer.control import Action, ControlGate, Mode, decide
 from services.trainer.data import DatasetError
+from services.trainer.divergence import Diverged
 from services.trainer.recipe import FullFinetuneRecipe, TrainingJob, TrainingResult, event_id
 from services.trainer.settings import TrainerSettings
 from services.trainer.state import STATE_FILE, TrainerState, load_state, record_finished, save_state
@@ -118,7 +119,8 @@ class TrainerService:
         self.run_status.active = True
         try:
             result = await asyncio.to_thread(self._train, job)
-        except DatasetError as exc:
+        except (DatasetError, Diverged) as exc:
+            # Neither gets better by trying again: the same rows, weights and seed.
             await self._fail(run_id, event.dataset_id, exc, will_retry=False)
             raise Reject(str(exc)) from exc
         except Exception as exc:

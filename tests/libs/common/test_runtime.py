@@ -101,3 +101,18 @@ def test_sigterm_while_a_model_is_being_built_ends_the_service_within_its_grace(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.integration
+def test_a_port_in_use_is_reported_and_the_service_exits_cleanly(tmp_path: Path, nats_server: str):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "services.deployer"],
+            env=env(tmp_path, FLYWHEEL_NATS_URL=nats_server, FLYWHEEL_DEPLOYER_HTTP_PORT=str(port)),
+            capture_output=True, text=True, timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"could not start on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
