@@ -6,12 +6,16 @@
   flywheel submit FILE [--wait S] [--json]   submit a dataset file (chat_sft_v1 JSONL by default)
   flywheel check FILE [--level L] [--json]   validate a file here, as the gatekeeper would; keeps nothing
   flywheel pause|resume|stop [--json]        control the trainer (NATS request/reply)
+  flywheel deploy CHECKPOINT [--json]        serve a checkpoint (sha256 or URI) scored on the current suite
+  flywheel deploy --rollback [--json]        serve the previous champion again (NATS request/reply)
+  flywheel history [--limit N] [--json]      the deployer's last decisions with their reasons, newest first
   flywheel trace TRACE_ID [--html F|--json]  a dataset's journey, span by span, from local trace files
   flywheel asyncapi [--check [--json]]       write (or check) docs/asyncapi.yaml from the event schemas
 
 `--json` prints exactly one JSON document on stdout and nothing else there: the status, the
 submission with its verdict and report, the validation report, the trainer's reply
-({"ok", "state", "message"}), the trace ({"trace_id", "spans"}) or, for `asyncapi --check`,
+({"ok", "state", "message"}), the deployer's reply (the same plus "checkpoint_uri",
+"checkpoint_sha256"), the decisions (a list, newest first), the trace ({"trace_id", "spans"}) or, for `asyncapi --check`,
 {"up_to_date", "path"}.
 
 Every command reads the same settings as the services: FLYWHEEL_DATA_DIR (default ./data),
@@ -191,6 +195,53 @@ def cmd_control(args: argparse.Namespace) -> int:
     return 0 if reply.ok else 1
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from libs.common.events import DeployCheckpoint, DeployReply, RollBackDeployment
+    from libs.common.topology import CONTROL_DEPLOYER_DEPLOY, CONTROL_DEPLOYER_ROLLBACK
+
+    if bool(args.checkpoint) == args.rollback:
+        print("flywheel deploy: name a CHECKPOINT (sha256 or URI) or give --rollback, not both",
+              file=sys.stderr)
+        return 2
+    if args.rollback:
+        args.subject, request = CONTROL_DEPLOYER_ROLLBACK, RollBackDeployment()
+    else:
+        args.subject, request = CONTROL_DEPLOYER_DEPLOY, DeployCheckpoint(checkpoint=args.checkpoint)
+
+    async def go(bus):
+        # A deploy reads the eval.scored stream to find the checkpoint's score: allow it time.
+        return await bus.request(args.subject, request, DeployReply, timeout=30)
+
+    reply = asyncio.run(_with_bus(_settings(), go))
+    if args.json:
+        _print_json(reply)
+    else:
+        print(f"deployer: {reply.state}" + (f" ({reply.message})" if reply.message else ""))
+        if reply.ok and reply.checkpoint_uri:
+            print(f"serving   {reply.checkpoint_uri}")
+    return 0 if reply.ok else 1
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from libs.common.records import DEPLOY_DECISIONS
+
+    async def go(bus):
+        kept, _ = await (await bus.record(DEPLOY_DECISIONS)).read()
+        return list(reversed(kept.decisions))[: args.limit] if kept else []
+
+    decisions = asyncio.run(_with_bus(_settings(), go))
+    if args.json:
+        _print_json(decisions)
+    elif not decisions:
+        print("no deployment decisions yet")
+    else:
+        for d in decisions:
+            who = "" if d.requested_by == "eval.scored" else f"  (requested by {d.requested_by})"
+            print(f"{d.time:%Y-%m-%d %H:%M:%S}  {d.outcome:<11} {d.checkpoint_uri or d.checkpoint_sha256}{who}")
+            print(f"    {d.reason}")
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from libs.common.tracing import format_trace, read_trace
 
@@ -232,7 +283,7 @@ def cmd_asyncapi(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from libs.common.topology import CONTROL_TRAINER
+    from libs.common.topology import CONTROL_DEPLOYER_DEPLOY, CONTROL_TRAINER
 
     parser = argparse.ArgumentParser(prog="flywheel", description="A self-improving loop for a small language model.")
     # Who should answer a command over NATS, and on which subject: named in its one-line error
@@ -270,6 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
         control = sub.add_parser(action, help=f"{action} the trainer")
         control.add_argument("--json", action="store_true", help="print the trainer's reply as JSON")
         control.set_defaults(fn=cmd_control, peer="trainer", subject=f"{CONTROL_TRAINER}.{action}")
+    deploy = sub.add_parser("deploy", help="serve a scored checkpoint, or roll back to the previous champion")
+    deploy.add_argument("checkpoint", nargs="?", help="the checkpoint's sha256 or artifact URI "
+                        "(it must have been scored on the current suite)")
+    deploy.add_argument("--rollback", action="store_true", help="serve the previous champion again; the current "
+                        "champion's run is never promoted again")
+    deploy.add_argument("--json", action="store_true", help="print the deployer's reply as JSON")
+    deploy.set_defaults(fn=cmd_deploy, peer="deployer", subject=CONTROL_DEPLOYER_DEPLOY)
+    history = sub.add_parser("history", help="the deployer's last decisions with their reasons")
+    history.add_argument("--limit", type=int, default=20, help="show at most this many (default 20)")
+    history.add_argument("--json", action="store_true", help="print the decisions as JSON")
+    history.set_defaults(fn=cmd_history)
     trace = sub.add_parser("trace", help="show one trace from the local trace files")
     trace.add_argument("trace_id")
     shown = trace.add_mutually_exclusive_group()

@@ -11,7 +11,14 @@ import importlib
 
 from libs.common import topology
 from libs.common.asyncapi import render_asyncapi
-from libs.common.events import ControlReply, ControlTraining, DatasetSubmitted
+from libs.common.events import (
+    ControlReply,
+    ControlTraining,
+    DatasetSubmitted,
+    DeployCheckpoint,
+    DeployReply,
+    RollBackDeployment,
+)
 from libs.common.service import Client, Publish, Request, Service
 from libs.common.settings import SERVICES
 
@@ -24,6 +31,8 @@ CLIENTS = (
         Publish(topology.DATASET_SUBMITTED, DatasetSubmitted, "flywheel submit"),
     ), requests=(
         Request(topology.CONTROL_TRAINER_ACTION, ControlTraining, ControlReply, "flywheel pause | resume | stop"),
+        Request(topology.CONTROL_DEPLOYER_DEPLOY, DeployCheckpoint, DeployReply, "flywheel deploy CHECKPOINT"),
+        Request(topology.CONTROL_DEPLOYER_ROLLBACK, RollBackDeployment, DeployReply, "flywheel deploy --rollback"),
     )),
 )
 

@@ -13,7 +13,7 @@ import nats.js.errors
 
 from libs.common import topology
 from libs.common.bus import Bus
-from libs.common.records import CHAMPION, TRAINER_CONTROL, Key, skill_state
+from libs.common.records import CHAMPION, DEPLOY_DECISIONS, TRAINER_CONTROL, Key, skill_state
 from libs.common.skills import binary
 
 
@@ -30,6 +30,11 @@ async def _record(bus: Bus, key: Key) -> dict | None:
     return msgspec.to_builtins(record) if record else None
 
 
+async def _last_decision(bus: Bus) -> dict | None:
+    decisions = ((await _record(bus, DEPLOY_DECISIONS)) or {}).get("decisions") or []
+    return decisions[-1] if decisions else None
+
+
 async def read_status(bus: Bus) -> dict[str, Any]:
     queue = {}
     for spec in (topology.GATEKEEPER, *topology.TRAINER):
@@ -44,10 +49,16 @@ async def read_status(bus: Bus) -> dict[str, Any]:
         "training": {"started": last_started, "progress": last_progress, "finished": last_finished},
         "trainer_control": await _record(bus, TRAINER_CONTROL),
         "champion": await _record(bus, CHAMPION),
+        "last_decision": await _last_decision(bus),
         "last_scores": await _last(bus, topology.EVAL_SCORED),
         "curriculum": await _record(bus, skill_state(binary.SKILL)),
         "dead_letters": dead.state.messages,
     }
+
+
+def _number(value: float | None, spec: str) -> str:
+    """A score as text; None is a value that was not finite (JSON has no NaN) or not reported."""
+    return format(value, spec) if value is not None else "n/a"
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -74,15 +85,24 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append("champion")
     if champion:
         lines.append(f"  {champion.get('run_id')} step {champion.get('step')}  exact_match {champion.get('exact_match', 0):.3f}"
-                     f"  val_loss {champion.get('val_loss', 0):.4f}")
+                     f"  val_loss {_number(champion.get('val_loss'), '.4f')}")
         lines.append(f"  {champion.get('checkpoint_uri')}")
     else:
         lines.append("  none yet (serving the base model)")
+    decision = status.get("last_decision")
+    if decision:
+        lines.append(f"  last decision   {decision['outcome']}: {decision['reason']}")
     scores = status["last_scores"]
     lines.append("last scores")
     if scores:
-        lines.append(f"  {scores['run_id']} step {scores['step']}  exact_match {scores['exact_match']:.3f}  "
-                     f"val_loss {scores['val_loss']:.4f}  suite {scores['suite_version']}")
+        interval = ""
+        if "exact_match_low" in scores:
+            interval = f" [95% {scores['exact_match_low']:.3f}, {scores['exact_match_high']:.3f}]"
+        lines.append(f"  {scores['run_id']} step {scores['step']}  exact_match {scores['exact_match']:.3f}{interval}  "
+                     f"val_loss {_number(scores.get('val_loss'), '.4f')}  ece {_number(scores.get('ece'), '.3f')}  "
+                     f"suite {scores['suite_version']}")
+        for regression in scores.get("regressions") or []:
+            lines.append(f"  regression      {regression}")
     else:
         lines.append("  none yet")
     curriculum = status["curriculum"]

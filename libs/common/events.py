@@ -9,6 +9,7 @@ plus sha256. `docs/asyncapi.yaml` is generated from this module (`flywheel async
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -150,8 +151,28 @@ class CheckpointSaved(Event, frozen=True):
 # ---------------------------------------------------------------------------- evaluation
 
 
+class LevelScore(msgspec.Struct, kw_only=True, frozen=True):
+    """One level's score on the suite ("<skill>/<level>"): accuracy with its 95% Wilson interval."""
+
+    correct: int
+    total: int
+    accuracy: float
+    # The 95% Wilson score interval of the accuracy: a score is a sample.
+    low: float
+    high: float
+    # Mean cross-entropy over this level's gold answer tokens; None: not finite.
+    val_loss: float | None = None
+
+
 class EvalScored(Event, frozen=True):
-    """A checkpoint's scores on one suite; (checkpoint sha256, suite version) is its key."""
+    """A checkpoint's scores on one suite; (checkpoint sha256, suite version) is its key.
+
+    JSON has no NaN: a float that can come out non-finite (a diverged model's loss) is null
+    (None) then, never a number. `outcomes` holds every item's result in suite order (the suite
+    version fixes the items and their order), so two scores on one suite compare item by item:
+    lowercase hex, item i is bit `0x80 >> (i % 8)` of byte `i // 8` (1 = correct), unused
+    bits of the last byte 0 (`encode_outcomes`, `EvalScored.item_outcomes`).
+    """
 
     run_id: str
     step: int
@@ -160,10 +181,80 @@ class EvalScored(Event, frozen=True):
     suite: str
     suite_version: str
     exact_match: float
-    val_loss: float
+    # Mean cross-entropy over the gold answer tokens; None: not finite.
+    val_loss: float | None
     num_examples: int
     # Per skill level accuracy, e.g. {"binary/1": 0.5}; drives the curriculum.
     by_level: dict[str, float] = {}
+    # The 95% Wilson score interval of exact_match.
+    exact_match_low: float = 0.0
+    exact_match_high: float = 1.0
+    levels: dict[str, LevelScore] = {}
+    outcomes: str = ""
+    # Expected calibration error over 6 equal-width bins of the answer's confidence (the geometric
+    # mean of the probabilities of the greedily generated tokens); None: not finite.
+    ece: float | None = None
+    # What got worse than the champion (`compared_with`, scored on this suite), one reason each
+    # (`score_regressions` with its default thresholds); empty also when there was nothing to compare.
+    regressions: list[str] = []
+    compared_with: str = ""
+
+    def item_outcomes(self) -> list[bool]:
+        """Each item's result in suite order; ValueError when `outcomes` does not hold num_examples."""
+        return decode_outcomes(self.outcomes, self.num_examples)
+
+
+def encode_outcomes(correct: Sequence[bool]) -> str:
+    """Per-item results as `EvalScored.outcomes`: hex, item i is bit 0x80 >> (i % 8) of byte i // 8."""
+    packed = bytearray((len(correct) + 7) // 8)
+    for i, ok in enumerate(correct):
+        if ok:
+            packed[i // 8] |= 0x80 >> (i % 8)
+    return packed.hex()
+
+
+def decode_outcomes(text: str, count: int) -> list[bool]:
+    """The `count` results `encode_outcomes` wrote; ValueError when `text` does not hold exactly that."""
+    try:
+        packed = bytes.fromhex(text)
+    except ValueError as exc:
+        raise ValueError(f"outcomes are not hex: {exc}") from exc
+    if len(packed) != (count + 7) // 8 or (count % 8 and packed[-1] & (0xFF >> (count % 8))):
+        raise ValueError(f"outcomes hold {len(packed) * 8} bits, not {count} results")
+    return [bool(packed[i // 8] & (0x80 >> (i % 8))) for i in range(count)]
+
+
+# A float difference this small is a tie (0.8 - 0.75 is 0.05000000000000004).
+_TIE = 1e-9
+
+
+def score_regressions(
+    levels: Mapping[str, LevelScore], val_loss: float | None,
+    baseline_levels: Mapping[str, LevelScore], baseline_val_loss: float | None,
+    *, max_level_drop: float = 0.05, max_loss_rise: float = 0.15,
+) -> list[str]:
+    """What got worse than a baseline scored on the same suite, one reason each.
+
+    A regression: a level's accuracy down by more than `max_level_drop` (absolute, 0.05 = 5
+    points), or the val loss up by more than `max_loss_rise` (relative, 0.15 = 15%) or not
+    finite. A skill's accuracy over its levels is their item-weighted mean, so it cannot drop
+    further than its worst level: checking the levels covers the skills. Levels only one side
+    has are not compared. The evaluator flags with the defaults; the deployer refuses with its
+    settings.
+    """
+    found = []
+    for key in sorted(levels.keys() & baseline_levels.keys()):
+        new, old = levels[key].accuracy, baseline_levels[key].accuracy
+        if old - new > max_level_drop + _TIE:
+            found.append(f"{key} accuracy {new:.3f} vs {old:.3f}: down {(old - new) * 100:.1f} points "
+                         f"(more than {max_level_drop * 100:g})")
+    if val_loss is None:
+        found.append("val loss is not finite")
+    elif baseline_val_loss is not None and val_loss > baseline_val_loss * (1 + max_loss_rise) + _TIE:
+        rise = (val_loss / baseline_val_loss - 1) if baseline_val_loss > 0 else float("inf")
+        found.append(f"val loss {val_loss:.4f} vs {baseline_val_loss:.4f}: up {rise:.1%} "
+                     f"(more than {max_loss_rise:.0%})")
+    return found
 
 
 # ---------------------------------------------------------------------------- deployment
@@ -212,6 +303,35 @@ class ControlReply(msgspec.Struct, kw_only=True, frozen=True):
     ok: bool
     state: str
     message: str = ""
+
+
+class DeployCheckpoint(msgspec.Struct, kw_only=True, frozen=True):
+    """Request on `control.deployer.deploy`: serve this checkpoint (its sha256 or artifact URI).
+
+    Only a checkpoint scored on the current suite (the newest score's) with a finite val loss
+    is deployed; the paired test is the operator's call here, not the deployer's.
+    """
+
+    checkpoint: str
+    requested_by: str = "cli"
+
+
+class RollBackDeployment(msgspec.Struct, kw_only=True, frozen=True):
+    """Request on `control.deployer.rollback`: serve the previous champion again; the rolled-back
+    champion's run is never promoted again."""
+
+    requested_by: str = "cli"
+
+
+class DeployReply(msgspec.Struct, kw_only=True, frozen=True):
+    """The deployer's answer: `state` is promoted, already_champion, rescored (the champion's record
+    took this suite's score), refused, rolled_back or error; `message` says why."""
+
+    ok: bool
+    state: str
+    message: str = ""
+    checkpoint_uri: str = ""
+    checkpoint_sha256: str = ""
 
 
 EVENT_TYPES: tuple[type[Event], ...] = (

@@ -1,6 +1,6 @@
 """The small shared facts kept in JetStream KV: each bucket's keys and their record types.
 
-One owner writes each record (deployer: the champion; trainer: its control state;
+One owner writes each record (deployer: the champion and its decisions; trainer: its control state;
 curriculum: each skill's state); anyone may read it (inference loads the champion, `flywheel
 status` and the dashboard show them all). Reading and compare-and-set writing go through
 `libs.common.kv.Record`. Record types never forbid unknown fields: a reader ignores what a
@@ -16,7 +16,7 @@ from typing import Generic, Literal, TypeVar
 import msgspec
 
 from libs.common import topology
-from libs.common.events import ModelDeployed, utcnow
+from libs.common.events import LevelScore, ModelDeployed, utcnow
 
 R = TypeVar("R", bound=msgspec.Struct)
 
@@ -49,6 +49,15 @@ class Champion(msgspec.Struct, kw_only=True, frozen=True):
     reason: str = ""
     previous_checkpoint_uri: str = ""
     kind: Literal["promotion", "rollback"] = "promotion"
+    # The champion's own score on `suite_version` (from the EvalScored `eval_id`), what a
+    # candidate is compared with item by item: per-item outcomes (EvalScored.outcomes) and levels.
+    eval_id: str = ""
+    num_examples: int = 0
+    outcomes: str = ""
+    levels: dict[str, LevelScore] = {}
+    # Runs whose champion was rolled back (newest last, at most ROLLED_BACK_KEPT): never promoted
+    # again. Carried from record to record, so the bucket's history depth never forgets them.
+    rolled_back_runs: list[str] = []
 
     def announcement(self) -> ModelDeployed:
         """The ModelDeployed event for this record; the same every time it is built."""
@@ -67,6 +76,41 @@ class Champion(msgspec.Struct, kw_only=True, frozen=True):
 
 
 CHAMPION = Key(topology.CHAMPION_BUCKET, "current", Champion)
+ROLLED_BACK_KEPT = 256
+
+DecisionOutcome = Literal["promoted", "kept", "refused", "rescored", "rolled_back"]
+
+
+class DeployDecision(msgspec.Struct, kw_only=True, frozen=True):
+    """One decision of the deployer, with its reason in words (and numbers)."""
+
+    # Derived from what was decided on (the score event, the request): recorded once.
+    id: str
+    time: datetime
+    # promoted: the candidate is served; kept: the champion stays (not better beyond the noise,
+    # a regression, or the champion not yet scored on the candidate's suite); refused: the
+    # candidate may never be served (rolled-back run, non-finite loss, no per-item outcomes, a
+    # manual deploy of an unscored checkpoint); rescored: the champion's score on a new suite is
+    # recorded; rolled_back: the previous champion is served again.
+    outcome: DecisionOutcome
+    reason: str
+    checkpoint_uri: str
+    checkpoint_sha256: str
+    run_id: str = ""
+    suite_version: str = ""
+    # The champion when the decision was made ("" when there was none).
+    champion_sha256: str = ""
+    # eval.scored, or who asked (cli, http, ...).
+    requested_by: str = "eval.scored"
+
+
+class DeployDecisions(msgspec.Struct, kw_only=True, frozen=True):
+    """The deployer's last decisions, oldest first (bucket `champion`, key `decisions`)."""
+
+    decisions: list[DeployDecision] = []
+
+
+DEPLOY_DECISIONS = Key(topology.CHAMPION_BUCKET, "decisions", DeployDecisions)
 
 # ---------------------------------------------------------------------------- trainer control
 

@@ -27,6 +27,10 @@ DEAD_LETTER_PREFIX = "deadletter"
 CONTROL_TRAINER = "control.trainer"
 DATASET_ACCEPTED = "dataset.accepted.{priority}"
 CONTROL_TRAINER_ACTION = f"{CONTROL_TRAINER}.{{action}}"
+# Core NATS request/reply (not stored), answered by the deployer: a manual deploy, a rollback.
+CONTROL_DEPLOYER = "control.deployer"
+CONTROL_DEPLOYER_DEPLOY = f"{CONTROL_DEPLOYER}.deploy"
+CONTROL_DEPLOYER_ROLLBACK = f"{CONTROL_DEPLOYER}.rollback"
 
 # What a `{parameter}` in a subject stands for (documented in the AsyncAPI document).
 SUBJECT_PARAMETERS = {
@@ -117,7 +121,9 @@ class BucketSpec:
     description: str = field(default="")
 
 
-CHAMPION_BUCKET = BucketSpec("champion", history=64, description="the served checkpoint (key: current)")
+CHAMPION_BUCKET = BucketSpec(
+    "champion", history=64, description="the served checkpoint (key: current) and the deployer's decisions (key: decisions)",
+)
 CURRICULUM_BUCKET = BucketSpec("curriculum", history=16, description="level per skill")
 TRAINER_BUCKET = BucketSpec("trainer", history=8, description="trainer control state (key: state)")
 BUCKETS: tuple[BucketSpec, ...] = (CHAMPION_BUCKET, CURRICULUM_BUCKET, TRAINER_BUCKET)

@@ -1,15 +1,27 @@
-"""The deployer's typed settings (env `FLYWHEEL_DEPLOYER_<FIELD>`, TOML section `[deployer]`)."""
+"""The deployer's typed settings (env `FLYWHEEL_DEPLOYER_<FIELD>`, TOML section `[deployer]`).
+
+The promotion rule they tune is stated in services/deployer/promotion.py.
+"""
 
 from __future__ import annotations
 
-from libs.common.settings import CommonSettings, NonNegativeFloat
+from typing import Annotated
+
+import msgspec
+
+from libs.common.settings import CommonSettings, Fraction, NonNegativeFloat
 
 
 class DeployerSettings(CommonSettings, kw_only=True, forbid_unknown_fields=True):
-    # Promote only when exact match beats the champion's by more than this.
-    min_gain: NonNegativeFloat = 0.0
-    # On an exact-match tie, promote only when val_loss is lower by more than this.
-    min_loss_gain: NonNegativeFloat = 0.0
+    # The paired test's level: promote only when the exact one-sided sign test on the items where
+    # candidate and champion disagree gives p <= alpha.
+    alpha: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.05
+    # No promotion when any level's accuracy is down by more than this (absolute: 0.05 = 5 points).
+    max_level_drop: Fraction = 0.05
+    # No promotion when the val loss is up by more than this (relative: 0.15 = 15%).
+    max_loss_rise: NonNegativeFloat = 0.15
+    # Decisions kept in KV (GET /decisions, `flywheel history`).
+    decisions_kept: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
 
 
 SETTINGS = DeployerSettings

@@ -1,26 +1,41 @@
-"""How one checkpoint scores on a suite: validation loss, exact match, accuracy per level.
+"""How one checkpoint scores on a suite: loss, accuracy with its interval, calibration, per item.
 
 - val_loss: mean cross-entropy over the assistant tokens of the gold answers (the tokens the
-  trainer trains on, masked by `libs.common.chat.encode_chat`), weighted per token.
+  trainer trains on, masked by `libs.common.chat.encode_chat`), weighted per token; per level
+  the same over that level's items. None when it is not finite (a diverged model).
 - exact_match: greedy generation from the chat template's generation prompt, batched with
   left padding (so every row's next token sits at the same position), stopping at the
   end-of-turn token; an answer counts when the skill's `is_correct` accepts it.
-- by_level: exact match per "<skill>/<level>".
+- levels: per "<skill>/<level>" the items right, the accuracy and its 95% Wilson score
+  interval (`wilson_interval`); `by_level` is the accuracy alone (what the curriculum reads).
+- outcomes: every item's result in suite order (`libs.common.events.encode_outcomes`), so
+  two checkpoints can be compared item by item.
+- confidence of an answer: the geometric mean of the probabilities the model gave the tokens
+  it generated greedily, up to and including the end-of-turn token (the product would punish
+  long answers for their length). ece: the expected calibration error over 6 equal-width
+  confidence bins (`expected_calibration_error`).
 
-Blocking and CPU/GPU heavy: the service runs it in a worker thread.
+Blocking and CPU/GPU heavy: the service runs `score_checkpoint` in a worker thread.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
 
 from libs.common.chat import IGNORE_INDEX, collate, encode_chat, prompt_messages
+from libs.common.events import LevelScore, encode_outcomes
 from libs.common.models import load_model, load_tokenizer
-from libs.common.skills import binary
+from libs.common.skills import get_skill
 from services.evaluator.suite import SuiteItem
+
+# The normal quantile for a two-sided 95% interval.
+Z_95 = 1.959963984540054
+CALIBRATION_BINS = 6
 
 
 class ItemResult(msgspec.Struct, frozen=True):
@@ -29,14 +44,120 @@ class ItemResult(msgspec.Struct, frozen=True):
     expected: str
     output: str
     correct: bool
+    # The geometric mean probability of the generated tokens; None: not finite (or scored before).
+    confidence: float | None = None
 
 
 class Scores(msgspec.Struct, frozen=True):
-    val_loss: float
+    val_loss: float | None
     exact_match: float
+    exact_match_low: float
+    exact_match_high: float
     by_level: dict[str, float]
+    levels: dict[str, LevelScore]
+    outcomes: str
+    ece: float | None
     num_examples: int
     items: list[ItemResult]
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def finite(value: float) -> float | None:
+    """`value`, or None when it is NaN or infinite (JSON has no NaN: msgspec would write null)."""
+    return value if math.isfinite(value) else None
+
+
+def wilson_interval(correct: int, total: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion `correct / total` (95% by default).
+
+    Unlike the normal approximation it stays inside [0, 1] and is not zero-width at 0 or all
+    correct: 16 of 16 right is [0.806, 1.0], not [1.0, 1.0]. No items: [0, 1].
+    """
+    if total <= 0:
+        return 0.0, 1.0
+    p = correct / total
+    z2 = z * z
+    centre = (p + z2 / (2 * total)) / (1 + z2 / total)
+    half = z / (1 + z2 / total) * math.sqrt(p * (1 - p) / total + z2 / (4 * total * total))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def expected_calibration_error(
+    confidences: Sequence[float | None], correct: Sequence[bool], bins: int = CALIBRATION_BINS,
+) -> float | None:
+    """Sum over equal-width confidence bins of (items in bin / items) * |accuracy - mean confidence|.
+
+    Bin b holds confidences in [b/bins, (b+1)/bins), the last bin includes 1.0. None when there
+    are no items or any confidence is missing or not finite: calibration is then undefined.
+    """
+    if not confidences or len(confidences) != len(correct):
+        return None
+    if any(c is None or not math.isfinite(c) for c in confidences):
+        return None
+    count = [0] * bins
+    right = [0] * bins
+    confidence_sum = [0.0] * bins
+    for conf, ok in zip(confidences, correct, strict=True):
+        b = min(int(conf * bins), bins - 1)
+        count[b] += 1
+        right[b] += ok
+        confidence_sum[b] += conf
+    n = len(confidences)
+    return sum(abs(right[b] - confidence_sum[b]) / n for b in range(bins) if count[b])
+
+
+def level_scores(
+    levels: Sequence[str], correct: Sequence[bool], loss_sums: Sequence[float], loss_tokens: Sequence[int],
+) -> dict[str, LevelScore]:
+    """Per level key: items right, accuracy, its Wilson interval and the token-weighted val loss."""
+    grouped: dict[str, list[int]] = defaultdict(list)
+    for i, level in enumerate(levels):
+        grouped[level].append(i)
+    scores = {}
+    for level, indices in sorted(grouped.items()):
+        right = sum(bool(correct[i]) for i in indices)
+        tokens = sum(loss_tokens[i] for i in indices)
+        low, high = wilson_interval(right, len(indices))
+        scores[level] = LevelScore(
+            correct=right, total=len(indices), accuracy=right / len(indices), low=low, high=high,
+            val_loss=finite(sum(loss_sums[i] for i in indices) / tokens) if tokens else None,
+        )
+    return scores
+
+
+def summarise(
+    items: Sequence[SuiteItem], outputs: Sequence[str], confidences: Sequence[float | None],
+    loss_sums: Sequence[float], loss_tokens: Sequence[int],
+) -> Scores:
+    """Every statistic of one scoring run from its per-item parts (pure: no model)."""
+    total_tokens = sum(loss_tokens)
+    if total_tokens == 0:
+        raise ValueError("the suite has no assistant tokens to score (chat template or max_length problem)")
+    results = [
+        ItemResult(item.level_key, item.scenario, item.expected, out, get_skill(item.skill).is_correct(item.expected, out), conf)
+        for item, out, conf in zip(items, outputs, confidences, strict=True)
+    ]
+    correct = [r.correct for r in results]
+    right = sum(correct)
+    low, high = wilson_interval(right, len(results))
+    levels = level_scores([r.level for r in results], correct, loss_sums, loss_tokens)
+    return Scores(
+        val_loss=finite(sum(loss_sums) / total_tokens),
+        exact_match=right / len(results),
+        exact_match_low=low,
+        exact_match_high=high,
+        by_level={level: score.accuracy for level, score in levels.items()},
+        levels=levels,
+        outcomes=encode_outcomes(correct),
+        ece=expected_calibration_error(confidences, correct),
+        num_examples=len(results),
+        items=results,
+    )
+
+
+# ---------------------------------------------------------------------------- the model
 
 
 def score_checkpoint(
@@ -48,44 +169,41 @@ def score_checkpoint(
     tokenizer = load_tokenizer(path)
     model = load_model(path, device)
     with torch.inference_mode():
-        val_loss = _validation_loss(model, tokenizer, items, device, batch_size, max_length)
-        outputs = _generate(model, tokenizer, items, device, batch_size, max_new_tokens)
-    results = [
-        ItemResult(item.level_key, item.scenario, item.expected, out, binary.is_correct(item.expected, out))
-        for item, out in zip(items, outputs, strict=True)
-    ]
-    per_level: dict[str, list[bool]] = defaultdict(list)
-    for result in results:
-        per_level[result.level].append(result.correct)
-    return Scores(
-        val_loss=val_loss,
-        exact_match=sum(r.correct for r in results) / len(results),
-        by_level={level: sum(hits) / len(hits) for level, hits in sorted(per_level.items())},
-        num_examples=len(results),
-        items=results,
-    )
+        loss_sums, loss_tokens = _validation_losses(model, tokenizer, items, device, batch_size, max_length)
+        outputs, confidences = _generate(model, tokenizer, items, device, batch_size, max_new_tokens)
+    return summarise(items, outputs, confidences, loss_sums, loss_tokens)
 
 
-def _validation_loss(model, tokenizer, items: list[SuiteItem], device: str, batch_size: int, max_length: int) -> float:
+def _validation_losses(
+    model, tokenizer, items: list[SuiteItem], device: str, batch_size: int, max_length: int,
+) -> tuple[list[float], list[int]]:
+    """Per item: the summed cross-entropy over its gold answer tokens, and how many there are."""
     import torch.nn.functional as F
 
     encoded = [encode_chat(tokenizer, item.messages, max_length) for item in items]
-    total_loss, total_tokens = 0.0, 0
+    sums: list[float] = []
+    tokens: list[int] = []
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
         tensors = collate(batch, tokenizer.pad_token_id, device)
         labels = tensors["labels"]
         logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits.float()
-        # Token t predicts token t+1.
-        shifted_logits, shifted_labels = logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
-        total_loss += F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
-        total_tokens += int((shifted_labels != IGNORE_INDEX).sum())
-    if total_tokens == 0:
-        raise ValueError("the suite has no assistant tokens to score (chat template or max_length problem)")
-    return total_loss / total_tokens
+        # Token t predicts token t+1; ignored positions contribute 0.
+        shifted_labels = labels[:, 1:]
+        losses = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), shifted_labels.reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction="none",
+        ).view(shifted_labels.shape)
+        sums.extend(losses.double().sum(dim=1).tolist())
+        tokens.extend((shifted_labels != IGNORE_INDEX).sum(dim=1).tolist())
+    return sums, tokens
 
 
-def _generate(model, tokenizer, items: list[SuiteItem], device: str, batch_size: int, max_new_tokens: int) -> list[str]:
+def _generate(
+    model, tokenizer, items: list[SuiteItem], device: str, batch_size: int, max_new_tokens: int,
+) -> tuple[list[str], list[float | None]]:
+    """Greedy answers, and each answer's confidence (geometric mean probability of its tokens)."""
+    import torch
     from transformers import GenerationConfig
 
     config = GenerationConfig(
@@ -93,6 +211,9 @@ def _generate(model, tokenizer, items: list[SuiteItem], device: str, batch_size:
         do_sample=False,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        return_dict_in_generate=True,
+        # The raw logits, before any processor: the model's own probabilities.
+        output_logits=True,
     )
     prompts = [
         tokenizer.apply_chat_template(prompt_messages(item.messages), tokenize=False, add_generation_prompt=True)
@@ -100,10 +221,21 @@ def _generate(model, tokenizer, items: list[SuiteItem], device: str, batch_size:
     ]
     tokenizer.padding_side = "left"
     outputs: list[str] = []
+    confidences: list[float | None] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         generated = model.generate(**enc, generation_config=config)
-        new_tokens = generated[:, enc["input_ids"].shape[1] :]
+        new_tokens = generated.sequences[:, enc["input_ids"].shape[1] :]
         outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    return outputs
+        # One step at a time: the logits of every step at once can be large (vocab x steps x batch).
+        chosen = torch.stack([
+            torch.log_softmax(step.float(), dim=-1).gather(1, new_tokens[:, t : t + 1]).squeeze(1)
+            for t, step in enumerate(generated.logits)
+        ], dim=1)
+        # A row's answer ends with its first end-of-turn token; what follows is padding.
+        is_end = new_tokens == tokenizer.eos_token_id
+        answer = (is_end.long().cumsum(dim=1) - is_end.long()) == 0
+        mean_logprob = torch.where(answer, chosen, 0.0).sum(dim=1) / answer.sum(dim=1)
+        confidences.extend(finite(math.exp(v)) if math.isfinite(v) else None for v in mean_logprob.tolist())
+    return outputs, confidences

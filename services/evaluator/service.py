@@ -1,22 +1,34 @@
 """Evaluator: scores every saved checkpoint on the fixed held-out suite and publishes `EvalScored`.
 
 Consumes `checkpoint.saved`; loads THAT checkpoint from the artifact store (after checking its
-sha256), never the served model; publishes `eval.scored`. An evaluation is keyed by
+sha256), never the served model; publishes `eval.scored` with the statistics of
+`services.evaluator.scoring` and the regressions against the champion (the champion record in
+KV, and the champion's own score on this suite in the scorebook). An evaluation is keyed by
 (checkpoint sha256, suite version): a redelivery republishes the recorded event with the same
-id and scores nothing. Run with `python -m services.evaluator`.
+id and scores nothing.
+
+The deployer compares a candidate with the champion only on the same suite, so when the
+champion's record holds another suite's score (the suite changed, or a rollback restored an
+older champion), a loop scores the champion's checkpoint on this suite and publishes that
+(checked every `champion_check_s`). Run with `python -m services.evaluator`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+
+import nats.errors
 
 from libs.common import topology
 from libs.common.artifacts import ArtifactError, ArtifactStore, is_sha256
 from libs.common.bus import Bus, Delivery, Reject
-from libs.common.events import CheckpointSaved, EvalScored, derived_id
+from libs.common.events import CheckpointSaved, EvalScored, derived_id, score_regressions
 from libs.common.http import ServiceMetrics
+from libs.common.kv import Record
 from libs.common.log import get_logger
 from libs.common.models import pick_device
+from libs.common.records import CHAMPION, Champion
 from libs.common.runtime import ServiceRuntime
 from libs.common.service import Publish, Service, Subscribe
 from services.evaluator.api import router
@@ -30,22 +42,27 @@ log = get_logger(NAME)
 
 
 class Evaluator:
-    def __init__(self, settings: EvaluatorSettings, bus: Bus, metrics: ServiceMetrics, store: ArtifactStore) -> None:
+    def __init__(self, settings: EvaluatorSettings, bus: Bus, metrics: ServiceMetrics, store: ArtifactStore,
+                 champion: Record[Champion]) -> None:
         self.settings = settings
         self.bus = bus
         self.metrics = metrics
         self.store = store
+        self.champion = champion
         folder = settings.service_dir(NAME)
         self.suite = load_or_create_suite(
             folder / "suites", settings.suite_max_level, settings.items_per_level, settings.suite_seed
         )
         self.scorebook = Scorebook(folder / "scores")
         self.device = pick_device(settings.device)
+        # One model in memory at a time: a checkpoint and the champion's rescore take turns.
+        self._scoring = asyncio.Lock()
         log.info("suite ready", suite_version=self.suite.version, items=len(self.suite.items), device=self.device)
 
     @classmethod
     async def open(cls, rt: ServiceRuntime[EvaluatorSettings]) -> Evaluator:
-        return await asyncio.to_thread(cls, rt.settings, rt.bus, rt.metrics, rt.store)
+        champion = await rt.bus.record(CHAMPION)
+        return await asyncio.to_thread(cls, rt.settings, rt.bus, rt.metrics, rt.store, champion)
 
     async def on_checkpoint_saved(self, event: CheckpointSaved, delivery: Delivery) -> None:
         if not is_sha256(event.sha256):
@@ -56,37 +73,98 @@ class Evaluator:
             self.metrics.events_handled.labels(delivery.subject, "duplicate").inc()
             return
         try:
-            path = await asyncio.to_thread(self.store.verify, event.uri, event.sha256)
+            record = await self.score(event.run_id, event.step, event.uri, event.sha256)
         except ArtifactError as exc:
             raise Reject(str(exc)) from exc
-        log.info("scoring checkpoint", checkpoint=event.uri, run_id=event.run_id, step=event.step)
-        scores = await asyncio.to_thread(
-            score_checkpoint, path, self.suite.items,
-            device=self.device,
-            batch_size=self.settings.batch_size,
-            max_new_tokens=self.settings.max_new_tokens,
-            max_length=self.settings.max_length,
-        )
-        scored = EvalScored(
-            # The same evaluation always has the same id.
-            id=derived_id(NAME, event.sha256, self.suite.version),
-            run_id=event.run_id,
-            step=event.step,
-            checkpoint_uri=event.uri,
-            checkpoint_sha256=event.sha256,
-            suite=self.suite.name,
-            suite_version=self.suite.version,
-            exact_match=scores.exact_match,
-            val_loss=scores.val_loss,
-            num_examples=scores.num_examples,
-            by_level=scores.by_level,
-        )
-        # Recorded before publishing: after a crash in between, the redelivery republishes it.
-        self.scorebook.save(ScoreRecord(event=scored, items=scores.items))
-        await self.bus.publish(topology.EVAL_SCORED, scored)
+        await self.bus.publish(topology.EVAL_SCORED, record.event)
         self.metrics.events_handled.labels(delivery.subject, "scored").inc()
-        log.info("scored", checkpoint=event.uri, exact_match=scored.exact_match, val_loss=scored.val_loss,
-                 by_level=scored.by_level)
+
+    async def score(self, run_id: str, step: int, uri: str, sha256: str) -> ScoreRecord:
+        """Score the checkpoint at `uri` on the suite and record it; raises ArtifactError for a bad artifact."""
+        async with self._scoring:
+            if (record := self.scorebook.get(sha256, self.suite.version)) and record.event.outcomes:
+                return record  # scored while this call waited for its turn
+            path = await asyncio.to_thread(self.store.verify, uri, sha256)
+            log.info("scoring checkpoint", checkpoint=uri, run_id=run_id, step=step)
+            scores = await asyncio.to_thread(
+                score_checkpoint, path, self.suite.items,
+                device=self.device,
+                batch_size=self.settings.batch_size,
+                max_new_tokens=self.settings.max_new_tokens,
+                max_length=self.settings.max_length,
+            )
+            baseline = await self._champion_score(sha256)
+            regressions = score_regressions(
+                scores.levels, scores.val_loss, baseline.levels, baseline.val_loss,
+            ) if baseline else []
+            scored = EvalScored(
+                # The same evaluation always has the same id.
+                id=derived_id(NAME, sha256, self.suite.version),
+                run_id=run_id,
+                step=step,
+                checkpoint_uri=uri,
+                checkpoint_sha256=sha256,
+                suite=self.suite.name,
+                suite_version=self.suite.version,
+                exact_match=scores.exact_match,
+                val_loss=scores.val_loss,
+                num_examples=scores.num_examples,
+                by_level=scores.by_level,
+                exact_match_low=scores.exact_match_low,
+                exact_match_high=scores.exact_match_high,
+                levels=scores.levels,
+                outcomes=scores.outcomes,
+                ece=scores.ece,
+                regressions=regressions,
+                compared_with=baseline.checkpoint_sha256 if baseline else "",
+            )
+            # Recorded before publishing: after a crash in between, the redelivery republishes it.
+            record = ScoreRecord(event=scored, items=scores.items)
+            self.scorebook.save(record)
+        log.info("scored", checkpoint=uri, exact_match=scored.exact_match, val_loss=scored.val_loss,
+                 ece=scored.ece, by_level=scored.by_level, regressions=regressions)
+        return record
+
+    async def _champion_score(self, candidate_sha256: str) -> EvalScored | None:
+        """The champion's own score on this suite, if it is another checkpoint and was scored here."""
+        champion, _ = await self.champion.read()
+        if champion is None or champion.checkpoint_sha256 == candidate_sha256:
+            return None
+        record = self.scorebook.get(champion.checkpoint_sha256, self.suite.version)
+        return record.event if record and record.event.levels else None
+
+    # ------------------------------------------------------------------ the champion on this suite
+
+    async def keep_champion_scored(self, stop: asyncio.Event) -> None:
+        """Publish the champion's score on this suite whenever its record holds another suite's."""
+        published: set[tuple[str, str]] = set()
+        while not stop.is_set():
+            try:
+                await self._score_champion(published)
+            except (nats.errors.Error, TimeoutError) as exc:
+                # A NATS hiccup: try again next round. Anything else is a bug and crashes the loop.
+                log.warning("champion check failed; retrying", error=repr(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.champion_check_s)
+
+    async def _score_champion(self, published: set[tuple[str, str]]) -> None:
+        champion, _ = await self.champion.read()
+        if champion is None or (champion.suite_version == self.suite.version and champion.outcomes):
+            return
+        key = (champion.checkpoint_sha256, self.suite.version)
+        if key in published:
+            return  # once per process: the deployer's durable consumer receives it
+        published.add(key)
+        log.info("champion not scored on this suite; scoring it", checkpoint=champion.checkpoint_uri,
+                 champion_suite=champion.suite_version, suite_version=self.suite.version)
+        try:
+            record = await self.score(champion.run_id, champion.step, champion.checkpoint_uri,
+                                      champion.checkpoint_sha256)
+        except Exception as exc:  # noqa: BLE001 - a champion that cannot be scored must not stop the evaluator
+            log.error("cannot score the champion on this suite; the deployer keeps it until it is",
+                      checkpoint=champion.checkpoint_uri, error=repr(exc))
+            return
+        await self.bus.publish(topology.EVAL_SCORED, record.event)
 
 
 SERVICE = Service(
@@ -99,4 +177,5 @@ SERVICE = Service(
     ),
     publications=(Publish(topology.EVAL_SCORED, EvalScored),),
     routes=router,
+    loops=(Evaluator.keep_champion_scored,),
 )

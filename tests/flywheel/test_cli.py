@@ -249,3 +249,80 @@ async def test_read_commands_print_one_json_document_with_json(bus, nats_server:
     traced = json.loads(out)
     assert code == 0 and traced["trace_id"] == submitted["trace_id"]
     assert "flywheel submit" in {span["name"] for span in traced["spans"]}
+
+
+# ---------------------------------------------------------------------------- flywheel deploy / history
+
+
+@pytest.mark.integration
+async def test_deploy_rollback_and_history_through_the_running_deployer(bus, nats_server: str, tmp_path: Path):
+    from libs.common.settings import load_settings
+    from services.deployer.service import SERVICE
+    from services.deployer.settings import DeployerSettings
+    from tests.conftest import wait_for
+    from tests.services.conftest import running
+    from tests.services.deployer.candidates import base, better, scored
+
+    env = cli_env(tmp_path, nats_server)
+    settings = load_settings(DeployerSettings, "deployer", environ={}, nats_url=nats_server)
+    async with running(SERVICE, settings) as deployer:
+        await bus.publish(topology.EVAL_SCORED, scored("a", base()))  # first champion
+        await bus.publish(topology.EVAL_SCORED, scored("b", better(base(), 2)))  # kept: within the noise
+
+        async def both_decided() -> bool:
+            kept, _ = await deployer.decisions.read()
+            return kept is not None and len(kept.decisions) == 2
+
+        await wait_for(both_decided, "the deployer to decide on both scores")
+
+        code, out, err = await run_cli_async("deploy", "b" * 64, "--json", env=env)
+        reply = json.loads(out)
+        assert code == 0 and reply["ok"] and reply["state"] == "promoted", err
+        assert reply["checkpoint_uri"] == "file:///ckpt/b" and "manual deploy" in reply["message"]
+
+        code, out, _ = await run_cli_async("deploy", "c" * 64, env=env)
+        assert code == 1 and out.startswith("deployer: refused (checkpoint cccc")
+        assert "has not been scored on the current suite" in out
+
+        code, out, _ = await run_cli_async("deploy", "--rollback", env=env)
+        assert code == 0 and out.startswith("deployer: rolled_back (rollback requested by cli")
+        assert "serving   file:///ckpt/a" in out
+
+    code, out, _ = await run_cli_async("history", "--json", env=env)
+    decisions = json.loads(out)
+    assert code == 0 and [d["outcome"] for d in decisions] == ["rolled_back", "refused", "promoted", "kept", "promoted"]
+    assert decisions[2]["requested_by"] == "cli" and "not better beyond the noise" in decisions[3]["reason"]
+    code, out, _ = await run_cli_async("history", "--limit", "2", env=env)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 4 and "rolled_back" in lines[0] and "(requested by cli)" in lines[0]
+    assert lines[1].startswith("    rollback requested by cli") and "refused" in lines[2]
+
+
+@pytest.mark.integration
+def test_deploy_with_no_deployer_says_who_is_missing_in_one_line(nats_server: str, tmp_path: Path):
+    done = run_cli("deploy", "--rollback", env=cli_env(tmp_path, nats_server))
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "flywheel deploy: no deployer is answering on control.deployer.rollback (is `flywheel up` running?)"]
+
+
+def test_deploy_needs_a_checkpoint_or_rollback_not_both(capsys):
+    assert main(["deploy"]) == 2
+    assert main(["deploy", "a" * 64, "--rollback"]) == 2
+    assert "name a CHECKPOINT (sha256 or URI) or give --rollback" in capsys.readouterr().err
+
+
+def test_status_shows_scores_that_were_not_finite_and_the_last_decision():
+    status = {
+        "queue": {}, "training": {"started": None, "progress": None, "finished": None}, "trainer_control": None,
+        "champion": {"run_id": "r", "step": 3, "exact_match": 0.5, "val_loss": 1.25, "checkpoint_uri": "file:///c"},
+        "last_decision": {"outcome": "refused", "reason": "val loss is not finite"},
+        "last_scores": {"run_id": "r", "step": 4, "exact_match": 0.25, "exact_match_low": 0.1,
+                        "exact_match_high": 0.5, "val_loss": None, "ece": None, "suite_version": "v",
+                        "regressions": ["val loss is not finite"]},
+        "curriculum": None, "dead_letters": 0,
+    }
+    text = format_status(status)
+    assert "last decision   refused: val loss is not finite" in text
+    assert "exact_match 0.250 [95% 0.100, 0.500]  val_loss n/a  ece n/a" in text
+    assert "regression      val loss is not finite" in text

@@ -1,9 +1,33 @@
 """Skills: problem generators and answer checkers that the curriculum and the evaluator share.
 
-A skill module offers `generate(level, n, seed, split=...)`, `extract_answer(text)`,
-`is_correct(expected, text)` and `MAX_LEVEL`. Scores are reported per level as "<skill>/<level>".
+Every skill offers the same interface (`Skill`, skill.py): `name`, `max_level`,
+`generate(level, n, seed, split="train"|"eval")`, `split_of(prompt)`, `extract_answer(text)`,
+`is_correct(expected, text)`. One rule (`split_by_key`) splits every skill's problems into
+train and eval by a hash of the problem itself. Scores are reported per level as
+"<skill>/<level>".
+
+    from libs.common.skills import get_skill
+    skill = get_skill("syllo")
+    rows = skill.generate(2, 20, seed=7, split="eval")
 """
 
-from libs.common.skills import binary
+from libs.common.skills import binary, syllo
+from libs.common.skills.binary import BINARY
+from libs.common.skills.skill import EVAL_BUCKETS, SPLITS, Expected, Skill, Split, split_by_key
+from libs.common.skills.syllo import SYLLO
 
-__all__ = ["binary"]
+SKILLS: dict[str, Skill] = {skill.name: skill for skill in (BINARY, SYLLO)}
+
+
+def get_skill(name: str) -> Skill:
+    """The skill called `name`; ValueError naming the known skills when there is none."""
+    try:
+        return SKILLS[name]
+    except KeyError:
+        raise ValueError(f"unknown skill {name!r}: the skills are {', '.join(sorted(SKILLS))}") from None
+
+
+__all__ = [
+    "BINARY", "EVAL_BUCKETS", "SKILLS", "SPLITS", "SYLLO", "Expected", "Skill", "Split",
+    "binary", "get_skill", "split_by_key", "syllo",
+]

@@ -1,36 +1,58 @@
 """The Binary skill: arithmetic on numbers written in circled binary digits (① = 1, ⓪ = 0).
 
-It decides three things, as pure functions shared by the curriculum (which writes practice
-data) and the evaluator (which scores answers):
+It decides, as pure functions shared by the curriculum and the evaluator:
 
-- what a problem at each difficulty level looks like (`generate`, levels 1..MAX_LEVEL);
-- where the answer is in a response (`extract_answer`): the result after the first `=` of
-  the first prefix-form line (`add A B = C`, `todecimal A = 35`), or the value of a
-  `Final result:` line when the response has one (chained operations);
-- whether a response is right (`is_correct`).
+- what a problem at each level looks like (`generate`, levels 1..MAX_LEVEL, see LEVELS);
+- which split a problem belongs to (`split_of`: the shared rule of skill.py, keyed by the
+  prompt, which states the problem and nothing else: one wording per operation);
+- what answer a response states (`extract_answer`) and whether it is right (`is_correct`).
 
-The notation follows the seed validation sets of the system Flywheel replaces
-(/work/shared/seed-data/README.md). Every problem belongs to exactly one split, decided by a
-hash of the problem itself, so the evaluator's held-out suite (split "eval") can never share
-a problem with generated training data (split "train"), whatever seeds either side uses.
+Levels follow the curriculum of the system Flywheel replaces: 7 levels by operand magnitude,
+from 1–10 up to 10K–100K, with the operations growing alongside:
+
+    level  operands        operations
+    1      1–31            todecimal, tobinary, add
+    2      10–100          + subtract
+    3      100–500         + leftshift, rightshift (by 1–4)
+    4      500–1K          + multiply (by a number of level 1's size)
+    5      1K–5K           + chained: add, then shift left
+    6      5K–10K          + chained: add, shift left, shift right
+    7      10K–100K        all of them
+
+Level 1 reaches 31 (5 bits) rather than 10: numbers up to 10 make only 120 distinct problems,
+too few for the 1-in-8 eval split to hold a suite; up to 31 they make 1,023 (about 128 eval).
+
+Answers are in the notation of the old system's validation sets (tests/data/seed_binary): a
+prefix-form statement `add A B = C`, `todecimal A = 35`, `tobinary 35 = A`, `leftshift A 2 = C`;
+from level 2 on a one-line decimal `Verification:`; chained problems as `Step n:` statements
+ending with `Final result: X = d (decimal)`. At level 1 the answer is that single statement,
+so the first line carries the result.
+
+Reading a response (`extract_answer`): the value of its `Final result:` line if it has one,
+else the result of its first prefix-form statement, else (the seed sets' power-of-two
+questions) the options it calls a power of 2 ("A", or "A, C"). A response is right
+(`is_correct`) when that answer equals the expected one and every checkable claim it makes
+holds: each prefix-form statement is true arithmetic in the right notation (so a miscopied
+operand or a dropped result is wrong even when the final number is right), and each
+`circled = decimal` equation is true. Decimal verification arithmetic is not judged. (The
+scorer sees the response and the expected result, not the prompt: a miscopied operand bit that
+a right shift drops leaves a true statement with the right result, and passes.)
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from collections.abc import Callable
-from typing import Literal
+from dataclasses import dataclass
+
+from libs.common.skills.skill import Problem, Split, draw_rows, split_by_key
 
 SKILL = "binary"
-MAX_LEVEL = 5
+MAX_LEVEL = 7
 ONE, ZERO = "①", "⓪"
 OPERATIONS = ("todecimal", "tobinary", "add", "subtract", "multiply", "leftshift", "rightshift")
-Split = Literal["train", "eval"]
 
-# One problem in EVAL_BUCKETS goes to the eval split; the rest are training material.
-EVAL_BUCKETS = 8
 _TO_CIRCLED = str.maketrans("01", ZERO + ONE)
 _FROM_CIRCLED = str.maketrans(ZERO + ONE, "01")
 
@@ -48,141 +70,156 @@ def from_circled(text: str) -> int:
     return int(text.translate(_FROM_CIRCLED), 2)
 
 
-# ---------------------------------------------------------------------------- problems
-
-# A problem: (scenario, prompt, answer, expected). `key` identifies it for the split.
-Problem = tuple[str, str, str, str]
+# ---------------------------------------------------------------------------- levels
 
 
-def _bits(rng: random.Random, lo: int, hi: int) -> int:
-    """A number with between lo and hi significant bits."""
-    width = rng.randint(lo, hi)
-    return rng.randrange(1 << (width - 1), 1 << width) if width > 1 else rng.randint(0, 1)
+@dataclass(frozen=True)
+class Level:
+    low: int  # operands are drawn uniformly from low..high
+    high: int
+    kinds: tuple[str, ...]  # the problem kinds drawn, uniformly
 
 
-def _binary_op(scenario: str, op: str, sym: str, a: int, b: int, result: int, verb: str) -> Problem:
-    ca, cb, cr = to_circled(a), to_circled(b), to_circled(result)
-    prompt = f"{verb} these binary numbers:\n\n{ca} {sym} {cb}"
-    answer = f"{op} {ca} {cb} = {cr}\n\nVerification: {a} {sym} {b} = {result} ✓"
-    return scenario, prompt, answer, cr
-
-
-def _todecimal(scenario: str, a: int) -> Problem:
-    ca = to_circled(a)
-    return scenario, f"Convert this binary number to decimal:\n\n{ca}", f"todecimal {ca} = {a}", str(a)
-
-
-def _tobinary(scenario: str, a: int) -> Problem:
-    ca = to_circled(a)
-    return scenario, f"Convert this decimal number to binary:\n\n{a}", f"tobinary {a} = {ca}", ca
-
-
-def _add(scenario: str, a: int, b: int) -> Problem:
-    return _binary_op(scenario, "add", "+", a, b, a + b, "Add")
-
-
-def _subtract(scenario: str, a: int, b: int) -> Problem:
-    a, b = max(a, b), min(a, b)  # results stay non-negative: the notation has no sign
-    return _binary_op(scenario, "subtract", "-", a, b, a - b, "Subtract")
-
-
-def _multiply(scenario: str, a: int, b: int) -> Problem:
-    return _binary_op(scenario, "multiply", "×", a, b, a * b, "Multiply")
-
-
-def _shift(scenario: str, a: int, n: int, left: bool) -> Problem:
-    ca = to_circled(a)
-    result = a << n if left else a >> n
-    op, sym = ("leftshift", "<<") if left else ("rightshift", ">>")
-    prompt = f"Shift this binary number:\n\n{ca} {sym} {n}"
-    return scenario, prompt, f"{op} {ca} {n} = {to_circled(result)}", to_circled(result)
-
-
-def _chained(scenario: str, a: int, b: int, n: int) -> Problem:
-    ca, cb, s = to_circled(a), to_circled(b), a + b
-    cs, cr = to_circled(s), to_circled(s << n)
-    prompt = f"Perform these operations in sequence:\n\n1. Add {ca} + {cb}\n2. Left shift the result by {n}"
-    answer = (
-        f"Step 1: add {ca} {cb} = {cs}\n\nStep 2: leftshift {cs} {n} = {cr}\n\n"
-        f"Final result: {cr} = {s << n} (decimal)"
-    )
-    return scenario, prompt, answer, cr
-
-
-# Each level: the problem makers it draws from, uniformly. Difficulty rises with the number
-# of bits and the kind of operation.
-_LEVELS: dict[int, tuple[Callable[[random.Random], Problem], ...]] = {
-    1: (
-        lambda r: _todecimal("todecimal-small", _bits(r, 1, 5)),
-        lambda r: _add("add-basic", _bits(r, 1, 4), _bits(r, 1, 4)),
-    ),
-    2: (
-        lambda r: _add("add-basic", _bits(r, 3, 8), _bits(r, 3, 8)),
-        lambda r: _subtract("subtract-basic", _bits(r, 3, 8), _bits(r, 3, 8)),
-        lambda r: _todecimal("todecimal-medium", _bits(r, 5, 8)),
-    ),
-    3: (
-        lambda r: _multiply("multiply-small", _bits(r, 2, 4), _bits(r, 2, 4)),
-        lambda r: _add("add-carry-propagation", _bits(r, 8, 10), _bits(r, 8, 10)),
-        lambda r: _tobinary("tobinary-small", _bits(r, 4, 8)),
-        lambda r: _shift("leftshift-basic", _bits(r, 3, 8), r.randint(1, 3), left=True),
-        lambda r: _shift("rightshift-basic", _bits(r, 4, 8), r.randint(1, 3), left=False),
-    ),
-    4: (
-        lambda r: _add("add-large", _bits(r, 12, 16), _bits(r, 12, 16)),
-        lambda r: _subtract("subtract-large", _bits(r, 12, 16), _bits(r, 12, 16)),
-        lambda r: _multiply("multiply-large", _bits(r, 6, 9), _bits(r, 4, 7)),
-        lambda r: _todecimal("todecimal-large", _bits(r, 10, 14)),
-    ),
-    5: (
-        lambda r: _chained("chained-add-shift", _bits(r, 4, 10), _bits(r, 4, 10), r.randint(1, 3)),
-    ),
+_SHIFTS = ("leftshift", "rightshift")
+_L1 = ("todecimal", "tobinary", "add")
+_L2 = (*_L1, "subtract")
+_L3 = (*_L2, *_SHIFTS)
+_L4 = (*_L3, "multiply")
+_L5 = (*_L4, "chained-add-shift")
+_L6 = (*_L5, "chained-add-shift-shift")
+LEVELS: dict[int, Level] = {
+    1: Level(1, 31, _L1),
+    2: Level(10, 100, _L2),
+    3: Level(100, 500, _L3),
+    4: Level(500, 1_000, _L4),
+    5: Level(1_000, 5_000, _L5),
+    6: Level(5_000, 10_000, _L6),
+    7: Level(10_000, 100_000, _L6),
 }
-assert set(_LEVELS) == set(range(1, MAX_LEVEL + 1))
+assert set(LEVELS) == set(range(1, MAX_LEVEL + 1))
+# A multiplier is kept to level 1's size: the product of two level-7 numbers would be 34 bits.
+_MULTIPLIER = LEVELS[1]
+_SHIFT_BY = (1, 4)
+
+# ---------------------------------------------------------------------------- problems
+# One wording per kind: the prompt is the problem, so the split can key on it.
+
+
+def _todecimal(a: int) -> Problem:
+    ca = to_circled(a)
+    return Problem("todecimal", f"Convert this binary number to decimal:\n\n{ca}", f"todecimal {ca} = {a}", str(a))
+
+
+def _tobinary(a: int) -> Problem:
+    ca = to_circled(a)
+    return Problem("tobinary", f"Convert this decimal number to binary:\n\n{a}", f"tobinary {a} = {ca}", ca)
+
+
+def _arithmetic(kind: str, a: int, b: int, verified: bool) -> Problem:
+    if kind == "subtract":
+        a, b = max(a, b), min(a, b)  # results stay non-negative: the notation has no sign
+    verb, sym, result = {
+        "add": ("Add", "+", a + b), "subtract": ("Subtract", "-", a - b), "multiply": ("Multiply", "×", a * b),
+    }[kind]
+    ca, cb, cr = to_circled(a), to_circled(b), to_circled(result)
+    answer = f"{kind} {ca} {cb} = {cr}"
+    if verified:
+        answer += f"\n\nVerification: {a} {sym} {b} = {result} ✓"
+    return Problem(kind, f"{verb} these binary numbers:\n\n{ca} {sym} {cb}", answer, cr)
+
+
+def _shift(kind: str, a: int, n: int, verified: bool) -> Problem:
+    ca = to_circled(a)
+    left = kind == "leftshift"
+    result = a << n if left else a >> n
+    answer = f"{kind} {ca} {n} = {to_circled(result)}"
+    if verified:
+        check = f"{a} × {1 << n} = {result}" if left else f"{a} ÷ {1 << n} = {result} (integer division)"
+        answer += f"\n\nVerification: {check} ✓"
+    return Problem(kind, f"Shift this binary number:\n\n{ca} {'<<' if left else '>>'} {n}", answer, to_circled(result))
+
+
+def _chained(a: int, b: int, shifts: list[tuple[str, int]]) -> Problem:
+    """Add, then shift the result in turn by each of `shifts` ("leftshift"/"rightshift", n)."""
+    ca, cb, value = to_circled(a), to_circled(b), a + b
+    lines = [f"1. Add {ca} + {cb}"]
+    steps = [f"Step 1: add {ca} {cb} = {to_circled(value)} ({value})"]
+    for number, (kind, n) in enumerate(shifts, start=2):
+        lines.append(f"{number}. {'Left' if kind == 'leftshift' else 'Right'} shift the result by {n}")
+        before, value = value, value << n if kind == "leftshift" else value >> n
+        steps.append(f"Step {number}: {kind} {to_circled(before)} {n} = {to_circled(value)} ({value})")
+    prompt = "Perform these operations in sequence:\n\n" + "\n".join(lines)
+    answer = "\n\n".join(steps) + f"\n\nFinal result: {to_circled(value)} = {value} (decimal)"
+    scenario = "chained-add-" + "-".join("shift" for _ in shifts)
+    return Problem(scenario, prompt, answer, to_circled(value))
+
+
+def _maker(level: int) -> Callable[[random.Random], Problem]:
+    spec = LEVELS[level]
+    verified = level > 1  # level 1 answers are one statement: the first line carries the result
+
+    def number(rng: random.Random) -> int:
+        return rng.randint(spec.low, spec.high)
+
+    def shift_by(rng: random.Random) -> int:
+        return rng.randint(*_SHIFT_BY)
+
+    def make(rng: random.Random) -> Problem:
+        kind = rng.choice(spec.kinds)
+        if kind == "todecimal":
+            return _todecimal(number(rng))
+        if kind == "tobinary":
+            return _tobinary(number(rng))
+        if kind in ("add", "subtract"):
+            return _arithmetic(kind, number(rng), number(rng), verified)
+        if kind == "multiply":
+            return _arithmetic(kind, number(rng), rng.randint(_MULTIPLIER.low + 1, _MULTIPLIER.high), verified)
+        if kind in _SHIFTS:
+            return _shift(kind, number(rng), shift_by(rng), verified)
+        if kind == "chained-add-shift":
+            return _chained(number(rng), number(rng), [("leftshift", shift_by(rng))])
+        return _chained(number(rng), number(rng), [("leftshift", shift_by(rng)), ("rightshift", shift_by(rng))])
+
+    return make
+
+
+def _problem_key(prompt: str) -> str:
+    return " ".join(prompt.split())
 
 
 def split_of(prompt: str) -> Split:
     """The split a problem belongs to, fixed by its prompt alone."""
-    bucket = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big") % EVAL_BUCKETS
-    return "eval" if bucket == 0 else "train"
+    return split_by_key(_problem_key(prompt))
 
 
-def generate(level: int, n: int, seed: int, *, split: Split = "train") -> list[dict]:
+def generate(level: int, n: int, seed: int, split: Split = "train") -> list[dict]:
     """`n` chat rows at `level`, deterministic in (level, n, seed, split).
 
     The eval split holds distinct problems (a suite item never repeats); training rows may
     repeat, as small levels have few distinct problems.
     """
-    if level not in _LEVELS:
+    if level not in LEVELS:
         raise ValueError(f"binary level must be 1..{MAX_LEVEL}, got {level}")
-    rng = random.Random(f"{SKILL}:{split}:{level}:{seed}")
-    makers = _LEVELS[level]
-    rows: list[dict] = []
-    seen: set[str] = set()
-    # Generous: the eval split keeps ~1 problem in 8, and small levels repeat often.
-    for _ in range(200 * n + 1000):
-        if len(rows) == n:
-            return rows
-        scenario, prompt, answer, expected = rng.choice(makers)(rng)
-        if split_of(prompt) != split or (split == "eval" and prompt in seen):
-            continue
-        seen.add(prompt)
-        rows.append({
-            "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-            "skill": SKILL,
-            "level": level,
-            "scenario": scenario,
-            "expected": expected,
-        })
-    raise ValueError(f"level {level} has too few distinct {split} problems for {n} rows")
+    return draw_rows(SKILL, level, n, seed, split, _maker(level), _problem_key)
 
 
 # ---------------------------------------------------------------------------- answers
 
-_PREFIX_LINE = re.compile(rf"^\s*(?:Step \d+:\s*)?(?:{'|'.join(OPERATIONS)})\b[^=\n]*=([^\n]*)$", re.MULTILINE)
-_FINAL_LINE = re.compile(r"^\s*Final result:([^=\n]*)", re.MULTILINE)
+_CIRCLED = f"[{ONE}{ZERO}]+"
+_STATEMENT = re.compile(rf"^[ \t]*(?:Step \d+:[ \t]*)?({'|'.join(OPERATIONS)})[ \t]+([^=\n]*)=([^\n]*)$", re.MULTILINE)
+_FINAL_LINE = re.compile(r"^[ \t]*Final result:([^=\n]*)", re.MULTILINE)
+_EQUATION = re.compile(rf"({_CIRCLED})[ \t]*=[ \t]*([0-9]+)(?![0-9.^])")
 # Decorations that may follow a result on its line: "(51)", "(decimal)", "✓".
 _TRAILER = re.compile(r"\s*(\(.*\)|✓)\s*$")
+# The seed sets' power-of-two questions: option blocks "A) ..." and the verdict in each.
+_OPTION = re.compile(r"^[ \t]*([A-Z])\)", re.MULTILINE)
+_IS_POWER = re.compile(r"\bIS a power of 2\b")
+# The operand notation of each operation: C circled, D decimal; and of its result.
+_SIGNATURES = {
+    "todecimal": ("C", "D"), "tobinary": ("D", "C"),
+    "add": ("CC", "C"), "subtract": ("CC", "C"), "multiply": ("CC", "C"),
+    "leftshift": ("CD", "C"), "rightshift": ("CD", "C"),
+}
 
 
 def _normalise(text: str) -> str | None:
@@ -193,14 +230,89 @@ def _normalise(text: str) -> str | None:
     return text or None
 
 
+def _powers_of_two(text: str) -> str | None:
+    """The options a response calls a power of 2, as "A" or "A, C"; None when it names none."""
+    starts = list(_OPTION.finditer(text))
+    named = [
+        match.group(1) for match, after in zip(starts, [*starts[1:], None])
+        if _IS_POWER.search(text, match.end(), after.start() if after else len(text))
+    ]
+    return ", ".join(named) or None
+
+
 def extract_answer(text: str) -> str | None:
     """The answer a response states, whitespace-normalised; None when it states none."""
     if final := _FINAL_LINE.search(text):
         return _normalise(final.group(1))
-    if prefix := _PREFIX_LINE.search(text):
-        return _normalise(prefix.group(1))
+    if statement := _STATEMENT.search(text):
+        return _normalise(statement.group(3))
+    return _powers_of_two(text)
+
+
+def _value(token: str, notation: str) -> int | None:
+    if notation == "C":
+        return from_circled(token) if re.fullmatch(_CIRCLED, token) else None
+    return int(token) if re.fullmatch(r"[0-9]+", token) else None
+
+
+def _statement_holds(op: str, operands: str, stated: str) -> bool:
+    """Whether `op operands = stated` is true, written in the operation's notation."""
+    notations, result_notation = _SIGNATURES[op]
+    tokens = operands.split()
+    if len(tokens) != len(notations):
+        return False
+    values = [_value(token, notation) for token, notation in zip(tokens, notations)]
+    if None in values:
+        return False
+    a, b = values[0], values[-1]
+    result = {
+        "todecimal": a, "tobinary": a, "add": a + b, "subtract": a - b, "multiply": a * b,
+        "leftshift": a << b, "rightshift": a >> b,
+    }[op]
+    if result < 0:
+        return False
+    return _normalise(stated) == (to_circled(result) if result_notation == "C" else str(result))
+
+
+def false_claim(text: str) -> str | None:
+    """The first claim in a response that does not hold (a statement or an equation); None if all hold."""
+    for match in _STATEMENT.finditer(text):
+        if not _statement_holds(*match.groups()):
+            return match.group(0).strip()
+    for match in _EQUATION.finditer(text):
+        if from_circled(match.group(1)) != int(match.group(2)):
+            return match.group(0)
     return None
 
 
 def is_correct(expected: str, text: str) -> bool:
-    return extract_answer(text) == _normalise(expected)
+    stated = extract_answer(text)
+    return stated is not None and stated == _normalise(expected) and false_claim(text) is None
+
+
+def expected_from_answer(text: str) -> str:
+    """The expected value a gold answer establishes: the answer it states.
+
+    Raises ValueError when it states no answer or makes a claim that does not hold, so bad
+    gold data is refused rather than turned into a wrong expectation.
+    """
+    stated = extract_answer(text)
+    if stated is None:
+        raise ValueError(f"the answer states no result: {text[:80]!r}")
+    if (claim := false_claim(text)) is not None:
+        raise ValueError(f"the answer makes a false claim: {claim!r}")
+    return stated
+
+
+class BinarySkill:
+    """The Binary skill behind the Skill interface (skill.py): this module's functions."""
+
+    name = SKILL
+    max_level = MAX_LEVEL
+    generate = staticmethod(generate)
+    split_of = staticmethod(split_of)
+    extract_answer = staticmethod(extract_answer)
+    is_correct = staticmethod(is_correct)
+
+
+BINARY = BinarySkill()

@@ -1,33 +1,113 @@
-"""The promotion policy and the rollback target: every branch, no bus."""
+"""The promotion rule, the manual deploy and the rollback target: every rule, failing and passing, no bus."""
 
 from __future__ import annotations
-
-from datetime import UTC, datetime
 
 import msgspec
 import pytest
 
-from libs.common.events import EvalScored
-from libs.common.records import Champion
-from services.deployer.promotion import decide, rollback_target
+from libs.common.records import ROLLED_BACK_KEPT, Champion
+from services.deployer.promotion import (
+    crowned,
+    decide,
+    decide_manual,
+    paired_test,
+    rescored,
+    rollback_target,
+    with_rolled_back,
+)
+from tests.services.deployer.candidates import NOW, SUITE, base, champion, flipped
+from tests.services.deployer.candidates import scored as _scored
 
-SUITE = "binary-v1-aaaaaaaaaaaa"
+# 40 items: the first 20 at binary/1, the last 20 at binary/2; the base gets every other one right.
+N = 40
+BASE = base(N)
+WRONG = [i for i in range(N) if not BASE[i]]  # 1, 3, 5, ...: items the base gets wrong
+RIGHT = [i for i in range(N) if BASE[i]]
 
 
-def scored(sha: str = "b", exact_match: float = 0.5, val_loss: float = 1.0, suite_version: str = SUITE) -> EvalScored:
-    return EvalScored(
-        run_id="r", step=1, checkpoint_uri=f"file:///ckpt/{sha}", checkpoint_sha256=sha * 64, suite="binary",
-        suite_version=suite_version, exact_match=exact_match, val_loss=val_loss, num_examples=10,
-    )
+def scored(sha: str = "b", correct: list[bool] = BASE, **kwargs):
+    return _scored(sha, correct, **({"run_id": "r2"} | kwargs))
 
 
-def champion(sha: str = "a", exact_match: float = 0.5, val_loss: float = 1.0, kind: str = "promotion",
-             suite_version: str = SUITE) -> Champion:
-    return Champion(
-        checkpoint_uri=f"file:///ckpt/{sha}", checkpoint_sha256=sha * 64, run_id="r", step=1, exact_match=exact_match,
-        val_loss=val_loss, suite_version=suite_version, deployed_at=datetime(2025, 1, 1, tzinfo=UTC),
-        event_id=f"e-{sha}", kind=kind,
-    )
+# ---------------------------------------------------------------------------- the paired test
+
+
+@pytest.mark.parametrize(("better", "worse", "p"), [
+    (0, 0, 1.0),  # no discordant item: no evidence at all
+    (5, 0, 1 / 32),
+    (4, 0, 1 / 16),
+    (6, 1, 8 / 128),  # P(X >= 6 | n=7) = (7 + 1) / 2^7
+    (8, 1, 10 / 512),
+    (1, 5, 63 / 64),
+])
+def test_paired_test_is_the_exact_one_sided_sign_test(better, worse, p):
+    candidate = [True] * better + [False] * worse + [True, False]  # two concordant items count for nothing
+    champion_ = [False] * better + [True] * worse + [True, False]
+    test = paired_test(candidate, champion_)
+    assert (test.better, test.worse, test.items) == (better, worse, better + worse + 2)
+    assert test.p_value == pytest.approx(p, rel=1e-12)
+
+
+def test_paired_test_needs_the_same_items():
+    with pytest.raises(ValueError, match="not the same items"):
+        paired_test([True], [True, False])
+
+
+def test_better_beyond_the_noise_is_promoted_and_the_reason_has_the_numbers():
+    decision = decide(scored(correct=flipped(BASE, gain=WRONG[:5])), champion())
+    assert decision.promote
+    assert "right where the champion is wrong on 5 and wrong where it is right on 0" in decision.reason
+    assert "p = 0.0312 <= alpha 0.05" in decision.reason
+
+
+@pytest.mark.parametrize(("gain", "lose"), [
+    (4, 0),  # p = 0.0625
+    (6, 1),  # p = 0.0625: a higher accuracy, but not beyond the noise
+    (0, 0),  # the same answers
+    (2, 5),  # worse
+])
+def test_a_gain_within_the_noise_keeps_the_champion(gain, lose):
+    candidate = flipped(BASE, gain=WRONG[:gain], lose=RIGHT[-lose:] if lose else [])
+    decision = decide(scored(correct=candidate), champion())
+    assert decision.outcome == "kept" and "not better beyond the noise" in decision.reason
+    assert f"right where the champion is wrong on {gain} and wrong where it is right on {lose}" in decision.reason
+
+
+def test_alpha_is_the_tests_level():
+    candidate = scored(correct=flipped(BASE, gain=WRONG[:4]))  # p = 0.0625
+    assert decide(candidate, champion()).outcome == "kept"
+    assert decide(candidate, champion(), alpha=0.1).promote
+
+
+# ---------------------------------------------------------------------------- regressions
+
+
+def test_a_level_that_drops_blocks_a_promotion_even_when_the_whole_is_better():
+    # binary/2 gains all its 10 wrong items; binary/1 loses 2 of its 10 right ones (of 20: -10 points).
+    candidate = flipped(BASE, gain=[i for i in WRONG if i >= N // 2], lose=RIGHT[:2])
+    decision = decide(scored(correct=candidate), champion())
+    assert decision.outcome == "kept"
+    assert "binary/1 accuracy 0.400 vs 0.500: down 10.0 points (more than 5)" in decision.reason
+    assert "not better beyond the noise" not in decision.reason  # 10 vs 2: p = 0.019
+    assert decide(scored(correct=candidate), champion(), max_level_drop=0.1).promote  # the limit is not past it
+
+
+@pytest.mark.parametrize(("val_loss", "max_loss_rise", "promote"), [
+    (1.2, 0.15, False),  # up 20%
+    (1.1, 0.15, True),  # up 10%
+    (1.15, 0.15, True),  # exactly the limit is not past it
+    (1.2, 0.25, True),
+    (0.5, 0.15, True),
+])
+def test_val_loss_may_not_rise_past_its_limit(val_loss, max_loss_rise, promote):
+    decision = decide(scored(correct=flipped(BASE, gain=WRONG[:6]), val_loss=val_loss), champion(val_loss=1.0),
+                      max_loss_rise=max_loss_rise)
+    assert decision.promote is promote
+    if not promote:
+        assert "val loss 1.2000 vs 1.0000: up 20.0% (more than 15%)" in decision.reason
+
+
+# ---------------------------------------------------------------------------- what is never promoted
 
 
 def test_first_candidate_is_promoted():
@@ -35,32 +115,97 @@ def test_first_candidate_is_promoted():
     assert decision.promote and "first champion" in decision.reason
 
 
-def test_champion_from_another_suite_counts_as_absent():
-    decision = decide(scored(exact_match=0.1), champion(exact_match=0.9, suite_version="binary-v1-old"))
-    assert decision.promote and "not comparable" in decision.reason
+def test_a_non_finite_val_loss_is_refused_even_as_the_first_champion():
+    decision = decide(scored(val_loss=None), None)
+    assert decision.outcome == "refused" and "val loss is not finite" in decision.reason
+    assert decide(scored(correct=flipped(BASE, gain=WRONG), val_loss=None), champion()).outcome == "refused"
+
+
+@pytest.mark.parametrize("outcomes", ["", "zz", "00"])
+def test_a_score_without_usable_per_item_outcomes_is_refused(outcomes):
+    decision = decide(scored(outcomes=outcomes), None)
+    assert decision.outcome == "refused" and "per-item outcomes" in decision.reason
+
+
+def test_a_rolled_back_run_is_never_promoted_again():
+    better = flipped(BASE, gain=WRONG[:10])
+    decision = decide(scored(correct=better, run_id="bad"), champion(rolled_back_runs=("bad",)))
+    assert decision.outcome == "refused" and "run bad was rolled back" in decision.reason
+    assert decide(scored(correct=better, run_id="good"), champion(rolled_back_runs=("bad",))).promote
+
+
+# ---------------------------------------------------------------------------- suites
+
+
+def test_a_new_suite_does_not_promote_blindly():
+    decision = decide(scored(correct=[False] * N, suite_version="binary-v1-new"), champion())
+    assert decision.outcome == "kept"
+    assert decision.reason.startswith(f"champion not yet scored on suite binary-v1-new (its score is on suite {SUITE})")
+
+
+def test_the_champions_score_on_a_new_suite_is_recorded_then_candidates_compare_with_it():
+    old = champion(suite_version="binary-v1-old")
+    rescore = scored(sha="a", correct=BASE, suite_version=SUITE)
+    decision = decide(rescore, old)
+    assert decision.outcome == "rescored" and "scored on suite " + SUITE in decision.reason
+    record = rescored(old, rescore)
+    assert record.suite_version == SUITE and record.outcomes == rescore.outcomes and record.eval_id == rescore.id
+    assert record.checkpoint_uri == old.checkpoint_uri and record.event_id == old.event_id  # what is served is unchanged
+    assert decide(scored(correct=flipped(BASE, gain=WRONG[:5])), record).promote
+    assert decide(rescore, record).outcome == "already_champion"
+
+
+def test_a_rescore_with_a_non_finite_loss_is_not_recorded():
+    decision = decide(scored(sha="a", val_loss=None), champion(suite_version="binary-v1-old"))
+    assert decision.outcome == "refused" and "not finite" in decision.reason
 
 
 def test_the_champion_itself_is_not_promoted_again():
-    decision = decide(scored(sha="a", exact_match=0.9), champion(sha="a"))
-    assert not decision.promote and decision.already_champion
+    decision = decide(scored(sha="a", correct=flipped(BASE, gain=WRONG)), champion(sha="a"))
+    assert not decision.promote and decision.outcome == "already_champion"
 
 
-@pytest.mark.parametrize(("exact_match", "val_loss", "min_gain", "min_loss_gain", "promote", "words"), [
-    (0.6, 2.0, 0.0, 0.0, True, "better exact match"),
-    (0.55, 0.5, 0.1, 0.0, False, "not better by more than 0.1"),
-    (0.7, 2.0, 0.1, 0.0, True, "better exact match"),
-    (0.5, 0.9, 0.0, 0.0, True, "lower val_loss"),
-    (0.5 + 1e-12, 0.9, 0.0, 0.0, True, "lower val_loss"),  # a float tie is a tie
-    (0.5, 1.0, 0.0, 0.0, False, "val_loss not lower"),  # strictly lower is required
-    (0.5, 0.95, 0.0, 0.1, False, "val_loss not lower"),
-    (0.5, 0.85, 0.0, 0.1, True, "lower val_loss"),
-    (0.4, 0.1, 0.0, 0.0, False, "exact match not better"),
-])
-def test_policy(exact_match, val_loss, min_gain, min_loss_gain, promote, words):
-    decision = decide(scored(exact_match=exact_match, val_loss=val_loss), champion(),
-                      min_gain=min_gain, min_loss_gain=min_loss_gain)
-    assert decision.promote is promote and not decision.already_champion
-    assert words in decision.reason
+# ---------------------------------------------------------------------------- manual deploy
+
+
+def test_manual_deploy_needs_a_score_on_the_current_suite():
+    decision, score = decide_manual([], None, champion(), "x")
+    assert decision.outcome == "refused" and "no checkpoint has been scored yet" in decision.reason and score is None
+    decision, _ = decide_manual([], SUITE, champion(), "b" * 64)
+    assert decision.outcome == "refused" and f"has not been scored on the current suite {SUITE} (never scored)" in decision.reason
+    decision, _ = decide_manual([scored(suite_version="binary-v1-old")], SUITE, champion(), "b" * 64)
+    assert decision.outcome == "refused" and "scored only on binary-v1-old" in decision.reason
+
+
+def test_manual_deploy_is_the_operators_call_but_says_how_the_checkpoint_compares():
+    worse = scored(correct=flipped(BASE, lose=RIGHT[:3]), run_id="bad")
+    decision, score = decide_manual([scored(suite_version="binary-v1-old"), worse], SUITE,
+                                    champion(rolled_back_runs=("bad",)), "b" * 64)
+    assert decision.promote and score is worse
+    assert decision.reason.startswith("manual deploy (exact_match 0.425")
+    assert "wrong where it is right on 3" in decision.reason and "run bad was rolled back earlier" in decision.reason
+
+
+def test_manual_deploy_refuses_a_non_finite_loss_and_knows_the_champion():
+    decision, _ = decide_manual([scored(val_loss=None)], SUITE, None, "b" * 64)
+    assert decision.outcome == "refused" and "not finite" in decision.reason
+    decision, _ = decide_manual([scored(sha="a")], SUITE, champion(sha="a"), "a" * 64)
+    assert decision.outcome == "already_champion"
+    decision, _ = decide_manual([scored()], SUITE, None, "b" * 64)
+    assert decision.promote
+
+
+# ---------------------------------------------------------------------------- records
+
+
+def test_a_new_champion_carries_the_rolled_back_runs_and_its_own_score():
+    candidate = scored()
+    record = crowned(candidate, champion(rolled_back_runs=("bad",)), reason="why", event_id="e", now=NOW)
+    assert record.rolled_back_runs == ["bad"] and record.outcomes == candidate.outcomes
+    assert record.levels == candidate.levels and record.eval_id == candidate.id and record.num_examples == N
+    assert record.previous_checkpoint_uri == "file:///ckpt/a"
+    assert with_rolled_back(["a", "b"], "a") == ["b", "a"]
+    assert len(with_rolled_back([str(i) for i in range(ROLLED_BACK_KEPT)], "new")) == ROLLED_BACK_KEPT
 
 
 def test_announcement_is_the_same_every_time():
@@ -80,8 +225,16 @@ def test_rollback_target_walks_the_history_as_a_stack():
     assert rollback_target([a, b, champion("a", kind="rollback")]) is None
     # History truncated by the bucket: the restored champion is older than what is kept.
     assert rollback_target([b, c, champion("z", kind="rollback"), a]).checkpoint_sha256 == "z" * 64
+    # A rescore rewrites the champion's record: still one promotion.
+    assert rollback_target([a, b, champion("b", suite_version="binary-v1-new")]) == a
 
 
-def test_champion_record_round_trips_and_ignores_nothing_it_needs():
+def test_champion_record_round_trips_and_reads_records_written_before_scores_were_kept():
     record = champion()
     assert msgspec.json.decode(msgspec.json.encode(record), type=Champion) == record
+    old = msgspec.json.encode({k: v for k, v in msgspec.to_builtins(record).items()
+                               if k not in ("eval_id", "num_examples", "outcomes", "levels", "rolled_back_runs")})
+    decoded = msgspec.json.decode(old, type=Champion)
+    assert decoded.outcomes == "" and decoded.rolled_back_runs == []
+    # Its score has no per-item outcomes: a candidate waits for the champion's rescore.
+    assert decide(scored(correct=flipped(BASE, gain=WRONG)), decoded).outcome == "kept"

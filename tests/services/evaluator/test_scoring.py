@@ -1,19 +1,167 @@
-"""Scoring a real (tiny) checkpoint: finite loss, exact match in [0, 1], batching changes nothing."""
+"""Scoring: the statistics (Wilson interval, calibration, per-level scores, per-item outcomes,
+regression flags) on plain values, then a real (tiny) checkpoint end to end."""
 
 from __future__ import annotations
 
 import math
 
+import msgspec
 import pytest
 
 from libs.common.artifacts import ArtifactStore
-from libs.common.events import CheckpointSaved
-from services.evaluator.scoring import score_checkpoint
-from services.evaluator.suite import build_suite
+from libs.common.chat import ChatMessage
+from libs.common.events import (
+    CheckpointSaved,
+    EvalScored,
+    LevelScore,
+    decode_outcomes,
+    encode_outcomes,
+    score_regressions,
+)
+from services.evaluator.scoring import (
+    expected_calibration_error,
+    level_scores,
+    score_checkpoint,
+    summarise,
+    wilson_interval,
+)
+from services.evaluator.suite import SuiteItem, build_suite
 
-pytestmark = pytest.mark.slow
+# ---------------------------------------------------------------------------- Wilson interval
 
 
+@pytest.mark.parametrize(("correct", "total", "low", "high"), [
+    (5, 10, 0.236593, 0.763407),
+    (0, 10, 0.0, 0.277533),
+    (10, 10, 0.722467, 1.0),
+    (16, 16, 0.806392, 1.0),
+    (81, 100, 0.722212, 0.874852),
+])
+def test_wilson_interval_matches_known_values(correct, total, low, high):
+    got = wilson_interval(correct, total)
+    assert got == pytest.approx((low, high), abs=1e-6)
+
+
+def test_wilson_interval_is_inside_0_1_and_narrows_with_more_items():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    small, large = wilson_interval(8, 16), wilson_interval(500, 1000)
+    assert small[0] < 0.5 < small[1] and large[0] < 0.5 < large[1]
+    assert large[1] - large[0] < small[1] - small[0]
+    for correct in range(17):
+        low, high = wilson_interval(correct, 16)
+        assert 0.0 <= low <= correct / 16 <= high <= 1.0
+
+
+# ---------------------------------------------------------------------------- calibration
+
+
+def test_ece_bins_six_equal_widths():
+    # 0.9 -> bin 5, 0.1 -> bin 0, 0.5 -> bin 3.
+    # bin 5: accuracy 0.5, confidence 0.9 (2 items); bin 0: 0 vs 0.1; bin 3: 1 vs 0.5.
+    ece = expected_calibration_error([0.9, 0.9, 0.1, 0.5], [True, False, False, True])
+    assert ece == pytest.approx(2 / 4 * 0.4 + 1 / 4 * 0.1 + 1 / 4 * 0.5)
+
+
+def test_ece_is_zero_when_confidence_matches_accuracy_per_bin():
+    # Bin 4 ([2/3, 5/6)): confidence 0.75, three of four right.
+    assert expected_calibration_error([0.75] * 4, [True, True, True, False]) == pytest.approx(0.0)
+    # The same items with 0.95 confidence (bin 5): overconfident by 0.2.
+    assert expected_calibration_error([0.95] * 4, [True, True, True, False]) == pytest.approx(0.2)
+
+
+def test_ece_puts_a_certain_answer_in_the_last_bin_and_is_none_without_confidences():
+    assert expected_calibration_error([1.0, 0.0], [True, False]) == pytest.approx(0.0)
+    assert expected_calibration_error([], []) is None
+    assert expected_calibration_error([0.5, None], [True, False]) is None
+    assert expected_calibration_error([0.5, math.nan], [True, False]) is None
+
+
+# ---------------------------------------------------------------------------- per level, per item
+
+
+def item(level: int, expected: str) -> SuiteItem:
+    return SuiteItem(messages=[ChatMessage(role="user", content="q"), ChatMessage(role="assistant", content=expected)],
+                     skill="binary", level=level, scenario="todecimal", expected=expected)
+
+
+def test_level_scores_count_items_and_weigh_loss_by_tokens():
+    levels = level_scores(["binary/1", "binary/1", "binary/2"], [True, False, True], [2.0, 6.0, 9.0], [1, 3, 0])
+    assert levels["binary/1"] == LevelScore(correct=1, total=2, accuracy=0.5, low=pytest.approx(0.0945, abs=1e-4),
+                                            high=pytest.approx(0.9055, abs=1e-4), val_loss=2.0)
+    assert levels["binary/2"].val_loss is None  # no answer tokens survived max_length
+
+
+def test_summarise_reports_every_statistic_and_hides_no_nan():
+    items = [item(1, "①"), item(1, "⓪"), item(2, "①①")]
+    outputs = ["add ⓪ ① = ①", "add ⓪ ① = ①", "add ①⓪ ① = ①① ✓"]
+    scores = summarise(items, outputs, [0.9, 0.8, None], [1.0, 1.0, math.nan], [1, 1, 2])
+    assert [r.correct for r in scores.items] == [True, False, True]
+    assert scores.exact_match == pytest.approx(2 / 3) and scores.by_level == {"binary/1": 0.5, "binary/2": 1.0}
+    assert scores.levels["binary/1"].val_loss == 1.0 and scores.levels["binary/2"].val_loss is None
+    assert scores.val_loss is None  # NaN is not a number JSON can carry
+    assert scores.ece is None  # one confidence is missing
+    assert decode_outcomes(scores.outcomes, 3) == [True, False, True]
+    assert scores.exact_match_low < scores.exact_match < scores.exact_match_high
+
+
+def test_outcomes_encode_in_suite_order_compactly():
+    correct = [True, False, False, True, True, True, True, True, False, True]
+    text = encode_outcomes(correct)
+    assert text == "9f40"  # 1001 1111, 01(000000)
+    assert decode_outcomes(text, 10) == correct
+    assert len(encode_outcomes([True] * 1000)) == 250
+    for bad, count in (("9f40", 9), ("9f", 10), ("9f41", 10), ("xyz", 10)):
+        with pytest.raises(ValueError):
+            decode_outcomes(bad, count)
+
+
+# ---------------------------------------------------------------------------- regression flags
+
+
+def level(accuracy: float, total: int = 20) -> LevelScore:
+    return LevelScore(correct=round(accuracy * total), total=total, accuracy=accuracy, low=0.0, high=1.0)
+
+
+@pytest.mark.parametrize(("new", "flags"), [
+    (0.75, ["binary/1 accuracy 0.750 vs 0.800: down 5.0 points"]),  # a whisker above 5 points in floats: a tie
+    (0.70, ["binary/1 accuracy 0.700 vs 0.800: down 10.0 points (more than 5)"]),
+    (0.80, []),
+    (0.95, []),
+])
+def test_a_level_down_more_than_5_points_is_flagged(new, flags):
+    found = score_regressions({"binary/1": level(new)}, 1.0, {"binary/1": level(0.8)}, 1.0)
+    assert found == [f for f in flags if "more than" in f]
+
+
+@pytest.mark.parametrize(("val_loss", "flagged"), [(1.16, True), (1.15, False), (0.5, False), (None, True)])
+def test_val_loss_up_more_than_15_percent_or_not_finite_is_flagged(val_loss, flagged):
+    found = score_regressions({}, val_loss, {}, 1.0)
+    assert bool(found) is flagged
+    if flagged:
+        assert found[0] in ("val loss is not finite", "val loss 1.1600 vs 1.0000: up 16.0% (more than 15%)")
+
+
+def test_levels_only_one_side_has_are_not_compared_and_no_baseline_loss_is_no_flag():
+    assert score_regressions({"binary/3": level(0.0)}, 9.0, {"binary/1": level(1.0)}, None) == []
+
+
+def test_eval_scored_with_non_finite_values_round_trips_as_null():
+    event = EvalScored(run_id="r", step=1, checkpoint_uri="file:///c", checkpoint_sha256="c" * 64, suite="binary",
+                       suite_version="v", exact_match=0.5, val_loss=math.nan, num_examples=2, ece=math.inf,
+                       levels={"binary/1": LevelScore(correct=1, total=2, accuracy=0.5, low=0.1, high=0.9,
+                                                      val_loss=-math.inf)},
+                       outcomes=encode_outcomes([True, False]))
+    data = msgspec.json.encode(event)
+    assert b"NaN" not in data and b"Infinity" not in data
+    decoded = msgspec.json.decode(data, type=EvalScored)
+    assert decoded.val_loss is None and decoded.ece is None and decoded.levels["binary/1"].val_loss is None
+    assert decoded.item_outcomes() == [True, False]
+
+
+# ---------------------------------------------------------------------------- a real checkpoint
+
+
+@pytest.mark.slow
 def test_scores_a_tiny_checkpoint(checkpoint: CheckpointSaved, tmp_path):
     path = ArtifactStore(tmp_path / "data" / "artifacts").verify(checkpoint.uri, checkpoint.sha256)
     suite = build_suite(2, 4, seed=11)
@@ -21,8 +169,14 @@ def test_scores_a_tiny_checkpoint(checkpoint: CheckpointSaved, tmp_path):
     single = score_checkpoint(path, suite.items, device="cpu", batch_size=1, max_new_tokens=12, max_length=256)
     assert math.isfinite(batched.val_loss) and batched.val_loss > 0
     assert 0.0 <= batched.exact_match <= 1.0
-    assert set(batched.by_level) == {"binary/1", "binary/2"}
+    assert set(batched.by_level) == set(batched.levels) == {"binary/1", "binary/2"}
     assert batched.num_examples == len(batched.items) == 8
+    assert sum(s.total for s in batched.levels.values()) == 8
+    assert all(s.val_loss is not None and s.val_loss > 0 for s in batched.levels.values())
+    assert decode_outcomes(batched.outcomes, 8) == [i.correct for i in batched.items]
+    assert all(0.0 < i.confidence <= 1.0 for i in batched.items)
+    assert 0.0 <= batched.ece <= 1.0
     # Left padding and per-token loss: the batch size must not change any result.
     assert [i.output for i in batched.items] == [i.output for i in single.items]
     assert batched.val_loss == pytest.approx(single.val_loss, rel=1e-4)
+    assert [i.confidence for i in batched.items] == pytest.approx([i.confidence for i in single.items], rel=1e-3)

@@ -1,10 +1,11 @@
-"""The Binary skill: notation, generation by level, answer extraction, and the seed validation sets."""
+"""The Binary skill: notation, levels, answer reading and judging, and the seed validation sets."""
 
 from __future__ import annotations
 
 import json
 import re
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from libs.common.skills import binary
 
 SEED_DIR = Path(__file__).parents[3] / "data" / "seed_binary"
+_CIRCLED = "[①⓪]+"
 
 
 def test_circled_round_trip():
@@ -26,37 +28,80 @@ def test_circled_round_trip():
         binary.to_circled(-1)
 
 
+# ---------------------------------------------------------------------------- levels
+
+
+def test_seven_levels_by_magnitude_with_a_growing_mix_of_operations():
+    assert binary.MAX_LEVEL == 7 and sorted(binary.LEVELS) == list(range(1, 8))
+    levels = [binary.LEVELS[level] for level in range(1, 8)]
+    assert (levels[0].low, levels[-1].low, levels[-1].high) == (1, 10_000, 100_000)
+    assert all(a.low < b.low and a.high < b.high for a, b in pairwise(levels))
+    assert all(set(a.kinds) <= set(b.kinds) for a, b in pairwise(levels))
+    first_level = {kind: next(n for n, spec in enumerate(levels, 1) if kind in spec.kinds)
+                   for kind in levels[-1].kinds}
+    assert first_level == {
+        "todecimal": 1, "tobinary": 1, "add": 1, "subtract": 2, "leftshift": 3, "rightshift": 3,
+        "multiply": 4, "chained-add-shift": 5, "chained-add-shift-shift": 6,
+    }
+
+
+def _operands(prompt: str) -> list[int]:
+    """The level-sized numbers of a generated prompt (not multipliers or shift amounts)."""
+    circled = [binary.from_circled(c) for c in re.findall(_CIRCLED, prompt)]
+    if prompt.startswith("Convert this decimal"):
+        return [int(prompt.split()[-1])]
+    if prompt.startswith(("Multiply", "Shift")):
+        return circled[:1]
+    return circled
+
+
 @pytest.mark.parametrize("level", range(1, binary.MAX_LEVEL + 1))
-def test_generate_is_deterministic_and_self_consistent(level: int):
-    rows = binary.generate(level, 50, seed=3)
-    assert rows == binary.generate(level, 50, seed=3)
-    assert rows != binary.generate(level, 50, seed=4)
+def test_generated_problems_fit_their_level(level: int):
+    spec = binary.LEVELS[level]
+    rows = binary.generate(level, 300, seed=3)
+    assert rows == binary.generate(level, 300, seed=3)
+    assert rows != binary.generate(level, 300, seed=4)
+    assert {row["scenario"] for row in rows} == set(spec.kinds)
     for row in rows:
-        assert row["skill"] == "binary" and row["level"] == level
         user, assistant = row["messages"]
-        assert user["role"] == "user" and assistant["role"] == "assistant"
+        assert row["skill"] == "binary" and row["level"] == level
+        assert all(spec.low <= value <= spec.high for value in _operands(user["content"])), user["content"]
         assert binary.is_correct(row["expected"], assistant["content"])
-        assert binary.split_of(user["content"]) == "train"
+        if not row["scenario"].startswith("chained"):  # the first line carries the result
+            assert binary.extract_answer(assistant["content"].splitlines()[0]) == row["expected"]
+        else:
+            assert assistant["content"].splitlines()[-1].startswith("Final result:")
 
 
-def test_eval_split_is_disjoint_from_training_and_has_no_repeats():
-    for level in range(1, binary.MAX_LEVEL + 1):
-        train = {r["messages"][0]["content"] for seed in range(20) for r in binary.generate(level, 100, seed)}
-        held_out = [r["messages"][0]["content"] for r in binary.generate(level, 16, seed=99, split="eval")]
-        assert len(set(held_out)) == 16
-        assert not train & set(held_out)
+def test_level_one_answers_are_one_statement_and_later_levels_add_a_verification_line():
+    for row in binary.generate(1, 100, seed=0):
+        assert "\n" not in row["messages"][1]["content"]
+    arithmetic = [r for r in binary.generate(2, 100, seed=0) if r["scenario"] in ("add", "subtract")]
+    assert arithmetic and all("\n\nVerification: " in r["messages"][1]["content"] for r in arithmetic)
 
 
-def test_difficulty_rises_with_level():
-    def widest_number(level: int) -> int:
-        rows = binary.generate(level, 200, seed=0)
-        return max(len(run) for r in rows for run in re.findall(_CIRCLED, r["messages"][0]["content"]))
+def test_level_one_holds_enough_distinct_eval_problems_for_a_suite():
+    # Every level-1 problem, enumerated: its eval split must still hold a suite of >= 64.
+    spec, numbers = binary.LEVELS[1], range(binary.LEVELS[1].low, binary.LEVELS[1].high + 1)
+    assert set(spec.kinds) == {"todecimal", "tobinary", "add"}
+    problems = {p.prompt for a in numbers for p in (binary._todecimal(a), binary._tobinary(a))}
+    problems |= {binary._arithmetic("add", a, b, verified=False).prompt for a in numbers for b in numbers}
+    held_out = {p for p in problems if binary.split_of(p) == "eval"}
+    assert (len(problems), len(held_out)) == (1023, 134)
+    for seed in range(3):
+        prompts = [r["messages"][0]["content"] for r in binary.generate(1, 96, seed=seed, split="eval")]
+        assert len(set(prompts)) == 96
+    with pytest.raises(ValueError, match="too few distinct eval problems"):
+        binary.generate(1, 200, seed=0, split="eval")
 
-    widths = [widest_number(level) for level in range(1, 5)]
-    assert widths == sorted(widths) and widths[0] <= 5 and widths[-1] >= 12
-    assert all("Step 2:" in r["messages"][1]["content"] for r in binary.generate(binary.MAX_LEVEL, 20, seed=0))
-    with pytest.raises(ValueError):
-        binary.generate(binary.MAX_LEVEL + 1, 1, seed=0)
+
+def test_bad_level_is_refused():
+    for level in (0, binary.MAX_LEVEL + 1):
+        with pytest.raises(ValueError, match="binary level must be 1..7"):
+            binary.generate(level, 1, seed=0)
+
+
+# ---------------------------------------------------------------------------- reading and judging
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -65,6 +110,9 @@ def test_difficulty_rises_with_level():
     ("  multiply  ①①   ①⓪ =   ①①⓪  ✓", "①①⓪"),
     ("Step 1: add ①① ① = ①⓪⓪ (4)\n\nFinal result: ①⓪⓪⓪ = 8 (decimal)", "①⓪⓪⓪"),
     ("Step 1: add ①① ① = ①⓪⓪ (4)", "①⓪⓪"),
+    ("A) ①⓪⓪⓪ = 8 (decimal)\n   This IS a power of 2.\n\nB) ①①⓪ = 6 (decimal)\n   This is NOT a power of 2.", "A"),
+    ("A) ①⓪⓪ = 4\n   This IS a power of 2.\nB) ①⓪⓪⓪ = 8\n   This IS a power of 2.", "A, B"),
+    ("A) ①①⓪ = 6\n   This is NOT a power of 2.", None),
     ("The answer is ①⓪", None),
     ("add ①⓪① ①① =", None),
     ("", None),
@@ -73,19 +121,55 @@ def test_extract_answer(text: str, expected: str | None):
     assert binary.extract_answer(text) == expected
 
 
-def test_is_correct_compares_the_stated_result_only():
-    assert binary.is_correct("①⓪⓪⓪", "add ①⓪① ①① = ①⓪⓪⓪\nVerification: wrong 5 + 3 = 9")
-    assert not binary.is_correct("①⓪⓪⓪", "add ①⓪① ①① = ①⓪⓪①")
-    assert not binary.is_correct("①⓪⓪⓪", "①⓪⓪⓪")  # no prefix-form line: no answer
+@pytest.mark.parametrize(("rule", "right", "wrong"), [
+    ("the stated result is the expected one",
+     "add ①⓪① ①① = ①⓪⓪⓪", "add ①⓪① ①① = ①⓪⓪①"),
+    ("a result must be stated in prefix form",
+     "add ①⓪① ①① = ①⓪⓪⓪", "①⓪⓪⓪"),
+    ("a dropped result is no result",
+     "add ①⓪① ①① = ①⓪⓪⓪", "add ①⓪① ①① ="),
+    ("every prefix statement must hold (a miscopied operand)",
+     "add ①⓪① ①① = ①⓪⓪⓪", "add ①⓪⓪ ①① = ①⓪⓪⓪"),
+    ("the result is in the operation's notation",
+     "todecimal ①⓪① = 5", "todecimal ①⓪① = ①⓪①"),
+    ("a circled result has no leading zero",
+     "add ① ① = ①⓪", "add ① ① = ⓪①⓪"),
+    ("a statement has the operation's operands",
+     "leftshift ①① 2 = ①①⓪⓪", "leftshift ①① = ①①⓪⓪"),
+    ("intermediate steps must hold too",
+     "Step 1: add ①① ① = ①⓪⓪ (4)\n\nStep 2: leftshift ①⓪⓪ 1 = ①⓪⓪⓪ (8)\n\nFinal result: ①⓪⓪⓪ = 8 (decimal)",
+     "Step 1: add ①① ① = ①⓪⓪ (4)\n\nStep 2: leftshift ①⓪⓪ 1 = ①⓪⓪⓪⓪ (16)\n\nFinal result: ①⓪⓪⓪ = 8 (decimal)"),
+    ("a circled = decimal equation must hold",
+     "tobinary 8 = ①⓪⓪⓪\n\nVerification: ①⓪⓪⓪ = 8 (decimal) ✓", "tobinary 8 = ①⓪⓪⓪\n\nVerification: ①⓪⓪⓪ = 9 ✓"),
+])
+def test_is_correct_rules(rule: str, right: str, wrong: str):
+    expected = binary.extract_answer(right)
+    assert binary.is_correct(expected, right), rule
+    assert not binary.is_correct(expected, wrong), rule
+
+
+def test_decimal_verification_arithmetic_is_not_judged():
+    assert binary.is_correct("①⓪⓪⓪", "add ①⓪① ①① = ①⓪⓪⓪\nVerification: 5 + 3 = 9")
+
+
+def test_a_negative_difference_is_not_a_true_statement():
+    assert binary.false_claim("subtract ① ①① = ①⓪") == "subtract ① ①① = ①⓪"
+    assert binary.false_claim("subtract ①① ① = ①⓪") is None
+
+
+def test_expected_from_answer_refuses_bad_gold():
+    assert binary.expected_from_answer("add ①⓪① ①① = ①⓪⓪⓪\n\nVerification: 5 + 3 = 8 ✓") == "①⓪⓪⓪"
+    with pytest.raises(ValueError, match="states no result"):
+        binary.expected_from_answer("It is eight.")
+    with pytest.raises(ValueError, match="false claim"):
+        binary.expected_from_answer("add ①⓪① ①① = ①⓪⓪①")
 
 
 # ---------------------------------------------------------------------------- seed data
 
-_CIRCLED = "[①⓪]+"
 
-
-def _recompute(scenario: str, prompt: str) -> str | None:
-    """The right answer to a seed prompt, computed from the prompt alone; None if unsupported."""
+def _recompute(scenario: str, prompt: str) -> str:
+    """The answer to a seed prompt, computed from the prompt alone (independently of the scorer)."""
     kind = scenario.split("-")[0]
     if kind == "todecimal":
         return str(binary.from_circled(re.findall(_CIRCLED, prompt)[-1]))
@@ -109,31 +193,81 @@ def _recompute(scenario: str, prompt: str) -> str | None:
         for direction, n in re.findall(r"(Left|Right) shift (?:the )?result by (\d+)", prompt):
             value = value << int(n) if direction == "Left" else value >> int(n)
         return binary.to_circled(value)
-    if kind == "conversion":  # roundtrip: the first prefix line converts to binary
+    if kind == "conversion":  # roundtrip: the first statement converts to binary
         return binary.to_circled(int(re.search(r"Convert (\d+)", prompt).group(1)))
-    return None
+    if kind == "shift":  # equivalence: the first statement shifts left
+        a = binary.from_circled(re.search(rf"Given ({_CIRCLED})", prompt).group(1))
+        return binary.to_circled(a << int(re.search(r"left shift by (\d+)", prompt).group(1)))
+    if kind == "pattern":  # which options are powers of 2
+        options = re.findall(rf"^([A-Z])\) ({_CIRCLED})$", prompt, re.MULTILINE)
+        return ", ".join(label for label, c in options if binary.from_circled(c).bit_count() == 1)
+    raise AssertionError(f"unknown seed scenario {scenario}")
+
+
+def _flip(digit: str) -> str:
+    return {"①": "⓪", "⓪": "①"}.get(digit) or str((int(digit) + 1) % 10)
+
+
+def _flip_last_digit(text: str, start: int, end: int) -> str:
+    """`text` with the last digit (circled or decimal) in text[start:end] flipped."""
+    i = max(i for i in range(start, end) if text[i] in "①⓪0123456789")
+    return text[:i] + _flip(text[i]) + text[i + 1:]
+
+
+_OPERATION = "|".join(binary.OPERATIONS)
+_STATEMENT = re.compile(rf"^[ \t]*(?:Step \d+:[ \t]*)?({_OPERATION}) ([^=\n]*)=([^\n]*)$", re.MULTILINE)
+_FINAL = re.compile(r"^Final result:([^=\n]*)", re.MULTILINE)
+
+
+def _flip_result(text: str) -> str:
+    if final := _FINAL.search(text):
+        return _flip_last_digit(text, *final.span(1))
+    if statement := _STATEMENT.search(text):
+        result = re.search(rf"{_CIRCLED}|\d+", statement.group(3))
+        return _flip_last_digit(text, statement.start(3) + result.start(), statement.start(3) + result.end())
+    return text.replace("IS a power", "@").replace("is NOT a power", "IS a power").replace("@", "is NOT a power")
+
+
+def _drop_result(text: str) -> str:
+    if final := _FINAL.search(text):
+        return text[:final.start(1)] + text[final.end(1):].split("\n", 1)[-1]
+    if statement := _STATEMENT.search(text):
+        return text[:statement.start(3)] + text[statement.end(3):]
+    return "\n".join(line for line in text.splitlines() if "IS a power" not in line)
+
+
+def _wrong_operand(text: str) -> str:
+    """The first operand miscopied in its second digit (a right shift drops the last ones)."""
+    if statement := _STATEMENT.search(text):
+        operand = re.search(rf"{_CIRCLED}|\d+", statement.group(2))
+        start = statement.start(2) + operand.start()
+    else:  # the power-of-two questions: the first option's number, restated with its value
+        start = re.search(rf"^A\) ({_CIRCLED})", text, re.MULTILINE).start(1)
+    return _flip_last_digit(text, start, start + 2)
 
 
 def _seed_rows() -> list[dict]:
     files = sorted(SEED_DIR.glob("*.jsonl"))
-    assert len(files) == 3, f"seed files missing under {SEED_DIR}"
+    assert [f.name for f in files] == [f"val_binary_{d}_100.jsonl" for d in ("easy", "hard", "medium")]
     return [json.loads(line) for path in files for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_extract_answer_reads_the_seed_validation_sets():
+def test_every_seed_gold_answer_scores_right_and_every_corruption_wrong():
     rows = _seed_rows()
-    checked, wrong = Counter(), []
+    assert len(rows) == 300
+    kinds, failures = Counter(), []
     for row in rows:
-        expected = _recompute(row["scenario"], row["user_prompt"])
-        if expected is None:
-            continue
-        checked[row["scenario"].split("-")[0]] += 1
-        if not binary.is_correct(expected, row["assistant_response"]):
-            wrong.append((row["id"], row["scenario"], expected, binary.extract_answer(row["assistant_response"])))
-    core = [r for r in rows if r["scenario"].split("-")[0] in ("add", "subtract", "multiply", "todecimal")]
-    core_checked = sum(checked[k] for k in ("add", "subtract", "multiply", "todecimal"))
-    print(f"seed coverage: {sum(checked.values())}/{len(rows)} rows checked ({dict(checked)}), "
-          f"core {core_checked}/{len(core)}, mismatches {len(wrong)}")
-    assert not wrong, wrong[:5]
-    assert core_checked >= 0.9 * len(core)
-    assert sum(checked.values()) >= 0.7 * len(rows)
+        gold = row["assistant_response"]
+        expected = binary.expected_from_answer(gold)
+        kinds[row["scenario"].split("-")[0]] += 1
+        if expected != _recompute(row["scenario"], row["user_prompt"]):
+            failures.append((row["id"], "expected", expected))
+        if not binary.is_correct(expected, gold):
+            failures.append((row["id"], "gold scored wrong"))
+        for corrupt in (_flip_result, _drop_result, _wrong_operand):
+            corrupted = corrupt(gold)
+            assert corrupted != gold, (row["id"], corrupt.__name__)
+            if binary.is_correct(expected, corrupted):
+                failures.append((row["id"], f"{corrupt.__name__} scored right", corrupted))
+    print(f"seed rows checked: {len(rows)} ({dict(kinds)}), failures {len(failures)}")
+    assert not failures, failures[:5]
