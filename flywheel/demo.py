@@ -47,7 +47,7 @@ DEMO_ENV = {
     "FLYWHEEL_MAX_LENGTH": "256",
     "FLYWHEEL_TRAINER_SAVE_EVERY_STEPS": "1000",
     # Stay out of the way of the demo's own dataset.
-    "FLYWHEEL_CURRICULUM_IDLE_SECONDS": "600",
+    "FLYWHEEL_CURRICULUM_ENABLED": "false",
 }
 
 

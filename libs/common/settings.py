@@ -28,6 +28,7 @@ import importlib
 import os
 import re
 import tomllib
+import typing
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -138,6 +139,11 @@ def _fields(cls: type[msgspec.Struct]) -> dict[str, tuple[str, ...]]:
     return flat
 
 
+def _list_fields(cls: type[msgspec.Struct]) -> set[str]:
+    hints = typing.get_type_hints(cls)
+    return {name for name in cls.__struct_fields__ if typing.get_origin(hints.get(name)) is list}
+
+
 def _own_fields(cls: type[CommonSettings]) -> dict[str, tuple[str, ...]]:
     """What a service may set under its own prefix or section."""
     common = _fields(CommonSettings)
@@ -233,10 +239,12 @@ def load_settings(cls: type[S], service: str, environ: dict[str, str] | None = N
         flat.update(data.get(service, {}))
     if environ.get("NATS_URL") and not environ.get(f"{ENV_PREFIX}NATS_URL"):
         flat["nats_url"] = environ["NATS_URL"]
+    lists = _list_fields(cls)
     for key, raw in environ.items():
         owner = known_env.get(key)
         if owner and owner[0] in ("common", service):
-            flat[owner[1]] = raw
+            # A list setting is comma-separated in the environment: FLYWHEEL_CURRICULUM_SKILLS=binary,syllo
+            flat[owner[1]] = [item.strip() for item in raw.split(",") if item.strip()] if owner[1] in lists else raw
     flat.update(overrides)
     if service in DEFAULT_PORTS and "http_port" not in flat:
         flat["http_port"] = DEFAULT_PORTS[service]

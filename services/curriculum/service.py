@@ -1,9 +1,10 @@
-"""Curriculum: raises skill levels as the model masters them and writes practice data when idle.
+"""Curriculum: raises each skill's level as the model masters it and writes practice data.
 
-Consumes `eval.scored`: applies the progression rule to the skill's state in KV and publishes
-`curriculum.level_changed` when the level rises. Watches the training queue (gatekeeper and
-trainer consumers) and, once it has been empty for `idle_seconds`, publishes a synthetic
-`dataset.submitted` at the skill's current level (priority low, channel curriculum).
+Consumes `eval.scored`: applies the progression rule to every practised skill's state in KV
+and publishes `curriculum.level_changed` when a level rises. Watches the training queue
+(gatekeeper and trainer consumers) and, while fewer than `min_queued` datasets wait there,
+publishes a synthetic `dataset.submitted` (priority low, channel curriculum) for the skill
+with the fewest datasets so far, at its current level with a review share of the earlier ones.
 Run with `python -m services.curriculum`.
 """
 
@@ -24,9 +25,9 @@ from libs.common.log import get_logger
 from libs.common.records import LevelChange, SkillState, skill_state
 from libs.common.runtime import ServiceRuntime
 from libs.common.service import Publish, Service, Subscribe
-from libs.common.skills import binary
+from libs.common.skills import get_skill
 from services.curriculum.api import router
-from services.curriculum.pacing import IdleTimer, queue_depth
+from services.curriculum.pacing import datasets_due, queue_depth
 from services.curriculum.progression import eval_key, progress
 from services.curriculum.settings import CurriculumSettings
 from services.curriculum.synthesis import synthetic_dataset
@@ -45,54 +46,61 @@ def level_changed(skill: str, change: LevelChange) -> CurriculumLevelChanged:
 
 
 class Curriculum:
-    def __init__(self, settings: CurriculumSettings, bus: Bus, metrics: ServiceMetrics, state: Record[SkillState],
-                 skill: str = binary.SKILL) -> None:
+    def __init__(self, settings: CurriculumSettings, bus: Bus, metrics: ServiceMetrics,
+                 states: dict[str, Record[SkillState]]) -> None:
         self.settings = settings
         self.bus = bus
         self.metrics = metrics
-        self.state = state
-        self.skill = skill
+        # One record per practised skill, in the order the settings name them.
+        self.states = states
 
     @classmethod
     async def open(cls, rt: ServiceRuntime[CurriculumSettings]) -> Curriculum:
         if not rt.settings.enabled:
             log.info("synthetic data disabled (FLYWHEEL_CURRICULUM_ENABLED=false)")
-        return cls(rt.settings, rt.bus, rt.metrics, await rt.bus.record(skill_state(binary.SKILL)))
+        states = {skill: await rt.bus.record(skill_state(skill)) for skill in rt.settings.skills}
+        return cls(rt.settings, rt.bus, rt.metrics, states)
 
-    async def skill_state(self) -> SkillState:
-        """The skill's state; a fresh level-1 state if never written."""
-        state, _ = await self.state.read()
-        return state or SkillState(skill=self.skill)
+    async def skill_states(self) -> dict[str, SkillState]:
+        """Every practised skill's state; a fresh level-1 state for one never written."""
+        return {skill: (await record.read())[0] or SkillState(skill=skill) for skill, record in self.states.items()}
 
-    async def _change(self, fn):
-        """Apply `fn(state) -> (next state, result)` with compare-and-set; the result."""
-        return await self.state.change(lambda state, _revision: fn(state or SkillState(skill=self.skill)))
+    async def _change(self, skill: str, fn):
+        """Apply `fn(state) -> (next state, result)` to `skill` with compare-and-set; the result."""
+        return await self.states[skill].change(lambda state, _revision: fn(state or SkillState(skill=skill)))
 
     # ------------------------------------------------------------------ progression
 
     async def on_eval_scored(self, event: EvalScored, delivery: Delivery) -> None:
+        changed = False
+        for skill in self.states:
+            changed |= await self._progress(skill, event)
+        self.metrics.events_handled.labels(delivery.subject, "level_changed" if changed else "level_kept").inc()
+
+    async def _progress(self, skill: str, event: EvalScored) -> bool:
         key = eval_key(event.checkpoint_sha256, event.suite_version)
         s = self.settings
+        top = get_skill(skill).max_level
 
         def apply(state: SkillState):
             result = progress(
-                state, key, event.by_level, threshold=s.threshold, window=s.window, max_level=s.max_level,
+                state, key, event.by_level, threshold=s.threshold, window=s.window, max_level=top,
                 now=utcnow(), event_id=derived_id(NAME, "level", state.skill, key),
             )
             return result.state, result
 
-        result = await self._change(apply)
+        result = await self._change(skill, apply)
         change = result.change
         if result.already_counted:
             # A crash may have come between storing the change and announcing it.
             last = result.state.changes[-1] if result.state.changes else None
             change = last if last and last.eval_key == key else None
         if change:
-            await self.bus.publish(topology.CURRICULUM_LEVEL_CHANGED, level_changed(self.skill, change))
-            log.info("level changed", skill=self.skill, level=change.level, reason=change.reason)
+            await self.bus.publish(topology.CURRICULUM_LEVEL_CHANGED, level_changed(skill, change))
+            log.info("level changed", skill=skill, level=change.level, reason=change.reason)
         else:
-            log.info("level kept", skill=self.skill, level=result.state.level, reason=result.reason)
-        self.metrics.events_handled.labels(delivery.subject, "level_changed" if change else "level_kept").inc()
+            log.info("level kept", skill=skill, level=result.state.level, reason=result.reason)
+        return change is not None
 
     # ------------------------------------------------------------------ synthetic data
 
@@ -100,44 +108,39 @@ class Curriculum:
         infos = [await self.bus.js.consumer_info(spec.stream, spec.durable) for spec in QUEUE_CONSUMERS]
         return queue_depth(infos)
 
-    async def submit_synthetic(self) -> DatasetSubmitted | None:
-        """Claim the next dataset number in KV and publish that dataset; None if another replica just did."""
-        now = utcnow()
+    async def submit_synthetic(self) -> DatasetSubmitted:
+        """Publish the next practice dataset of the skill that has had the fewest so far."""
+        states = await self.skill_states()
+        skill = min(self.states, key=lambda name: states[name].datasets_submitted)
 
         def claim(state: SkillState):
-            if state.last_submitted_at and (now - state.last_submitted_at).total_seconds() < self.settings.idle_seconds:
-                return state, None
+            # The counter numbers the dataset (and seeds it): replicas never write the same one.
             claimed = msgspec.structs.replace(
-                state, datasets_submitted=state.datasets_submitted + 1, last_submitted_at=now
+                state, datasets_submitted=state.datasets_submitted + 1, last_submitted_at=utcnow()
             )
             return claimed, claimed
 
-        claimed = await self._change(claim)
-        if claimed is None:
-            return None
+        claimed = await self._change(skill, claim)
         dataset = await asyncio.to_thread(
-            synthetic_dataset, self.skill, claimed.level, claimed.datasets_submitted, self.settings.rows_per_dataset
+            synthetic_dataset, skill, claimed.level, claimed.datasets_submitted, self.settings.rows_per_dataset,
+            self.settings.review_fraction,
         )
         await self.bus.publish(topology.DATASET_SUBMITTED, dataset)
         log.info("synthetic dataset submitted", name=dataset.name, rows=len(dataset.rows or []), level=claimed.level)
         return dataset
 
     async def watch_queue(self, stop: asyncio.Event) -> None:
-        """Poll the queue depth; submit a dataset once it has been idle long enough."""
+        """Poll the queue depth; write practice while it is below `min_queued`."""
         if not self.settings.enabled:
             return
-        timer = IdleTimer(self.settings.idle_seconds)
-        loop = asyncio.get_running_loop()
         while not stop.is_set():
             try:
-                if timer.observe(await self.current_depth(), loop.time()):
+                for _ in range(datasets_due(await self.current_depth(), self.settings.min_queued)):
                     await self.submit_synthetic()
-                    timer.restart()
             except (nats.errors.Error, TimeoutError) as exc:
-                # A NATS hiccup (reconnecting, consumer being recreated): skip this poll and
-                # start the idle count over. Anything else is a bug and crashes the loop.
+                # A NATS hiccup (reconnecting, consumer being recreated): skip this poll.
+                # Anything else is a bug and crashes the loop.
                 log.warning("queue watch failed; retrying", error=repr(exc))
-                timer.restart()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.poll_interval_s)
 

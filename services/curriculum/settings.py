@@ -6,20 +6,32 @@ from typing import Annotated
 
 import msgspec
 
-from libs.common.settings import CommonSettings, NonNegativeFloat, Positive, PositiveFloat
-from libs.common.skills import binary
+from libs.common.settings import CommonSettings, Positive, PositiveFloat, SettingsError
+from libs.common.skills import SKILLS
 
 
 class CurriculumSettings(CommonSettings, kw_only=True, forbid_unknown_fields=True):
-    # Write synthetic datasets when the queue is idle (level tracking runs regardless).
+    # Write synthetic datasets when the queue runs low (level tracking runs regardless).
     enabled: bool = True
+    # The skills practised, each with its own level. The default trains Binary only: SYLLO
+    # answers run to 400-1,400 tokens, far past what the embedded tiny model (max_length 512,
+    # ~3M parameters) can learn on two cores; add "syllo" for a real base model.
+    skills: list[str] = msgspec.field(default_factory=lambda: ["binary"])
+    # A level rises when each of the last `window` evaluations (distinct final checkpoints)
+    # scored at least `threshold` at it (the system we replace: 80 % over the last 3).
     threshold: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8
-    # Evaluations in a row at >= threshold needed to raise the level.
-    window: Positive = 2
-    max_level: Annotated[int, msgspec.Meta(ge=1, le=binary.MAX_LEVEL)] = binary.MAX_LEVEL
+    window: Positive = 3
+    # Practice is written while fewer than this many datasets wait for or sit in training.
+    min_queued: Positive = 2
     poll_interval_s: PositiveFloat = 5.0
-    idle_seconds: NonNegativeFloat = 60.0
     rows_per_dataset: Positive = 200
+    # The share of a dataset's rows that review earlier levels (spread evenly over them).
+    review_fraction: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.25
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.skills if s not in SKILLS]
+        if unknown or not self.skills or len(set(self.skills)) != len(self.skills):
+            raise SettingsError(f"skills: must name distinct skills among {sorted(SKILLS)}, got {self.skills}")
 
 
 SETTINGS = CurriculumSettings

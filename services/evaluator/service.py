@@ -1,6 +1,7 @@
-"""Evaluator: scores every saved checkpoint on the fixed held-out suite and publishes `EvalScored`.
+"""Evaluator: scores every run's final checkpoint on the fixed held-out suite and publishes `EvalScored`.
 
-Consumes `checkpoint.saved`; loads THAT checkpoint from the artifact store (after checking its
+Consumes `checkpoint.saved` (intermediate checkpoints are acked unscored: only a finished run's
+weights are a candidate, and a diverged run has none); loads THAT checkpoint from the artifact store (after checking its
 sha256), never the served model; publishes `eval.scored` with the statistics of
 `services.evaluator.scoring` and the regressions against the champion (the champion record in
 KV, and the champion's own score on this suite in the scorebook). An evaluation is keyed by
@@ -65,6 +66,11 @@ class Evaluator:
         return await asyncio.to_thread(cls, rt.settings, rt.bus, rt.metrics, rt.store, champion)
 
     async def on_checkpoint_saved(self, event: CheckpointSaved, delivery: Delivery) -> None:
+        if not event.final:
+            # Only a run's final checkpoint is a candidate: a run that diverged or was stopped
+            # has none, and progression counts distinct finished runs, not steps of one.
+            self.metrics.events_handled.labels(delivery.subject, "intermediate").inc()
+            return
         if not is_sha256(event.sha256):
             raise Reject(f"checkpoint sha256 {event.sha256!r} is not a sha256 hex digest")
         if record := self.scorebook.get(event.sha256, self.suite.version):

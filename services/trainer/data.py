@@ -41,6 +41,24 @@ def read_rows(path: Path) -> list[ChatRow]:
     return rows
 
 
+def replay_rows(earlier: list[Path], count: int, seed: int, dataset_id: str) -> list[ChatRow]:
+    """`count` rows drawn uniformly (with replacement) from the rows of the `earlier` datasets.
+
+    Fixed by (earlier, count, seed, dataset_id), so a resumed run replays the same rows.
+    """
+    pool = [row for path in earlier for row in read_rows(path)]
+    if not pool or count <= 0:
+        return []
+    key = hashlib.sha256(f"{seed}:{dataset_id}:replay".encode()).digest()
+    rng = random.Random(int.from_bytes(key[:8], "big"))
+    return [pool[rng.randrange(len(pool))] for _ in range(count)]
+
+
+def replay_count(new_rows: int, fraction: float) -> int:
+    """How many replayed rows make them `fraction` of a run of `new_rows` new rows."""
+    return round(new_rows * fraction / (1 - fraction)) if fraction else 0
+
+
 def tokenize(rows: list[ChatRow], tokenizer, max_length: int) -> list[EncodedChat]:
     """Encoded rows that have at least one trained (assistant) token."""
     encoded = []

@@ -39,6 +39,7 @@ from libs.common.events import CheckpointSaved, Event, TrainingProgress, Trainin
 from libs.common.log import get_logger
 from libs.common.models import load_model, load_tokenizer, pick_device
 from services.trainer.checkpoints import (
+    TRAINING_STATE_FILE,
     CheckpointInfo,
     latest_checkpoint,
     load_training_state,
@@ -50,9 +51,9 @@ from services.trainer.checkpoints import (
 )
 from libs.common.chat import collate
 from services.trainer.control import ControlGate
-from services.trainer.data import TrainingPlan, epoch_order, read_rows, tokenize
+from services.trainer.data import TrainingPlan, epoch_order, read_rows, replay_count, replay_rows, tokenize
 from services.trainer.divergence import DivergenceGuard
-from services.trainer.schedule import lr_multiplier
+from services.trainer.schedule import continual_multiplier, lr_multiplier
 from services.trainer.settings import TrainerSettings
 
 Emit = Callable[[str, Event], None]
@@ -72,6 +73,8 @@ class TrainingJob:
     init_path: Path  # where those weights are on disk
     run_dir: Path  # checkpoints/<run_id> in the artifact store
     base_global_step: int  # the trainer's global step before this run
+    # Earlier datasets replay draws from (the most recent last); empty: no replay.
+    replay_paths: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,11 +115,17 @@ class FullFinetuneRecipe:
             self._restore(self._resume_from)
         self._log.info(
             "recipe ready", device=self._device, weights=str(weights), examples=self._plan.num_examples,
+            replayed=self._num_replayed,
             dropped_rows=self._num_dropped, total_steps=self._plan.total_steps, start_step=self._step,
         )
 
     def _setup_data(self) -> None:
+        h = self.settings.hyperparameters
         rows = read_rows(self.job.dataset_path)
+        replayed = replay_rows(list(self.job.replay_paths), replay_count(len(rows), h.replay_fraction), h.seed,
+                               self.job.dataset_id)
+        self._num_replayed = len(replayed)
+        rows += replayed
         self._examples = tokenize(rows, self._tokenizer, self.settings.max_length)
         self._num_dropped = len(rows) - len(self._examples)
         h = self.settings.hyperparameters
@@ -132,7 +141,20 @@ class FullFinetuneRecipe:
     def _setup_optimizer(self) -> None:
         h = self.settings.hyperparameters
         self._optimizer = torch.optim.AdamW(self._model.parameters(), lr=h.learning_rate, weight_decay=h.weight_decay)
-        schedule = partial(lr_multiplier, warmup_steps=h.warmup_steps, total_steps=self._plan.total_steps)
+        if h.policy == "continual":
+            carried = self.job.init_path / TRAINING_STATE_FILE
+            if not self._resume_from and carried.is_file():
+                # The moments the starting weights were trained with: AdamW goes on, it does not
+                # restart from zero (and re-learn its step sizes) on every small dataset.
+                self._optimizer.load_state_dict(load_training_state(self.job.init_path)["optimizer"])
+                for group in self._optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] = h.learning_rate
+            base = self.job.base_global_step
+
+            def schedule(step: int) -> float:
+                return continual_multiplier(base + step, h.warmup_steps)
+        else:
+            schedule = partial(lr_multiplier, warmup_steps=h.warmup_steps, total_steps=self._plan.total_steps)
         self._scheduler = torch.optim.lr_scheduler.LambdaLR(self._optimizer, schedule)
 
     def _restore(self, checkpoint: Path) -> None:

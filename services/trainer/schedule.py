@@ -1,7 +1,9 @@
-"""The learning-rate schedule of one dataset's run: linear warmup, then cosine decay to 10 %.
+"""The learning-rate schedules: the factor on the peak learning rate at each step.
 
-Each dataset is its own run with its own schedule: continual training across datasets
-re-warms from the last weights instead of decaying towards zero forever.
+- `continual_multiplier`: one linear warmup over the trainer's first global steps, then the
+  peak for good. Datasets arrive without end; a schedule that decays per dataset spends each
+  small dataset's steps warming up and cooling down instead of learning.
+- `lr_multiplier`: one dataset's run on its own: linear warmup, then cosine decay to 10 %.
 """
 
 from __future__ import annotations
@@ -9,6 +11,11 @@ from __future__ import annotations
 import math
 
 MIN_LR_RATIO = 0.1
+
+
+def continual_multiplier(global_step: int, warmup_steps: int) -> float:
+    """The factor for the trainer's optimizer step `global_step` (0-based) over all datasets."""
+    return (global_step + 1) / (warmup_steps + 1) if warmup_steps and global_step < warmup_steps else 1.0
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int) -> float:

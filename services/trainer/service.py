@@ -109,10 +109,12 @@ class TrainerService:
         except ArtifactError as exc:
             await self._fail(run_id, event.dataset_id, exc, will_retry=False)
             raise Reject(str(exc)) from exc
+        earlier = self.state.trained[-self.settings.hyperparameters.replay_datasets:]
         job = TrainingJob(
             run_id=run_id, dataset_id=event.dataset_id, dataset_path=dataset_path, init_weights=init_weights,
             init_path=init_path, run_dir=self.store.location("checkpoints", run_id),
             base_global_step=self.state.global_step,
+            replay_paths=tuple(self.store.path_for(d.uri) for d in earlier),
         )
         dlog.info("training dataset", run_id=run_id, init_weights=init_weights, delivery=delivery.num_delivered)
         started = time.monotonic()
@@ -175,7 +177,8 @@ class TrainerService:
             duration_s=round(duration_s, 3),
         )
         await self.bus.publish(topology.TRAINING_FINISHED, finished)
-        self.state = record_finished(self.state, job.dataset_id, result.checkpoint, result.global_step)
+        self.state = record_finished(self.state, job.dataset_id, self.store.uri_for(job.dataset_path),
+                                     result.checkpoint, result.global_step)
         await asyncio.to_thread(save_state, self.state_path, self.state)
         self.run_status.observe(finished)
         self._datasets.labels("finished").inc()

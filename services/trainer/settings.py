@@ -17,6 +17,8 @@ import hashlib
 
 import msgspec
 
+from typing import Annotated, Literal
+
 from libs.common.settings import (
     CommonSettings,
     Device,
@@ -37,6 +39,15 @@ class Hyperparameters(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_
     max_steps: NonNegative = 0
     seed: int = 0
     grad_clip: NonNegativeFloat = 1.0
+    # The policy across datasets (see services/trainer/recipe.py). "continual": AdamW's moments
+    # carry over from the weights a run starts from, and the learning rate warms up once over
+    # the trainer's first `warmup_steps` global steps, then stays at its peak. "per_dataset":
+    # a fresh AdamW and its own warmup + cosine schedule for every dataset.
+    policy: Literal["continual", "per_dataset"] = "continual"
+    # The share of a run's rows drawn from earlier datasets, so earlier levels are not forgotten.
+    replay_fraction: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.3
+    # How many of the most recent earlier datasets replay draws from.
+    replay_datasets: Positive = 16
 
     def identity(self, max_length: int) -> str:
         """A hash of every field (and the common max_length), for run ids."""

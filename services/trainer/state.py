@@ -16,6 +16,11 @@ from libs.common.artifacts import Artifact, write_atomically
 STATE_FILE = "state.json"
 
 
+class TrainedDataset(msgspec.Struct, frozen=True):
+    dataset_id: str
+    uri: str
+
+
 class TrainerState(msgspec.Struct, kw_only=True):
     # URI of the latest finished checkpoint; empty: the base model (nothing trained yet).
     current_weights: str = ""
@@ -23,6 +28,8 @@ class TrainerState(msgspec.Struct, kw_only=True):
     global_step: int = 0
     # dataset_id -> URI of the final checkpoint of its run: the idempotency record.
     finished: dict[str, str] = {}
+    # The datasets trained, in order: what replay draws earlier rows from.
+    trained: list[TrainedDataset] = []
 
 
 def load_state(path: Path) -> TrainerState:
@@ -35,11 +42,13 @@ def save_state(path: Path, state: TrainerState) -> None:
     write_atomically(path, [msgspec.json.format(msgspec.json.encode(state))])
 
 
-def record_finished(state: TrainerState, dataset_id: str, checkpoint: Artifact, global_step: int) -> TrainerState:
+def record_finished(state: TrainerState, dataset_id: str, dataset_uri: str, checkpoint: Artifact,
+                    global_step: int) -> TrainerState:
     """The state after a dataset's run finished: its final checkpoint becomes the current weights."""
     return TrainerState(
         current_weights=checkpoint.uri,
         current_weights_sha256=checkpoint.sha256,
         global_step=global_step,
         finished={**state.finished, dataset_id: checkpoint.uri},
+        trained=[*state.trained, TrainedDataset(dataset_id, dataset_uri)],
     )

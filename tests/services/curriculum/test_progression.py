@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import pytest
-
-from libs.common.skills import binary
-from services.curriculum.pacing import IdleTimer
 from libs.common.records import SkillState
 from services.curriculum.progression import SEEN_KEPT, progress
-from services.curriculum.synthesis import synthetic_dataset
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -67,27 +62,3 @@ def test_missing_level_score_changes_nothing_but_is_counted():
 def test_seen_keys_are_bounded():
     state = SkillState(skill="binary", seen=[f"old{i}" for i in range(SEEN_KEPT)])
     assert len(step(state, "new", {"binary/1": 0.1}).state.seen) == SEEN_KEPT
-
-
-def test_idle_timer_fires_only_after_an_unbroken_idle_period():
-    timer = IdleTimer(idle_seconds=10)
-    assert not timer.observe(0, now=100)
-    assert not timer.observe(0, now=105)
-    assert not timer.observe(1, now=106)  # work arrived: start over
-    assert not timer.observe(0, now=107)
-    assert timer.observe(0, now=117)
-    timer.restart()
-    assert not timer.observe(0, now=118)
-    assert IdleTimer(idle_seconds=0).observe(0, now=1)
-
-
-def test_synthetic_dataset_is_numbered_seeded_and_plain_chat():
-    one, again, two = (synthetic_dataset("binary", 2, n, 20) for n in (1, 1, 2))
-    assert one.id == again.id and one.rows == again.rows
-    assert one.id != two.id and one.rows != two.rows
-    assert one.name == "curriculum-binary-L2-1" and one.priority == "low" and one.channel == "curriculum"
-    assert one.submitted_by == "curriculum" and len(one.rows) == 20
-    assert all(set(row) == {"messages"} for row in one.rows)
-    assert all(binary.split_of(row["messages"][0]["content"]) == "train" for row in one.rows)
-    with pytest.raises(ValueError):
-        synthetic_dataset("poetry", 1, 1, 1)

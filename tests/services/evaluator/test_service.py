@@ -45,6 +45,8 @@ async def test_checkpoint_is_scored_once_and_redelivery_republishes_the_same_eve
 ):
     scored_sub = await bus.js.subscribe(topology.EVAL_SCORED)
     async with running(SERVICE, evaluator_settings(nats_server, tmp_path)) as evaluator:
+        # An intermediate checkpoint of the same run is acked unscored: only final ones are candidates.
+        await bus.publish(topology.CHECKPOINT_SAVED, msgspec.structs.replace(checkpoint, id=new_id(), final=False))
         await bus.publish(topology.CHECKPOINT_SAVED, checkpoint)
         msg = await scored_sub.next_msg(timeout=60)
         scored = msgspec.json.decode(msg.data, type=EvalScored)
@@ -61,7 +63,7 @@ async def test_checkpoint_is_scored_once_and_redelivery_republishes_the_same_eve
         record = next((tmp_path / "data" / "evaluator" / "scores").glob("*.json"))
         written = record.stat().st_mtime_ns
         await bus.publish(topology.CHECKPOINT_SAVED, msgspec.structs.replace(checkpoint, id=new_id()))
-        await wait_until_drained(bus, delivered=2)
+        await wait_until_drained(bus, delivered=3)
         assert record.stat().st_mtime_ns == written  # not scored again
         evals = await bus.js.stream_info("EVALS")
         assert evals.state.messages == 1  # republished with the same id: dropped as a duplicate

@@ -102,11 +102,12 @@ def test_run_id_is_stable_and_changes_with_weights_or_recipe():
 def test_state_file_round_trip_and_missing_file(tmp_path):
     path = tmp_path / "trainer" / "state.json"
     assert load_state(path) == TrainerState()
-    state = record_finished(TrainerState(), "d1", Artifact("file:///c1", "sha1", 1), 12)
-    state = record_finished(state, "d2", Artifact("file:///c2", "sha2", 1), 20)
+    state = record_finished(TrainerState(), "d1", "file:///d1.jsonl", Artifact("file:///c1", "sha1", 1), 12)
+    state = record_finished(state, "d2", "file:///d2.jsonl", Artifact("file:///c2", "sha2", 1), 20)
     save_state(path, state)
     loaded = load_state(path)
     assert loaded == state
     assert loaded.current_weights == "file:///c2" and loaded.global_step == 20
     assert loaded.finished == {"d1": "file:///c1", "d2": "file:///c2"}
+    assert [(t.dataset_id, t.uri) for t in loaded.trained] == [("d1", "file:///d1.jsonl"), ("d2", "file:///d2.jsonl")]
     assert [p.name for p in path.parent.iterdir()] == ["state.json"]

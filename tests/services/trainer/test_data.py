@@ -6,8 +6,8 @@ import msgspec
 import pytest
 
 from libs.common.chat import IGNORE_INDEX, EncodedChat, collate
-from services.trainer.data import DatasetError, TrainingPlan, epoch_order, read_rows
-from services.trainer.schedule import MIN_LR_RATIO, lr_multiplier
+from services.trainer.data import DatasetError, TrainingPlan, epoch_order, read_rows, replay_count, replay_rows
+from services.trainer.schedule import MIN_LR_RATIO, continual_multiplier, lr_multiplier
 
 
 def test_read_rows_ignores_extra_fields_and_blank_lines(tmp_path):
@@ -79,3 +79,34 @@ def test_schedule_warms_up_linearly_then_decays_to_the_floor():
 def test_schedule_without_warmup_starts_at_peak():
     assert lr_multiplier(0, 0, 10) == pytest.approx(1.0)
     assert lr_multiplier(0, 0, 1) == pytest.approx(1.0)
+
+
+def test_continual_schedule_warms_up_once_over_global_steps_then_holds_the_peak():
+    assert [continual_multiplier(step, 4) for step in range(6)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
+    assert continual_multiplier(10_000, 4) == 1.0  # a later dataset never re-warms or decays
+    assert continual_multiplier(0, 0) == 1.0
+
+
+def test_replay_count_makes_the_replayed_rows_that_share_of_the_run():
+    assert replay_count(200, 0.0) == 0
+    assert replay_count(200, 0.3) == 86  # 86 / 286 = 30 %
+    assert replay_count(200, 0.5) == 200
+
+
+def _dataset(tmp_path, name: str, values: range):
+    path = tmp_path / f"{name}.jsonl"
+    path.write_bytes(b"".join(
+        msgspec.json.encode({"messages": [{"role": "user", "content": f"q{v}"}, {"role": "assistant", "content": f"a{v}"}]})
+        + b"\n" for v in values))
+    return path
+
+
+def test_replay_draws_from_earlier_datasets_deterministically(tmp_path):
+    earlier = [_dataset(tmp_path, "one", range(0, 10)), _dataset(tmp_path, "two", range(10, 20))]
+    drawn = replay_rows(earlier, 50, seed=0, dataset_id="d")
+    assert len(drawn) == 50 and drawn == replay_rows(earlier, 50, seed=0, dataset_id="d")
+    contents = {row.messages[0].content for row in drawn}
+    assert contents <= {f"q{v}" for v in range(20)} and any(c in contents for c in ("q1", "q2", "q3", "q4"))
+    assert any(f"q{v}" in contents for v in range(10, 20))  # both datasets contribute
+    assert drawn != replay_rows(earlier, 50, seed=0, dataset_id="other")
+    assert replay_rows([], 50, seed=0, dataset_id="d") == [] and replay_rows(earlier, 0, seed=0, dataset_id="d") == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,37 @@ def test_a_run_resumed_at_its_final_checkpoint_only_reannounces_it(make_settings
     assert again.finished and again.checkpoint == first.checkpoint
     saved = [e for s, e in emitted if s == "checkpoint.saved"]
     assert len(saved) == 1 and saved[0].final and not [s for s, _ in emitted if s == "training.progress"]
+
+
+def test_continual_policy_carries_adamw_on_and_replays_earlier_rows(make_settings):
+    settings = make_settings(epochs=1, replay_fraction=0.5)
+    first_job, store = job_for(settings, chat_rows(16, seed=1), run_id="ds-first")
+    first, _ = run_recipe(settings, first_job, store)
+    assert first.finished and first.step == 4
+
+    second_rows = chat_rows(8, seed=2)
+    job, store = job_for(settings, second_rows, run_id="ds-second")
+    job = dataclasses.replace(job, init_path=store.path_for(first.checkpoint.uri), base_global_step=first.global_step,
+                              replay_paths=(first_job.dataset_path,))
+    recipe = FullFinetuneRecipe(settings, job, store, ControlGate(), lambda *_: None)
+    recipe.setup()
+    try:
+        # Half of the run is earlier rows: 8 new + 8 replayed.
+        assert recipe._plan.num_examples == 16 and recipe._num_replayed == 8
+        # AdamW goes on from the first run's 4 steps instead of starting from zero moments.
+        steps = {int(s["step"]) for s in recipe._optimizer.state_dict()["state"].values()}
+        assert steps == {4}
+        assert recipe._scheduler.get_last_lr()[0] == pytest.approx(settings.hyperparameters.learning_rate)
+    finally:
+        recipe.cleanup()
+
+    per_dataset = make_settings(epochs=1, policy="per_dataset")
+    recipe = FullFinetuneRecipe(per_dataset, job, store, ControlGate(), lambda *_: None)
+    recipe.setup()
+    try:
+        assert not recipe._optimizer.state_dict()["state"]  # a fresh AdamW
+    finally:
+        recipe.cleanup()
 
 
 @pytest.mark.gpu
