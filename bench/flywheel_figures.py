@@ -145,6 +145,8 @@ def _on_same_suite(candidate: list[Evaluation], previous: list[Evaluation]) -> t
 
 
 def _paired(mine: Evaluation, theirs: Evaluation) -> PairedTest | None:
+    if not (mine.num_examples and theirs.num_examples):
+        return None
     try:
         return paired_test(decode_outcomes(mine.outcomes, mine.num_examples),
                            decode_outcomes(theirs.outcomes, theirs.num_examples))

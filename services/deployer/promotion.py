@@ -17,8 +17,9 @@ ITEMS and regresses nowhere. For an `EvalScored` and the champion record, in ord
    items is a fair coin, so p = P(Binomial(b + c, 1/2) >= b): the exact one-sided McNemar
    (sign) test. Kept unless p <= alpha (default 0.05);
 7. no regression (`libs.common.events.score_regressions`): kept when any level's accuracy is
-   down by more than max_level_drop (0.05, absolute) or the val loss is up by more than
-   max_loss_rise (0.15, relative);
+   down by more than max_level_drop (0.05, absolute), or, when max_loss_rise is set, the val
+   loss is up by more than it (relative). Unset (the default) a val loss rise of more than 15%
+   is stated in the reason but does not block;
 8. otherwise promoted.
 Every reason states the numbers: the discordant counts, the p-value, each regression.
 
@@ -119,7 +120,7 @@ def _champion_outcomes(champion: Champion, suite_version: str, items: int | None
 
 def decide(
     candidate: EvalScored, champion: Champion | None, *,
-    alpha: float = 0.05, max_level_drop: float = 0.05, max_loss_rise: float = 0.15,
+    alpha: float = 0.05, max_level_drop: float = 0.05, max_loss_rise: float | None = None,
 ) -> Decision:
     """Whether `candidate` should replace `champion` (rules 1-8 above), and why, in words."""
     score = describe_score(candidate)
@@ -145,8 +146,11 @@ def decide(
     test = paired_test(candidate.item_outcomes(), theirs)
     regressions = score_regressions(
         candidate.levels, candidate.val_loss, champion.levels, champion.val_loss,
-        max_level_drop=max_level_drop, max_loss_rise=max_loss_rise,
+        max_level_drop=max_level_drop, max_loss_rise=math.inf if max_loss_rise is None else max_loss_rise,
     )
+    # Not blocking, but said: how the val loss moved (the evaluator's flag rule).
+    flags = [] if max_loss_rise is not None else score_regressions({}, candidate.val_loss, {}, champion.val_loss)
+    flagged = f"; flagged, not blocking: {'; '.join(flags)}" if flags else ""
     held = describe_champion(champion)
     problems = []
     if test.p_value > alpha:
@@ -154,10 +158,11 @@ def decide(
     if regressions:
         problems.append("regressions: " + "; ".join(regressions))
     if problems:
-        return Decision("kept", f"{'; '.join(problems)} ({score} vs {held})")
+        return Decision("kept", f"{'; '.join(problems)}{flagged} ({score} vs {held})")
+    loss_rule = f", val loss not up more than {max_loss_rise:.0%}" if max_loss_rise is not None else ""
     return Decision("promoted", (
         f"better beyond the noise: {test.describe()} <= alpha {alpha:g}; no level down more than "
-        f"{max_level_drop * 100:g} points, val loss not up more than {max_loss_rise:.0%} ({score} vs {held})"
+        f"{max_level_drop * 100:g} points{loss_rule}{flagged} ({score} vs {held})"
     ))
 
 

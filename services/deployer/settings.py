@@ -18,8 +18,11 @@ class DeployerSettings(CommonSettings, kw_only=True, forbid_unknown_fields=True)
     alpha: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.05
     # No promotion when any level's accuracy is down by more than this (absolute: 0.05 = 5 points).
     max_level_drop: Fraction = 0.05
-    # No promotion when the val loss is up by more than this (relative: 0.15 = 15%).
-    max_loss_rise: NonNegativeFloat = 0.15
+    # No promotion when the val loss is up by more than this (relative: 0.15 = 15%). Off by
+    # default: the suite's val loss averages over levels not practised yet, and rises while the
+    # model grows surer on the levels it does practise (measured: 3.65 -> 5.9 in a 5-minute loop
+    # whose accuracy did not fall), so it blocked gains; the rise is still stated in the reason.
+    max_loss_rise: NonNegativeFloat | None = None
     # Decisions kept in KV (GET /decisions, `flywheel history`).
     decisions_kept: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
 

@@ -46,7 +46,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from libs.common.skills.skill import Problem, Split, draw_rows, split_by_key
+from libs.common.skills.skill import Problem, SkillModule, Split, draw_rows, split_by_key
 
 SKILL = "binary"
 MAX_LEVEL = 7
@@ -304,15 +304,4 @@ def expected_from_answer(text: str) -> str:
     return stated
 
 
-class BinarySkill:
-    """The Binary skill behind the Skill interface (skill.py): this module's functions."""
-
-    name = SKILL
-    max_level = MAX_LEVEL
-    generate = staticmethod(generate)
-    split_of = staticmethod(split_of)
-    extract_answer = staticmethod(extract_answer)
-    is_correct = staticmethod(is_correct)
-
-
-BINARY = BinarySkill()
+BINARY = SkillModule(SKILL, MAX_LEVEL, generate, split_of, extract_answer, is_correct)

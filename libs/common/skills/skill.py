@@ -57,6 +57,18 @@ class Skill(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class SkillModule:
+    """A skill whose module holds its functions: the one adapter to the `Skill` interface."""
+
+    name: str
+    max_level: int
+    generate: Callable[..., list[dict]]
+    split_of: Callable[[str], Split]
+    extract_answer: Callable[[str], Expected | None]
+    is_correct: Callable[[Expected, str], bool]
+
+
 def split_by_key(key: str) -> Split:
     """The split of the problem whose key is `key`: the one rule shared by every skill."""
     bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % EVAL_BUCKETS

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from libs.common.skills.skill import Problem, Split, draw_rows, split_by_key
+from libs.common.skills.skill import Problem, SkillModule, Split, draw_rows, split_by_key
 
 SKILL = "syllo"
 MAX_LEVEL = 5
@@ -353,15 +353,4 @@ def is_correct(expected: list[str], text: str) -> bool:
     return True
 
 
-class SylloSkill:
-    """The SYLLO skill behind the Skill interface (skill.py): this module's functions."""
-
-    name = SKILL
-    max_level = MAX_LEVEL
-    generate = staticmethod(generate)
-    split_of = staticmethod(split_of)
-    extract_answer = staticmethod(extract_answer)
-    is_correct = staticmethod(is_correct)
-
-
-SYLLO = SylloSkill()
+SYLLO = SkillModule(SKILL, MAX_LEVEL, generate, split_of, extract_answer, is_correct)

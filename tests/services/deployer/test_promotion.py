@@ -107,6 +107,14 @@ def test_val_loss_may_not_rise_past_its_limit(val_loss, max_loss_rise, promote):
         assert "val loss 1.2000 vs 1.0000: up 20.0% (more than 15%)" in decision.reason
 
 
+def test_by_default_a_val_loss_rise_is_stated_but_does_not_block_a_real_gain():
+    decision = decide(scored(correct=flipped(BASE, gain=WRONG[:6]), val_loss=1.6), champion(val_loss=1.0))
+    assert decision.promote
+    assert "flagged, not blocking: val loss 1.6000 vs 1.0000: up 60.0% (more than 15%)" in decision.reason
+    quiet = decide(scored(correct=flipped(BASE, gain=WRONG[:6]), val_loss=1.05), champion(val_loss=1.0))
+    assert quiet.promote and "flagged" not in quiet.reason
+
+
 # ---------------------------------------------------------------------------- what is never promoted
 
 

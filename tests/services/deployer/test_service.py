@@ -80,7 +80,7 @@ def routes(deployer: Deployer) -> httpx.AsyncClient:
 
 async def test_scores_promote_only_gains_beyond_the_noise_and_every_decision_is_kept(bus: Bus, nats_server: str):
     deployed = await bus.js.subscribe(topology.MODEL_DEPLOYED)
-    async with running(SERVICE, settings_for(nats_server)) as deployer:
+    async with running(SERVICE, settings_for(nats_server, max_loss_rise=0.15)) as deployer:
         await bus.publish(topology.EVAL_SCORED, scored("a", BASE))
         first = msgspec.json.decode((await deployed.next_msg(timeout=10)).data, type=ModelDeployed)
         assert first.checkpoint_sha256 == "a" * 64 and "first champion" in first.reason

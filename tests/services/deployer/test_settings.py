@@ -10,7 +10,7 @@ from services.deployer.settings import DeployerSettings
 
 def test_defaults_are_the_stated_rule():
     settings = load_settings(DeployerSettings, "deployer", environ={})
-    assert (settings.alpha, settings.max_level_drop, settings.max_loss_rise) == (0.05, 0.05, 0.15)
+    assert (settings.alpha, settings.max_level_drop, settings.max_loss_rise) == (0.05, 0.05, None)
 
 
 def test_values_come_from_the_environment():
