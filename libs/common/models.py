@@ -55,24 +55,14 @@ def tokenizer_corpus(seed: int = 0) -> list[str]:
     return lines
 
 
-def create_tiny_model(target: Path, *, hidden_size: int = 256, layers: int = 4, vocab_size: int = 4096, seed: int = 0,
-                      isolate_digits: bool = True) -> Path:
-    """Build the tiny model and tokenizer into `target` (which must not exist).
-
-    `isolate_digits`: every digit (0-9, ⓪, ①) is its own token. Without it BPE merges runs of
-    digits into tokens like "①⓪①①" or " 18", and the model can never line up the digits of
-    an operand with those of its result.
-    """
+def create_tiny_model(target: Path, *, hidden_size: int = 256, layers: int = 4, vocab_size: int = 4096, seed: int = 0) -> Path:
+    """Build the tiny model and tokenizer into `target` (which must not exist)."""
     import torch
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
     tok = Tokenizer(models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.pre_tokenizer = (
-        pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("[0-9⓪①]"), behavior="isolated"), byte_level])
-        if isolate_digits else byte_level
-    )
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
