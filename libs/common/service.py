@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
@@ -139,7 +139,3 @@ class Service(Generic[T]):
     loops: tuple[Callable[[T, asyncio.Event], Awaitable[None]], ...] = ()
     on_stop: Callable[[T], None] | None = None
     close: Callable[[T], Awaitable[None]] | None = None
-    summary: str = field(default="")
-
-    def publishes(self, subject: str) -> bool:
-        return any(matches(p.subject, subject) for p in self.publications)
