@@ -19,6 +19,8 @@ Run with `python -m services.deployer`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import msgspec
 import nats.js.errors
 from nats.js import api
@@ -85,16 +87,13 @@ class Deployer:
             return new, (decision, champion, new or champion, revision)
 
         decision, weighed_against, champion, revision = await self.champion.change(choose)
-        if decision.outcome in ("promoted", "already_champion"):
-            await self.bus.publish(topology.MODEL_DEPLOYED, champion.announcement())
-        if decision.outcome != "already_champion":
-            await self._record(DeployDecision(
-                # A redelivery against the same champion revision is the same decision.
-                id=derived_id(NAME, "decision", event.id, revision), time=utcnow(), outcome=decision.outcome,
-                reason=decision.reason, checkpoint_uri=event.checkpoint_uri, checkpoint_sha256=event.checkpoint_sha256,
-                run_id=event.run_id, suite_version=event.suite_version,
-                champion_sha256=weighed_against.checkpoint_sha256 if weighed_against else "",
-            ))
+        await self._conclude(decision, champion, lambda: DeployDecision(
+            # A redelivery against the same champion revision is the same decision.
+            id=derived_id(NAME, "decision", event.id, revision), time=utcnow(), outcome=decision.outcome,
+            reason=decision.reason, checkpoint_uri=event.checkpoint_uri, checkpoint_sha256=event.checkpoint_sha256,
+            run_id=event.run_id, suite_version=event.suite_version,
+            champion_sha256=weighed_against.checkpoint_sha256 if weighed_against else "",
+        ))
         log.info("decided", outcome=decision.outcome, candidate=event.checkpoint_uri, reason=decision.reason)
         self.metrics.events_handled.labels(delivery.subject, decision.outcome).inc()
 
@@ -110,6 +109,15 @@ class Deployer:
         if decision.outcome == "rescored" and champion is not None:
             return rescored(champion, score)
         return None
+
+    async def _conclude(self, decision: Decision, champion: Champion | None,
+                        entry: Callable[[], DeployDecision]) -> None:
+        """After a decision is stored: announce the champion it serves, and keep the decision
+        (re-announcing the champion is no decision of its own)."""
+        if decision.outcome in ("promoted", "already_champion"):
+            await self.bus.publish(topology.MODEL_DEPLOYED, champion.announcement())
+        if decision.outcome != "already_champion":
+            await self._record(entry())
 
     async def _record(self, decision: DeployDecision) -> None:
         """Append `decision` to the kept decisions (once per id), with compare-and-set."""
@@ -162,17 +170,14 @@ class Deployer:
             return new, (decision, score, champion, new or champion)
 
         decision, score, weighed_against, champion = await self.champion.change(choose)
-        if decision.outcome in ("promoted", "already_champion"):
-            await self.bus.publish(topology.MODEL_DEPLOYED, champion.announcement())
-        if decision.outcome != "already_champion":
-            await self._record(DeployDecision(
-                id=new_id(), time=utcnow(), outcome=decision.outcome, reason=decision.reason,
-                checkpoint_uri=score.checkpoint_uri if score else ("" if is_sha256(wanted) else wanted),
-                checkpoint_sha256=score.checkpoint_sha256 if score else (wanted if is_sha256(wanted) else ""),
-                run_id=score.run_id if score else "", suite_version=current_suite or "",
-                champion_sha256=weighed_against.checkpoint_sha256 if weighed_against else "",
-                requested_by=requested_by,
-            ))
+        await self._conclude(decision, champion, lambda: DeployDecision(
+            id=new_id(), time=utcnow(), outcome=decision.outcome, reason=decision.reason,
+            checkpoint_uri=score.checkpoint_uri if score else ("" if is_sha256(wanted) else wanted),
+            checkpoint_sha256=score.checkpoint_sha256 if score else (wanted if is_sha256(wanted) else ""),
+            run_id=score.run_id if score else "", suite_version=current_suite or "",
+            champion_sha256=weighed_against.checkpoint_sha256 if weighed_against else "",
+            requested_by=requested_by,
+        ))
         log.info("manual deploy", checkpoint=wanted, outcome=decision.outcome, reason=decision.reason,
                  requested_by=requested_by)
         ok = decision.outcome in ("promoted", "already_champion", "rescored")
@@ -238,7 +243,6 @@ def _decoded(data: bytes) -> EvalScored | None:
         return msgspec.json.decode(data, type=EvalScored)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
-
 
 
 SERVICE = Service(
