@@ -218,7 +218,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     else:
         print(f"deployer: {reply.state}" + (f" ({reply.message})" if reply.message else ""))
         if reply.ok and reply.checkpoint_uri:
-            print(f"serving   {reply.checkpoint_uri}")
+            # Staged: final once an inference replica reports serving it (`flywheel history`).
+            print(f"{'staging' if reply.state == 'staged' else 'serving'}   {reply.checkpoint_uri}")
     return 0 if reply.ok else 1
 
 

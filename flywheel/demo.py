@@ -1,10 +1,12 @@
 """`make demo`: one dataset through the whole loop on the embedded default.
 
-Starts the stack (nats-server + six services), submits the bundled sample dataset, follows it
-through training, scoring and deployment, asks the served model one question through the
-OpenAI-compatible API, prints the answer, the deployed checkpoint and the trace id that links
-the journey, shows that trace span by span, and stops the stack. The end-to-end test runs
-this same function on a temporary data directory.
+Starts the stack (nats-server + six services), submits the bundled sample dataset (Binary
+level 1, training split), follows it through training, scoring and deployment, asks the served
+model five held-out questions (the eval split: never in any training data) through the
+OpenAI-compatible API and judges each answer with the Binary skill's scorer, prints them with
+the deployed checkpoint and the trace id that links the journey, shows that trace span by
+span, and stops the stack. The end-to-end test runs this same function on a temporary data
+directory.
 
     flywheel demo [--data-dir DIR] [--keep]     (also: python -m flywheel.demo [...])
 """
@@ -31,12 +33,16 @@ from libs.common.bus import Bus
 from libs.common.events import ModelDeployed, TrainingProgress
 from libs.common.log import setup_logging
 from libs.common.settings import SERVICES
+from libs.common.skills import binary
 from libs.common.tracing import format_trace, read_trace, setup_tracing, shutdown_tracing, trace_id_from_headers
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATA_DIR = ROOT / "data" / "demo"
 SAMPLE_DATASET = ROOT / "examples" / "binary_sample.jsonl"
-QUESTION = "Convert this binary number to decimal:\n\n①⓪①①"
+# Five held-out level-1 problems, fixed by this seed: the suite's and the sample's splits
+# exclude them from every training set.
+QUESTION_SEED = 5
+QUESTION_COUNT = 5
 API_KEY_FILE = Path("secrets") / "inference_api_key"
 
 # About a minute of training on 2 CPU cores: enough for the tiny model to learn the answer
@@ -48,7 +54,24 @@ DEMO_ENV = {
     "FLYWHEEL_TRAINER_SAVE_EVERY_STEPS": "1000",
     # Stay out of the way of the demo's own dataset.
     "FLYWHEEL_CURRICULUM_ENABLED": "false",
+    # Score on what the demo teaches (level 1), so the deployment follows training promptly;
+    # the base model is not scored first, so the demo's checkpoint becomes the first champion.
+    "FLYWHEEL_EVALUATOR_SUITE_MAX_LEVEL": "1",
+    "FLYWHEEL_EVALUATOR_SYLLO_MAX_LEVEL": "0",
+    "FLYWHEEL_EVALUATOR_SCORE_BASE_MODEL": "false",
 }
+
+
+class Answer(msgspec.Struct):
+    question: str
+    answer: str
+    expected: str
+    correct: bool
+
+
+def held_out_questions(n: int = QUESTION_COUNT, seed: int = QUESTION_SEED) -> list[dict]:
+    """`n` level-1 Binary problems of the eval split: what the demo asks."""
+    return binary.generate(1, n, seed=seed, split="eval")
 
 
 class DemoResult(msgspec.Struct):
@@ -61,8 +84,7 @@ class DemoResult(msgspec.Struct):
     served_sha256: str
     exact_match: float
     val_loss: float
-    question: str
-    answer: str
+    answers: list[Answer]
     trace_services: list[str]
     seconds: float
 
@@ -112,15 +134,15 @@ async def _supervise(sup: Supervisor) -> None:
         await asyncio.sleep(0.5)
 
 
-async def _drive(sup: Supervisor, dataset: Path, question: str, deadline: float) -> DemoResult:
+async def _drive(sup: Supervisor, dataset: Path, questions: list[dict], deadline: float) -> DemoResult:
     supervising = asyncio.create_task(_supervise(sup))
     try:
-        return await _drive_supervised(sup, dataset, question, deadline)
+        return await _drive_supervised(sup, dataset, questions, deadline)
     finally:
         supervising.cancel()
 
 
-async def _drive_supervised(sup: Supervisor, dataset: Path, question: str, deadline: float) -> DemoResult:
+async def _drive_supervised(sup: Supervisor, dataset: Path, questions: list[dict], deadline: float) -> DemoResult:
     started = time.monotonic()
     await _wait_ready(sup.ports, deadline)
     bus = await Bus.connect([sup.nats_url], "demo")
@@ -153,7 +175,7 @@ async def _drive_supervised(sup: Supervisor, dataset: Path, question: str, deadl
             await asyncio.sleep(0.2)
         first = next(iter(ours().values()))
         _say(f"deployed {first.checkpoint_uri} (exact_match {first.exact_match:.3f}, val_loss {first.val_loss:.4f})")
-        event, served, answer = await _ask(sup, ours, question, deadline)
+        event, served, answers = await _ask(sup, ours, questions, deadline)
     finally:
         await bus.close()
     return DemoResult(
@@ -161,16 +183,17 @@ async def _drive_supervised(sup: Supervisor, dataset: Path, question: str, deadl
         checkpoint_uri=event.checkpoint_uri, checkpoint_sha256=event.checkpoint_sha256,
         served_uri=served["uri"], served_sha256=served["sha256"],
         exact_match=event.exact_match, val_loss=event.val_loss,
-        question=question, answer=answer,
+        answers=answers,
         trace_services=[],  # read once the stack has stopped: see run_demo
         seconds=round(time.monotonic() - started, 1),
     )
 
 
-async def _ask(sup: Supervisor, ours, question: str, deadline: float) -> tuple[ModelDeployed, dict, str]:
+async def _ask(sup: Supervisor, ours, questions: list[dict], deadline: float) -> tuple[ModelDeployed, dict, list[Answer]]:
     """Wait until inference serves a checkpoint deployed from the demo's dataset, then ask it.
 
-    Returns that deployment, what inference says it serves (/models/info) and the answer.
+    Returns that deployment, what inference says it serves (/models/info) and the answers,
+    each judged by the Binary skill.
     """
     base = f"http://127.0.0.1:{sup.ports['inference']}"
     key = (sup.data_dir / API_KEY_FILE).read_text().strip()
@@ -183,23 +206,28 @@ async def _ask(sup: Supervisor, ours, question: str, deadline: float) -> tuple[M
             if time.monotonic() > deadline:
                 raise TimeoutError(f"inference still serves {info}")
             await asyncio.sleep(0.5)
-        reply = await client.post("/v1/chat/completions", json={
-            "model": "flywheel", "messages": [{"role": "user", "content": question}],
-            "max_tokens": 48, "temperature": 0,
-        })
-        reply.raise_for_status()
-        return event, info, reply.json()["choices"][0]["message"]["content"]
+        answers = []
+        for row in questions:
+            question = row["messages"][0]["content"]
+            reply = await client.post("/v1/chat/completions", json={
+                "model": "flywheel", "messages": [{"role": "user", "content": question}],
+                "max_tokens": 128, "temperature": 0,
+            })
+            reply.raise_for_status()
+            text = reply.json()["choices"][0]["message"]["content"]
+            answers.append(Answer(question, text, row["expected"], binary.is_correct(row["expected"], text)))
+        return event, info, answers
 
 
 def run_demo(data_dir: Path, *, port_base: int | None = None, dataset: Path = SAMPLE_DATASET,
-             question: str = QUESTION, timeout_s: float = 540, extra_env: dict[str, str] | None = None) -> DemoResult:
+             questions: list[dict] | None = None, timeout_s: float = 540, extra_env: dict[str, str] | None = None) -> DemoResult:
     # The caller's own FLYWHEEL_* settings win over the demo's defaults.
     env = {**DEMO_ENV, **os.environ, **(extra_env or {})}
     sup = Supervisor(data_dir, port_base=port_base, environ=env)
     setup_tracing("demo", sup.data_dir)
     sup.start()
     try:
-        result = asyncio.run(_drive(sup, dataset, question, time.monotonic() + timeout_s))
+        result = asyncio.run(_drive(sup, dataset, questions or held_out_questions(), time.monotonic() + timeout_s))
     finally:
         _say("stopping the stack")
         sup.stop()
@@ -227,8 +255,11 @@ def run_and_report(data_dir: Path | None = None, *, keep: bool = False) -> int:
     result = run_demo(data_dir, port_base=port_base)
     print()
     print("=" * 72)
-    print(f"question            {result.question!r}")
-    print(f"answer              {result.answer!r}")
+    for number, a in enumerate(result.answers, start=1):
+        print(f"question {number}          {a.question!r}")
+        print(f"  answer            {a.answer!r}")
+        print(f"  {'right' if a.correct else 'wrong'}  (expected {a.expected})")
+    print(f"held-out score      {sum(a.correct for a in result.answers)}/{len(result.answers)}")
     print(f"deployed checkpoint {result.checkpoint_uri}")
     print(f"                    exact_match {result.exact_match:.3f}  val_loss {result.val_loss:.4f}")
     print(f"trace id            {result.trace_id}   (services: {', '.join(result.trace_services)})")

@@ -67,7 +67,7 @@ class DatasetSubmitted(Event, frozen=True):
     uri: str | None = None
     sha256: str | None = None
     submitted_by: str = "anonymous"
-    # Where it came in: nats, http, inbox, curriculum.
+    # Where it came in: nats, http, inbox, curriculum, hard-examples (the evaluator: problems a checkpoint failed).
     channel: str = "nats"
 
 
@@ -278,6 +278,58 @@ class ModelRolledBack(Event, frozen=True):
     reason: str
 
 
+DeploymentKind = Literal["promotion", "manual", "rollback"]
+
+
+class ModelStaged(Event, frozen=True):
+    """The deployer wants this checkpoint served; nothing is final yet.
+
+    Every inference replica loads it and answers with `model.serving`. The champion changes, and
+    `model.deployed` follows, only once a replica reports serving exactly `checkpoint_sha256`;
+    otherwise `model.deploy_failed` says why and the champion stays. `kind`: promotion (the rule),
+    manual (`flywheel deploy`), rollback.
+    """
+
+    deployment_id: str
+    kind: DeploymentKind
+    checkpoint_uri: str
+    checkpoint_sha256: str
+    run_id: str
+    step: int
+    reason: str
+    # When the deployer stops waiting for a replica's report.
+    deadline: datetime
+
+
+class ModelServing(Event, frozen=True):
+    """An inference replica's answer to `model.staged`.
+
+    ok: the replica now serves `checkpoint_sha256`, as its loaded model reports it (the bytes
+    matched that hash and generated a token). Not ok: it could not load the checkpoint
+    (`reason`) and still serves `checkpoint_sha256`, its previous model ("" when none).
+    """
+
+    deployment_id: str
+    # Who answers: "<hostname>-<pid>" unless the replica is given a name.
+    replica: str
+    ok: bool
+    checkpoint_sha256: str
+    checkpoint_uri: str = ""
+    reason: str = ""
+
+
+class ModelDeployFailed(Event, frozen=True):
+    """A staged deployment will not be served; the champion stays. `reason` says why: a replica
+    could not load it, none reported in time, a newer deployment replaced it, or the champion
+    changed while it was staged. Replicas that loaded it go back to the champion."""
+
+    deployment_id: str
+    kind: DeploymentKind
+    checkpoint_uri: str
+    checkpoint_sha256: str
+    reason: str
+
+
 # ---------------------------------------------------------------------------- curriculum
 
 
@@ -324,14 +376,17 @@ class RollBackDeployment(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class DeployReply(msgspec.Struct, kw_only=True, frozen=True):
-    """The deployer's answer: `state` is promoted, already_champion, rescored (the champion's record
-    took this suite's score), refused, rolled_back or error; `message` says why."""
+    """The deployer's answer: `state` is staged (the checkpoint goes to inference; the champion
+    changes once a replica serves it, `flywheel history` shows the outcome), already_champion,
+    rescored (the champion's record took this suite's score), refused or error; `message` says why."""
 
     ok: bool
     state: str
     message: str = ""
     checkpoint_uri: str = ""
     checkpoint_sha256: str = ""
+    # Set when the checkpoint was staged: final once inference serves it (`flywheel history`).
+    deployment_id: str = ""
 
 
 EVENT_TYPES: tuple[type[Event], ...] = (
@@ -346,6 +401,9 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     EvalScored,
     ModelDeployed,
     ModelRolledBack,
+    ModelStaged,
+    ModelServing,
+    ModelDeployFailed,
     CurriculumLevelChanged,
 )
 
@@ -361,6 +419,9 @@ AnyEvent = (
     | EvalScored
     | ModelDeployed
     | ModelRolledBack
+    | ModelStaged
+    | ModelServing
+    | ModelDeployFailed
     | CurriculumLevelChanged
 )
 

@@ -1,6 +1,7 @@
 """The small shared facts kept in JetStream KV: each bucket's keys and their record types.
 
-One owner writes each record (deployer: the champion and its decisions; trainer: its control state;
+One owner writes each record (deployer: the champion, its decisions and its newest deployment;
+trainer: its control state;
 curriculum: each skill's state); anyone may read it (inference loads the champion, `flywheel
 status` and the dashboard show them all). Reading and compare-and-set writing go through
 `libs.common.kv.Record`. Record types never forbid unknown fields: a reader ignores what a
@@ -16,7 +17,7 @@ from typing import Generic, Literal, TypeVar
 import msgspec
 
 from libs.common import topology
-from libs.common.events import LevelScore, ModelDeployed, utcnow
+from libs.common.events import DeploymentKind, LevelScore, ModelDeployed, utcnow
 
 R = TypeVar("R", bound=msgspec.Struct)
 
@@ -78,7 +79,7 @@ class Champion(msgspec.Struct, kw_only=True, frozen=True):
 CHAMPION = Key(topology.CHAMPION_BUCKET, "current", Champion)
 ROLLED_BACK_KEPT = 256
 
-DecisionOutcome = Literal["promoted", "kept", "refused", "rescored", "rolled_back"]
+DecisionOutcome = Literal["promoted", "kept", "refused", "rescored", "rolled_back", "deploy_failed"]
 
 
 class DeployDecision(msgspec.Struct, kw_only=True, frozen=True):
@@ -91,7 +92,9 @@ class DeployDecision(msgspec.Struct, kw_only=True, frozen=True):
     # a regression, or the champion not yet scored on the candidate's suite); refused: the
     # candidate may never be served (rolled-back run, non-finite loss, no per-item outcomes, a
     # manual deploy of an unscored checkpoint); rescored: the champion's score on a new suite is
-    # recorded; rolled_back: the previous champion is served again.
+    # recorded; rolled_back: the previous champion is served again; deploy_failed: a promotion,
+    # manual deploy or rollback was staged but never served (the reason says why), the champion stays.
+    # Promoted and rolled_back are recorded once inference serves the checkpoint.
     outcome: DecisionOutcome
     reason: str
     checkpoint_uri: str
@@ -111,6 +114,47 @@ class DeployDecisions(msgspec.Struct, kw_only=True, frozen=True):
 
 
 DEPLOY_DECISIONS = Key(topology.CHAMPION_BUCKET, "decisions", DeployDecisions)
+
+# ---------------------------------------------------------------------------- deployment
+
+DeploymentState = Literal["staged", "served", "failed"]
+
+
+class Deployment(msgspec.Struct, kw_only=True, frozen=True):
+    """The deployer's newest deployment and what became of it (bucket `champion`, key `deployment`).
+
+    staged: `model.staged` asks inference to load `candidate`; served: a replica reported serving
+    its sha256, and `candidate` is (or is about to be) the champion record; failed: it never will
+    be, `reason` says why, the champion stays. Each change is one compare-and-set of this record,
+    so exactly one outcome wins; what follows from it (the champion record, the events, the
+    decision) is idempotent and `settled` once done, so a restarted deployer finishes it.
+    """
+
+    id: str
+    kind: DeploymentKind
+    state: DeploymentState = "staged"
+    staged_at: datetime
+    deadline: datetime
+    # The champion record to write once a replica serves the checkpoint.
+    candidate: Champion
+    # The champion's checkpoint when this was decided ("" none): if another is champion by the
+    # time a replica reports, this deployment fails rather than replace what it was not weighed against.
+    replaces_sha256: str = ""
+    # Recorded in DEPLOY_DECISIONS once final (with outcome deploy_failed and `reason` if it failed).
+    decision: DeployDecision
+    reason: str = ""
+    served_by: str = ""
+    resolved_at: datetime | None = None
+    settled: bool = False
+    # Staged deployments this one replaced (failed, "replaced by ..."), until their failure is announced.
+    replaced: list[Deployment] = []
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        return self.candidate.checkpoint_sha256
+
+
+DEPLOYMENT = Key(topology.CHAMPION_BUCKET, "deployment", Deployment)
 
 # ---------------------------------------------------------------------------- trainer control
 

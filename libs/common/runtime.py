@@ -199,6 +199,7 @@ def run(service: Service) -> None:
         raise SystemExit(2) from exc
     setup_logging(service.name, settings.log_level)
     setup_tracing(service.name, settings.data_dir)
+    limit_torch_threads(settings.torch_threads)
     get_logger(service.name).info("settings", **describe(settings))
 
     async def main() -> int:
@@ -207,6 +208,19 @@ def run(service: Service) -> None:
         return code
 
     raise SystemExit(asyncio.run(main()))
+
+
+def limit_torch_threads(threads: int) -> int:
+    """Give torch `threads` CPU threads (0: half the cores, at least one); returns the number.
+
+    Set through OMP_NUM_THREADS before torch is imported (a service that never imports torch
+    pays nothing), and directly when it already is.
+    """
+    threads = threads or max(1, (os.cpu_count() or 2) // 2)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    return threads
 
 
 async def _leave_worker_threads(code: int, wait_s: float = 5.0) -> None:

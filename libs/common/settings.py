@@ -89,6 +89,11 @@ class CommonSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # The longest token sequence the model is trained and scored on: the trainer cuts rows to
     # it, the gatekeeper measures rows against it, the evaluator scores within it.
     max_length: Annotated[int, msgspec.Meta(ge=16)] = 512
+    # Threads for torch's CPU work in this process. 0: half the cores, at least one, because the
+    # trainer and the evaluator (and inference) share a box: measured on 2 cores, scoring 16
+    # items took 286 s with torch's default of one thread per core while the trainer ran, and
+    # 21 s with one thread.
+    torch_threads: NonNegative = 0
 
     @property
     def nats_servers(self) -> list[str]:

@@ -21,6 +21,11 @@ CHECKPOINT_SAVED = "checkpoint.saved"
 EVAL_SCORED = "eval.scored"
 MODEL_DEPLOYED = "model.deployed"
 MODEL_ROLLED_BACK = "model.rolled_back"
+# A deployment is staged, inference answers whether it serves it, a failed one says why
+# (stored in MODELS with model.deployed).
+MODEL_STAGED = "model.staged"
+MODEL_SERVING = "model.serving"
+MODEL_DEPLOY_FAILED = "model.deploy_failed"
 CURRICULUM_LEVEL_CHANGED = "curriculum.level_changed"
 DEAD_LETTER_PREFIX = "deadletter"
 # Core NATS request/reply (not stored): control.trainer.pause|resume|stop
@@ -108,8 +113,10 @@ TRAINER = tuple(
 EVALUATOR = ConsumerSpec("evaluator", "TRAINING", CHECKPOINT_SAVED, ack_wait_s=60.0, long_running=True)
 DEPLOYER = ConsumerSpec("deployer", "EVALS", EVAL_SCORED, ack_wait_s=120.0, long_running=True)
 CURRICULUM = ConsumerSpec("curriculum", "EVALS", EVAL_SCORED)
+# Inference replicas' reports on staged deployments: whichever deployer replica takes one decides.
+DEPLOYER_SERVING = ConsumerSpec("deployer-serving", "MODELS", MODEL_SERVING)
 
-CONSUMERS: tuple[ConsumerSpec, ...] = (GATEKEEPER, *TRAINER, EVALUATOR, DEPLOYER, CURRICULUM)
+CONSUMERS: tuple[ConsumerSpec, ...] = (GATEKEEPER, *TRAINER, EVALUATOR, DEPLOYER, CURRICULUM, DEPLOYER_SERVING)
 
 # ---------------------------------------------------------------------------- KV buckets
 

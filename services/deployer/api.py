@@ -1,4 +1,5 @@
-"""The deployer's HTTP routes: the champion, its history, the decisions with their reasons, rollback."""
+"""The deployer's HTTP routes: the champion, its history, the newest deployment, the decisions
+with their reasons, rollback."""
 
 from __future__ import annotations
 
@@ -8,17 +9,18 @@ import msgspec
 from fastapi import APIRouter, HTTPException
 
 from libs.common.kv import Record
-from libs.common.records import Champion, DeployDecisions
+from libs.common.records import Champion, DeployDecisions, Deployment
 from services.deployer.promotion import NothingToRollBack
 
 
 class ChampionDesk(Protocol):
-    """What the routes need: the champion and decision records, and the rollback command."""
+    """What the routes need: the champion, decision and deployment records, and the rollback command."""
 
     champion: Record[Champion]
     decisions: Record[DeployDecisions]
+    deployments: Record[Deployment]
 
-    async def rollback(self, requested_by: str) -> Champion: ...
+    async def rollback(self, requested_by: str) -> Deployment: ...
 
 
 def router(deployer: ChampionDesk) -> APIRouter:
@@ -36,19 +38,31 @@ def router(deployer: ChampionDesk) -> APIRouter:
         """Champions kept by the KV bucket, newest first."""
         return msgspec.to_builtins(list(reversed(await deployer.champion.history())))
 
+    @routes.get("/deployment")
+    async def deployment() -> dict:
+        """The newest deployment: staged (waiting for inference), served or failed, and why."""
+        current, _ = await deployer.deployments.read()
+        if current is None:
+            raise HTTPException(404, "nothing was deployed yet")
+        return msgspec.to_builtins(current)
+
     @routes.get("/decisions")
     async def decisions(limit: int = 100) -> list[dict]:
-        """The last decisions (promoted, kept, refused, rescored, rolled_back) with their reasons, newest first."""
+        """The last decisions (promoted, kept, refused, rescored, rolled_back, deploy_failed) with their
+        reasons, newest first."""
         kept, _ = await deployer.decisions.read()
         newest_first = list(reversed(kept.decisions)) if kept else []
         return msgspec.to_builtins(newest_first[: max(limit, 0)])
 
     @routes.post("/rollback")
     async def rollback(requested_by: str = "http") -> dict:
+        """Stage the previous champion; it is served once inference confirms (GET /deployment)."""
         try:
-            restored = await deployer.rollback(requested_by)
+            staged = await deployer.rollback(requested_by)
         except NothingToRollBack as exc:
             raise HTTPException(409, str(exc)) from exc
-        return msgspec.to_builtins(restored)
+        return {"state": staged.state, "deployment_id": staged.id, "checkpoint_uri": staged.candidate.checkpoint_uri,
+                "checkpoint_sha256": staged.checkpoint_sha256, "reason": staged.candidate.reason,
+                "deadline": staged.deadline.isoformat()}
 
     return routes

@@ -1,6 +1,7 @@
 """The deployer's typed settings (env `FLYWHEEL_DEPLOYER_<FIELD>`, TOML section `[deployer]`).
 
-The promotion rule they tune is stated in services/deployer/promotion.py.
+The promotion rule they tune is stated in services/deployer/promotion.py, the confirmation of a
+deployment in services/deployer/confirmation.py.
 """
 
 from __future__ import annotations
@@ -9,7 +10,12 @@ from typing import Annotated
 
 import msgspec
 
-from libs.common.settings import CommonSettings, Fraction, NonNegativeFloat
+from libs.common.settings import (
+    CommonSettings,
+    Fraction,
+    NonNegativeFloat,
+    PositiveFloat,
+)
 
 
 class DeployerSettings(CommonSettings, kw_only=True, forbid_unknown_fields=True):
@@ -25,6 +31,9 @@ class DeployerSettings(CommonSettings, kw_only=True, forbid_unknown_fields=True)
     max_loss_rise: NonNegativeFloat | None = None
     # Decisions kept in KV (GET /decisions, `flywheel history`).
     decisions_kept: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+    # A staged checkpoint becomes the champion only once an inference replica reports serving it;
+    # with no report within this many seconds the deployment fails and the champion stays.
+    confirm_timeout_s: PositiveFloat = 120.0
 
 
 SETTINGS = DeployerSettings

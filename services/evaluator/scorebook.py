@@ -1,8 +1,9 @@
 """The evaluator's record of what it has scored: one file per (checkpoint sha256, suite version).
 
-The record holds the exact `EvalScored` event that was published, so a redelivered
-`CheckpointSaved` republishes the same event (same id: JetStream drops the duplicate) instead
-of scoring again, and the per-item outputs, so a score can be inspected later.
+The record holds the exact `EvalScored` event that was published, and the hard-examples
+submission if there was one, so a redelivered `CheckpointSaved` republishes the same events
+(same ids: JetStream drops the duplicates) instead of scoring again, and the per-item outputs,
+so a score can be inspected later.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import msgspec
 
 from libs.common.artifacts import is_sha256, write_atomically
-from libs.common.events import EvalScored
+from libs.common.events import DatasetSubmitted, EvalScored
 from services.evaluator.scoring import ItemResult
 
 _VERSION = re.compile(r"[A-Za-z0-9_.-]+")
@@ -22,6 +23,8 @@ _VERSION = re.compile(r"[A-Za-z0-9_.-]+")
 class ScoreRecord(msgspec.Struct, frozen=True):
     event: EvalScored
     items: list[ItemResult]
+    # The training problems it failed, submitted as a dataset (None: too few, or not probed).
+    hard_examples: DatasetSubmitted | None = None
 
 
 class Scorebook:

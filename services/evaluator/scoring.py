@@ -5,7 +5,11 @@
   the same over that level's items. None when it is not finite (a diverged model).
 - exact_match: greedy generation from the chat template's generation prompt, batched with
   left padding (so every row's next token sits at the same position), stopping at the
-  end-of-turn token; an answer counts when the skill's `is_correct` accepts it.
+  end-of-turn token; an answer counts when the item's own skill's `is_correct` accepts it
+  (Binary compares a string, SYLLO the list of words). An item whose prompt alone fills
+  `max_length` tokens is not generated (`answered` False) and counts wrong: the trainer never
+  trains an answer token there (a long SYLLO prompt in a small max_length), and generating it
+  would only cost time.
 - levels: per "<skill>/<level>" the items right, the accuracy and its 95% Wilson score
   interval (`wilson_interval`); `by_level` is the accuracy alone (what the curriculum reads).
 - outcomes: every item's result in suite order (`libs.common.events.encode_outcomes`), so
@@ -13,7 +17,9 @@
 - confidence of an answer: the geometric mean of the probabilities the model gave the tokens
   it generated greedily, up to and including the end-of-turn token (the product would punish
   long answers for their length). ece: the expected calibration error over 6 equal-width
-  confidence bins (`expected_calibration_error`).
+  confidence bins (`expected_calibration_error`), over the answered items.
+- probes: items answered like the suite's (the evaluator's hard-example probes) whose results
+  enter no statistic: the model is loaded once for both.
 
 Blocking and CPU/GPU heavy: the service runs `score_checkpoint` in a worker thread.
 """
@@ -30,7 +36,7 @@ import msgspec
 from libs.common.chat import IGNORE_INDEX, collate, encode_chat, prompt_messages
 from libs.common.events import LevelScore, encode_outcomes
 from libs.common.models import load_model, load_tokenizer
-from libs.common.skills import get_skill
+from libs.common.skills import Expected, get_skill
 from services.evaluator.suite import SuiteItem
 
 # The normal quantile for a two-sided 95% interval.
@@ -41,11 +47,13 @@ CALIBRATION_BINS = 6
 class ItemResult(msgspec.Struct, frozen=True):
     level: str
     scenario: str
-    expected: str
+    expected: Expected
     output: str
     correct: bool
-    # The geometric mean probability of the generated tokens; None: not finite (or scored before).
+    # The geometric mean probability of the generated tokens; None: not finite, not answered (or scored before).
     confidence: float | None = None
+    # False: the prompt alone fills max_length, so nothing was generated and the item counts wrong.
+    answered: bool = True
 
 
 class Scores(msgspec.Struct, frozen=True):
@@ -59,6 +67,8 @@ class Scores(msgspec.Struct, frozen=True):
     ece: float | None
     num_examples: int
     items: list[ItemResult]
+    # The probes' results, in the order given; part of no statistic.
+    probes: list[ItemResult] = []
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -127,22 +137,37 @@ def level_scores(
     return scores
 
 
+def judge(
+    items: Sequence[SuiteItem], outputs: Sequence[str], confidences: Sequence[float | None],
+    answered: Sequence[bool] | None = None,
+) -> list[ItemResult]:
+    """Each item's result: right when it was answered and its skill's `is_correct` accepts the output."""
+    answered = [True] * len(items) if answered is None else answered
+    return [
+        ItemResult(item.level_key, item.scenario, item.expected, out,
+                   ok and get_skill(item.skill).is_correct(item.expected, out), conf, ok)
+        for item, out, conf, ok in zip(items, outputs, confidences, answered, strict=True)
+    ]
+
+
 def summarise(
     items: Sequence[SuiteItem], outputs: Sequence[str], confidences: Sequence[float | None],
-    loss_sums: Sequence[float], loss_tokens: Sequence[int],
+    loss_sums: Sequence[float], loss_tokens: Sequence[int], answered: Sequence[bool] | None = None,
 ) -> Scores:
-    """Every statistic of one scoring run from its per-item parts (pure: no model)."""
+    """Every statistic of one scoring run from its per-item parts (pure: no model).
+
+    `answered` (default: all) marks the items that were generated; the others count wrong and
+    stay out of the calibration error.
+    """
     total_tokens = sum(loss_tokens)
     if total_tokens == 0:
         raise ValueError("the suite has no assistant tokens to score (chat template or max_length problem)")
-    results = [
-        ItemResult(item.level_key, item.scenario, item.expected, out, get_skill(item.skill).is_correct(item.expected, out), conf)
-        for item, out, conf in zip(items, outputs, confidences, strict=True)
-    ]
+    results = judge(items, outputs, confidences, answered)
     correct = [r.correct for r in results]
     right = sum(correct)
     low, high = wilson_interval(right, len(results))
     levels = level_scores([r.level for r in results], correct, loss_sums, loss_tokens)
+    generated = [r for r in results if r.answered]
     return Scores(
         val_loss=finite(sum(loss_sums) / total_tokens),
         exact_match=right / len(results),
@@ -151,7 +176,7 @@ def summarise(
         by_level={level: score.accuracy for level, score in levels.items()},
         levels=levels,
         outcomes=encode_outcomes(correct),
-        ece=expected_calibration_error(confidences, correct),
+        ece=expected_calibration_error([r.confidence for r in generated], [r.correct for r in generated]),
         num_examples=len(results),
         items=results,
     )
@@ -162,16 +187,20 @@ def summarise(
 
 def score_checkpoint(
     path: Path, items: list[SuiteItem], *, device: str, batch_size: int, max_new_tokens: int, max_length: int,
+    probes: Sequence[SuiteItem] = (),
 ) -> Scores:
-    """Load the model at `path` and score it on `items`."""
+    """Load the model at `path`, score it on `items` and answer `probes` (results only)."""
     import torch
 
     tokenizer = load_tokenizer(path)
     model = load_model(path, device)
     with torch.inference_mode():
         loss_sums, loss_tokens = _validation_losses(model, tokenizer, items, device, batch_size, max_length)
-        outputs, confidences = _generate(model, tokenizer, items, device, batch_size, max_new_tokens)
-    return summarise(items, outputs, confidences, loss_sums, loss_tokens)
+        outputs, confidences, answered = _generate(model, tokenizer, items, device, batch_size, max_new_tokens,
+                                                   max_length)
+        probe_answers = _generate(model, tokenizer, list(probes), device, batch_size, max_new_tokens, max_length)
+    scores = summarise(items, outputs, confidences, loss_sums, loss_tokens, answered)
+    return msgspec.structs.replace(scores, probes=judge(probes, *probe_answers))
 
 
 def _validation_losses(
@@ -200,9 +229,10 @@ def _validation_losses(
 
 
 def _generate(
-    model, tokenizer, items: list[SuiteItem], device: str, batch_size: int, max_new_tokens: int,
-) -> tuple[list[str], list[float | None]]:
-    """Greedy answers, and each answer's confidence (geometric mean probability of its tokens)."""
+    model, tokenizer, items: list[SuiteItem], device: str, batch_size: int, max_new_tokens: int, max_length: int,
+) -> tuple[list[str], list[float | None], list[bool]]:
+    """Greedy answers, each answer's confidence (geometric mean probability of its tokens), and
+    whether it was generated at all (not when the prompt alone fills `max_length`)."""
     import torch
     from transformers import GenerationConfig
 
@@ -219,6 +249,8 @@ def _generate(
         tokenizer.apply_chat_template(prompt_messages(item.messages), tokenize=False, add_generation_prompt=True)
         for item in items
     ]
+    answered = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) < max_length for p in prompts]
+    prompts = [p for p, ok in zip(prompts, answered, strict=True) if ok]
     tokenizer.padding_side = "left"
     outputs: list[str] = []
     confidences: list[float | None] = []
@@ -238,4 +270,7 @@ def _generate(
         answer = (is_end.long().cumsum(dim=1) - is_end.long()) == 0
         mean_logprob = torch.where(answer, chosen, 0.0).sum(dim=1) / answer.sum(dim=1)
         confidences.extend(finite(math.exp(v)) if math.isfinite(v) else None for v in mean_logprob.tolist())
-    return outputs, confidences
+    # The unanswered items get no output and no confidence, in their places.
+    generated = iter(zip(outputs, confidences, strict=True))
+    placed = [next(generated) if ok else ("", None) for ok in answered]
+    return [out for out, _ in placed], [conf for _, conf in placed], answered

@@ -9,21 +9,54 @@ from typing import Annotated
 
 import msgspec
 
-from libs.common.settings import CommonSettings, Device, Positive, PositiveFloat
-from libs.common.skills import binary
+from libs.common.settings import (
+    CommonSettings,
+    Device,
+    NonNegative,
+    Positive,
+    PositiveFloat,
+)
+from libs.common.skills import binary, syllo
 
 
 class EvaluatorSettings(CommonSettings, kw_only=True, forbid_unknown_fields=True):
     device: Device = "auto"
-    # Distinct from any training seed; the suite also draws only from the skill's eval split.
+    # Distinct from any training seed; the suite also draws only from each skill's eval split.
     suite_seed: int = 1_000_003
-    suite_max_level: Annotated[int, msgspec.Meta(ge=1, le=binary.MAX_LEVEL)] = 5
-    items_per_level: Positive = 16
+    # The suite's levels per skill, 1..max (0 leaves a skill out): Binary, then SYLLO.
+    suite_max_level: Annotated[int, msgspec.Meta(ge=0, le=binary.MAX_LEVEL)] = 5
+    syllo_max_level: Annotated[int, msgspec.Meta(ge=0, le=syllo.MAX_LEVEL)] = 5
+    # Items per level and skill. 48 puts a Wilson 95% interval at 80% accuracy at [0.67, 0.89]
+    # (16 items: [0.56, 0.93]), so the curriculum's 80% rule and the deployer's paired test see
+    # real changes, not noise. The smallest level, Binary 1, holds 134 distinct eval problems.
+    # Measured on the 2-core dev machine: one evaluation of the untrained embedded tiny model
+    # (the slowest case: it never stops before max_new_tokens) on the whole default suite
+    # (Binary 1-5, SYLLO 1-5), in one torch thread beside other jobs: 16 items 21 s, 32 items
+    # 36 s, 48 items 53 s, plus 12 s for the 16 hard-example probes a level. (Torch's default two
+    # threads collapsed when another job held a core: 16 items took 286 s; idle cores, before
+    # SYLLO prompts fit max_length: 10 s, 13 s, 19 s.)
+    items_per_level: Positive = 48
     batch_size: Positive = 16
-    # The longest gold Binary answer up to level 5 (chained) is 76 tokens of the tiny tokenizer.
-    max_new_tokens: Positive = 128
-    # How often the champion's record is checked for a score on another suite (then it is scored on this one).
+    # The longest gold Binary answer up to level 5 (a sum worked through decimal) is 137 tokens
+    # of the tiny tokenizer (levels 1-4: 82, 94, 105, 112; 6 and 7: 195, 226).
+    # SYLLO answers run 52-710 tokens (about a quarter, the plain-text layout, within 160): raise
+    # it, with FLYWHEEL_MAX_LENGTH, when a model is to solve SYLLO.
+    max_new_tokens: Positive = 160
+    # How often the champion's record is checked: for a score on another suite (the champion is
+    # then scored on this one), and, while there is no champion, for the base model's score.
     champion_check_s: PositiveFloat = 30.0
+    # While no champion was ever deployed, score the base model once as the first candidate.
+    score_base_model: bool = True
+    # Hard examples: fresh training problems per level the suite covers, answered after the
+    # suite (0: none); the failed ones are submitted as a low-priority dataset, when at least
+    # `hard_examples_min` were failed.
+    hard_probe_items: NonNegative = 16
+    hard_examples_min: Positive = 8
+
+    @property
+    def suite_max_levels(self) -> dict[str, int]:
+        """The suite's top level per skill (every skill of libs.common.skills)."""
+        return {binary.SKILL: self.suite_max_level, syllo.SKILL: self.syllo_max_level}
 
 
 SETTINGS = EvaluatorSettings

@@ -1,8 +1,9 @@
 """Which model should be served: the champion named by the deployer, or the base model.
 
 The deployer owns the champion record (`libs.common.records.CHAMPION`) and announces every
-change, rollbacks included, with `model.deployed`. This module turns the record or a
-deployment into a `ModelTarget` and decides whether it differs from what is loaded.
+change, rollbacks included, with `model.deployed`; before a change it stages the checkpoint
+(`model.staged`) for inference to load and confirm. This module turns the record, a deployment
+or a staged checkpoint into a `ModelTarget` and decides whether it differs from what is loaded.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Literal
 
 import msgspec
 
-from libs.common.events import ModelDeployed
+from libs.common.events import ModelDeployed, ModelStaged
 from libs.common.kv import Record
 from libs.common.records import Champion
 
@@ -54,7 +55,7 @@ def target_for_champion(champion: Champion | None) -> ModelTarget:
                        champion.step, champion.event_id)
 
 
-def target_for_event(event: ModelDeployed) -> ModelTarget:
+def target_for_event(event: ModelDeployed | ModelStaged) -> ModelTarget:
     return ModelTarget("champion", event.checkpoint_uri, event.checkpoint_sha256, event.run_id, event.step, event.id)
 
 

@@ -2,7 +2,8 @@
 
 - A load runs in a worker thread while the current model keeps answering. The new model is
   served only after its artifact hash matched and it generated a token; then one reference
-  assignment swaps it in. A failed load leaves the current model serving.
+  assignment swaps it in. A failed load leaves the current model serving. Loads run one at a
+  time; `withdraw` (a deployment that failed) waits for a load in progress before it decides.
 - A request takes the current `ServedModel` once and keeps that reference to the end, so a
   swap never changes the model under a running generation; the old one is freed when its
   last request finishes.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -97,26 +98,41 @@ class ModelServer:
     async def deploy(self, target: ModelTarget, *, force: bool = False) -> ModelInfo:
         """Serve `target` unless it is already served; raises ReloadFailed (old model kept)."""
         async with self._reload_lock:
-            if self.current and not needs_reload(self.current.target, target, force=force):
-                return self.current.info
-            with tracer().start_as_current_span("model load", attributes={
-                "flywheel.model.source": target.source, "flywheel.model.uri": target.uri,
-            }):
-                try:
-                    # A copy of the context goes with the thread, so the load's spans nest here.
-                    served = await asyncio.to_thread(self._load, target, current_trace_id())
-                except Exception as exc:  # noqa: BLE001 - any load failure keeps the old model
-                    self.metrics.reloads.labels("failed").inc()
-                    self.last_error = f"loading {target.source} {target.uri or ''}: {exc}".strip()
-                    log.error("model load failed; keeping the current model", target=target.uri,
-                              source=target.source, error=repr(exc),
-                              serving=self.current.info.id if self.current else None)
-                    raise ReloadFailed(self.last_error) from exc
-            self.current = served
-            self.last_error = ""
-            self.metrics.reloads.labels("ok").inc()
-            log.info("model loaded", **msgspec.to_builtins(served.info))
-            return served.info
+            return await self._swap(target, force)
+
+    async def withdraw(self, sha256: str, instead: Callable[[], Awaitable[ModelTarget]]) -> ModelInfo | None:
+        """Stop serving checkpoint `sha256` if it is served: load `instead()` in its place.
+
+        Waits for a load in progress, so a checkpoint withdrawn while it was loading is replaced
+        as soon as it is in. None: `sha256` was not served. Raises ReloadFailed (it stays served).
+        """
+        async with self._reload_lock:
+            served = self.current.target if self.current else None
+            if served is None or served.source != "champion" or served.sha256 != sha256:
+                return None
+            return await self._swap(await instead(), False)
+
+    async def _swap(self, target: ModelTarget, force: bool) -> ModelInfo:
+        if self.current and not needs_reload(self.current.target, target, force=force):
+            return self.current.info
+        with tracer().start_as_current_span("model load", attributes={
+            "flywheel.model.source": target.source, "flywheel.model.uri": target.uri,
+        }):
+            try:
+                # A copy of the context goes with the thread, so the load's spans nest here.
+                served = await asyncio.to_thread(self._load, target, current_trace_id())
+            except Exception as exc:  # noqa: BLE001 - any load failure keeps the old model
+                self.metrics.reloads.labels("failed").inc()
+                self.last_error = f"loading {target.source} {target.uri or ''}: {exc}".strip()
+                log.error("model load failed; keeping the current model", target=target.uri,
+                          source=target.source, error=repr(exc),
+                          serving=self.current.info.id if self.current else None)
+                raise ReloadFailed(self.last_error) from exc
+        self.current = served
+        self.last_error = ""
+        self.metrics.reloads.labels("ok").inc()
+        log.info("model loaded", **msgspec.to_builtins(served.info))
+        return served.info
 
     def _load(self, target: ModelTarget, trace_id: str) -> ServedModel:
         if target.source == "champion":

@@ -15,6 +15,9 @@ class InferenceSettings(CommonSettings, kw_only=True, forbid_unknown_fields=True
     device: Device = "auto"
     # The served model id is "<model_name>:<checkpoint>".
     model_name: str = "flywheel"
+    # How this replica names itself when it reports serving a staged deployment (model.serving);
+    # empty: "<hostname>-<pid>".
+    replica_id: str = ""
 
     def __post_init__(self) -> None:
         if self.api_key and self.api_key_file:

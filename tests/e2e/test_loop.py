@@ -30,6 +30,9 @@ def test_one_dataset_travels_the_whole_loop(tmp_path: Path):
     ArtifactStore(data_dir / "artifacts").verify(result.checkpoint_uri, result.checkpoint_sha256)
     # What answered is exactly what the deployer deployed from this dataset's trace.
     assert (result.served_uri, result.served_sha256) == (result.checkpoint_uri, result.checkpoint_sha256)
+    # Deployed only once inference reported serving the staged checkpoint.
+    assert '"reported serving"' in (data_dir / "logs" / "inference.log").read_text()
+    assert '"deployed"' in (data_dir / "logs" / "deployer.log").read_text()
     # One trace links the journey through all six services.
     assert len(result.trace_id) == 32
     assert set(SERVICES) <= set(result.trace_services), f"services in the trace: {result.trace_services}"

@@ -262,11 +262,14 @@ async def test_deploy_rollback_and_history_through_the_running_deployer(bus, nat
     from tests.conftest import wait_for
     from tests.services.conftest import running
     from tests.services.deployer.candidates import base, better, scored
+    from tests.services.deployer.replica import replica, settled
 
     env = cli_env(tmp_path, nats_server)
     settings = load_settings(DeployerSettings, "deployer", environ={}, nats_url=nats_server)
-    async with running(SERVICE, settings) as deployer:
+    # A stand-in inference replica reports serving whatever is staged: only then is a deployment final.
+    async with running(SERVICE, settings) as deployer, replica(bus):
         await bus.publish(topology.EVAL_SCORED, scored("a", base()))  # first champion
+        await settled(bus)
         await bus.publish(topology.EVAL_SCORED, scored("b", better(base(), 2)))  # kept: within the noise
 
         async def both_decided() -> bool:
@@ -277,16 +280,18 @@ async def test_deploy_rollback_and_history_through_the_running_deployer(bus, nat
 
         code, out, err = await run_cli_async("deploy", "b" * 64, "--json", env=env)
         reply = json.loads(out)
-        assert code == 0 and reply["ok"] and reply["state"] == "promoted", err
+        assert code == 0 and reply["ok"] and reply["state"] == "staged", err
         assert reply["checkpoint_uri"] == "file:///ckpt/b" and "manual deploy" in reply["message"]
+        await settled(bus, reply["deployment_id"])
 
         code, out, _ = await run_cli_async("deploy", "c" * 64, env=env)
         assert code == 1 and out.startswith("deployer: refused (checkpoint cccc")
         assert "has not been scored on the current suite" in out
 
         code, out, _ = await run_cli_async("deploy", "--rollback", env=env)
-        assert code == 0 and out.startswith("deployer: rolled_back (rollback requested by cli")
-        assert "serving   file:///ckpt/a" in out
+        assert code == 0 and out.startswith("deployer: staged (rollback requested by cli")
+        assert "staging   file:///ckpt/a" in out
+        await settled(bus)
 
     code, out, _ = await run_cli_async("history", "--json", env=env)
     decisions = json.loads(out)

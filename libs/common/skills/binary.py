@@ -81,6 +81,8 @@ class Level:
 
 
 _SHIFTS = ("leftshift", "rightshift")
+# Answered worked through decimal (`_worked_answer`); the rest state the result at once.
+_WORKED = ("add", "subtract")
 _L1 = ("todecimal", "tobinary", "add")
 _L2 = (*_L1, "subtract")
 _L3 = (*_L2, *_SHIFTS)
@@ -122,10 +124,33 @@ def _arithmetic(kind: str, a: int, b: int, verified: bool) -> Problem:
         "add": ("Add", "+", a + b), "subtract": ("Subtract", "-", a - b), "multiply": ("Multiply", "×", a * b),
     }[kind]
     ca, cb, cr = to_circled(a), to_circled(b), to_circled(result)
+    prompt = f"{verb} these binary numbers:\n\n{ca} {sym} {cb}"
+    if kind in _WORKED:
+        return Problem(kind, prompt, _worked_answer(ca, cb, sym, a, b, result), cr)
     answer = f"{kind} {ca} {cb} = {cr}"
     if verified:
         answer += f"\n\nVerification: {a} {sym} {b} = {result} ✓"
-    return Problem(kind, f"{verb} these binary numbers:\n\n{ca} {sym} {cb}", answer, cr)
+    return Problem(kind, prompt, answer, cr)
+
+
+def _worked_answer(ca: str, cb: str, sym: str, a: int, b: int, result: int) -> str:
+    """Addition and subtraction worked through decimal: convert, compute, convert back.
+
+    Every line is in the notation (prefix-form statements, a decimal line, the chained
+    problems' `Final result:`), and every claim is checked by `is_correct`. A small model
+    learns the three parts separately, each from every problem it sees, where the one-line
+    `add A B = C` asks it to learn carries through binary digits from a few hundred examples
+    (measured in the README's "Making the model learn"). A sum is written larger term first,
+    as people add: 11 + 18 and 18 + 11 are the same fact.
+    """
+    x, y = (max(a, b), min(a, b)) if sym == "+" else (a, b)
+    return (
+        f"Step 1: todecimal {ca} = {a}\n"
+        f"Step 2: todecimal {cb} = {b}\n"
+        f"Step 3: {x} {sym} {y} = {result}\n"
+        f"Step 4: tobinary {result} = {to_circled(result)}\n\n"
+        f"Final result: {to_circled(result)} = {result} (decimal)"
+    )
 
 
 def _shift(kind: str, a: int, n: int, verified: bool) -> Problem:

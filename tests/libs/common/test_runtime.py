@@ -116,3 +116,20 @@ def test_a_port_in_use_is_reported_and_the_service_exits_cleanly(tmp_path: Path,
         )
     assert result.returncode == 1
     assert f"could not start on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_torch_threads_default_to_half_the_cores_and_follow_the_setting(monkeypatch):
+    import torch
+
+    from libs.common.runtime import limit_torch_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    try:
+        assert limit_torch_threads(0) == 4 and torch.get_num_threads() == 4 and os.environ["OMP_NUM_THREADS"] == "4"
+        monkeypatch.setattr(os, "cpu_count", lambda: 1)
+        assert limit_torch_threads(0) == 1 and torch.get_num_threads() == 1
+        assert limit_torch_threads(3) == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from libs.common.artifacts import ArtifactStore
-from libs.common.chat import ChatMessage
+from libs.common.chat import ChatMessage, prompt_messages
 from libs.common.events import (
     CheckpointSaved,
     EvalScored,
@@ -18,6 +18,8 @@ from libs.common.events import (
     encode_outcomes,
     score_regressions,
 )
+from libs.common.models import load_tokenizer
+from libs.common.skills import syllo
 from services.evaluator.scoring import (
     expected_calibration_error,
     level_scores,
@@ -104,6 +106,37 @@ def test_summarise_reports_every_statistic_and_hides_no_nan():
     assert scores.exact_match_low < scores.exact_match < scores.exact_match_high
 
 
+def syllo_item(seed: int = 3) -> SuiteItem:
+    [row] = syllo.generate(1, 1, seed, split="eval")
+    return msgspec.convert(row, SuiteItem)
+
+
+def test_each_item_is_judged_by_its_own_skill():
+    puzzle = syllo_item()
+    assert isinstance(puzzle.expected, list)
+    gold = puzzle.messages[-1].content
+    # The same words in another layout (plain text, tiles named) are right; one word changed is wrong.
+    plain = "\n".join(f"{i}. {w.replace('·', '')} ({' + '.join(w.split('·')).lower()})"
+                      for i, w in enumerate(puzzle.expected, 1))
+    wrong = gold.replace(puzzle.expected[0].replace("·", ""), "XYZZY")
+    items = [puzzle, puzzle, puzzle, item(1, "①")]
+    scores = summarise(items, [gold, plain, wrong, "add ⓪ ① = ①"], [0.5] * 4, [1.0] * 4, [1] * 4)
+    assert [r.correct for r in scores.items] == [True, True, False, True]
+    assert scores.by_level == {"binary/1": 1.0, "syllo/1": pytest.approx(2 / 3)}
+    assert scores.items[0].expected == puzzle.expected  # a list, as the skill states it
+
+
+def test_an_unanswered_item_counts_wrong_and_stays_out_of_calibration():
+    items = [item(1, "①"), item(1, "①")]
+    # The second prompt filled max_length: nothing generated, no confidence.
+    scores = summarise(items, ["add ⓪ ① = ①", ""], [0.75, None], [1.0, 1.0], [1, 1], answered=[True, False])
+    assert [(r.correct, r.answered) for r in scores.items] == [(True, True), (False, False)]
+    assert scores.exact_match == 0.5
+    assert scores.ece == pytest.approx(0.25)  # the answered item alone: right at confidence 0.75
+    # Every item answered: a missing confidence still makes calibration undefined.
+    assert summarise(items, ["add ⓪ ① = ①", ""], [0.75, None], [1.0, 1.0], [1, 1]).ece is None
+
+
 def test_outcomes_encode_in_suite_order_compactly():
     correct = [True, False, False, True, True, True, True, True, False, True]
     text = encode_outcomes(correct)
@@ -164,19 +197,32 @@ def test_eval_scored_with_non_finite_values_round_trips_as_null():
 @pytest.mark.slow
 def test_scores_a_tiny_checkpoint(checkpoint: CheckpointSaved, tmp_path):
     path = ArtifactStore(tmp_path / "data" / "artifacts").verify(checkpoint.uri, checkpoint.sha256)
-    suite = build_suite(2, 4, seed=11)
-    batched = score_checkpoint(path, suite.items, device="cpu", batch_size=8, max_new_tokens=12, max_length=256)
+    suite = build_suite({"binary": 2, "syllo": 1}, 4, seed=11)
+    probes = build_suite({"binary": 1, "syllo": 0}, 3, seed=12).items
+    batched = score_checkpoint(path, suite.items, device="cpu", batch_size=8, max_new_tokens=12, max_length=256,
+                               probes=probes)
     single = score_checkpoint(path, suite.items, device="cpu", batch_size=1, max_new_tokens=12, max_length=256)
     assert math.isfinite(batched.val_loss) and batched.val_loss > 0
     assert 0.0 <= batched.exact_match <= 1.0
-    assert set(batched.by_level) == set(batched.levels) == {"binary/1", "binary/2"}
-    assert batched.num_examples == len(batched.items) == 8
-    assert sum(s.total for s in batched.levels.values()) == 8
-    assert all(s.val_loss is not None and s.val_loss > 0 for s in batched.levels.values())
-    assert decode_outcomes(batched.outcomes, 8) == [i.correct for i in batched.items]
-    assert all(0.0 < i.confidence <= 1.0 for i in batched.items)
+    assert set(batched.by_level) == set(batched.levels) == {"binary/1", "binary/2", "syllo/1"}
+    assert batched.num_examples == len(batched.items) == 12
+    assert sum(s.total for s in batched.levels.values()) == 12
+    binary_items = [i for i in batched.items if i.level.startswith("binary/")]
+    assert all(batched.levels[f"binary/{n}"].val_loss > 0 for n in (1, 2))
+    # An item is generated exactly when its prompt leaves room within max_length (every Binary one).
+    tokenizer = load_tokenizer(path)
+    prompts = [tokenizer.apply_chat_template(prompt_messages(i.messages), tokenize=False, add_generation_prompt=True)
+               for i in suite.items]
+    fits = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) < 256 for p in prompts]
+    assert [i.answered for i in batched.items] == fits and all(fits[:8])
+    assert all(i.output == "" and not i.correct for i in batched.items if not i.answered)
+    assert decode_outcomes(batched.outcomes, 12) == [i.correct for i in batched.items]
+    assert all(0.0 < i.confidence <= 1.0 for i in batched.items if i.answered)
     assert 0.0 <= batched.ece <= 1.0
+    # Probes are answered by the same model and enter no statistic.
+    assert len(batched.probes) == 3 and all(p.answered and p.level == "binary/1" for p in batched.probes)
+    assert single.probes == [] and single.exact_match == batched.exact_match
     # Left padding and per-token loss: the batch size must not change any result.
     assert [i.output for i in batched.items] == [i.output for i in single.items]
     assert batched.val_loss == pytest.approx(single.val_loss, rel=1e-4)
-    assert [i.confidence for i in batched.items] == pytest.approx([i.confidence for i in single.items], rel=1e-3)
+    assert [i.confidence for i in binary_items] == pytest.approx([i.confidence for i in single.items[:8]], rel=1e-3)

@@ -1,4 +1,5 @@
-"""The evaluator on a real bus: checkpoint.saved -> eval.scored, once per (checkpoint, suite)."""
+"""The evaluator on a real bus: checkpoint.saved -> eval.scored (and hard examples), once per
+(checkpoint, suite); the base model scored as the first candidate while there is no champion."""
 
 from __future__ import annotations
 
@@ -10,15 +11,27 @@ import msgspec
 import pytest
 
 from libs.common import topology
-from libs.common.artifacts import ArtifactStore
+from libs.common.artifacts import ArtifactStore, sha256_dir
 from libs.common.bus import REASON_HEADER, Bus
-from libs.common.events import CheckpointSaved, EvalScored, LevelScore, new_id
+from libs.common.events import (
+    CheckpointSaved,
+    DatasetAccepted,
+    DatasetSubmitted,
+    EvalScored,
+    LevelScore,
+    new_id,
+)
 from libs.common.http import ServiceMetrics, create_app
 from libs.common.records import CHAMPION, Champion
 from libs.common.settings import load_settings
+from libs.common.skills import SKILLS
+from services.deployer.promotion import crowned, decide
+from services.evaluator.hard_examples import probe_items
 from services.evaluator.scorebook import ScoreRecord
 from services.evaluator.service import SERVICE
 from services.evaluator.settings import EvaluatorSettings
+from services.gatekeeper.service import SERVICE as GATEKEEPER
+from services.gatekeeper.settings import GatekeeperSettings
 from tests.conftest import wait_for
 from tests.services.conftest import running
 
@@ -26,10 +39,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def evaluator_settings(nats_url: str, tmp_path: Path, **overrides) -> EvaluatorSettings:
+    # Binary levels 1-2 and SYLLO level 1. The base model is scored only where a test asks for it.
     return load_settings(
         EvaluatorSettings, "evaluator", environ={}, data_dir=str(tmp_path / "data"), nats_url=nats_url,
-        suite_max_level=2, items_per_level=2, max_new_tokens=8, device="cpu", **overrides,
+        **{"suite_max_level": 2, "syllo_max_level": 1, "items_per_level": 2, "max_new_tokens": 8, "device": "cpu",
+           "score_base_model": False, "hard_probe_items": 0, **overrides},
     )
+
+
+async def stream_messages(bus: Bus, stream: str) -> int:
+    return (await bus.js.stream_info(stream)).state.messages
 
 
 async def wait_until_drained(bus: Bus, delivered: int, timeout: float = 60.0) -> None:
@@ -44,20 +63,41 @@ async def test_checkpoint_is_scored_once_and_redelivery_republishes_the_same_eve
     bus: Bus, nats_server: str, checkpoint: CheckpointSaved, tmp_path: Path,
 ):
     scored_sub = await bus.js.subscribe(topology.EVAL_SCORED)
-    async with running(SERVICE, evaluator_settings(nats_server, tmp_path)) as evaluator:
+    submitted_sub = await bus.js.subscribe(topology.DATASET_SUBMITTED)
+    settings = evaluator_settings(nats_server, tmp_path, hard_probe_items=3, hard_examples_min=2)
+    async with running(SERVICE, settings) as evaluator:
         # An intermediate checkpoint of the same run is acked unscored: only final ones are candidates.
         await bus.publish(topology.CHECKPOINT_SAVED, msgspec.structs.replace(checkpoint, id=new_id(), final=False))
         await bus.publish(topology.CHECKPOINT_SAVED, checkpoint)
         msg = await scored_sub.next_msg(timeout=60)
         scored = msgspec.json.decode(msg.data, type=EvalScored)
         assert scored.checkpoint_sha256 == checkpoint.sha256 and scored.checkpoint_uri == checkpoint.uri
-        assert scored.suite_version == evaluator.suite.version and scored.num_examples == 4
+        assert scored.suite_version == evaluator.suite.version and scored.num_examples == 6
         assert 0.0 <= scored.exact_match <= 1.0 and scored.val_loss > 0
-        assert set(scored.by_level) == set(scored.levels) == {"binary/1", "binary/2"}
+        # Both skills' levels are reported, as the curriculum and the deployer read them.
+        assert set(scored.by_level) == set(scored.levels) == {"binary/1", "binary/2", "syllo/1"}
+        assert scored.levels["syllo/1"].total == 2
         assert scored.exact_match_low <= scored.exact_match <= scored.exact_match_high
-        assert len(scored.item_outcomes()) == 4 and scored.ece is not None
+        assert len(scored.item_outcomes()) == 6 and scored.ece is not None
         assert scored.regressions == [] and scored.compared_with == ""  # no champion yet
         assert msg.headers["Nats-Msg-Id"] == scored.id
+
+        # The training problems it failed went to the gatekeeper as a low-priority dataset.
+        hard = msgspec.json.decode((await submitted_sub.next_msg(timeout=30)).data, type=DatasetSubmitted)
+        assert (hard.priority, hard.channel, hard.submitted_by, hard.rows) == ("low", "hard-examples", "evaluator", None)
+        store = ArtifactStore(tmp_path / "data" / "artifacts")
+        rows = [msgspec.json.decode(line) for line in store.verify(hard.uri, hard.sha256).read_bytes().splitlines()]
+        probes = {p.messages[0].content: p for p in probe_items(evaluator.suite, 3, checkpoint.sha256)}
+        suite_prompts = {i.messages[0].content for i in evaluator.suite.items}
+        # The untrained tiny model fails every probe it answers: all the Binary ones at least.
+        prompts = {row["messages"][0]["content"] for row in rows}
+        assert {p for p, probe in probes.items() if probe.skill == "binary"} <= prompts <= set(probes)
+        assert len(rows) == len(prompts) and all(set(row) == {"messages"} for row in rows)
+        for row in rows:
+            user, assistant = row["messages"]
+            probe = probes[user["content"]]
+            assert SKILLS[probe.skill].split_of(user["content"]) == "train"
+            assert user["content"] not in suite_prompts and assistant["content"] == probe.messages[-1].content
 
         # The same checkpoint announced again (a redelivery, or the trainer resending).
         record = next((tmp_path / "data" / "evaluator" / "scores").glob("*.json"))
@@ -65,8 +105,9 @@ async def test_checkpoint_is_scored_once_and_redelivery_republishes_the_same_eve
         await bus.publish(topology.CHECKPOINT_SAVED, msgspec.structs.replace(checkpoint, id=new_id()))
         await wait_until_drained(bus, delivered=3)
         assert record.stat().st_mtime_ns == written  # not scored again
-        evals = await bus.js.stream_info("EVALS")
-        assert evals.state.messages == 1  # republished with the same id: dropped as a duplicate
+        # Republished with the same ids: dropped as duplicates, the hard examples submitted once.
+        assert await stream_messages(bus, "EVALS") == 1
+        assert await stream_messages(bus, "DATASETS") == 1
 
         # A checkpoint whose content does not match its hash is refused, with the reason.
         dead = await bus.js.subscribe(topology.dead_letter(topology.CHECKPOINT_SAVED))
@@ -80,13 +121,14 @@ async def test_checkpoint_is_scored_once_and_redelivery_republishes_the_same_eve
         recent = (await client.get("/scores")).json()
         assert [s["id"] for s in recent] == [scored.id]
         detail = (await client.get(f"/scores/{checkpoint.sha256}")).json()
-        assert detail[0]["event"]["exact_match"] == scored.exact_match and len(detail[0]["items"]) == 4
+        assert detail[0]["event"]["exact_match"] == scored.exact_match and len(detail[0]["items"]) == 6
+        assert detail[0]["hard_examples"]["id"] == hard.id
         assert (await client.get(f"/scores/{'1' * 64}")).status_code == 404
         assert (await client.get("/suite")).json()["version"] == evaluator.suite.version
 
 
 async def test_the_champion_is_scored_on_this_suite_and_candidates_are_flagged_against_it(
-    bus: Bus, nats_server: str, checkpoint: CheckpointSaved, tmp_path: Path,
+    bus: Bus, nats_server: str, checkpoint: CheckpointSaved, tiny_model_dir: Path, tmp_path: Path,
 ):
     champion_record = await bus.record(CHAMPION)
     # The champion was scored on a suite this evaluator does not use.
@@ -95,10 +137,14 @@ async def test_the_champion_is_scored_on_this_suite_and_candidates_are_flagged_a
                    deployed_at=checkpoint.time, event_id="e")
     await champion_record.put(old)
     scored_sub = await bus.js.subscribe(topology.EVAL_SCORED)
-    async with running(SERVICE, evaluator_settings(nats_server, tmp_path, champion_check_s=0.2)) as evaluator:
+    # With a champion the base model is not scored, even when asked to score it; 2 probes a level
+    # (6 in all) are below the minimum of 7: no hard examples.
+    settings = evaluator_settings(nats_server, tmp_path, champion_check_s=0.2, score_base_model=True,
+                                  base_model=str(tiny_model_dir), hard_probe_items=2, hard_examples_min=7)
+    async with running(SERVICE, settings) as evaluator:
         rescore = msgspec.json.decode((await scored_sub.next_msg(timeout=60)).data, type=EvalScored)
         assert rescore.checkpoint_sha256 == checkpoint.sha256 and rescore.suite_version == evaluator.suite.version
-        assert rescore.run_id == checkpoint.run_id and len(rescore.item_outcomes()) == 4
+        assert rescore.run_id == checkpoint.run_id and len(rescore.item_outcomes()) == 6
 
         # Now the champion is a checkpoint that was perfect on this suite, at half the loss.
         perfect = msgspec.structs.replace(
@@ -125,3 +171,64 @@ async def test_the_champion_is_scored_on_this_suite_and_candidates_are_flagged_a
         assert "val loss" in candidate.regressions[-1] and "up 100.0%" in candidate.regressions[-1]
         if candidate.exact_match < 1.0:
             assert any("accuracy" in r and "points" in r for r in candidate.regressions)
+        assert evaluator.scorebook.get(artifact.sha256, evaluator.suite.version).hard_examples is None
+
+    assert await stream_messages(bus, "DATASETS") == 0
+    assert await stream_messages(bus, "EVALS") == 2  # the champion's rescore and the candidate's score
+    assert not (tmp_path / "data" / "artifacts" / "models").exists()  # the base model was never registered
+
+
+async def test_with_no_champion_the_base_model_is_scored_once_even_across_a_restart(
+    bus: Bus, nats_server: str, tiny_model_dir: Path, tmp_path: Path,
+):
+    # A core subscription sees every publish, also one JetStream drops as a duplicate.
+    seen: list[EvalScored] = []
+
+    async def on_scored(msg) -> None:
+        seen.append(msgspec.json.decode(msg.data, type=EvalScored))
+
+    await bus.nc.subscribe(topology.EVAL_SCORED, cb=on_scored)
+    settings = evaluator_settings(nats_server, tmp_path, score_base_model=True, base_model=str(tiny_model_dir),
+                                  champion_check_s=0.2, hard_probe_items=2, hard_examples_min=2)
+    async with running(SERVICE, settings) as evaluator:
+        await wait_for(lambda: seen, "the base model's score")
+        [base] = seen
+        assert (base.run_id, base.step, base.suite_version) == ("base", 0, evaluator.suite.version)
+        # Registered in the artifact store: the deployer and inference can verify what it names.
+        assert "/artifacts/models/base/" in base.checkpoint_uri
+        assert base.checkpoint_sha256 == sha256_dir(tiny_model_dir)
+        ArtifactStore(tmp_path / "data" / "artifacts").verify(base.checkpoint_uri, base.checkpoint_sha256)
+        assert base.val_loss > 0 and len(base.item_outcomes()) == 6 and base.compared_with == ""
+        # The deployer's rule promotes it as the first champion; a later candidate must beat it.
+        first = decide(base, None)
+        assert first.outcome == "promoted" and "first champion" in first.reason
+        champion = crowned(base, None, reason=first.reason, event_id="e", now=base.time)
+        same = msgspec.structs.replace(base, id=new_id(), run_id="run-1", checkpoint_sha256="c" * 64)
+        assert decide(same, champion).outcome == "kept"
+    record = next((tmp_path / "data" / "evaluator" / "scores").glob("*.json"))
+    written = record.stat().st_mtime_ns
+    assert await stream_messages(bus, "EVALS") == 1
+    assert await stream_messages(bus, "DATASETS") == 1  # its hard examples, like any checkpoint's
+
+    # Restarted, still no champion: the recorded score is republished (same id), not scored again.
+    async with running(SERVICE, settings):
+        await wait_for(lambda: len(seen) == 2, "the base model's score again")
+    assert seen[1].id == base.id and seen[1] == base
+    assert record.stat().st_mtime_ns == written
+    assert await stream_messages(bus, "EVALS") == 1
+    assert await stream_messages(bus, "DATASETS") == 1
+
+
+
+async def test_the_gatekeeper_accepts_the_hard_examples_at_low_priority(
+    bus: Bus, nats_server: str, checkpoint: CheckpointSaved, tiny_model_dir: Path, tmp_path: Path,
+):
+    accepted_sub = await bus.js.subscribe(topology.dataset_accepted("low"))
+    common = {"environ": {}, "nats_url": nats_server, "data_dir": str(tmp_path / "data"),
+              "base_model": str(tiny_model_dir)}
+    async with (running(GATEKEEPER, load_settings(GatekeeperSettings, "gatekeeper", **common)),
+                running(SERVICE, evaluator_settings(nats_server, tmp_path, hard_probe_items=3, hard_examples_min=2))):
+        await bus.publish(topology.CHECKPOINT_SAVED, checkpoint)
+        accepted = msgspec.json.decode((await accepted_sub.next_msg(timeout=60)).data, type=DatasetAccepted)
+    # The untrained model fails every probe it answers, at least the 6 Binary ones.
+    assert accepted.priority == "low" and accepted.num_rows >= 6 and accepted.name.startswith("hard-examples-")

@@ -80,7 +80,7 @@ def test_report_reasons_name_each_check_with_its_first_lines():
 def test_a_report_holds_counts_findings_per_check_with_lines_and_lengths(tmp_path: Path, tiny_model_dir: Path):
     counter = TokenCounter(load_tokenizer(tiny_model_dir))
     gk = make_gatekeeper(tmp_path, tokens=lambda: counter, max_error_fraction=0.5)
-    rows = good_rows(20) + [chat(("user", "hi"), ("bot", "x"))] * 3 + [chat(("user", "q"), ("assistant", "a " * 300))]
+    rows = good_rows(20) + [chat(("user", "hi"), ("bot", "x"))] * 3 + [chat(("user", "q"), ("assistant", "7 " * 400))]  # one token per digit: far over max_length
     report = gk.submit_rows(submission("s", level="standard"), rows)
     stored = decode_report(gk.store.path_for(report.report_uri).read_bytes())
     assert stored == report and report.status == "accepted"

@@ -1,4 +1,5 @@
-"""The whole service against a real nats-server, over real HTTP (uvicorn): champion, reloads, auth."""
+"""The whole service against a real nats-server, over real HTTP (uvicorn): champion, reloads, auth,
+and its part in a deployment: load a staged checkpoint, report what it serves, withdraw a failed one."""
 
 from __future__ import annotations
 
@@ -17,12 +18,23 @@ import pytest
 from libs.common import topology
 from libs.common.artifacts import Artifact, ArtifactStore
 from libs.common.bus import Bus
-from libs.common.events import ModelDeployed
+from libs.common.events import (
+    ModelDeployed,
+    ModelDeployFailed,
+    ModelServing,
+    ModelStaged,
+)
 from libs.common.models import load_model
+from libs.common.records import (
+    CHAMPION,
+    DEPLOYMENT,
+    Champion,
+    DeployDecision,
+    Deployment,
+)
 from libs.common.runtime import ServiceRuntime
 from libs.common.tracing import current_trace_id, setup_tracing, tracer
 from services.inference.auth import GENERATED_KEY_PATH
-from libs.common.records import CHAMPION, Champion
 from services.inference.service import SERVICE
 from services.inference.settings import InferenceSettings
 from tests.conftest import wait_for
@@ -67,6 +79,25 @@ async def put_champion(bus: Bus, checkpoint: Artifact, run_id: str, step: int) -
         checkpoint_uri=checkpoint.uri, checkpoint_sha256=checkpoint.sha256, run_id=run_id, step=step,
         exact_match=0.5, val_loss=1.0, suite_version="s", deployed_at=datetime(2025, 1, 1, tzinfo=UTC),
         event_id=f"deploy-{run_id}-{step}",
+    ))
+
+
+def staged(checkpoint: Artifact, deployment_id: str) -> ModelStaged:
+    return ModelStaged(deployment_id=deployment_id, kind="promotion", checkpoint_uri=checkpoint.uri,
+                       checkpoint_sha256=checkpoint.sha256, run_id="run-s", step=1, reason="test",
+                       deadline=datetime(2999, 1, 1, tzinfo=UTC))
+
+
+async def put_deployment(bus: Bus, checkpoint: Artifact, deployment_id: str) -> None:
+    """The deployer's newest deployment, staged, as it writes it before announcing model.staged."""
+    when = datetime(2025, 1, 1, tzinfo=UTC)
+    candidate = Champion(checkpoint_uri=checkpoint.uri, checkpoint_sha256=checkpoint.sha256, run_id="run-s", step=1,
+                         exact_match=0.5, val_loss=1.0, suite_version="s", deployed_at=when, event_id=deployment_id)
+    await (await bus.record(DEPLOYMENT)).put(Deployment(
+        id=deployment_id, kind="promotion", staged_at=when, deadline=datetime(2999, 1, 1, tzinfo=UTC),
+        candidate=candidate, decision=DeployDecision(id="decision", time=when, outcome="promoted", reason="test",
+                                                     checkpoint_uri=checkpoint.uri,
+                                                     checkpoint_sha256=checkpoint.sha256),
     ))
 
 
@@ -228,3 +259,49 @@ async def test_starts_on_the_kv_champion_and_waits_for_a_loadable_one(settings, 
     async with running(settings, key="from-a-file") as client:
         info = (await client.get("/models/info")).json()
         assert (info["source"], info["sha256"]) == ("champion", good.sha256)
+
+
+async def test_a_staged_checkpoint_is_loaded_and_reported_with_the_sha256_it_serves(settings, bus: Bus,
+                                                                                   tiny_model_dir: Path):
+    store = ArtifactStore(settings.data_dir / "artifacts")
+    good = make_checkpoint(store, tiny_model_dir, "run-s-1")
+    other = make_checkpoint(store, tiny_model_dir, "run-s-2", reinit_seed=4)
+    reports = await bus.js.subscribe(topology.MODEL_SERVING)
+
+    async def next_report() -> ModelServing:
+        return msgspec.json.decode((await reports.next_msg(timeout=60)).data, type=ModelServing)
+
+    async with running(msgspec.structs.replace(settings, replica_id="replica-7")) as client:
+        # Staged: loaded, and the report carries the sha256 the loaded model reports.
+        await put_deployment(bus, good, "d1")
+        await bus.publish(topology.MODEL_STAGED, staged(good, "d1"))
+        serving = await next_report()
+        info = (await client.get("/models/info")).json()
+        assert (serving.ok, serving.deployment_id, serving.replica) == (True, "d1", "replica-7")
+        assert serving.checkpoint_sha256 == info["sha256"] == good.sha256 and serving.checkpoint_uri == good.uri
+
+        # Bytes that do not match the staged hash: not served, and the report says why and what still serves.
+        forged = Artifact(other.uri, "0" * 64, 0)
+        await put_deployment(bus, forged, "d2")
+        await bus.publish(topology.MODEL_STAGED, staged(forged, "d2"))
+        failure = await next_report()
+        assert (failure.ok, failure.deployment_id) == (False, "d2") and "does not match" in failure.reason
+        assert failure.checkpoint_sha256 == good.sha256
+        assert (await client.get("/models/info")).json()["sha256"] == good.sha256
+
+        # The deployer gives up on a checkpoint this replica loaded: back to the champion in KV (none: the base).
+        await put_deployment(bus, other, "d3")
+        await bus.publish(topology.MODEL_STAGED, staged(other, "d3"))
+        assert (await next_report()).checkpoint_sha256 == other.sha256
+        await bus.publish(topology.MODEL_DEPLOY_FAILED, ModelDeployFailed(
+            deployment_id="d3", kind="promotion", checkpoint_uri=other.uri, checkpoint_sha256=other.sha256,
+            reason="no inference replica reported serving it within 120 s"))
+        await info_when(client, lambda i: i["source"] == "base")
+
+        # A staged deployment that is no longer the deployer's newest is not loaded, nor reported.
+        await put_deployment(bus, other, "d5")
+        await bus.publish(topology.MODEL_STAGED, staged(good, "d4"))
+        with pytest.raises(TimeoutError):
+            await reports.next_msg(timeout=3)
+        assert (await client.get("/models/info")).json()["source"] == "base"
+    await reports.unsubscribe()

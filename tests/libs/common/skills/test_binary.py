@@ -67,17 +67,36 @@ def test_generated_problems_fit_their_level(level: int):
         assert row["skill"] == "binary" and row["level"] == level
         assert all(spec.low <= value <= spec.high for value in _operands(user["content"])), user["content"]
         assert binary.is_correct(row["expected"], assistant["content"])
-        if not row["scenario"].startswith("chained"):  # the first line carries the result
-            assert binary.extract_answer(assistant["content"].splitlines()[0]) == row["expected"]
+        if not row["scenario"].startswith("chained") and row["scenario"] not in binary._WORKED:
+            assert binary.extract_answer(assistant["content"].splitlines()[0]) == row["expected"]  # stated at once
         else:
             assert assistant["content"].splitlines()[-1].startswith("Final result:")
 
 
-def test_level_one_answers_are_one_statement_and_later_levels_add_a_verification_line():
+def test_conversions_are_one_statement_and_sums_and_differences_are_worked_through_decimal():
     for row in binary.generate(1, 100, seed=0):
-        assert "\n" not in row["messages"][1]["content"]
-    arithmetic = [r for r in binary.generate(2, 100, seed=0) if r["scenario"] in ("add", "subtract")]
-    assert arithmetic and all("\n\nVerification: " in r["messages"][1]["content"] for r in arithmetic)
+        if row["scenario"] in ("todecimal", "tobinary"):
+            assert "\n" not in row["messages"][1]["content"]
+    worked = [r for level in (1, 2, 7) for r in binary.generate(level, 60, seed=0) if r["scenario"] in ("add", "subtract")]
+    assert {r["scenario"] for r in worked} == {"add", "subtract"}
+    for row in worked:
+        lines = row["messages"][1]["content"].splitlines()
+        assert [line.split(":")[0] for line in lines if line] == ["Step 1", "Step 2", "Step 3", "Step 4", "Final result"]
+        assert lines[0].startswith("Step 1: todecimal ") and lines[3].startswith("Step 4: tobinary ")
+        assert binary.is_correct(row["expected"], row["messages"][1]["content"])
+    # A sum is written larger term first, so a problem and its commuted twin share the decimal fact.
+    assert "Step 3: 18 + 11 = 29" in binary._arithmetic("add", 11, 18, verified=False).answer
+    assert "Step 3: 18 + 11 = 29" in binary._arithmetic("add", 18, 11, verified=False).answer
+    # Shifts and products at level 2 and up still state the result, then verify it in decimal.
+    stated = [r for r in binary.generate(4, 100, seed=0) if r["scenario"] in ("leftshift", "multiply")]
+    assert stated and all("\n\nVerification: " in r["messages"][1]["content"] for r in stated)
+
+
+def test_a_worked_answer_with_a_wrong_step_is_wrong():
+    right = binary._arithmetic("add", 11, 18, verified=False).answer
+    assert binary.is_correct("①①①⓪①", right)
+    assert not binary.is_correct("①①①⓪①", right.replace("todecimal ①⓪①① = 11", "todecimal ①⓪①① = 12"))
+    assert not binary.is_correct("①①①⓪①", right.replace("tobinary 29 = ①①①⓪①", "tobinary 29 = ①①①①①"))
 
 
 def test_level_one_holds_enough_distinct_eval_problems_for_a_suite():
