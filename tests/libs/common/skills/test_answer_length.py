@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from libs.common.models import load_tokenizer
 from libs.common.skills import binary
 from services.evaluator.settings import EvaluatorSettings
 
 
+@pytest.mark.slow
 def test_every_gold_answer_up_to_the_suites_top_level_fits_max_new_tokens(tiny_model_dir: Path):
     tokenizer = load_tokenizer(tiny_model_dir)
     settings = EvaluatorSettings()
