@@ -64,8 +64,14 @@ def tokenizer_corpus(seed: int = 0) -> list[str]:
     return lines
 
 
-def create_tiny_model(target: Path, *, hidden_size: int = 256, layers: int = 4, vocab_size: int = 4096, seed: int = 0) -> Path:
-    """Build the tiny model and tokenizer into `target` (which must not exist)."""
+def create_tiny_model(target: Path, *, hidden_size: int = 128, layers: int = 4, vocab_size: int = 4096, seed: int = 0) -> Path:
+    """Build the tiny model and tokenizer into `target` (which must not exist).
+
+    128 wide rather than 256: measured on Binary level 1 (batch 32, one CPU thread, held-out
+    items), 1.3M parameters got 41 of 82 held-out sums right after 1,000 steps at 0.52 s a step,
+    where 4.2M parameters got 14 of 82 at 1.17 s a step: the narrow model learns faster per
+    step and takes half the time a step.
+    """
     import torch
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
