@@ -56,6 +56,9 @@ SERVICES = tuple(DEFAULT_PORTS)
 CLI = "cli"
 # Common fields that are set per service only.
 PER_SERVICE = frozenset({"http_port"})
+# Common fields that a service may also set under its own prefix, which then wins:
+# FLYWHEEL_TORCH_THREADS=1 with FLYWHEEL_TRAINER_TORCH_THREADS=2 gives the trainer two.
+OVERRIDABLE = frozenset({"torch_threads"})
 
 # Reusable constrained types: a bad value fails with the field's name.
 Positive = Annotated[int, msgspec.Meta(gt=0)]
@@ -92,7 +95,7 @@ class CommonSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Threads for torch's CPU work in this process. 0: half the cores, at least one, because the
     # trainer and the evaluator (and inference) share a box: measured on 2 cores, scoring 16
     # items took 286 s with torch's default of one thread per core while the trainer ran, and
-    # 21 s with one thread.
+    # 21 s with one thread. A service may have its own (FLYWHEEL_TRAINER_TORCH_THREADS).
     torch_threads: NonNegative = 0
 
     @property
@@ -153,7 +156,7 @@ def _own_fields(cls: type[CommonSettings]) -> dict[str, tuple[str, ...]]:
     """What a service may set under its own prefix or section."""
     common = _fields(CommonSettings)
     own = {name: path for name, path in _fields(cls).items() if name not in common}
-    own.update({name: common[name] for name in PER_SERVICE})
+    own.update({name: common[name] for name in PER_SERVICE | OVERRIDABLE})
     return own
 
 
@@ -245,7 +248,8 @@ def load_settings(cls: type[S], service: str, environ: dict[str, str] | None = N
     if environ.get("NATS_URL") and not environ.get(f"{ENV_PREFIX}NATS_URL"):
         flat["nats_url"] = environ["NATS_URL"]
     lists = _list_fields(cls)
-    for key, raw in environ.items():
+    # Common variables first, so the service's own (FLYWHEEL_TRAINER_TORCH_THREADS) win.
+    for key, raw in sorted(environ.items(), key=lambda item: known_env.get(item[0], ("",))[0] == service):
         owner = known_env.get(key)
         if owner and owner[0] in ("common", service):
             # A list setting is comma-separated in the environment: FLYWHEEL_CURRICULUM_SKILLS=binary,syllo

@@ -152,7 +152,7 @@ class FullFinetuneRecipe:
             base = self.job.base_global_step
 
             def schedule(step: int) -> float:
-                return continual_multiplier(base + step, h.warmup_steps)
+                return continual_multiplier(base + step, h.warmup_steps, step, self._plan.total_steps)
         else:
             schedule = partial(lr_multiplier, warmup_steps=h.warmup_steps, total_steps=self._plan.total_steps)
         self._scheduler = torch.optim.lr_scheduler.LambdaLR(self._optimizer, schedule)

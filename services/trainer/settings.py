@@ -39,10 +39,11 @@ class Hyperparameters(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_
     max_steps: NonNegative = 0
     seed: int = 0
     grad_clip: NonNegativeFloat = 1.0
-    # The policy across datasets (see services/trainer/recipe.py). "continual": AdamW's moments
-    # carry over from the weights a run starts from, and the learning rate warms up once over
-    # the trainer's first `warmup_steps` global steps, then stays at its peak. "per_dataset":
-    # a fresh AdamW and its own warmup + cosine schedule for every dataset.
+    # The policy across datasets (services/trainer/schedule.py). "continual": AdamW's moments
+    # carry over from the weights a run starts from, the learning rate warms up once over the
+    # trainer's first `warmup_steps` global steps, and every run decays it by cosine from the
+    # peak to 10 % over its own steps, so each scored (final) checkpoint is annealed.
+    # "per_dataset": a fresh AdamW and its own warmup + cosine schedule for every dataset.
     policy: Literal["continual", "per_dataset"] = "continual"
     # The share of a run's rows drawn from earlier datasets, so earlier levels are not forgotten.
     replay_fraction: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.3

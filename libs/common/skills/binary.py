@@ -133,21 +133,55 @@ def _arithmetic(kind: str, a: int, b: int, verified: bool) -> Problem:
     return Problem(kind, prompt, answer, cr)
 
 
+# Column names for the digit-by-digit decimal step; level 7's largest operand has 6 digits.
+_PLACES = ("ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands")
+
+
+def _columns(x: int, y: int, sym: str) -> str:
+    """`x sym y` (x >= y) computed column by column, ones first, as people do on paper.
+
+    Every column adds (or subtracts) single digits and the carry (borrow) from the column
+    before, always written, so each column is one fact from a 200-entry table: "28 + 19:
+    ones 8 + 9 = 17, tens 2 + 1 + 1 = 4, total 47". A borrow shows as the 10 added to the
+    upper digit: "412 - 397: ones 12 - 7 = 5, tens 11 - 9 - 1 = 1, hundreds 4 - 3 - 1 = 0,
+    total 15". The last column of a sum keeps its carry: "95 + 17: ..., tens 9 + 1 + 1 = 11,
+    total 112".
+    """
+    xs, ys = str(x)[::-1], str(y)[::-1]
+    columns, digits, carry = [], [], 0
+    for k, ch in enumerate(xs):
+        dx, dy = int(ch), int(ys[k]) if k < len(ys) else 0
+        carried = f" {sym} {carry}" if k else ""
+        if sym == "+":
+            value = dx + dy + carry
+            columns.append(f"{_PLACES[k]} {dx} + {dy}{carried} = {value}")
+            carry = value // 10
+            digits.append(str(value) if k == len(xs) - 1 else str(value % 10))
+        else:
+            upper = dx + 10 if dx - dy - carry < 0 else dx
+            value = upper - dy - carry
+            columns.append(f"{_PLACES[k]} {upper} - {dy}{carried} = {value}")
+            carry = 1 if upper > dx else 0
+            digits.append(str(value))
+    return f"{x} {sym} {y}: " + ", ".join(columns) + f", total {int(''.join(reversed(digits)))}"
+
+
 def _worked_answer(ca: str, cb: str, sym: str, a: int, b: int, result: int) -> str:
-    """Addition and subtraction worked through decimal: convert, compute, convert back.
+    """Addition and subtraction worked through decimal: convert, compute by columns, convert back.
 
     Every line is in the notation (prefix-form statements, a decimal line, the chained
     problems' `Final result:`), and every claim is checked by `is_correct`. A small model
-    learns the three parts separately, each from every problem it sees, where the one-line
-    `add A B = C` asks it to learn carries through binary digits from a few hundred examples
-    (measured in the README's "Making the model learn"). A sum is written larger term first,
-    as people add: 11 + 18 and 18 + 11 are the same fact.
+    learns the parts separately, each from every problem it sees, where the one-line
+    `add A B = C` asks it to learn carries through binary digits from a few hundred examples.
+    The decimal step goes column by column (`_columns`): written whole ("28 + 19 = 47") it was
+    the step the tiny model got wrong (measured in the README's "Making the model learn"). A
+    sum is written larger term first, as people add: 11 + 18 and 18 + 11 are the same fact.
     """
     x, y = (max(a, b), min(a, b)) if sym == "+" else (a, b)
     return (
         f"Step 1: todecimal {ca} = {a}\n"
         f"Step 2: todecimal {cb} = {b}\n"
-        f"Step 3: {x} {sym} {y} = {result}\n"
+        f"Step 3: {_columns(x, y, sym)}\n"
         f"Step 4: tobinary {result} = {to_circled(result)}\n\n"
         f"Final result: {to_circled(result)} = {result} (decimal)"
     )
@@ -234,6 +268,8 @@ _CIRCLED = f"[{ONE}{ZERO}]+"
 _STATEMENT = re.compile(rf"^[ \t]*(?:Step \d+:[ \t]*)?({'|'.join(OPERATIONS)})[ \t]+([^=\n]*)=([^\n]*)$", re.MULTILINE)
 _FINAL_LINE = re.compile(r"^[ \t]*Final result:([^=\n]*)", re.MULTILINE)
 _EQUATION = re.compile(rf"({_CIRCLED})[ \t]*=[ \t]*([0-9]+)(?![0-9.^])")
+# The worked answers' decimal step: "28 + 19: ones 8 + 9 = 17, tens 2 + 1 + 1 = 4, total 47".
+_DECIMAL_STEP = re.compile(r"^[ \t]*(?:Step \d+:[ \t]*)?([0-9]+) ([+-]) ([0-9]+):[^\n]*\btotal ([0-9]+)[ \t]*$", re.MULTILINE)
 # Decorations that may follow a result on its line: "(51)", "(decimal)", "✓".
 _TRAILER = re.compile(r"\s*(\(.*\)|✓)\s*$")
 # The seed sets' power-of-two questions: option blocks "A) ..." and the verdict in each.
@@ -307,6 +343,10 @@ def false_claim(text: str) -> str | None:
     for match in _EQUATION.finditer(text):
         if from_circled(match.group(1)) != int(match.group(2)):
             return match.group(0)
+    for match in _DECIMAL_STEP.finditer(text):
+        x, sym, y, total = match.groups()
+        if int(x) + (int(y) if sym == "+" else -int(y)) != int(total):
+            return match.group(0).strip()
     return None
 
 

@@ -61,6 +61,16 @@ def test_http_port_is_set_per_service_only():
         load_settings(DemoSettings, "trainer", environ={"FLYWHEEL_HTTP_PORT": "9000"})
 
 
+def test_torch_threads_is_common_and_a_service_may_set_its_own_which_wins():
+    common = {"FLYWHEEL_TORCH_THREADS": "1"}
+    assert load_settings(DemoSettings, "trainer", environ=common).torch_threads == 1
+    both = {"FLYWHEEL_TRAINER_TORCH_THREADS": "2", **common}
+    assert load_settings(DemoSettings, "trainer", environ=both).torch_threads == 2
+    assert load_settings(DemoSettings, "evaluator", environ=both).torch_threads == 1
+    # The same with the service's variable first in the environment.
+    assert load_settings(DemoSettings, "trainer", environ={**common, **both}).torch_threads == 2
+
+
 def test_a_bad_value_names_the_variable_to_fix():
     from services.evaluator.settings import EvaluatorSettings
 

@@ -81,9 +81,14 @@ def test_schedule_without_warmup_starts_at_peak():
     assert lr_multiplier(0, 0, 1) == pytest.approx(1.0)
 
 
-def test_continual_schedule_warms_up_once_over_global_steps_then_holds_the_peak():
-    assert [continual_multiplier(step, 4) for step in range(6)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
-    assert continual_multiplier(10_000, 4) == 1.0  # a later dataset never re-warms or decays
+def test_continual_schedule_warms_up_once_over_global_steps_and_decays_within_every_run():
+    # The first run: warmup over the trainer's first global steps, under the run's own decay.
+    first = [continual_multiplier(step, 4, step, 100) for step in range(6)]
+    assert first == pytest.approx([m * lr_multiplier(s, 0, 100) for s, m in enumerate([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])])
+    # A later run never re-warms: it starts at the peak and decays to the floor by its end.
+    later = [continual_multiplier(10_000 + step, 4, step, 50) for step in range(51)]
+    assert later[0] == 1.0 and later[-1] == pytest.approx(MIN_LR_RATIO)
+    assert all(a >= b for a, b in zip(later, later[1:], strict=False))
     assert continual_multiplier(0, 0) == 1.0
 
 

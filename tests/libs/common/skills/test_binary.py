@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections import Counter
 from itertools import pairwise
 from pathlib import Path
+
+import random
 
 import pytest
 
@@ -85,11 +88,30 @@ def test_conversions_are_one_statement_and_sums_and_differences_are_worked_throu
         assert lines[0].startswith("Step 1: todecimal ") and lines[3].startswith("Step 4: tobinary ")
         assert binary.is_correct(row["expected"], row["messages"][1]["content"])
     # A sum is written larger term first, so a problem and its commuted twin share the decimal fact.
-    assert "Step 3: 18 + 11 = 29" in binary._arithmetic("add", 11, 18, verified=False).answer
-    assert "Step 3: 18 + 11 = 29" in binary._arithmetic("add", 18, 11, verified=False).answer
+    step = "Step 3: 18 + 11: ones 8 + 1 = 9, tens 1 + 1 + 0 = 2, total 29\n"
+    assert step in binary._arithmetic("add", 11, 18, verified=False).answer
+    assert step in binary._arithmetic("add", 18, 11, verified=False).answer
     # Shifts and products at level 2 and up still state the result, then verify it in decimal.
     stated = [r for r in binary.generate(4, 100, seed=0) if r["scenario"] in ("leftshift", "multiply")]
     assert stated and all("\n\nVerification: " in r["messages"][1]["content"] for r in stated)
+
+
+def test_the_decimal_step_goes_column_by_column_with_every_carry_and_borrow_written():
+    assert binary._columns(28, 19, "+") == "28 + 19: ones 8 + 9 = 17, tens 2 + 1 + 1 = 4, total 47"
+    assert binary._columns(95, 17, "+") == "95 + 17: ones 5 + 7 = 12, tens 9 + 1 + 1 = 11, total 112"
+    assert binary._columns(7, 5, "+") == "7 + 5: ones 7 + 5 = 12, total 12"
+    assert binary._columns(412, 397, "-") == (
+        "412 - 397: ones 12 - 7 = 5, tens 11 - 9 - 1 = 1, hundreds 4 - 3 - 1 = 0, total 15"
+    )
+    assert binary._columns(100, 1, "-") == "100 - 1: ones 10 - 1 = 9, tens 10 - 0 - 1 = 9, hundreds 1 - 0 - 1 = 0, total 99"
+    # Every column of every level's operands: the total is the true sum or difference.
+    rng = random.Random(0)
+    for level, spec in binary.LEVELS.items():
+        for _ in range(500):
+            a, b = rng.randint(spec.low, spec.high), rng.randint(spec.low, spec.high)
+            x, y = max(a, b), min(a, b)
+            assert binary._columns(x, y, "+").endswith(f", total {x + y}"), level
+            assert binary._columns(x, y, "-").endswith(f", total {x - y}"), level
 
 
 def test_a_worked_answer_with_a_wrong_step_is_wrong():
@@ -97,6 +119,8 @@ def test_a_worked_answer_with_a_wrong_step_is_wrong():
     assert binary.is_correct("①①①⓪①", right)
     assert not binary.is_correct("①①①⓪①", right.replace("todecimal ①⓪①① = 11", "todecimal ①⓪①① = 12"))
     assert not binary.is_correct("①①①⓪①", right.replace("tobinary 29 = ①①①⓪①", "tobinary 29 = ①①①①①"))
+    # A decimal step whose total is not the sum, even when the final result is right.
+    assert not binary.is_correct("①①①⓪①", right.replace("total 29", "total 28"))
 
 
 def test_level_one_holds_enough_distinct_eval_problems_for_a_suite():
