@@ -24,7 +24,9 @@ class CurriculumSettings(CommonSettings, kw_only=True, forbid_unknown_fields=Tru
     # Practice is written while fewer than this many datasets wait for or sit in training.
     min_queued: Positive = 2
     poll_interval_s: PositiveFloat = 5.0
-    rows_per_dataset: Positive = 200
+    # 1,000 rows, two epochs of 16: 125 steps, about as long on one CPU core as the evaluator
+    # takes to score the run's checkpoint on the other, so scoring keeps up with training.
+    rows_per_dataset: Positive = 1000
     # The share of a dataset's rows that review earlier levels (spread evenly over them).
     review_fraction: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.25
 

@@ -6,9 +6,14 @@ sha256 (a new checkpoint is probed on new problems; the same checkpoint always o
 ones). A probe is never an item of the eval suite: the split is checked for every probe
 (`probe_items` raises otherwise), so mining failures can never leak the suite into training.
 
-The probes the checkpoint answered wrong become one dataset of chat rows with the gold answer,
+The probes the checkpoint answered wrong, at the levels it has mostly learned (its suite
+accuracy there at least `hard_examples_min_accuracy`), become one dataset of chat rows with the gold answer,
 the row format of the curriculum's synthetic datasets (`{"messages": [user, assistant]}`), but
-only when at least `hard_examples_min` were failed (no stream of tiny datasets). A probe whose
+only when at least `hard_examples_min` were failed (no stream of tiny datasets). At a level the
+model mostly fails, a failure says nothing the curriculum does not know: measured in
+`bench.flywheel` with every failure submitted, an untrained model failed nearly every probe,
+each evaluation sent back ~80 rows, and these runs of 12-16 steps came one after another, kept
+the evaluator busy and took the level-1 accuracy from 0.075 down to 0.013-0.033. A probe whose
 prompt alone fills max_length was not answered: it is no failure of the model and is left out.
 The service writes the rows as an artifact and submits it through the gatekeeper like any
 dataset (`dataset.submitted`, priority low, channel "hard-examples"); its id is derived from
@@ -18,7 +23,7 @@ drops as a duplicate.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import msgspec
 
@@ -59,15 +64,21 @@ def probe_items(suite: Suite, per_level: int, checkpoint_sha256: str) -> list[Su
     return probes
 
 
-def failed_rows(probes: Sequence[SuiteItem], results: Sequence[ItemResult]) -> list[dict]:
-    """Chat rows (with the gold answer) of the probes that were answered wrong."""
+def failed_rows(probes: Sequence[SuiteItem], results: Sequence[ItemResult], learned: Collection[str]) -> list[dict]:
+    """Chat rows (with the gold answer) of the probes that were answered wrong at a `learned`
+    level ("binary/1": one the checkpoint mostly solves)."""
     if len(probes) != len(results):
         raise ValueError(f"{len(results)} results for {len(probes)} probes")
     return [
         {"messages": msgspec.to_builtins(probe.messages)}
         for probe, result in zip(probes, results, strict=True)
-        if result.answered and not result.correct
+        if result.answered and not result.correct and probe.level_key in learned
     ]
+
+
+def learned_levels(accuracy: Mapping[str, float], min_accuracy: float) -> set[str]:
+    """The levels ("binary/1") whose suite accuracy reached `min_accuracy`."""
+    return {key for key, value in accuracy.items() if value >= min_accuracy}
 
 
 def submission_id(checkpoint_sha256: str, levels: Mapping[str, list[int]], per_level: int) -> str:

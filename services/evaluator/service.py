@@ -54,6 +54,7 @@ from services.evaluator.api import router
 from services.evaluator.base_model import BASE_RUN_ID, BASE_STEP, register_base_model
 from services.evaluator.hard_examples import (
     failed_rows,
+    learned_levels,
     hard_examples_submission,
     probe_items,
     submission_id,
@@ -175,12 +176,13 @@ class Evaluator:
         return record
 
     def _hard_examples(self, sha256: str, probes: list[SuiteItem], scores: Scores) -> DatasetSubmitted | None:
-        """The probes this checkpoint failed, written to the store and described for submission;
-        None when fewer than `hard_examples_min` failed."""
-        rows = failed_rows(probes, scores.probes)
+        """The probes this checkpoint failed at the levels it has learned, written to the store and
+        described for submission; None when fewer than `hard_examples_min` failed."""
+        learned = learned_levels(scores.by_level, self.settings.hard_examples_min_accuracy)
+        rows = failed_rows(probes, scores.probes, learned)
         if len(rows) < self.settings.hard_examples_min:
             log.info("too few hard examples to submit", failed=len(rows), probed=len(probes),
-                     minimum=self.settings.hard_examples_min)
+                     minimum=self.settings.hard_examples_min, learned_levels=sorted(learned))
             return None
         event_id = submission_id(sha256, self.suite.levels(), self.settings.hard_probe_items)
         artifact = self.store.write_lines(

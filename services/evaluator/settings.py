@@ -52,6 +52,8 @@ class EvaluatorSettings(CommonSettings, kw_only=True, forbid_unknown_fields=True
     # `hard_examples_min` were failed.
     hard_probe_items: NonNegative = 16
     hard_examples_min: Positive = 8
+    # Only levels whose suite accuracy reached this are mined (services/evaluator/hard_examples.py).
+    hard_examples_min_accuracy: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
 
     @property
     def suite_max_levels(self) -> dict[str, int]:

@@ -30,7 +30,10 @@ from libs.common.settings import (
 
 
 class Hyperparameters(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    batch_size: Positive = 8
+    # Measured on the tiny model (Binary level 1, the same training time): batch 16 got 78 % of
+    # held-out problems right where 32 got 50 % and 8 fell behind both (README, "Making the
+    # model learn").
+    batch_size: Positive = 16
     learning_rate: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 0.0
     warmup_steps: NonNegative = 10

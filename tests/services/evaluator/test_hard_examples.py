@@ -13,6 +13,7 @@ from services.evaluator import hard_examples
 from services.evaluator.hard_examples import (
     CHANNEL,
     failed_rows,
+    learned_levels,
     hard_examples_submission,
     probe_items,
     submission_id,
@@ -54,13 +55,23 @@ def test_only_answered_wrong_probes_become_rows_with_the_gold_answer(suite):
     # Right, wrong, wrong but never answered (the prompt filled max_length), wrong.
     results = judge(probes, [gold[0], "nonsense", "", "add ⓪ ⓪ = ①"], [0.5, 0.5, None, 0.5],
                     [True, True, False, True])
-    rows = failed_rows(probes, results)
+    rows = failed_rows(probes, results, {p.level_key for p in probes})
     assert [r["messages"][0]["content"] for r in rows] == [probes[1].messages[0].content, probes[3].messages[0].content]
     assert [r["messages"][1] for r in rows] == [{"role": "assistant", "content": gold[1]},
                                                 {"role": "assistant", "content": gold[3]}]
     assert set(rows[0]) == {"messages"}  # the curriculum's chat_sft_v1 rows
     with pytest.raises(ValueError):
-        failed_rows(probes, results[:3])
+        failed_rows(probes, results[:3], {p.level_key for p in probes})
+
+
+def test_only_the_failures_at_levels_the_checkpoint_has_learned_are_hard_examples(suite):
+    probes = [p for p in probe_items(suite, 2, SHA_A) if p.skill == "binary" and p.level in (1, 2)]
+    results = judge(probes, ["nonsense"] * len(probes), [0.5] * len(probes), [True] * len(probes))
+    learned = learned_levels({"binary/1": 0.9, "binary/2": 0.2, "syllo/1": 0.5}, 0.5)
+    assert learned == {"binary/1", "syllo/1"}
+    rows = failed_rows(probes, results, learned)
+    assert [r["messages"][0]["content"] for r in rows] == [p.messages[0].content for p in probes if p.level == 1]
+    assert rows and failed_rows(probes, results, set()) == []
 
 
 def test_the_submission_is_low_priority_with_an_id_derived_from_what_was_probed(suite):

@@ -64,7 +64,8 @@ async def test_checkpoint_is_scored_once_and_redelivery_republishes_the_same_eve
 ):
     scored_sub = await bus.js.subscribe(topology.EVAL_SCORED)
     submitted_sub = await bus.js.subscribe(topology.DATASET_SUBMITTED)
-    settings = evaluator_settings(nats_server, tmp_path, hard_probe_items=3, hard_examples_min=2)
+    settings = evaluator_settings(nats_server, tmp_path, hard_probe_items=3, hard_examples_min=2,
+                                  hard_examples_min_accuracy=0.0)
     async with running(SERVICE, settings) as evaluator:
         # An intermediate checkpoint of the same run is acked unscored: only final ones are candidates.
         await bus.publish(topology.CHECKPOINT_SAVED, msgspec.structs.replace(checkpoint, id=new_id(), final=False))
@@ -208,7 +209,8 @@ async def test_with_no_champion_the_base_model_is_scored_once_even_across_a_rest
     record = next((tmp_path / "data" / "evaluator" / "scores").glob("*.json"))
     written = record.stat().st_mtime_ns
     assert await stream_messages(bus, "EVALS") == 1
-    assert await stream_messages(bus, "DATASETS") == 1  # its hard examples, like any checkpoint's
+    # Probed like any checkpoint, but it has learned no level: its failures are no hard examples.
+    assert await stream_messages(bus, "DATASETS") == 0
 
     # Restarted, still no champion: the recorded score is republished (same id), not scored again.
     async with running(SERVICE, settings):
@@ -216,7 +218,7 @@ async def test_with_no_champion_the_base_model_is_scored_once_even_across_a_rest
     assert seen[1].id == base.id and seen[1] == base
     assert record.stat().st_mtime_ns == written
     assert await stream_messages(bus, "EVALS") == 1
-    assert await stream_messages(bus, "DATASETS") == 1
+    assert await stream_messages(bus, "DATASETS") == 0
 
 
 
@@ -227,7 +229,8 @@ async def test_the_gatekeeper_accepts_the_hard_examples_at_low_priority(
     common = {"environ": {}, "nats_url": nats_server, "data_dir": str(tmp_path / "data"),
               "base_model": str(tiny_model_dir)}
     async with (running(GATEKEEPER, load_settings(GatekeeperSettings, "gatekeeper", **common)),
-                running(SERVICE, evaluator_settings(nats_server, tmp_path, hard_probe_items=3, hard_examples_min=2))):
+                running(SERVICE, evaluator_settings(nats_server, tmp_path, hard_probe_items=3, hard_examples_min=2,
+                                                    hard_examples_min_accuracy=0.0))):
         await bus.publish(topology.CHECKPOINT_SAVED, checkpoint)
         accepted = msgspec.json.decode((await accepted_sub.next_msg(timeout=60)).data, type=DatasetAccepted)
     # The untrained model fails every probe it answers, at least the 6 Binary ones.
