@@ -9,13 +9,16 @@
   flywheel deploy CHECKPOINT [--json]        serve a checkpoint (sha256 or URI) scored on the current suite
   flywheel deploy --rollback [--json]        serve the previous champion again (NATS request/reply)
   flywheel history [--limit N] [--json]      the deployer's last decisions with their reasons, newest first
+  flywheel deadletters [--limit N] [--json]  messages no service could handle, with reason and consumer
+  flywheel deadletters --replay SEQ [--json] publish one again on its subject (after fixing the cause)
   flywheel trace TRACE_ID [--html F|--json]  a dataset's journey, span by span, from local trace files
   flywheel asyncapi [--check [--json]]       write (or check) docs/asyncapi.yaml from the event schemas
 
 `--json` prints exactly one JSON document on stdout and nothing else there: the status, the
 submission with its verdict and report, the validation report, the trainer's reply
 ({"ok", "state", "message"}), the deployer's reply (the same plus "checkpoint_uri",
-"checkpoint_sha256"), the decisions (a list, newest first), the trace ({"trace_id", "spans"}) or, for `asyncapi --check`,
+"checkpoint_sha256"), the decisions (a list, newest first), the dead letters (a list, oldest
+first; one for `--replay`), the trace ({"trace_id", "spans"}) or, for `asyncapi --check`,
 {"up_to_date", "path"}.
 
 Every command reads the same settings as the services: FLYWHEEL_DATA_DIR (default ./data),
@@ -243,6 +246,28 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deadletters(args: argparse.Namespace) -> int:
+    from flywheel.deadletters import NoSuchDeadLetter, format_dead_letters, list_dead_letters, replay
+
+    if args.replay is not None:
+        try:
+            letter = asyncio.run(_with_bus(_settings(), lambda bus: replay(bus, args.replay)))
+        except NoSuchDeadLetter as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
+        if args.json:
+            _print_json(letter)
+        else:
+            print(f"replayed #{letter.seq} on {letter.subject} (it had failed: {letter.reason})")
+        return 0
+    letters = asyncio.run(_with_bus(_settings(), lambda bus: list_dead_letters(bus, args.limit)))
+    if args.json:
+        _print_json(letters)
+    else:
+        print(format_dead_letters(letters))
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from libs.common.tracing import format_trace, read_trace
 
@@ -333,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--limit", type=int, default=20, help="show at most this many (default 20)")
     history.add_argument("--json", action="store_true", help="print the decisions as JSON")
     history.set_defaults(fn=cmd_history)
+    dead = sub.add_parser("deadletters", help="messages no service could handle, with the reason; replay one")
+    dead.add_argument("--replay", type=int, metavar="SEQ", help="publish dead letter SEQ again on its subject")
+    dead.add_argument("--limit", type=int, default=100, help="how many of the most recent to list (default 100)")
+    dead.add_argument("--json", action="store_true")
+    dead.set_defaults(fn=cmd_deadletters)
     trace = sub.add_parser("trace", help="show one trace from the local trace files")
     trace.add_argument("trace_id")
     shown = trace.add_mutually_exclusive_group()

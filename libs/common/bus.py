@@ -47,6 +47,9 @@ E = TypeVar("E", bound=msgspec.Struct)
 R = TypeVar("R", bound=msgspec.Struct)
 
 REASON_HEADER = "Flywheel-Dead-Letter-Reason"
+# Also on a dead letter: which consumer gave up on it, and where it was published first.
+CONSUMER_HEADER = "Flywheel-Consumer"
+SUBJECT_HEADER = "Flywheel-Original-Subject"
 # What an unreachable or not yet started server looks like to a first connect.
 _UNREACHABLE = (nats.errors.NoServersError, nats.errors.Error, OSError, TimeoutError)
 
@@ -364,8 +367,8 @@ class Bus:
         original_id = headers.get("Nats-Msg-Id", "")
         headers.update({
             REASON_HEADER: reason[:2000],
-            "Flywheel-Consumer": spec.durable,
-            "Flywheel-Original-Subject": msg.subject,
+            CONSUMER_HEADER: spec.durable,
+            SUBJECT_HEADER: msg.subject,
             "Nats-Msg-Id": f"dead-{original_id}" if original_id else "",
         })
         if not headers["Nats-Msg-Id"]:
