@@ -3,6 +3,7 @@
   flywheel up [--port-base N]                start nats-server (unless NATS_URL) and the six services
   flywheel demo [--data-dir D] [--keep]      `make demo`: one dataset through the whole loop, then stop
   flywheel status [--json]                   queue, training progress, champion, last scores
+  flywheel status --watch [--interval S]     the same, redrawn live, with a progress bar and ETA
   flywheel submit FILE [--wait S] [--json]   submit a dataset file (chat_sft_v1 JSONL by default)
   flywheel check FILE [--level L] [--json]   validate a file here, as the gatekeeper would; keeps nothing
   flywheel pause|resume|stop [--json]        control the trainer (NATS request/reply)
@@ -122,6 +123,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from flywheel.status import format_status, read_status
+
+    if args.watch:
+        from flywheel.watch import watch
+
+        try:
+            asyncio.run(_with_bus(_settings(), lambda bus: watch(bus, interval_s=args.interval, frames=args.frames)))
+        except KeyboardInterrupt:
+            pass
+        return 0
 
     status = asyncio.run(_with_bus(_settings(), read_status))
     if args.json:
@@ -326,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(fn=cmd_demo)
     status = sub.add_parser("status", help="the loop's state")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument("--watch", action="store_true", help="redraw it live, with a progress bar for the running dataset")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between frames of --watch (default 1)")
+    status.add_argument("--frames", type=int, default=0, help="stop --watch after this many frames (default: never)")
     status.set_defaults(fn=cmd_status)
     submit = sub.add_parser("submit", help="submit a dataset file")
     submit.add_argument("file")
