@@ -49,7 +49,9 @@ API_KEY_FILE = Path("secrets") / "inference_api_key"
 # the learning rate decaying by cosine to 10 % over the run. Measured directly on the same recipe
 # with fresh rows (one thread): 89.6 % of held-out level-1 problems right after 1,500 and 2,000
 # steps; with a 2,000-row sample of only 513 distinct problems, 70 % after 1,500.
-# The trainer gets both cores while it trains: nothing else computes until it has finished.
+# The trainer gets both cores while it trains: nothing else of the demo computes until it has
+# finished (0.17 s a step). On a machine where other work holds a core, two torch threads fall
+# 25x behind (measured: 420 tok/s against 11k): there, set FLYWHEEL_TRAINER_TORCH_THREADS=1.
 DEMO_ENV = {
     "FLYWHEEL_TRAINER_EPOCHS": "36",
     "FLYWHEEL_TRAINER_BATCH_SIZE": "16",
