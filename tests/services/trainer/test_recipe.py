@@ -64,7 +64,8 @@ def weights(checkpoint_uri: str, store: ArtifactStore) -> dict[str, torch.Tensor
 
 
 def test_training_reduces_the_loss_and_writes_hf_checkpoints(make_settings):
-    settings = make_settings(epochs=3, progress_every_steps=1, save_every_steps=10)
+    # 2e-3: the run's cosine decay (to 10 % by step 24) leaves 1e-3 short of the 40 % drop asked.
+    settings = make_settings(epochs=3, progress_every_steps=1, save_every_steps=10, learning_rate=2e-3)
     job, store = job_for(settings, chat_rows(32))
     result, emitted = run_recipe(settings, job, store)
     losses = [e.loss for s, e in emitted if s == "training.progress"]
