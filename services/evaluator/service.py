@@ -54,8 +54,8 @@ from services.evaluator.api import router
 from services.evaluator.base_model import BASE_RUN_ID, BASE_STEP, register_base_model
 from services.evaluator.hard_examples import (
     failed_rows,
-    learned_levels,
     hard_examples_submission,
+    learned_levels,
     probe_items,
     submission_id,
 )
