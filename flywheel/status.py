@@ -61,18 +61,27 @@ def _number(value: float | None, spec: str) -> str:
     return format(value, spec) if value is not None else "n/a"
 
 
+def run_in_training(status: dict[str, Any]) -> tuple[dict, dict | None] | None:
+    """The run in training (its `training.started`) and its latest progress (None before the
+    first report); None when no run is in training (none started, or the last one finished)."""
+    training = status["training"]
+    started, progress, finished = training["started"], training["progress"], training["finished"]
+    if not started or (finished and finished["run_id"] == started["run_id"] and finished["time"] >= started["time"]):
+        return None
+    return started, progress if progress and progress["run_id"] == started["run_id"] else None
+
+
 def format_status(status: dict[str, Any]) -> str:
     lines = ["queue"]
     for durable, q in status["queue"].items():
         lines.append(f"  {durable:<16} waiting {q['waiting']:>4}   in progress {q['in_progress']:>2}")
-    training = status["training"]
-    started, progress, finished = training["started"], training["progress"], training["finished"]
+    finished = status["training"]["finished"]
     lines.append("training")
     control = status["trainer_control"]
     if control:
         lines.append(f"  control         {control.get('mode')} (by {control.get('requested_by')})")
-    if started and (not finished or finished["run_id"] != started["run_id"] or finished["time"] < started["time"]):
-        step = progress if progress and progress["run_id"] == started["run_id"] else None
+    if live := run_in_training(status):
+        started, step = live
         where = f"step {step['step']}/{step['total_steps']}  loss {step['loss']:.4f}  {step['tokens_per_second']:.0f} tok/s" if step else "starting"
         mode = (control or {}).get("mode", "running")
         label = "running" if mode == "running" else f"{mode} at"

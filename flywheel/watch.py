@@ -13,7 +13,7 @@ import sys
 from datetime import datetime
 from typing import Any, TextIO
 
-from flywheel.status import format_status, read_status
+from flywheel.status import format_status, read_status, run_in_training
 from libs.common.bus import Bus
 
 BAR_WIDTH = 30
@@ -50,14 +50,10 @@ def progress_line(started: dict, progress: dict, width: int = BAR_WIDTH) -> str:
 
 
 def running(status: dict[str, Any]) -> tuple[dict, dict] | None:
-    """The run in training and its latest progress, if a run is in training and has reported."""
-    training = status["training"]
-    started, progress, finished = training["started"], training["progress"], training["finished"]
-    if not started or not progress or progress["run_id"] != started["run_id"]:
-        return None
-    if finished and finished["run_id"] == started["run_id"]:
-        return None
-    return started, progress
+    """The run in training and its latest progress, once it has reported a step."""
+    if (live := run_in_training(status)) and live[1]:
+        return live[0], live[1]
+    return None
 
 
 def frame(status: dict[str, Any]) -> str:

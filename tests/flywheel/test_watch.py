@@ -45,7 +45,8 @@ def test_only_a_run_in_training_that_has_reported_gets_a_bar():
     assert running(status(started(), progress(1, 1))) == (started(), progress(1, 1))
     assert running(status(started(), None)) is None
     assert running(status(started("run-2"), progress(1, 1))) is None  # the progress of an earlier run
-    assert running(status(started(), progress(1, 1), {"run_id": "run-1"})) is None  # finished
+    finished = {"run_id": "run-1", "time": (T0 + timedelta(seconds=9)).isoformat()}
+    assert running(status(started(), progress(1, 1), finished)) is None  # finished
 
 
 @pytest.mark.integration
