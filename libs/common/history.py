@@ -1,0 +1,127 @@
+"""The streams as history: every stored event with where it sits and the trace it belongs to.
+
+The streams are Flywheel's record of what happened (`libs.common.topology.STREAMS` keep 30
+days), so read models are rebuilt from them instead of from files: `read_history` returns what
+is stored now (for a one-shot answer such as `flywheel lineage`), `follow` replays a stream from
+its first message and then keeps delivering new ones (the dashboard). Both read through ordered
+consumers of this process alone: nothing durable is created, nothing is acknowledged, and no
+service's work queue is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import api
+
+from libs.common import topology
+from libs.common.bus import Bus
+from libs.common.events import AnyEvent
+from libs.common.tracing import trace_id_from_headers
+
+_decoder = msgspec.json.Decoder(AnyEvent)
+
+
+class Recorded(msgspec.Struct, frozen=True):
+    """One stored message: the event (None for a dead letter or a body that is no event), the
+    stream and sequence that place it, its subject, when it was stored and its trace id."""
+
+    stream: str
+    seq: int
+    subject: str
+    stored: datetime | None
+    trace_id: str
+    event: AnyEvent | None
+    headers: dict[str, str] = {}
+
+
+def record_of(msg: Msg) -> Recorded:
+    """A delivered JetStream message as a `Recorded`; an undecodable body gives event=None."""
+    meta = msg.metadata
+    try:
+        event = _decoder.decode(msg.data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        event = None
+    return Recorded(
+        stream=meta.stream, seq=meta.sequence.stream, subject=msg.subject, stored=meta.timestamp,
+        trace_id=trace_id_from_headers(msg.headers), event=event, headers=dict(msg.headers or {}),
+    )
+
+
+async def _last_seq(bus: Bus, stream: str, subject: str) -> int:
+    """The sequence of the newest message on `subject` in `stream`; 0 when there is none."""
+    try:
+        return (await bus.js.get_last_msg(stream, subject)).seq
+    except nats.js.errors.NotFoundError:
+        return 0
+
+
+async def read_subject(bus: Bus, subject: str, *, idle_timeout_s: float = 5.0) -> list[Recorded]:
+    """Every message stored on `subject` (wildcards allowed) now, oldest first.
+
+    The end is the newest sequence on the subject when the read starts; a message published
+    meanwhile may or may not be included. `idle_timeout_s` bounds a wait for a message the
+    server said exists (a purge in between): the read then ends with what it has.
+    """
+    stream = topology.stream_for(subject)
+    end = await _last_seq(bus, stream, subject)
+    if not end:
+        return []
+    sub = await bus.js.subscribe(subject, stream=stream, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
+    found: list[Recorded] = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=idle_timeout_s)
+            except nats.errors.TimeoutError:
+                break
+            found.append(record_of(msg))
+            if msg.metadata.sequence.stream >= end:
+                break
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+    return found
+
+
+async def read_history(bus: Bus, subjects: Iterable[str]) -> list[Recorded]:
+    """Every message stored on `subjects` now, read concurrently, ordered by when it was stored."""
+    parts = await asyncio.gather(*(read_subject(bus, s) for s in subjects))
+    return sorted((r for part in parts for r in part), key=lambda r: (r.stored or datetime.min, r.stream, r.seq))
+
+
+async def follow(bus: Bus, stream: str, on_record: Callable[[Recorded], Awaitable[None] | None],
+                 stop: asyncio.Event, *, subject: str = ">") -> None:
+    """Deliver every message of `stream` on `subject` from the first stored one, then each new one,
+    until `stop` is set. An ordered consumer re-creates itself after a reconnect where it left off.
+    """
+    spec = next(s for s in topology.STREAMS if s.name == stream)
+    filter_subject = spec.subjects[0] if subject == ">" and len(spec.subjects) == 1 else subject
+    sub = await bus.js.subscribe(filter_subject, stream=stream, ordered_consumer=True,
+                                 deliver_policy=api.DeliverPolicy.ALL)
+    try:
+        while not stop.is_set():
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except nats.errors.TimeoutError:
+                continue
+            except nats.errors.ConnectionClosedError:
+                return
+            result = on_record(record_of(msg))
+            if asyncio.iscoroutine(result):
+                await result
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+
+
+async def stream_end(bus: Bus, stream: str) -> int:
+    """The stream's newest sequence now: a follower that reached it has replayed the history."""
+    return (await bus.js.stream_info(stream)).state.last_seq
