@@ -12,8 +12,14 @@ LOCK := requirements/lock.txt
 STAMP := $(VENV)/.installed
 # The uv that resolves the lock (only `make lock` needs it).
 UV_SPEC := uv==0.13.9
+# Arize Phoenix, the tracing UI of `flywheel up --tracing-ui phoenix`, in its own environment:
+# in .venv it would downgrade a package the lock pins. `flywheel up` finds it there by itself.
+PHOENIX_VENV := .venv-phoenix
+# Every package of it pinned (requirements/phoenix-lock.txt, frozen from a working install).
+PHOENIX_LOCK := requirements/phoenix-lock.txt
+PHOENIX_STAMP := $(PHOENIX_VENV)/.installed
 
-.PHONY: install lock demo test test-fast up clean
+.PHONY: install lock demo test test-fast up phoenix clean
 
 $(STAMP): pyproject.toml Makefile $(LOCK) requirements/torch.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +31,15 @@ $(STAMP): pyproject.toml Makefile $(LOCK) requirements/torch.txt
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+$(PHOENIX_STAMP): Makefile $(PHOENIX_LOCK)
+	@test -x $(PHOENIX_VENV)/bin/python || $(PYTHON) -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/python -m pip install -q --upgrade "pip>=24"
+	$(PHOENIX_VENV)/bin/python -m pip install -q -r $(PHOENIX_LOCK)
+	$(PHOENIX_VENV)/bin/python -m pip check
+	@touch $(PHOENIX_STAMP)
+
+phoenix: $(PHOENIX_STAMP)
 
 # Re-resolve every pin to the newest release within pyproject.toml's ranges (Linux x86_64,
 # Python 3.11), keep torch's CUDA-only packages out (they come with a CUDA torch build), then
@@ -52,4 +67,4 @@ up: $(STAMP)
 	$(BIN)/flywheel up
 
 clean:
-	rm -rf $(VENV) data
+	rm -rf $(VENV) $(PHOENIX_VENV) data

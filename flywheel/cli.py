@@ -1,6 +1,7 @@
 """The `flywheel` command.
 
-  flywheel up [--port-base N]                start nats-server (unless NATS_URL) and the six services
+  flywheel up [--port-base N]                start nats-server (unless NATS_URL) and the services
+  flywheel up --tracing-ui phoenix           ... and Arize Phoenix beside them, every service exporting to it
   flywheel demo [--data-dir D] [--keep]      `make demo`: one dataset through the whole loop, then stop
   flywheel status [--json]                   queue, training progress, champion, last scores
   flywheel status --watch [--interval S]     the same, redrawn live, with a progress bar and ETA
@@ -12,6 +13,7 @@
   flywheel history [--limit N] [--json]      the deployer's last decisions with their reasons, newest first
   flywheel deadletters [--limit N] [--json]  messages no service could handle, with reason and consumer
   flywheel deadletters --replay SEQ [--json] publish one again on its subject (after fixing the cause)
+  flywheel lineage [MODEL] [--json]          where a model comes from: datasets, runs, scores, deployments
   flywheel trace TRACE_ID [--html F|--json]  a dataset's journey, span by span, from local trace files
   flywheel asyncapi [--check [--json]]       write (or check) docs/asyncapi.yaml from the event schemas
 
@@ -19,8 +21,8 @@
 submission with its verdict and report, the validation report, the trainer's reply
 ({"ok", "state", "message"}), the deployer's reply (the same plus "checkpoint_uri",
 "checkpoint_sha256"), the decisions (a list, newest first), the dead letters (a list, oldest
-first; one for `--replay`), the trace ({"trace_id", "spans"}) or, for `asyncapi --check`,
-{"up_to_date", "path"}.
+first; one for `--replay`), the lineage (`libs.common.lineage.Lineage`), the trace
+({"trace_id", "spans"}) or, for `asyncapi --check`, {"up_to_date", "path"}.
 
 Every command reads the same settings as the services: FLYWHEEL_DATA_DIR (default ./data),
 FLYWHEEL_NATS_URL or NATS_URL. Without a NATS URL, commands other than `up` use the URL that
@@ -110,8 +112,14 @@ def _print_json(value: object) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from flywheel.supervisor import Supervisor
+    from flywheel.tracing_ui import TracingUiError
 
-    Supervisor(_settings().data_dir, port_base=args.port_base).run_forever()
+    try:
+        Supervisor(_settings().data_dir, port_base=args.port_base, tracing_ui=args.tracing_ui,
+                   tracing_ui_port=args.tracing_ui_port, tracing_ui_python=args.tracing_ui_python).run_forever()
+    except TracingUiError as exc:
+        print(f"flywheel up: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -278,12 +286,28 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from flywheel.lineage import format_lineage
+    from libs.common.lineage import UnknownModel, read_lineage
+
+    try:
+        lineage = asyncio.run(_with_bus(_settings(), lambda bus: read_lineage(bus, args.model)))
+    except UnknownModel as exc:
+        print(f"flywheel lineage: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(lineage)
+    else:
+        print(format_lineage(lineage))
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from libs.common.tracing import format_trace, read_trace
 
     spans = read_trace(_settings().data_dir, args.trace_id)
     if args.html:
-        from flywheel.trace_page import render_trace_page
+        from libs.common.trace_page import render_trace_page
 
         Path(args.html).write_text(render_trace_page(args.trace_id, spans))
         print(f"wrote {args.html} ({len(spans)} spans)")
@@ -328,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the whole stack on this machine")
     up.add_argument("--port-base", type=int, default=None, help="HTTP ports base..base+5 instead of 8100-8105")
+    up.add_argument("--tracing-ui", choices=["phoenix"], default=None,
+                    help="also run Arize Phoenix (make phoenix installs it); every service exports to it")
+    up.add_argument("--tracing-ui-port", type=int, default=6006, help="Phoenix's UI and OTLP/HTTP port (default 6006)")
+    up.add_argument("--tracing-ui-python", default=None, metavar="PYTHON",
+                    help="the python of an environment where Phoenix is installed "
+                         "(default: make phoenix's .venv-phoenix when there is one, else this one)")
     up.set_defaults(fn=cmd_up)
     demo = sub.add_parser("demo", help="one dataset through the whole loop on a fresh stack, then stop (make demo)")
     demo.add_argument("--data-dir", type=Path, default=None, help="where the demo's stack keeps its data "
@@ -376,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     dead.add_argument("--limit", type=int, default=100, help="how many of the most recent to list (default 100)")
     dead.add_argument("--json", action="store_true")
     dead.set_defaults(fn=cmd_deadletters)
+    lineage = sub.add_parser("lineage", help="where a model comes from, from the event history: datasets, runs, "
+                             "scores, deployments, back to the base")
+    lineage.add_argument("model", nargs="?", help="a checkpoint sha256 (or its first 8+ hex digits), a checkpoint "
+                         "URI, RUN_ID or RUN_ID@STEP, or 'base' (default: the served model)")
+    lineage.add_argument("--json", action="store_true", help="print the lineage as JSON")
+    lineage.set_defaults(fn=cmd_lineage)
     trace = sub.add_parser("trace", help="show one trace from the local trace files")
     trace.add_argument("trace_id")
     shown = trace.add_mutually_exclusive_group()

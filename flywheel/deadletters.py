@@ -14,46 +14,25 @@ a service that already recorded that event still recognises it.
 
 from __future__ import annotations
 
-from datetime import datetime
-
-import msgspec
 import nats.js.errors
 
-from libs.common import topology
-from libs.common.bus import CONSUMER_HEADER, REASON_HEADER, SUBJECT_HEADER, Bus
+from libs.common.bus import Bus
+from libs.common.deadletter import (
+    MSG_ID_HEADER,
+    OURS_HEADERS,
+    STREAM,
+    DeadLetter,
+    NoSuchDeadLetter,
+    describe,
+    list_dead_letters,
+)
 
-STREAM = "DEADLETTER"
-MSG_ID_HEADER = "Nats-Msg-Id"
-_OURS = (REASON_HEADER, CONSUMER_HEADER, SUBJECT_HEADER, MSG_ID_HEADER)
-
-
-class NoSuchDeadLetter(LookupError):
-    """No dead letter has this sequence number (never, or replayed already)."""
-
-
-class DeadLetter(msgspec.Struct, frozen=True):
-    seq: int
-    time: datetime | None
-    subject: str  # where it was published first, and where a replay goes
-    consumer: str
-    reason: str
-    message_id: str  # the original Nats-Msg-Id ("" if it had none)
-    size: int
-
-
-def describe(seq: int, subject: str, headers: dict[str, str] | None, data: bytes, time: datetime | None) -> DeadLetter:
-    headers = headers or {}
-    original = headers.get(SUBJECT_HEADER) or subject.removeprefix(f"{topology.DEAD_LETTER_PREFIX}.")
-    return DeadLetter(
-        seq=seq, time=time, subject=original, consumer=headers.get(CONSUMER_HEADER, ""),
-        reason=headers.get(REASON_HEADER, ""), message_id=headers.get(MSG_ID_HEADER, "").removeprefix("dead-"),
-        size=len(data),
-    )
+__all__ = ["DeadLetter", "NoSuchDeadLetter", "describe", "format_dead_letters", "list_dead_letters", "replay"]
 
 
 def replay_headers(headers: dict[str, str] | None, seq: int) -> dict[str, str]:
     """The original message's headers (its trace context included) with a fresh message id."""
-    kept = {k: v for k, v in (headers or {}).items() if k not in _OURS}
+    kept = {k: v for k, v in (headers or {}).items() if k not in OURS_HEADERS}
     original = (headers or {}).get(MSG_ID_HEADER, "").removeprefix("dead-")
     return kept | {MSG_ID_HEADER: f"replay-{seq}-{original}" if original else f"replay-{seq}"}
 
@@ -63,22 +42,6 @@ async def _get(bus: Bus, seq: int):
         return await bus.js.get_msg(STREAM, seq)
     except nats.js.errors.NotFoundError as exc:
         raise NoSuchDeadLetter(f"no dead letter #{seq} (replayed already, or never there)") from exc
-
-
-async def list_dead_letters(bus: Bus, limit: int = 100) -> list[DeadLetter]:
-    """The most recent `limit` dead letters, oldest first."""
-    state = (await bus.js.stream_info(STREAM)).state
-    letters: list[DeadLetter] = []
-    seq = state.last_seq
-    while seq >= max(state.first_seq, 1) and len(letters) < limit and state.messages:
-        try:
-            raw = await bus.js.get_msg(STREAM, seq)
-        except nats.js.errors.NotFoundError:  # a gap: replayed and removed
-            seq -= 1
-            continue
-        letters.append(describe(raw.seq, raw.subject, raw.headers, raw.data or b"", raw.time))
-        seq -= 1
-    return list(reversed(letters))
 
 
 async def replay(bus: Bus, seq: int) -> DeadLetter:

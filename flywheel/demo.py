@@ -26,7 +26,7 @@ import msgspec
 
 from flywheel.submit import describe_verdict, submit_file
 from flywheel.supervisor import Supervisor
-from flywheel.trace_page import render_trace_page
+from libs.common.trace_page import render_trace_page
 from libs.common import topology
 from libs.common.artifacts import ArtifactStore
 from libs.common.bus import Bus

@@ -5,6 +5,8 @@ storage under the data directory, unless `NATS_URL` / `FLYWHEEL_NATS_URL` names 
 server; creates the base model once; starts the six services as child processes; restarts a
 child that dies, with exponential backoff (reset after it has stayed up for a while); and on
 Ctrl-C / SIGTERM stops the children (SIGTERM, then SIGKILL after a grace period) and the server.
+With `tracing_ui="phoenix"` (`flywheel up --tracing-ui phoenix`) it also runs Arize Phoenix
+(flywheel/tracing_ui.py) and every service exports its spans there.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flywheel.tracing_ui import PHOENIX_PORT, Phoenix, make_tracing_ui
 from libs.common.models import ensure_base_model
 from libs.common.nats_server import NatsServer
 from libs.common.settings import DEFAULT_PORTS, SERVICES, load_all
@@ -47,8 +50,13 @@ def service_ports(port_base: int | None) -> dict[str, int]:
     return {svc: port_base + i for i, svc in enumerate(SERVICES)}
 
 
-def child_environment(data_dir: Path, nats_url: str, ports: dict[str, int], base: dict[str, str]) -> dict[str, str]:
+def child_environment(data_dir: Path, nats_url: str, ports: dict[str, int], base: dict[str, str],
+                      ui: Phoenix | None = None) -> dict[str, str]:
     env = dict(base)
+    if ui is not None:
+        # The tracing UI asked for wins over an endpoint set in the shell, traces-only one included.
+        env.pop("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", None)
+        env.update(ui.exporting())
     env["FLYWHEEL_DATA_DIR"] = str(data_dir)
     env["FLYWHEEL_NATS_URL"] = nats_url
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,8 +70,11 @@ def child_environment(data_dir: Path, nats_url: str, ports: dict[str, int], base
 
 class Supervisor:
     def __init__(self, data_dir: Path, *, port_base: int | None = None, services: tuple[str, ...] = SERVICES,
-                 environ: dict[str, str] | None = None, grace_s: float = 20.0) -> None:
+                 environ: dict[str, str] | None = None, grace_s: float = 20.0, tracing_ui: str | None = None,
+                 tracing_ui_port: int = PHOENIX_PORT, tracing_ui_python: str | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()
+        # Only a name is checked here; whether it can run, at start.
+        self.ui = make_tracing_ui(tracing_ui, self.data_dir, port=tracing_ui_port, python=tracing_ui_python)
         self.environ = dict(os.environ if environ is None else environ)
         self.ports = service_ports(port_base)
         self.services = services
@@ -72,6 +83,7 @@ class Supervisor:
         self.nats_url = self.environ.get("FLYWHEEL_NATS_URL") or self.environ.get("NATS_URL", "")
         self.children: dict[str, Child] = {}
         self._stopping = False
+        self._ui_exit_told = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -85,10 +97,15 @@ class Supervisor:
             raise
 
     def _start(self) -> None:
+        if self.ui:  # not installed, or its port taken: say so before anything starts
+            self.ui.check(self.environ)
         # Every service's settings, as its child will read them, before anything starts: a
         # wrong one stops `flywheel up` at once with its name instead of a child restarting forever.
-        load_all(child_environment(self.data_dir, self.nats_url or "nats://127.0.0.1:4222", self.ports, self.environ))
+        load_all(child_environment(self.data_dir, self.nats_url or "nats://127.0.0.1:4222", self.ports, self.environ,
+                                   self.ui))
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if self.ui:  # it starts while the server and the base model get ready
+            self.ui.start(self.environ)
         if not self.nats_url:
             self.nats = NatsServer(self.data_dir / "nats", port=-1, log_path=self.data_dir / "logs" / "nats-server.log")
             self.nats_url = self.nats.start()
@@ -98,7 +115,12 @@ class Supervisor:
         (self.data_dir / NATS_URL_FILE).write_text(self.nats_url + "\n")
         base = ensure_base_model(self.data_dir, self.environ.get("FLYWHEEL_BASE_MODEL", ""))
         print(f"base model   {base}", flush=True)
-        env = child_environment(self.data_dir, self.nats_url, self.ports, self.environ)
+        if self.ui:
+            # Ready before the services start, so none of their first spans is lost.
+            self.ui.wait_ready()
+            print(f"{self.ui.name:<12} {self.ui.url}  (OTLP/HTTP {self.ui.url}/v1/traces, a trace at "
+                  f"{self.ui.trace_url}; log {self.ui.log_path})", flush=True)
+        env = child_environment(self.data_dir, self.nats_url, self.ports, self.environ, self.ui)
         for svc in self.services:
             child = Child(svc, self.data_dir / "logs" / f"{svc}.log")
             self.children[svc] = child
@@ -117,6 +139,11 @@ class Supervisor:
     def poll(self) -> None:
         """Restart any child that died, after its backoff."""
         now = time.monotonic()
+        if self.ui and not self._stopping and (code := self.ui.exited()) is not None and not self._ui_exit_told:
+            # The stack goes on without it; the services' spans still go to <data_dir>/traces.
+            self._ui_exit_told = True
+            print(f"{self.ui.name} exited with {code}; the stack goes on without it (log {self.ui.log_path})",
+                  flush=True)
         for child in self.children.values():
             proc = child.process
             if proc is None:
@@ -152,6 +179,8 @@ class Supervisor:
         for child in self.children.values():
             if child.log_file:
                 child.log_file.close()
+        if self.ui:  # after the services, which send their last spans as they stop
+            self.ui.stop()
         if self.nats:
             self.nats.stop()
         (self.data_dir / NATS_URL_FILE).unlink(missing_ok=True)

@@ -84,6 +84,10 @@ class DatasetAccepted(Event, frozen=True):
     num_rows_dropped: int
     report_uri: str
     submission_id: str
+    # How it came in (as DatasetSubmitted.channel) and who sent it: an inbox file or an HTTP
+    # upload has no `dataset.submitted` event, so the verdict is where this is recorded.
+    channel: str = ""
+    submitted_by: str = ""
 
 
 class DatasetRejected(Event, frozen=True):
@@ -95,6 +99,8 @@ class DatasetRejected(Event, frozen=True):
     submission_id: str
     dataset_id: str = ""
     num_errors: int = 0
+    channel: str = ""
+    submitted_by: str = ""
 
 
 # ---------------------------------------------------------------------------- training

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
 import os
 import re
 import tomllib
@@ -39,8 +40,11 @@ from libs.common.log import mask_secrets_in
 
 ENV_PREFIX = "FLYWHEEL_"
 CONFIG_ENV = "FLYWHEEL_CONFIG"
-# Variables with the prefix that are not settings.
-NOT_SETTINGS = frozenset({CONFIG_ENV})
+# Variables with the prefix that are not settings: the config file, and the browser test's knobs
+# (tests/services/dashboard/test_browser.py; CI exports FLYWHEEL_REQUIRE_BROWSER and
+# FLYWHEEL_REQUIRE_PHOENIX for the whole suite).
+NOT_SETTINGS = frozenset({CONFIG_ENV, "FLYWHEEL_REQUIRE_BROWSER", "FLYWHEEL_SCREENSHOT_DIR",
+                          "FLYWHEEL_CHROMIUM", "FLYWHEEL_CHROMEDRIVER", "FLYWHEEL_REQUIRE_PHOENIX"})
 
 # Where each service listens by default; tests and `flywheel up --port-base` override them.
 DEFAULT_PORTS = {
@@ -50,6 +54,7 @@ DEFAULT_PORTS = {
     "evaluator": 8103,
     "deployer": 8104,
     "curriculum": 8105,
+    "dashboard": 8106,
 }
 SERVICES = tuple(DEFAULT_PORTS)
 # Command-line tools read the common settings under this name; they have no own fields.
@@ -152,6 +157,22 @@ def _list_fields(cls: type[msgspec.Struct]) -> set[str]:
     return {name for name in cls.__struct_fields__ if typing.get_origin(hints.get(name)) is list}
 
 
+def _dict_fields(cls: type[msgspec.Struct]) -> set[str]:
+    hints = typing.get_type_hints(cls)
+    return {name for name in cls.__struct_fields__ if typing.get_origin(hints.get(name)) is dict}
+
+
+def _json_object(key: str, raw: str) -> dict[str, Any]:
+    """A dict setting is a JSON object in the environment: FLYWHEEL_DASHBOARD_SERVICE_URLS={"trainer": "http://t:8"}"""
+    try:
+        value = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{key}: must be a JSON object ({exc}), got {raw!r}") from exc
+    if not isinstance(value, dict):
+        raise SettingsError(f"{key}: must be a JSON object, got {raw!r}")
+    return value
+
+
 def _own_fields(cls: type[CommonSettings]) -> dict[str, tuple[str, ...]]:
     """What a service may set under its own prefix or section."""
     common = _fields(CommonSettings)
@@ -247,13 +268,15 @@ def load_settings(cls: type[S], service: str, environ: dict[str, str] | None = N
         flat.update(data.get(service, {}))
     if environ.get("NATS_URL") and not environ.get(f"{ENV_PREFIX}NATS_URL"):
         flat["nats_url"] = environ["NATS_URL"]
-    lists = _list_fields(cls)
+    lists, dicts = _list_fields(cls), _dict_fields(cls)
     # Common variables first, so the service's own (FLYWHEEL_TRAINER_TORCH_THREADS) win.
     for key, raw in sorted(environ.items(), key=lambda item: known_env.get(item[0], ("",))[0] == service):
         owner = known_env.get(key)
         if owner and owner[0] in ("common", service):
             # A list setting is comma-separated in the environment: FLYWHEEL_CURRICULUM_SKILLS=binary,syllo
             flat[owner[1]] = [item.strip() for item in raw.split(",") if item.strip()] if owner[1] in lists else raw
+            if owner[1] in dicts:  # a JSON object (_json_object)
+                flat[owner[1]] = _json_object(key, raw)
     flat.update(overrides)
     if service in DEFAULT_PORTS and "http_port" not in flat:
         flat["http_port"] = DEFAULT_PORTS[service]
@@ -266,7 +289,8 @@ def load_settings(cls: type[S], service: str, environ: dict[str, str] | None = N
         raise SettingsError(_explain(exc, service, flat)) from exc
 
 
-_AT = re.compile(r"at `\$\.(?:[A-Za-z_]+\.)*([A-Za-z_]+)`")
+# `$.limits[...]`: an item of a dict or list setting is named by the setting.
+_AT = re.compile(r"at `\$\.(?:[A-Za-z_]+\.)*([A-Za-z_]+)(?:\[[^\]]*\])*`")
 # A service's own cross-field check raises SettingsError("<field>: why").
 _NAMED = re.compile(r"^([a-z_]+): ")
 

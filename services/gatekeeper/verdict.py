@@ -157,6 +157,8 @@ def announcement(report: Report) -> tuple[str, Event]:
             num_rows_dropped=report.num_rows_dropped,
             report_uri=report.report_uri,
             submission_id=report.submission_id,
+            channel=report.channel,
+            submitted_by=report.submitted_by,
         )
     return topology.DATASET_REJECTED, DatasetRejected(
         id=derived_id("gatekeeper", "rejected", report.submission_id),
@@ -166,4 +168,6 @@ def announcement(report: Report) -> tuple[str, Event]:
         submission_id=report.submission_id,
         dataset_id=report.dataset_id,
         num_errors=report.num_errors,
+        channel=report.channel,
+        submitted_by=report.submitted_by,
     )

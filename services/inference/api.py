@@ -15,8 +15,10 @@ from typing import Any, Protocol
 import msgspec
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import StreamingResponse
+from opentelemetry import trace
 
 from libs.common.log import get_logger
+from libs.common.tracing import extract_context
 from services.inference.auth import is_authorized
 from services.inference.champion import ChampionError
 from services.inference.generation import Completion, PreparedPrompt, PromptTooLong
@@ -33,7 +35,13 @@ from services.inference.protocol import (
     sse,
     usage_chunk,
 )
-from services.inference.serving import ModelInfo, ModelServer, ReloadFailed, ServedModel
+from services.inference.serving import (
+    ModelInfo,
+    ModelServer,
+    ReloadFailed,
+    RequestOrigin,
+    ServedModel,
+)
 
 log = get_logger("inference.api")
 
@@ -88,14 +96,15 @@ def router(serving: Serving) -> APIRouter:
             metrics.requests.labels("unknown", "invalid" if exc.status < 500 else "unavailable").inc()
             raise
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        origin = _origin(request, completion_id)
         if chat.stream:
             return StreamingResponse(
-                _stream_events(server, served, prompt, chat, completion_id, created, metrics, started),
+                _stream_events(server, served, prompt, chat, completion_id, created, metrics, started, origin),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            completion = await server.complete(served, prompt)
+            completion = await server.complete(served, prompt, origin)
         except Exception as exc:
             metrics.requests.labels("false", "error").inc()
             log.error("generation failed", error=repr(exc))
@@ -130,16 +139,22 @@ def router(serving: Serving) -> APIRouter:
     return routes
 
 
+def _origin(request: Request, completion_id: str) -> RequestOrigin:
+    """The request's completion id and the span its `traceparent` header names (its own trace), if any."""
+    span = trace.get_current_span(extract_context(dict(request.headers))).get_span_context()
+    return RequestOrigin(completion_id, span if span.is_valid else None)
+
+
 async def _stream_events(server: ModelServer, served: ServedModel, prompt: PreparedPrompt, chat: ChatRequest,
                          completion_id: str, created: int, metrics: InferenceMetrics,
-                         started: float) -> AsyncIterator[bytes]:
+                         started: float, origin: RequestOrigin | None = None) -> AsyncIterator[bytes]:
     """OpenAI's SSE stream: a role chunk, content chunks, a finish chunk, [usage], [DONE]."""
     model = served.info.id
     outcome = "cancelled"  # the client went away, unless we get to the end
     yield sse(chunk(completion_id, created, model, {"role": "assistant", "content": ""}))
     try:
         completion: Completion | None = None
-        async with contextlib.aclosing(server.stream(served, prompt)) as pieces:
+        async with contextlib.aclosing(server.stream(served, prompt, origin)) as pieces:
             async for piece in pieces:
                 if isinstance(piece, str):
                     yield sse(chunk(completion_id, created, model, {"content": piece}))

@@ -9,19 +9,26 @@
   last request finishes.
 - Generations run one at a time on a single worker thread: CPU torch calls do not pile up
   and the event loop stays free.
+- The first answer a loaded model serves is recorded as a "first answer" span under its
+  "model load" span, in the load's trace: for a deployment that is the dataset's own trace,
+  which so runs from submission to the first answer served by the model the dataset produced.
+  The request keeps its own trace (a `traceparent` it sent), which the span links to.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
+from opentelemetry import trace
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext
 
 from libs.common.artifacts import ArtifactStore
 from libs.common.chat import ChatMessage
@@ -62,6 +69,22 @@ class ServedModel:
     backend: Backend
     target: ModelTarget
     info: ModelInfo
+    # The "model load" span this model was loaded in: its first answer is recorded under it.
+    load_span: SpanContext | None = None
+    # Acquired once, never released: whoever gets it records the first answer.
+    _first_answer: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def claim_first_answer(self) -> bool:
+        """True exactly once per loaded model, whichever thread or task asks first."""
+        return self._first_answer.acquire(blocking=False)
+
+
+class RequestOrigin(msgspec.Struct, frozen=True):
+    """What a chat request says about itself: its completion id and the trace it came in (if any)."""
+
+    completion_id: str = ""
+    # The caller's span from its `traceparent` header; None when it sent none.
+    span: SpanContext | None = None
 
 
 def served_model_id(model_name: str, target: ModelTarget) -> str:
@@ -117,10 +140,10 @@ class ModelServer:
             return self.current.info
         with tracer().start_as_current_span("model load", attributes={
             "flywheel.model.source": target.source, "flywheel.model.uri": target.uri,
-        }):
+        }) as span:
             try:
                 # A copy of the context goes with the thread, so the load's spans nest here.
-                served = await asyncio.to_thread(self._load, target, current_trace_id())
+                served = await asyncio.to_thread(self._load, target, current_trace_id(), span.get_span_context())
             except Exception as exc:  # noqa: BLE001 - any load failure keeps the old model
                 self.metrics.reloads.labels("failed").inc()
                 self.last_error = f"loading {target.source} {target.uri or ''}: {exc}".strip()
@@ -134,7 +157,7 @@ class ModelServer:
         log.info("model loaded", **msgspec.to_builtins(served.info))
         return served.info
 
-    def _load(self, target: ModelTarget, trace_id: str) -> ServedModel:
+    def _load(self, target: ModelTarget, trace_id: str, load_span: SpanContext | None = None) -> ServedModel:
         if target.source == "champion":
             path = self.store.verify(target.uri, target.sha256)
         else:
@@ -161,7 +184,7 @@ class ModelServer:
             trace_id=trace_id,
             event_id=target.event_id,
         )
-        return ServedModel(backend, target, info)
+        return ServedModel(backend, target, info, load_span if load_span and load_span.is_valid else None)
 
     # ------------------------------------------------------------------ generating
 
@@ -174,7 +197,9 @@ class ModelServer:
         budget = new_token_budget(params.max_tokens, self.max_tokens_limit, served.info.max_positions, len(input_ids))
         return PreparedPrompt(input_ids, budget, params)
 
-    async def complete(self, served: ServedModel, prompt: PreparedPrompt) -> Completion:
+    async def complete(self, served: ServedModel, prompt: PreparedPrompt,
+                       origin: RequestOrigin | None = None) -> Completion:
+        started_ns = time.time_ns()
         cancel = threading.Event()
         loop = asyncio.get_running_loop()
         try:
@@ -182,10 +207,13 @@ class ModelServer:
         finally:
             cancel.set()  # stops the worker early if this request was abandoned
         self._count(completion)
+        self._answered(served, completion, started_ns, origin, stream=False)
         return completion
 
-    async def stream(self, served: ServedModel, prompt: PreparedPrompt) -> AsyncIterator[str | Completion]:
+    async def stream(self, served: ServedModel, prompt: PreparedPrompt,
+                     origin: RequestOrigin | None = None) -> AsyncIterator[str | Completion]:
         """Text pieces as they are generated, then the Completion. Closing it cancels the generation."""
+        started_ns = time.time_ns()
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
         cancel = threading.Event()
@@ -210,11 +238,41 @@ class ModelServer:
         finally:
             cancel.set()
         self._count(completion)
+        self._answered(served, completion, started_ns, origin, stream=True)
         yield completion
 
     def _count(self, completion: Completion) -> None:
         self.metrics.prompt_tokens.inc(completion.prompt_tokens)
         self.metrics.completion_tokens.inc(completion.completion_tokens)
+
+    def _answered(self, served: ServedModel, completion: Completion, started_ns: int,
+                  origin: RequestOrigin | None, *, stream: bool) -> None:
+        """Record the first answer `served` gave as a span under its load, in the load's trace."""
+        if served.load_span is None or not served.claim_first_answer():
+            return
+        origin = origin or RequestOrigin()
+        attributes = {
+            "flywheel.model.id": served.info.id,
+            "flywheel.model.source": served.info.source,
+            "flywheel.model.uri": served.info.uri,
+            "flywheel.checkpoint.sha256": served.info.sha256,
+            "flywheel.model.loaded_at": served.info.loaded_at.isoformat(),
+            "flywheel.completion.id": origin.completion_id,
+            "flywheel.completion.stream": stream,
+            "flywheel.completion.tokens": completion.completion_tokens,
+            "flywheel.completion.prompt_tokens": completion.prompt_tokens,
+            "flywheel.completion.finish_reason": completion.finish_reason,
+        }
+        links = []
+        if origin.span is not None and origin.span.is_valid:
+            attributes["flywheel.request.trace_id"] = f"{origin.span.trace_id:032x}"
+            links.append(Link(origin.span, {"flywheel.link": "request"}))
+        parent = trace.set_span_in_context(NonRecordingSpan(served.load_span))
+        span = tracer().start_span("first answer", context=parent, attributes=attributes, links=links,
+                                   start_time=started_ns)
+        span.end()
+        log.info("first answer served", model=served.info.id, sha256=served.info.sha256,
+                 trace_id=served.info.trace_id, completion_id=origin.completion_id)
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -12,6 +12,7 @@ import pytest
 
 from flywheel.demo import free_port_base, run_demo
 from libs.common.artifacts import ArtifactStore
+from libs.common.tracing import read_trace
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -57,6 +58,15 @@ def test_one_dataset_travels_the_whole_loop_and_the_model_gets_better(tmp_path: 
     # One trace links the journey through all six services.
     assert len(result.trace_id) == 32
     assert set(SERVICES) <= set(result.trace_services), f"services in the trace: {result.trace_services}"
+    # ...from submission to the first answer served by the model this dataset produced: recorded
+    # by inference under its load of that checkpoint, once.
+    spans = read_trace(data_dir, result.trace_id)
+    [first] = [s for s in spans if s["name"] == "first answer"]
+    load = next(s for s in spans if s["span_id"] == first["parent_id"])
+    assert (first["service"], load["service"], load["name"]) == ("flywheel-inference",) * 2 + ("model load",)
+    assert first["attributes"]["flywheel.checkpoint.sha256"] == result.checkpoint_sha256
+    assert first["attributes"]["flywheel.model.uri"] == result.checkpoint_uri
+    assert first["start_ns"] >= load["end_ns"] and spans[0]["name"] == "flywheel submit"
     # The stack stopped cleanly and kept its logs.
     for service in SERVICES:
         log = (data_dir / "logs" / f"{service}.log").read_text()

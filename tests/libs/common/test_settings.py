@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from libs.common.settings import CommonSettings, SettingsError, describe, load_settings
@@ -78,6 +79,25 @@ def test_a_bad_value_names_the_variable_to_fix():
         load_settings(EvaluatorSettings, "evaluator", environ={"FLYWHEEL_EVALUATOR_BATCH_SIZE": "0"})
     with pytest.raises(SettingsError, match="FLYWHEEL_EVALUATOR_DEVICE"):
         load_settings(EvaluatorSettings, "evaluator", environ={"FLYWHEEL_EVALUATOR_DEVICE": "gpu7"})
+
+
+class MappedSettings(CommonSettings, kw_only=True, forbid_unknown_fields=True):
+    urls: dict[str, str] = msgspec.field(default_factory=dict)
+    limits: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+def test_a_dict_setting_is_a_json_object_in_the_environment():
+    s = load_settings(MappedSettings, "trainer", environ={
+        "FLYWHEEL_TRAINER_URLS": '{"inference": "http://inference:8100", "trainer": "http://t:8102"}',
+        "FLYWHEEL_TRAINER_LIMITS": '{"a": "3"}'})
+    assert s.urls == {"inference": "http://inference:8100", "trainer": "http://t:8102"} and s.limits == {"a": 3}
+    assert load_settings(MappedSettings, "trainer", environ={"FLYWHEEL_TRAINER_URLS": ""}).urls == {}
+    with pytest.raises(SettingsError, match="FLYWHEEL_TRAINER_URLS: must be a JSON object .*'inference=x'"):
+        load_settings(MappedSettings, "trainer", environ={"FLYWHEEL_TRAINER_URLS": "inference=x"})
+    with pytest.raises(SettingsError, match="FLYWHEEL_TRAINER_URLS: must be a JSON object, got '\\[1\\]'"):
+        load_settings(MappedSettings, "trainer", environ={"FLYWHEEL_TRAINER_URLS": "[1]"})
+    with pytest.raises(SettingsError, match="FLYWHEEL_TRAINER_LIMITS"):
+        load_settings(MappedSettings, "trainer", environ={"FLYWHEEL_TRAINER_LIMITS": '{"a": "many"}'})
 
 
 def test_every_service_declares_its_settings_and_all_load_with_defaults():

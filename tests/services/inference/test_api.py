@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ from services.inference.api import router
 from services.inference.champion import BASE
 from services.inference.generation import GenerationParams, PreparedPrompt
 from services.inference.metrics import InferenceMetrics
-from services.inference.serving import ModelServer
+from services.inference.serving import ModelServer, ServedModel
 from services.inference.transformers_backend import TransformersBackend
 
 pytestmark = pytest.mark.slow
@@ -164,6 +165,55 @@ async def test_metrics_count_requests_and_tokens(client):
     assert 'flywheel_inference_requests_total{outcome="ok",stream="false"} 1.0' in text
     assert "flywheel_inference_completion_tokens_total 5.0" in text  # the load probe is not counted
     assert 'flywheel_inference_reloads_total{outcome="ok"} 1.0' in text
+
+
+def _named(spans, name: str) -> list:
+    return [s for s in spans.get_finished_spans() if s.name == name]
+
+
+async def test_the_first_answer_of_each_loaded_model_is_a_span_under_its_load(spans, client):
+    # `spans` comes first: the client's model load is recorded.
+    [load] = _named(spans, "model load")
+    assert not _named(spans, "first answer")
+    events = await stream(client, max_tokens=6, temperature=0)
+    completion_id = events[0]["id"]
+    await asyncio.gather(*(complete(client, max_tokens=3, temperature=0) for _ in range(3)))
+
+    [first] = _named(spans, "first answer")  # one per loaded model, however many answers follow
+    assert first.context.trace_id == load.context.trace_id and first.parent.span_id == load.context.span_id
+    attributes = dict(first.attributes)
+    assert attributes["flywheel.model.id"] == "flywheel:base" and attributes["flywheel.model.source"] == "base"
+    assert attributes["flywheel.completion.id"] == completion_id and attributes["flywheel.completion.stream"] is True
+    assert attributes["flywheel.completion.tokens"] == 6
+    assert "flywheel.request.trace_id" not in attributes and not first.links  # the client sent no traceparent
+    assert first.start_time >= load.end_time
+
+    # A reload is a new loaded model: its first answer is recorded under its own load.
+    await client.post("/models/reload", json={"force": True})
+    await complete(client, max_tokens=2, temperature=0)
+    await complete(client, max_tokens=2, temperature=0)
+    [reload] = [s for s in _named(spans, "model load") if s is not load]
+    [_, again] = _named(spans, "first answer")
+    assert again.parent.span_id == reload.context.span_id and again.context.trace_id == reload.context.trace_id
+    assert again.attributes["flywheel.completion.stream"] is False
+
+
+def test_only_one_caller_claims_a_models_first_answer():
+    served = ServedModel(backend=None, target=BASE, info=None)
+    start = threading.Barrier(8)
+    claims: list[bool] = []
+
+    def claim() -> None:
+        start.wait()
+        claims.append(served.claim_first_answer())
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claims) == [False] * 7 + [True]
+    assert not served.claim_first_answer()
 
 
 def test_a_cancelled_generation_stops_at_the_next_token(tiny_model_dir: Path):

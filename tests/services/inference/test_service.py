@@ -305,3 +305,37 @@ async def test_a_staged_checkpoint_is_loaded_and_reported_with_the_sha256_it_ser
             await reports.next_msg(timeout=3)
         assert (await client.get("/models/info")).json()["source"] == "base"
     await reports.unsubscribe()
+
+
+async def test_the_first_answer_of_a_staged_checkpoint_ends_the_deployments_trace(spans, settings, bus: Bus,
+                                                                                  tiny_model_dir: Path):
+    store = ArtifactStore(settings.data_dir / "artifacts")
+    checkpoint = make_checkpoint(store, tiny_model_dir, "run-t-1")
+    reports = await bus.js.subscribe(topology.MODEL_SERVING)
+    async with running(settings) as client:
+        with tracer().start_as_current_span("deployment"):  # the dataset's trace, as the deployer continues it
+            deployment_trace = current_trace_id()
+            await put_deployment(bus, checkpoint, "d-t")
+            await bus.publish(topology.MODEL_STAGED, staged(checkpoint, "d-t"))
+        assert msgspec.json.decode((await reports.next_msg(timeout=60)).data, type=ModelServing).ok
+        # Two callers at once, each in a trace of its own: one of them gets the first answer.
+        callers = [f"{n:032x}" for n in (0xA1, 0xB2)]
+        answers = await asyncio.gather(*(
+            client.post("/v1/chat/completions", json={"model": "flywheel", "messages": HELLO, "max_tokens": 4},
+                        headers={"traceparent": f"00-{trace}-{n + 1:016x}-01"})
+            for n, trace in enumerate(callers)))
+        assert [a.status_code for a in answers] == [200, 200]
+        await chat(client, max_tokens=2)
+    await reports.unsubscribe()
+
+    finished = spans.get_finished_spans()
+    [first] = [s for s in finished if s.name == "first answer" and f"{s.context.trace_id:032x}" == deployment_trace]
+    [load] = [s for s in finished if s.name == "model load" and s.context.span_id == first.parent.span_id]
+    assert f"{load.context.trace_id:032x}" == deployment_trace and load.attributes["flywheel.model.uri"] == checkpoint.uri
+    assert first.attributes["flywheel.checkpoint.sha256"] == checkpoint.sha256
+    assert first.attributes["flywheel.model.id"] == "flywheel:run-s-step1"
+    # The answer's request keeps its own trace: the first answer names it and links to it.
+    caller = first.attributes["flywheel.request.trace_id"]
+    assert caller in callers and [f"{link.context.trace_id:032x}" for link in first.links] == [caller]
+    assert first.attributes["flywheel.completion.id"] in {a.json()["id"] for a in answers}
+    assert [s for s in finished if s.name == "first answer"] == [first]  # once, however many answers followed

@@ -1,4 +1,5 @@
-"""A trace as a self-contained HTML waterfall: `flywheel trace TRACE_ID --html journey.html`.
+"""A trace as a self-contained HTML waterfall: `flywheel trace TRACE_ID --html journey.html`, and
+the dashboard's link to a trace when no tracing UI is configured (GET /traces/TRACE_ID).
 
 For local runs without a collector: one bar per span, indented by parent, coloured by
 service, with its attributes on hover. Any browser opens it; nothing is fetched.

@@ -1,4 +1,4 @@
-from flywheel.trace_page import render_trace_page
+from libs.common.trace_page import render_trace_page
 
 SPANS = [
     {"trace_id": "t" * 32, "span_id": "a", "parent_id": None, "name": "flywheel submit", "service": "flywheel-cli",
