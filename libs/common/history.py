@@ -42,11 +42,11 @@ class Recorded(msgspec.Struct, frozen=True):
     headers: dict[str, str] = {}
 
 
-def record_of(msg: Msg) -> Recorded:
-    """A delivered JetStream message as a `Recorded`; an undecodable body gives event=None."""
+def record_of(msg: Msg, decode: Callable[[bytes], AnyEvent] = _decoder.decode) -> Recorded:
+    """A delivered JetStream message as a `Recorded`; a body `decode` refuses gives event=None."""
     meta = msg.metadata
     try:
-        event = _decoder.decode(msg.data)
+        event = decode(msg.data)
     except (msgspec.DecodeError, msgspec.ValidationError):
         event = None
     return Recorded(
@@ -63,8 +63,10 @@ async def _last_seq(bus: Bus, stream: str, subject: str) -> int:
         return 0
 
 
-async def read_subject(bus: Bus, subject: str, *, idle_timeout_s: float = 5.0) -> list[Recorded]:
-    """Every message stored on `subject` (wildcards allowed) now, oldest first.
+async def read_subject(bus: Bus, subject: str, *, idle_timeout_s: float = 5.0,
+                       decode: Callable[[bytes], AnyEvent] = _decoder.decode) -> list[Recorded]:
+    """Every message stored on `subject` (wildcards allowed) now, oldest first, each body read by
+    `decode` (a reader that needs less than the whole event may skip the rest).
 
     The end is the newest sequence on the subject when the read starts; a message published
     meanwhile may or may not be included. `idle_timeout_s` bounds a wait for a message the
@@ -82,7 +84,7 @@ async def read_subject(bus: Bus, subject: str, *, idle_timeout_s: float = 5.0) -
                 msg = await sub.next_msg(timeout=idle_timeout_s)
             except nats.errors.TimeoutError:
                 break
-            found.append(record_of(msg))
+            found.append(record_of(msg, decode))
             if msg.metadata.sequence.stream >= end:
                 break
     finally:

@@ -21,7 +21,6 @@ a chain that reaches a checkpoint whose events are gone ends there, and says so.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -29,9 +28,6 @@ from typing import Literal
 from urllib.parse import unquote, urlparse
 
 import msgspec
-import nats.errors
-import nats.js.errors
-from nats.js import api
 
 from libs.common import topology
 from libs.common.bus import Bus
@@ -48,9 +44,8 @@ from libs.common.events import (
     TrainingFinished,
     TrainingStarted,
 )
-from libs.common.history import Recorded, read_history
+from libs.common.history import Recorded, read_history, read_subject
 from libs.common.records import CHAMPION, DEPLOY_DECISIONS, Champion, DeployDecision
-from libs.common.tracing import trace_id_from_headers
 
 # What `read_lineage` reads with `read_history`; `dataset.submitted` is read apart, without its rows.
 SUBJECTS: tuple[str, ...] = (
@@ -774,41 +769,21 @@ class _SubmissionHead(msgspec.Struct, kw_only=True):
 _head_decoder = msgspec.json.Decoder(_SubmissionHead)
 
 
+def _submission_without_rows(data: bytes) -> DatasetSubmitted:
+    """A `dataset.submitted` with its inline rows skipped (`rows=[]` when it had some)."""
+    head = _head_decoder.decode(data)
+    return DatasetSubmitted(
+        id=head.id, time=head.time, source=head.source, name=head.name, schema=head.schema,
+        priority=head.priority, level=head.level, rows=None if bytes(head.rows) == b"null" else [],  # type: ignore[arg-type]
+        uri=head.uri, sha256=head.sha256, submitted_by=head.submitted_by, channel=head.channel,
+    )
+
+
 async def read_submissions(bus: Bus, *, idle_timeout_s: float = 5.0) -> list[Recorded]:
     """Every stored `dataset.submitted`, oldest first, as `Recorded` events whose inline rows are
     not kept (`rows=[]` for an inline submission): who sent a dataset, by which channel."""
-    subject = topology.DATASET_SUBMITTED
-    stream = topology.stream_for(subject)
-    try:
-        end = (await bus.js.get_last_msg(stream, subject)).seq
-    except nats.js.errors.NotFoundError:
-        return []
-    sub = await bus.js.subscribe(subject, stream=stream, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
-    found: list[Recorded] = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=idle_timeout_s)
-            except nats.errors.TimeoutError:
-                break
-            meta = msg.metadata
-            try:
-                head = _head_decoder.decode(msg.data)
-                event = DatasetSubmitted(
-                    id=head.id, time=head.time, source=head.source, name=head.name, schema=head.schema,
-                    priority=head.priority, level=head.level, rows=None if bytes(head.rows) == b"null" else [],  # type: ignore[arg-type]
-                    uri=head.uri, sha256=head.sha256, submitted_by=head.submitted_by, channel=head.channel,
-                )
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                event = None
-            found.append(Recorded(stream=meta.stream, seq=meta.sequence.stream, subject=msg.subject,
-                                  stored=meta.timestamp, trace_id=trace_id_from_headers(msg.headers), event=event))
-            if meta.sequence.stream >= end:
-                break
-    finally:
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
-    return found
+    return await read_subject(bus, topology.DATASET_SUBMITTED, idle_timeout_s=idle_timeout_s,
+                              decode=_submission_without_rows)
 
 
 async def read_records(bus: Bus) -> tuple[list[Recorded], Champion | None, list[DeployDecision]]:
