@@ -101,7 +101,7 @@ class ReadModel:
     """The state the dashboard shows; `trace_url` is a template holding `{trace_id}`."""
 
     trace_url: str = "/traces/{trace_id}"
-    max_points: int = 2000
+    max_points: int = 600
     max_rows: int = 200
     version: int = 0
     caught_up: bool = False
@@ -187,7 +187,8 @@ class ReadModel:
                 self.train_points.append({"x": event.global_step, "y": event.loss, "run_id": event.run_id})
                 if len(self.train_points) > 20 * self.max_points:
                     self.train_points = thin(self.train_points, 10 * self.max_points)
-                return self._changed("training", "loss", "runs")
+                # Not "runs": its table changes when a run starts or ends; the live step is "training"'s.
+                return self._changed("training", "loss")
             case TrainingFinished():
                 if (run := self.runs.get(event.run_id)) is not None:
                     run.state, run.finished, run.final_loss = "finished", event.time, event.final_loss

@@ -23,8 +23,11 @@ class DashboardSettings(CommonSettings, kw_only=True, forbid_unknown_fields=True
     queue_interval_s: PositiveFloat = 2.0
     # Live updates go out at most this often per browser: a burst of events is one update.
     push_interval_s: Annotated[float, msgspec.Meta(ge=0.05)] = 0.5
-    # Points kept per curve and rows per table; older ones are thinned (curves) or dropped (tables).
-    max_points: Positive = 2000
+    # Points sent per curve and rows per table; older ones are thinned (curves) or dropped (tables).
+    # Every live update resends the loss curve: 600 points draw it smoothly on a wide screen, and a
+    # day of history's update is 60 kB instead of 250 kB with 2,000 points and the runs table
+    # (`python -m bench.dashboard`).
+    max_points: Positive = 600
     max_rows: Positive = 200
 
     def __post_init__(self) -> None:
