@@ -1,4 +1,5 @@
-"""Chat rows and how they become training tokens: the model's chat template, loss on assistant turns only.
+"""Rows and how they become training tokens: chat rows through the model's chat template with
+loss on assistant turns only, text rows (completion_v1) as they are with loss on the whole text.
 
 The assistant spans are found by rendering the conversation prefix by prefix with the
 tokenizer's own chat template: the text added by turn i (rendered with the generation prompt
@@ -7,6 +8,19 @@ one that has no `{% generation %}` markers (see NOTES.md). An earlier turn that 
 renders differently once later turns exist (Qwen3 drops its think block) is located by its
 verbatim content right after the generation prompt. Anything else fails loudly instead of
 silently training on the wrong tokens.
+
+Which encoding a dataset gets is decided by its schema (`DatasetAccepted.schema`), never by
+looking at its rows: `SCHEMA_KINDS` maps every schema the gatekeeper accepts to "chat" or
+"text" (a test holds it equal to the gatekeeper's registry).
+
+A text row (`encode_text`) gets what a chat row gets from the template code above and nothing
+else: no BOS (chat rows are tokenized with add_special_tokens=False, the template alone decides
+the special tokens, and Qwen's tokenizers have no BOS), and the tokenizer's EOS appended and
+trained, as a chat answer's trained end of turn is (`<|im_end|>`, Qwen's EOS): the model learns
+where a text ends, not only how it goes on. A text cut by max_length loses its EOS with the cut
+(it did not end there). The first token of a text is not a label: nothing comes before it to
+predict it from (the causal LM shifts labels by one), so `num_trained_tokens` counts only what
+the loss actually sees.
 """
 
 from __future__ import annotations
@@ -28,13 +42,26 @@ class ChatRow(msgspec.Struct, frozen=True):
     messages: list[ChatMessage]
 
 
+class TextRow(msgspec.Struct, frozen=True):
+    """One completion_v1 row as the trainer reads it: a text, loss on all of it."""
+
+    text: str
+
+
+# Every schema the gatekeeper accepts (services/gatekeeper/schemas.py) and how its rows train:
+# "chat" through the chat template with loss on assistant tokens, "text" as is with loss on all.
+SCHEMA_KINDS: dict[str, str] = {"chat_sft_v1": "chat", "syllo_v1": "chat", "completion_v1": "text"}
+
+
 class TemplateError(ValueError):
     """The chat template does not render a conversation as a sequence of stable prefixes."""
 
 
 class EncodedChat(msgspec.Struct, frozen=True):
+    """One training example (a chat row or a text row): token ids and the labels the loss sees."""
+
     input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX everywhere but assistant tokens
+    labels: list[int]  # IGNORE_INDEX everywhere but trained tokens (assistant tokens of a chat)
 
     @property
     def num_trained_tokens(self) -> int:
@@ -86,12 +113,29 @@ def encode_chat(tokenizer, messages: list[ChatMessage], max_length: int) -> Enco
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length)
     labels = []
     span_idx = 0
-    for token_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+    for token_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
         while span_idx < len(spans) and start >= spans[span_idx][1]:
             span_idx += 1
         inside = span_idx < len(spans) and start >= spans[span_idx][0] and end > start
         labels.append(token_id if inside else IGNORE_INDEX)
+    if labels:
+        # Nothing comes before the first token to predict it from: the loss never sees its label.
+        labels[0] = IGNORE_INDEX
     return EncodedChat(input_ids=list(enc["input_ids"]), labels=labels)
+
+
+def text_end_ids(tokenizer) -> list[int]:
+    """What a text row gets after its text: the tokenizer's EOS, when it has one."""
+    eos = tokenizer.eos_token_id
+    return [] if eos is None else [eos]
+
+
+def encode_text(tokenizer, text: str, max_length: int) -> EncodedChat:
+    """Token ids and labels for one text row: loss on every token after the first, EOS included,
+    truncated to `max_length` tokens (see the module's docstring for why EOS and no BOS)."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + text_end_ids(tokenizer)
+    ids = ids[:max_length]
+    return EncodedChat(input_ids=ids, labels=[IGNORE_INDEX, *ids[1:]] if ids else [])
 
 
 def prompt_messages(messages: list[ChatMessage]) -> list[dict]:

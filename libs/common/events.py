@@ -113,6 +113,13 @@ class TrainingStarted(Event, frozen=True):
     total_steps: int
     start_step: int  # > 0 when resuming after a crash or a stop
     global_step: int
+    # The run's examples per epoch (the dataset's trainable rows plus the replayed ones), and the
+    # dataset's rows the trainer dropped (template or tokenization failed, or no trained token,
+    # e.g. every answer cut away by max_length), with one line per reason: "2 rows (3, 7): why".
+    num_examples: int = 0
+    num_replayed: int = 0
+    num_rows_dropped: int = 0
+    dropped_reasons: list[str] = []
 
 
 class TrainingProgress(Event, frozen=True):

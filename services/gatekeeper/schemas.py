@@ -44,9 +44,10 @@ Quick row checks:
 - text_field        the row has a string `text`
 - extra_fields      (warning) other fields are dropped
 - content_nonempty  the text is not empty or whitespace only
-Standard measures the text's tokens without a chat template; deep looks for duplicates (there
-is no prompt, so no answer leakage or profile). The trainer reads chat rows only today;
-completion datasets are validated and stored, and their `schema` travels in `dataset.accepted`.
+Standard measures the text's tokens without a chat template, plus the EOS the trainer appends;
+deep looks for duplicates (there is no prompt, so no answer leakage or profile). Their `schema`
+travels in `dataset.accepted`, and the trainer trains them with loss on the whole text
+(`libs.common.chat.encode_text`; `libs.common.chat.SCHEMA_KINDS` must name every schema here).
 
 Answer profiles: what a well-formed answer looks like for a kind of task, checked at the deep
 level (answer_format, checks/deep.py). A row's profile is explicit, never guessed from its
@@ -342,7 +343,7 @@ class TextRow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False)
 class CompletionV1:
     name = "completion_v1"
     kind = "text"
-    description = "plain text for continued pre-training (validated and stored; the trainer reads chat rows)"
+    description = "plain text for continued pre-training; loss on the whole text"
     row_type: type = TextRow
     profiles: tuple[str, ...] = ()
     checks: tuple[Check, ...] = (TEXT_FIELD, EXTRA_FIELDS, CONTENT_NONEMPTY)
@@ -408,7 +409,7 @@ def json_schemas() -> dict[str, dict]:
     kinds = [schema.row_type for schema in SCHEMAS.values()]
     refs, components = msgspec.json.schema_components(kinds, ref_template="#/components/schemas/{name}")
     out = {}
-    for schema, ref in zip(SCHEMAS.values(), refs):
+    for schema, ref in zip(SCHEMAS.values(), refs, strict=True):
         row = dict(components.pop(ref["$ref"].rsplit("/", 1)[1]))
         row["description"] = (f"One line of a {schema.name} dataset (JSON lines): {schema.description}. "
                               "Other fields are dropped, with a warning in the report.")

@@ -1,11 +1,21 @@
 """What the trainer feeds the model: which rows, tokenized how, in which order, batched how.
 
-A dataset is a JSONL file of chat rows. Each row becomes token ids with labels on assistant
-tokens only (`encode_chat`); rows left with no assistant token after truncation are dropped
-(they would contribute nothing, and a batch of them has no defined loss). Every epoch visits
-the rows in an order that depends only on (seed, dataset_id, epoch), so a resumed run sees
-exactly the batches the interrupted one would have seen. Batches are padded to their own
-longest row (right padding, labels -100, attention mask 0).
+A dataset is a JSONL file of rows of one schema, the one its `dataset.accepted` names
+(`DatasetAccepted.schema`; never guessed from the rows). Chat schemas (chat_sft_v1, syllo_v1)
+become token ids with labels on assistant tokens only (`encode_chat`); completion_v1 rows
+become their text's tokens plus EOS, with labels on all of them (`encode_text`). A line that is
+not a row of its schema fails the whole dataset: the gatekeeper stored it normalised, so the
+dataset is not what its schema says.
+
+A row that cannot be trained on is dropped with its reason, never the whole dataset: its
+template or tokenization fails, or it is left with no trained token (no assistant turn, only
+empty answers, or every answer cut away by max_length truncation). The drops are counted,
+logged and reported (`Encoded.summary`, on `training.started`). A dataset none of whose rows
+is left fails (`DatasetError`, dead-lettered with the reasons): it never trains on zero loss.
+
+Every epoch visits the rows in an order that depends only on (seed, dataset_id, epoch), so a
+resumed run sees exactly the batches the interrupted one would have seen. Batches are padded to
+their own longest row (right padding, labels -100, attention mask 0).
 """
 
 from __future__ import annotations
@@ -13,40 +23,61 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 
-from libs.common.chat import ChatRow, EncodedChat, TemplateError, encode_chat
+from libs.common.chat import SCHEMA_KINDS, ChatRow, EncodedChat, TemplateError, TextRow, encode_chat, encode_text
+
+DEFAULT_SCHEMA = "chat_sft_v1"
+Row = ChatRow | TextRow
 
 
 class DatasetError(ValueError):
     """The dataset cannot be trained on, now or ever (malformed rows, nothing to learn)."""
 
 
-_row_decoder = msgspec.json.Decoder(ChatRow)
+_decoders = {"chat": msgspec.json.Decoder(ChatRow), "text": msgspec.json.Decoder(TextRow)}
 
 
-def read_rows(path: Path) -> list[ChatRow]:
+def schema_kind(schema: str) -> str:
+    """How rows of `schema` train: "chat" or "text"; a schema the trainer does not know fails."""
+    try:
+        return SCHEMA_KINDS[schema]
+    except KeyError:
+        raise DatasetError(f"the trainer cannot train schema {schema!r}; it trains: {', '.join(SCHEMA_KINDS)}") from None
+
+
+def read_rows(path: Path, schema: str = DEFAULT_SCHEMA) -> list[Row]:
+    """The rows of a dataset of `schema`: ChatRow for chat schemas, TextRow for completion_v1."""
+    decoder = _decoders[schema_kind(schema)]
     rows = []
     with open(path, "rb") as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(_row_decoder.decode(line))
+                rows.append(decoder.decode(line))
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                raise DatasetError(f"{path.name} line {number}: not a chat row: {exc}") from exc
+                raise DatasetError(f"{path.name} line {number}: not a {schema} row: {exc}") from exc
     return rows
 
 
-def replay_rows(earlier: list[Path], count: int, seed: int, dataset_id: str) -> list[ChatRow]:
+def replay_rows(earlier: Sequence[Path], count: int, seed: int, dataset_id: str,
+                schemas: Sequence[str] = ()) -> list[Row]:
     """`count` rows drawn uniformly (with replacement) from the rows of the `earlier` datasets.
 
-    Fixed by (earlier, count, seed, dataset_id), so a resumed run replays the same rows.
+    `schemas` names each earlier dataset's schema (empty: all chat_sft_v1, as before schemas
+    were recorded). Fixed by (earlier, count, seed, dataset_id), so a resumed run replays the
+    same rows.
     """
-    pool = [row for path in earlier for row in read_rows(path)]
+    if schemas and len(schemas) != len(earlier):
+        raise ValueError(f"{len(earlier)} earlier datasets but {len(schemas)} schemas")
+    named = schemas or [DEFAULT_SCHEMA] * len(earlier)
+    pool = [row for path, schema in zip(earlier, named, strict=True) for row in read_rows(path, schema)]
     if not pool or count <= 0:
         return []
     key = hashlib.sha256(f"{seed}:{dataset_id}:replay".encode()).digest()
@@ -59,19 +90,88 @@ def replay_count(new_rows: int, fraction: float) -> int:
     return round(new_rows * fraction / (1 - fraction)) if fraction else 0
 
 
-def tokenize(rows: list[ChatRow], tokenizer, max_length: int) -> list[EncodedChat]:
-    """Encoded rows that have at least one trained (assistant) token."""
-    encoded = []
-    for number, row in enumerate(rows, 1):
+# ---------------------------------------------------------------------------- encoding, row by row
+
+
+@dataclass(frozen=True)
+class Dropped:
+    row: int  # 1-based, in the order the rows were given
+    reason: str
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """The rows that train, and those dropped with their reasons."""
+
+    examples: list[EncodedChat]
+    dropped: list[Dropped] = field(default_factory=list)
+
+    def summary(self, limit: int = 10) -> list[str]:
+        """One line per reason, the most common first: "2 rows (3, 7): <reason>"."""
+        by_reason: dict[str, list[int]] = {}
+        for drop in self.dropped:
+            by_reason.setdefault(drop.reason, []).append(drop.row)
+        ordered = sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[1][0]))
+        lines = []
+        for reason, rows in ordered[:limit]:
+            shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+            lines.append(f"{len(rows)} row{'s' if len(rows) > 1 else ''} ({shown}): {reason}")
+        if len(ordered) > limit:
+            rest = sum(len(rows) for _, rows in ordered[limit:])
+            lines.append(f"{rest} more rows for {len(ordered) - limit} other reasons")
+        return lines
+
+    def counts(self) -> Counter:
+        return Counter(drop.reason for drop in self.dropped)
+
+
+def encode_row(row: Row, tokenizer, max_length: int) -> EncodedChat | str:
+    """The row's training example, or why it cannot be trained on (never an empty mask)."""
+    if isinstance(row, TextRow):
         try:
-            example = encode_chat(tokenizer, row.messages, max_length)
-        except TemplateError as exc:
-            raise DatasetError(f"row {number}: {exc}") from exc
-        if example.num_trained_tokens:
-            encoded.append(example)
-    if not encoded:
-        raise DatasetError(f"none of {len(rows)} rows has an assistant token within max_length={max_length}")
+            example = encode_text(tokenizer, row.text, max_length)
+        except Exception as exc:  # noqa: BLE001 - the tokenizer's complaint is the reason
+            return f"tokenization failed: {type(exc).__name__}: {exc}"
+        if not example.num_trained_tokens:
+            return f"no token to learn within max_length={max_length} (the text is empty or only its first token fits)"
+        return example
+    answers = [m.content for m in row.messages if m.role == "assistant"]
+    if not answers:
+        return "no assistant turn: nothing to train on"
+    if all(not answer.strip() for answer in answers):
+        return "no assistant content: every assistant turn is empty"
+    try:
+        example = encode_chat(tokenizer, row.messages, max_length)
+    except TemplateError as exc:
+        return f"chat template: {exc}"
+    except Exception as exc:  # noqa: BLE001 - the template's own complaint (raise_exception) is the reason
+        return f"the chat template refused the conversation: {type(exc).__name__}: {exc}"
+    if not example.num_trained_tokens:
+        return f"no assistant token within max_length={max_length}: truncation cuts every answer away"
+    return example
+
+
+def encode_rows(rows: Sequence[Row], tokenizer, max_length: int) -> Encoded:
+    """Every row's example, the rows that cannot train dropped with a reason.
+
+    Raises DatasetError, with the reasons, when no row is left: a run never trains on zero loss.
+    """
+    examples, dropped = [], []
+    for number, row in enumerate(rows, 1):
+        outcome = encode_row(row, tokenizer, max_length)
+        if isinstance(outcome, str):
+            dropped.append(Dropped(number, outcome if len(outcome) <= 300 else outcome[:297] + "..."))
+        else:
+            examples.append(outcome)
+    encoded = Encoded(examples, dropped)
+    if not examples:
+        raise DatasetError(f"none of {len(rows)} rows can be trained on: {'; '.join(encoded.summary(3)) or 'no rows'}")
     return encoded
+
+
+def tokenize(rows: Sequence[Row], tokenizer, max_length: int) -> list[EncodedChat]:
+    """Encoded rows that have at least one trained token (`encode_rows` without the reasons)."""
+    return encode_rows(rows, tokenizer, max_length).examples
 
 
 # ---------------------------------------------------------------------------- order and position

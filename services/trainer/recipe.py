@@ -3,7 +3,8 @@
 `FullFinetuneRecipe` trains one dataset (one *run*) from given starting weights:
 
 - `setup()`: pick the device, load the tokenizer and model (from the run's latest checkpoint
-  when resuming, else the starting weights), tokenize the dataset, build AdamW and the
+  when resuming, else the starting weights), tokenize the dataset as its schema says (rows
+  that cannot train are dropped with their reasons, services/trainer/data.py), build AdamW and the
   warmup + cosine schedule, and on resume restore optimizer, scheduler, RNG states and the
   data position.
 - `train()`: one optimizer step per batch; a checkpoint every `save_every_steps` and at the
@@ -14,6 +15,12 @@
 Supported: CPU in fp32; CUDA with fp32 weights and bf16 autocast; gradient clipping; exact
 resume (resumed and uninterrupted runs end with equal weights on CPU). Not supported here:
 gradient accumulation, multi-GPU (Ray Train is the scale-out path).
+
+The loss is the model's: cross-entropy averaged over every trained token of the batch (a
+token mean across the batch, not a mean of per-example means), on assistant tokens for chat
+rows and on the whole text for completion rows. Every example of a batch must have a trained
+token: `trained_tokens` raises before the forward pass otherwise, so no batch ever trains
+on a silent zero (or undefined) loss.
 
 The recipe knows nothing about the bus: every fact it reports goes through
 `emit(subject, event)`, which the service turns into a publication.
@@ -35,6 +42,7 @@ from tqdm import tqdm
 
 from libs.common import topology
 from libs.common.artifacts import Artifact, ArtifactStore
+from libs.common.chat import IGNORE_INDEX, collate
 from libs.common.events import CheckpointSaved, Event, TrainingProgress, TrainingStarted, derived_id
 from libs.common.log import get_logger
 from libs.common.models import load_model, load_tokenizer, pick_device
@@ -49,14 +57,41 @@ from services.trainer.checkpoints import (
     step_dir_name,
     write_checkpoint,
 )
-from libs.common.chat import collate
 from services.trainer.control import ControlGate
-from services.trainer.data import TrainingPlan, epoch_order, read_rows, replay_count, replay_rows, tokenize
+from services.trainer.data import (
+    DEFAULT_SCHEMA,
+    DatasetError,
+    Encoded,
+    TrainingPlan,
+    encode_rows,
+    epoch_order,
+    read_rows,
+    replay_count,
+    replay_rows,
+)
 from services.trainer.divergence import DivergenceGuard
 from services.trainer.schedule import continual_multiplier, lr_multiplier
 from services.trainer.settings import TrainerSettings
 
 Emit = Callable[[str, Event], None]
+
+
+class NoTrainedTokens(DatasetError):
+    """A batch (or an example in it) with no token the loss sees: its loss would be zero or NaN."""
+
+
+def trained_tokens(labels: torch.Tensor) -> int:
+    """The tokens the loss sees in a batch of labels; raises if any example has none.
+
+    The causal LM predicts token t+1 from tokens up to t, so the first label of a row is never
+    seen: counted on the shifted labels, as the loss counts them.
+    """
+    per_example = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+    if labels.shape[0] == 0 or not bool((per_example > 0).all()):
+        empty = [i for i, n in enumerate(per_example.tolist()) if n == 0]
+        raise NoTrainedTokens(f"batch of {labels.shape[0]} examples: examples {empty} have no trained token; "
+                              "refusing to train on a zero loss")
+    return int(per_example.sum())
 
 
 def event_id(*key: object) -> str:
@@ -75,6 +110,10 @@ class TrainingJob:
     base_global_step: int  # the trainer's global step before this run
     # Earlier datasets replay draws from (the most recent last); empty: no replay.
     replay_paths: tuple[Path, ...] = ()
+    # The dataset's schema (DatasetAccepted.schema): how its rows are read and trained.
+    schema: str = DEFAULT_SCHEMA
+    # The schema of each of `replay_paths`; empty: all chat_sft_v1.
+    replay_schemas: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,21 +153,30 @@ class FullFinetuneRecipe:
         if self._resume_from:
             self._restore(self._resume_from)
         self._log.info(
-            "recipe ready", device=self._device, weights=str(weights), examples=self._plan.num_examples,
-            replayed=self._num_replayed,
-            dropped_rows=self._num_dropped, total_steps=self._plan.total_steps, start_step=self._step,
+            "recipe ready", device=self._device, weights=str(weights), schema=self.job.schema,
+            examples=self._plan.num_examples, replayed=self._num_replayed, dropped_rows=len(self._encoded.dropped),
+            total_steps=self._plan.total_steps, start_step=self._step,
         )
 
     def _setup_data(self) -> None:
         h = self.settings.hyperparameters
-        rows = read_rows(self.job.dataset_path)
+        rows = read_rows(self.job.dataset_path, self.job.schema)
         replayed = replay_rows(list(self.job.replay_paths), replay_count(len(rows), h.replay_fraction), h.seed,
-                               self.job.dataset_id)
-        self._num_replayed = len(replayed)
-        rows += replayed
-        self._examples = tokenize(rows, self._tokenizer, self.settings.max_length)
-        self._num_dropped = len(rows) - len(self._examples)
-        h = self.settings.hyperparameters
+                               self.job.dataset_id, self.job.replay_schemas)
+        # The dataset's own rows first: if none of them can train, the run fails (a dataset is
+        # never "trained" on replayed rows alone).
+        self._encoded: Encoded = encode_rows(rows, self._tokenizer, self.settings.max_length)
+        for reason, count in self._encoded.counts().most_common():
+            self._log.warning("rows dropped", count=count, reason=reason,
+                              rows=[d.row for d in self._encoded.dropped if d.reason == reason][:20])
+        try:
+            kept_replayed = encode_rows(replayed, self._tokenizer, self.settings.max_length).examples if replayed else []
+        except DatasetError:  # every replayed row dropped: the run trains on its own rows
+            kept_replayed = []
+        if len(kept_replayed) < len(replayed):
+            self._log.warning("replayed rows dropped", count=len(replayed) - len(kept_replayed))
+        self._num_replayed = len(kept_replayed)
+        self._examples = self._encoded.examples + kept_replayed
         self._plan = TrainingPlan(len(self._examples), h.batch_size, h.epochs, h.max_steps)
 
     def _setup_model(self, weights: Path) -> None:
@@ -182,6 +230,8 @@ class FullFinetuneRecipe:
         self._emit(topology.TRAINING_STARTED, TrainingStarted(
             run_id=job.run_id, dataset_id=job.dataset_id, init_weights=job.init_weights,
             total_steps=plan.total_steps, start_step=self._step, global_step=self._global_step,
+            num_examples=plan.num_examples, num_replayed=self._num_replayed,
+            num_rows_dropped=len(self._encoded.dropped), dropped_reasons=self._encoded.summary(),
         ))
         bar = tqdm(total=plan.total_steps, initial=self._step, desc=job.run_id, disable=not sys.stderr.isatty())
         window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
@@ -217,6 +267,7 @@ class FullFinetuneRecipe:
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         """One optimizer step; returns the batch loss and its number of real (non-pad) tokens."""
+        trained_tokens(batch["labels"])  # raises before a batch could train on a zero loss
         batch = {name: tensor.to(self._device) for name, tensor in batch.items()}
         with self._autocast:
             loss = self._model(**batch).loss

@@ -4,6 +4,11 @@ Consumes `dataset.accepted.{high,normal,low}` (durables trainer-high/-normal/-lo
 that order) and answers core-NATS requests on `control.trainer.<pause|resume|stop>`.
 Publishes training.started / progress / finished / failed and checkpoint.saved.
 
+Every schema the gatekeeper accepts trains, read as `DatasetAccepted.schema` names it (chat
+rows: loss on assistant tokens; completion_v1: loss on the whole text). Rows that cannot train
+are dropped with their reasons (on training.started and `/status`); a dataset with none left,
+or of a schema the trainer does not know, fails for good and is dead-lettered with the reason.
+
 A dataset's message is a lease, kept alive by the bus's heartbeats while the recipe runs in a
 worker thread (the event loop stays free). It is acked only once the run's final checkpoint
 is on disk, training.finished is published and the trainer state file names the new weights.
@@ -115,8 +120,10 @@ class TrainerService:
             init_path=init_path, run_dir=self.store.location("checkpoints", run_id),
             base_global_step=self.state.global_step,
             replay_paths=tuple(self.store.path_for(d.uri) for d in earlier),
+            schema=event.schema, replay_schemas=tuple(d.schema for d in earlier),
         )
-        dlog.info("training dataset", run_id=run_id, init_weights=init_weights, delivery=delivery.num_delivered)
+        dlog.info("training dataset", run_id=run_id, init_weights=init_weights, schema=event.schema,
+                  delivery=delivery.num_delivered)
         started = time.monotonic()
         self.run_status.active = True
         try:
@@ -178,7 +185,7 @@ class TrainerService:
         )
         await self.bus.publish(topology.TRAINING_FINISHED, finished)
         self.state = record_finished(self.state, job.dataset_id, self.store.uri_for(job.dataset_path),
-                                     result.checkpoint, result.global_step)
+                                     result.checkpoint, result.global_step, job.schema)
         await asyncio.to_thread(save_state, self.state_path, self.state)
         self.run_status.observe(finished)
         self._datasets.labels("finished").inc()

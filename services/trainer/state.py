@@ -19,6 +19,9 @@ STATE_FILE = "state.json"
 class TrainedDataset(msgspec.Struct, frozen=True):
     dataset_id: str
     uri: str
+    # How its rows are read when replayed; state files from before schemas were recorded held
+    # chat_sft_v1 datasets only.
+    schema: str = "chat_sft_v1"
 
 
 class TrainerState(msgspec.Struct, kw_only=True):
@@ -43,12 +46,12 @@ def save_state(path: Path, state: TrainerState) -> None:
 
 
 def record_finished(state: TrainerState, dataset_id: str, dataset_uri: str, checkpoint: Artifact,
-                    global_step: int) -> TrainerState:
+                    global_step: int, schema: str = "chat_sft_v1") -> TrainerState:
     """The state after a dataset's run finished: its final checkpoint becomes the current weights."""
     return TrainerState(
         current_weights=checkpoint.uri,
         current_weights_sha256=checkpoint.sha256,
         global_step=global_step,
         finished={**state.finished, dataset_id: checkpoint.uri},
-        trained=[*state.trained, TrainedDataset(dataset_id, dataset_uri)],
+        trained=[*state.trained, TrainedDataset(dataset_id, dataset_uri, schema)],
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from libs.common.events import CheckpointSaved, Event, TrainingFinished, TrainingProgress, TrainingStarted
 
@@ -21,12 +21,16 @@ class RunStatus:
     learning_rate: float | None = None
     tokens_per_second: float | None = None
     last_checkpoint: str = ""
+    # The run's dataset rows the trainer dropped, and why (as on training.started).
+    num_rows_dropped: int = 0
+    dropped_reasons: list[str] = field(default_factory=list)
 
     def observe(self, event: Event) -> None:
         if isinstance(event, TrainingStarted):
             self.run_id, self.dataset_id = event.run_id, event.dataset_id
             self.step, self.total_steps, self.global_step = event.start_step, event.total_steps, event.global_step
             self.last_loss = self.learning_rate = self.tokens_per_second = None
+            self.num_rows_dropped, self.dropped_reasons = event.num_rows_dropped, list(event.dropped_reasons)
         elif isinstance(event, TrainingProgress):
             self.step, self.global_step = event.step, event.global_step
             self.last_loss, self.learning_rate = event.loss, event.learning_rate

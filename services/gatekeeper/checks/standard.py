@@ -35,7 +35,7 @@ text is then a string concatenation. The layout is used only while it is proven 
   good and the batch is measured again in full.
 Texts are tokenized in batches by the fast tokenizer, as encode_chat tokenizes them. Rows the
 layout does not cover are measured by encode_chat itself. A completion row is its text,
-without a template.
+without a template, plus the EOS the trainer appends (`libs.common.chat.encode_text`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from typing import Literal
 import msgspec
 import structlog
 
-from libs.common.chat import ROLES, ChatMessage, TemplateError, assistant_char_spans, encode_chat
+from libs.common.chat import ROLES, ChatMessage, TemplateError, assistant_char_spans, encode_chat, text_end_ids
 from services.gatekeeper.checks import Batch, Check, LevelCheck
 from services.gatekeeper.schemas import RowSchema
 
@@ -88,9 +88,10 @@ class TokenLengths(LevelCheck):
             lengths = self.counter.measure_chats([conversation(batch.rows[i]) for i in live])
         else:
             text = self.schema.text
-            lengths = self.counter.count_texts([text(batch.rows[i]) for i in live])
+            end = len(text_end_ids(self.counter.tokenizer))  # the EOS encode_text appends
+            lengths = [n + end for n in self.counter.count_texts([text(batch.rows[i]) for i in live])]
         measured = []
-        for i, length in zip(live, lengths):
+        for i, length in zip(live, lengths, strict=True):
             if isinstance(length, str):
                 batch.error(i, TEMPLATE, length)
                 continue
@@ -171,7 +172,7 @@ class LengthStats:
         counts = [0] * len(edges)
         for value, n in self.counts.items():
             counts[bisect.bisect_right(edges, value) - 1] += n
-        bins = [Bin(lo=lo, hi=hi, count=n) for lo, hi, n in zip(edges, edges[1:], counts)]
+        bins = [Bin(lo=lo, hi=hi, count=n) for lo, hi, n in zip(edges, edges[1:], counts, strict=False)]
         return [*bins, Bin(lo=self.max_length + 1, hi=None, count=counts[-1])]
 
 
@@ -246,7 +247,7 @@ def learn_layout(render, template_source: str, special_tokens: Sequence[str]) ->
     for shape in shapes:
         contents = [_SENTINEL.format(i) for i in range(len(shape))]
         try:
-            text = render(list(zip(shape, contents)))
+            text = render(list(zip(shape, contents, strict=True)))
         except Exception:  # noqa: BLE001 - a template may refuse shapes; those rows are encoded in full
             continue
         pieces = _split(text, contents)
@@ -363,7 +364,7 @@ class TokenCounter:
                 log.warning("the chat template layout disagreed with a full rendering; encoding every row in full")
                 self.layout = None
                 return self.measure_chats(conversations)
-        for i, length in zip(where, self.count_texts(texts)):
+        for i, length in zip(where, self.count_texts(texts), strict=True):
             out[i] = length
         return out
 

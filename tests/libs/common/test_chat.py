@@ -1,12 +1,12 @@
 import pytest
 
-from libs.common.chat import IGNORE_INDEX, ChatMessage, TemplateError, encode_chat, prompt_messages
+from libs.common.chat import IGNORE_INDEX, ChatMessage, TemplateError, encode_chat, encode_text, prompt_messages
 
 pytestmark = pytest.mark.slow  # loads the tiny tokenizer
 
 
 def _trained_text(tok, enc):
-    return tok.decode([t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX])
+    return tok.decode([t for t, l in zip(enc.input_ids, enc.labels, strict=True) if l != IGNORE_INDEX])
 
 
 def test_only_assistant_tokens_are_trained(tiny_model_dir):
@@ -68,3 +68,34 @@ def test_qwen3_style_template_masks_every_turn_of_a_multi_turn_chat(tiny_model_d
     # The earlier answer by its content and end of turn; the last one as the prefix renders it,
     # with the empty think block Qwen3 expects before a final answer.
     assert trained == "first answer<|im_end|><think>\n\n</think>\n\nsecond answer<|im_end|>\n"
+
+
+def test_a_text_row_trains_on_the_whole_text_and_its_eos_without_bos(tiny_model_dir):
+    from libs.common.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    text = "Once upon a time, ①⓪① was 5."
+    enc = encode_text(tok, text, 256)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    # No BOS (the tiny Qwen tokenizer has none, and chat rows get none either); EOS appended.
+    assert enc.input_ids == [*ids, tok.eos_token_id] and tok.decode(enc.input_ids) == text + "<|im_end|>"
+    # Every token is a label but the first, which nothing before it predicts.
+    assert enc.labels == [IGNORE_INDEX, *enc.input_ids[1:]] and enc.num_trained_tokens == len(ids)
+
+
+def test_a_truncated_text_loses_its_eos_and_one_token_leaves_nothing_to_learn(tiny_model_dir):
+    from libs.common.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    enc = encode_text(tok, "word " * 100, 16)
+    assert len(enc.input_ids) == 16 and tok.eos_token_id not in enc.input_ids and enc.num_trained_tokens == 15
+    assert encode_text(tok, "word " * 100, 1).num_trained_tokens == 0
+
+
+def test_the_first_token_of_a_chat_is_never_a_label(tiny_model_dir):
+    from libs.common.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}{% endif %}"
+    enc = encode_chat(tok, [ChatMessage("assistant", "hello there")], 64)
+    assert enc.labels[0] == IGNORE_INDEX and enc.num_trained_tokens == len(enc.input_ids) - 1

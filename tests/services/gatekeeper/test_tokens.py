@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.common.chat import ChatMessage, TemplateError, encode_chat
+from libs.common.chat import ChatMessage, TemplateError, encode_chat, encode_text
 from libs.common.models import load_tokenizer
 from services.gatekeeper.checks import Tally
 from services.gatekeeper.checks.standard import LengthStats, TokenCounter
@@ -98,7 +98,7 @@ def test_counts_equal_the_trainers_encoding_on_varied_rows(tiny_model_dir: Path,
     assert counter.layout is None or counter.layout.edge_whitespace == (template in ("qwen3", "stripping"))
     conversations = varied_conversations(1500)
     measured = counter.measure_chats(conversations)
-    for messages, length in zip(conversations, measured):
+    for messages, length in zip(conversations, measured, strict=True):
         expected = trainer_length(tokenizer, messages)
         if isinstance(expected, str):
             assert isinstance(length, str), (messages, length, expected)
@@ -207,6 +207,13 @@ def test_completion_rows_are_measured_and_truncated(tmp_path: Path, counter):
     tally, kept, lengths = standard(tmp_path, counter, [{"text": "word " * 100}, {"text": "short"}],
                                     schema="completion_v1")
     assert tally.counts == {"token_truncation": 1} and len(kept) == 2 and lengths.count == 2
+
+
+def test_completion_rows_are_measured_as_the_trainer_encodes_them(tmp_path: Path, counter, tokenizer):
+    texts = ["Once upon a time", "①⓪① + ① = ①⓪⓪ and so on"]
+    _, _, lengths = standard(tmp_path, counter, [{"text": t} for t in texts], max_length=1000, schema="completion_v1")
+    expected = [len(encode_text(tokenizer, t, 1 << 30).input_ids) for t in texts]  # the text and its EOS
+    assert (lengths.min, lengths.max) == (min(expected), max(expected)) and min(expected) != max(expected)
 
 
 def test_length_distribution_is_in_tokens_with_an_overflow_bin(tmp_path: Path, counter):

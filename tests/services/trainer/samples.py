@@ -1,4 +1,4 @@
-"""Chat datasets for the trainer tests, stored the way the gatekeeper stores accepted ones."""
+"""Datasets for the trainer tests, stored the way the gatekeeper stores accepted ones."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def write_dataset(
-    data_dir: Path, rows: list[dict], *, name: str = "ds", priority: Priority = "normal",
+    data_dir: Path, rows: list[dict], *, name: str = "ds", priority: Priority = "normal", schema: str = "chat_sft_v1",
 ) -> DatasetAccepted:
     """Store `rows` as a dataset artifact the way the gatekeeper does and describe it as an event."""
     store = ArtifactStore(Path(data_dir) / "artifacts")
@@ -36,6 +36,6 @@ def write_dataset(
     dataset_id = hashlib.sha256(b"".join(lines)).hexdigest()
     artifact = store.write_lines(lines, "datasets", f"{dataset_id}.jsonl")
     return DatasetAccepted(
-        dataset_id=dataset_id, name=name, uri=artifact.uri, sha256=artifact.sha256, schema="chat_sft_v1",
+        dataset_id=dataset_id, name=name, uri=artifact.uri, sha256=artifact.sha256, schema=schema,
         priority=priority, num_rows=len(rows), num_rows_dropped=0, report_uri="", submission_id=f"sub-{name}",
     )

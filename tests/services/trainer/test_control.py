@@ -90,8 +90,9 @@ def test_describe_state(mode, active, held, word):
 def test_run_status_folds_events():
     status = RunStatus()
     status.observe(TrainingStarted(run_id="r", dataset_id="d", init_weights="w", total_steps=10, start_step=4,
-                                   global_step=24))
+                                   global_step=24, num_rows_dropped=2, dropped_reasons=["2 rows (1, 3): why"]))
     assert (status.run_id, status.step, status.total_steps, status.global_step) == ("r", 4, 10, 24)
+    assert status.as_dict()["num_rows_dropped"] == 2 and status.dropped_reasons == ["2 rows (1, 3): why"]
     status.observe(TrainingProgress(run_id="r", dataset_id="d", step=6, total_steps=10, global_step=26,
                                     loss=1.5, learning_rate=1e-3, tokens_per_second=900.0))
     assert (status.step, status.last_loss, status.tokens_per_second) == (6, 1.5, 900.0)

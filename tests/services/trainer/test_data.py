@@ -5,8 +5,22 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from libs.common.chat import IGNORE_INDEX, EncodedChat, collate
-from services.trainer.data import DatasetError, TrainingPlan, epoch_order, read_rows, replay_count, replay_rows
+from libs.common.chat import IGNORE_INDEX, SCHEMA_KINDS, ChatMessage, ChatRow, EncodedChat, TextRow, collate
+from services.gatekeeper.schemas import SCHEMAS
+from services.trainer.data import (
+    DatasetError,
+    Dropped,
+    Encoded,
+    TrainingPlan,
+    encode_row,
+    encode_rows,
+    epoch_order,
+    read_rows,
+    replay_count,
+    replay_rows,
+    schema_kind,
+)
+from services.trainer.recipe import NoTrainedTokens, trained_tokens
 from services.trainer.schedule import MIN_LR_RATIO, continual_multiplier, lr_multiplier
 
 
@@ -21,8 +35,54 @@ def test_read_rows_ignores_extra_fields_and_blank_lines(tmp_path):
 def test_read_rows_names_the_bad_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"messages": []}\n{"nope": 1}\n')
-    with pytest.raises(DatasetError, match="line 2"):
+    with pytest.raises(DatasetError, match="line 2: not a chat_sft_v1 row"):
         read_rows(path)
+
+
+def test_every_schema_the_gatekeeper_accepts_is_one_the_trainer_trains_the_same_way():
+    assert SCHEMA_KINDS == {name: schema.kind for name, schema in SCHEMAS.items()}
+
+
+def test_read_rows_reads_the_named_schema(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "once upon a time"}\n{"text": "the end"}\n')
+    assert read_rows(path, "completion_v1") == [TextRow("once upon a time"), TextRow("the end")]
+    with pytest.raises(DatasetError, match="line 1: not a chat_sft_v1 row"):
+        read_rows(path, "chat_sft_v1")  # the schema decides, the rows are not sniffed
+    syllo = tmp_path / "s.jsonl"
+    syllo.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
+                     '"puzzle": {"syllables": ["a"], "answers": ["a"]}}\n')
+    assert read_rows(syllo, "syllo_v1")[0].messages[1].content == "a"
+    assert schema_kind("syllo_v1") == "chat" and schema_kind("completion_v1") == "text"
+    with pytest.raises(DatasetError, match="cannot train schema 'preference_v9'"):
+        read_rows(path, "preference_v9")
+
+
+def test_rows_with_nothing_to_train_are_dropped_with_a_reason_before_tokenizing():
+    no_assistant = ChatRow([ChatMessage("user", "hi")])
+    empty_answer = ChatRow([ChatMessage("user", "hi"), ChatMessage("assistant", " ")])
+    # No tokenizer needed: these never reach the template.
+    assert encode_row(no_assistant, None, 64) == "no assistant turn: nothing to train on"
+    assert encode_row(empty_answer, None, 64) == "no assistant content: every assistant turn is empty"
+    with pytest.raises(DatasetError, match="none of 2 rows can be trained on: 1 row .1.: no assistant turn"):
+        encode_rows([no_assistant, empty_answer], None, 64)
+
+
+def test_drop_summary_groups_reasons_most_common_first():
+    encoded = Encoded([], [Dropped(2, "b"), Dropped(3, "a"), Dropped(5, "b"), *(Dropped(n, "c") for n in range(6, 13))])
+    assert encoded.summary() == ["7 rows (6, 7, 8, 9, 10, ...): c", "2 rows (2, 5): b", "1 row (3): a"]
+    assert encoded.summary(limit=1)[-1] == "3 more rows for 2 other reasons"
+    assert encoded.counts() == {"c": 7, "b": 2, "a": 1}
+
+
+def test_a_batch_with_an_example_without_trained_tokens_is_refused():
+    batch = collate([EncodedChat([5, 6, 7], [IGNORE_INDEX, 6, 7]), EncodedChat([8, 9], [IGNORE_INDEX, 9])], pad_id=0)
+    assert trained_tokens(batch["labels"]) == 3
+    # A label on the first token only: the shifted loss never sees it.
+    batch = collate([EncodedChat([5, 6, 7], [IGNORE_INDEX, 6, 7]), EncodedChat([8, 9], [8, IGNORE_INDEX])], pad_id=0)
+    with pytest.raises(NoTrainedTokens, match=r"examples \[1\] have no trained token"):
+        trained_tokens(batch["labels"])
+    assert issubclass(NoTrainedTokens, DatasetError)  # dead-lettered, never retried
 
 
 def test_collate_pads_right_and_masks_padding():
@@ -115,3 +175,13 @@ def test_replay_draws_from_earlier_datasets_deterministically(tmp_path):
     assert any(f"q{v}" in contents for v in range(10, 20))  # both datasets contribute
     assert drawn != replay_rows(earlier, 50, seed=0, dataset_id="other")
     assert replay_rows([], 50, seed=0, dataset_id="d") == [] and replay_rows(earlier, 0, seed=0, dataset_id="d") == []
+
+
+def test_replay_reads_each_earlier_dataset_by_its_own_schema(tmp_path):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_bytes(b"".join(msgspec.json.encode({"text": f"t{v}"}) + b"\n" for v in range(10)))
+    earlier = [_dataset(tmp_path, "one", range(0, 10)), texts]
+    drawn = replay_rows(earlier, 40, seed=0, dataset_id="d", schemas=["chat_sft_v1", "completion_v1"])
+    assert {type(row) for row in drawn} == {ChatRow, TextRow}
+    with pytest.raises(ValueError, match="2 earlier datasets but 1 schemas"):
+        replay_rows(earlier, 40, seed=0, dataset_id="d", schemas=["chat_sft_v1"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -10,16 +11,20 @@ import torch
 from safetensors.torch import load_file
 
 from libs.common.artifacts import ArtifactStore
-from libs.common.chat import ChatMessage, ChatRow
+from libs.common.chat import IGNORE_INDEX, ChatMessage, ChatRow
 from libs.common.models import load_tokenizer
+from services.gatekeeper.schemas import SCHEMAS
+from services.gatekeeper.verdict import announcement
 from services.trainer.checkpoints import (
     TRAINING_STATE_FILE,
     list_checkpoints,
     read_info,
 )
 from services.trainer.control import ControlGate
-from services.trainer.data import DatasetError, tokenize
+from services.trainer.data import DatasetError, encode_rows, tokenize
 from services.trainer.recipe import FullFinetuneRecipe, TrainingJob
+from tests.services.gatekeeper.samples import make_gatekeeper, submission
+from tests.services.gatekeeper.test_tokens import LAST_TURN_DIFFERS, STRICT
 from tests.services.trainer.samples import chat_rows, write_dataset
 
 pytestmark = pytest.mark.slow
@@ -161,6 +166,99 @@ def test_cuda_trains_fp32_weights_under_bf16_autocast(make_settings):
     assert all(t.dtype == torch.float32 for t in weights(result.checkpoint.uri, store).values())
 
 
+# ---------------------------------------------------------------------------- every accepted schema trains
+
+
+def rows_of(schema: str, n: int) -> list[dict]:
+    """Rows of `schema` the gatekeeper accepts: the Binary conversations in its shape."""
+    chats = chat_rows(n, seed=5)
+    if schema == "chat_sft_v1":
+        return [{"messages": row["messages"], "profile": "binary"} for row in chats]
+    if schema == "syllo_v1":
+        return [{"messages": row["messages"], "puzzle": {"syllables": ["ba", "na"], "answers": ["bana"]}}
+                for row in chats]
+    if schema == "completion_v1":
+        return [{"text": f"{row['messages'][0]['content']}\n{row['messages'][1]['content']}"} for row in chats]
+    raise AssertionError(f"no sample rows for schema {schema}: add them so every accepted schema is tested")
+
+
+def accepted_job(settings, schema: str, rows: list[dict], *, run_id: str = "ds-schema"):
+    """`rows` through the gatekeeper (into the trainer's artifact store) and the job its dataset.accepted makes."""
+    gatekeeper = make_gatekeeper(Path(settings.data_dir))
+    report = gatekeeper.submit_rows(submission(f"sub-{schema}", schema=schema), rows)
+    assert report.status == "accepted", report.reasons
+    _, event = announcement(report)
+    store = gatekeeper.store
+    job = TrainingJob(
+        run_id=run_id, dataset_id=event.dataset_id, dataset_path=store.path_for(event.uri),
+        init_weights="file:///base", init_path=Path(settings.base_model),
+        run_dir=store.location("checkpoints", run_id), base_global_step=0, schema=event.schema,
+    )
+    return job, store
+
+
+@pytest.mark.parametrize("schema", list(SCHEMAS))
+def test_every_schema_the_gatekeeper_accepts_trains(make_settings, schema):
+    # completion_v1 failed here before: "not a chat row: Object missing required field `messages`".
+    settings = make_settings()
+    job, store = accepted_job(settings, schema, rows_of(schema, 8))
+    recipe = FullFinetuneRecipe(settings, job, store, ControlGate(), lambda *_: None)
+    recipe.setup()
+    try:
+        examples = recipe._examples
+        assert len(examples) == 8 and all(e.num_trained_tokens for e in examples)
+        if SCHEMAS[schema].kind == "text":  # loss on the whole text (and its EOS), all but the first token
+            assert all(e.labels == [IGNORE_INDEX, *e.input_ids[1:]] for e in examples)
+            assert all(e.input_ids[-1] == recipe._tokenizer.eos_token_id for e in examples)
+        else:  # loss on the assistant's answer only: the prompt is masked
+            assert all(e.num_trained_tokens < len(e.input_ids) // 2 for e in examples)
+        result = recipe.train()
+    finally:
+        recipe.cleanup()
+    assert result.finished and result.step == 2 and math.isfinite(result.loss) and result.loss > 0
+
+
+def test_a_completion_dataset_is_learned(make_settings):
+    settings = make_settings(epochs=3, progress_every_steps=1, learning_rate=2e-3)
+    job, store = accepted_job(settings, "completion_v1", rows_of("completion_v1", 24))
+    result, emitted = run_recipe(settings, job, store)
+    losses = [e.loss for s, e in emitted if s == "training.progress"]
+    assert result.finished and len(losses) == 18
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+
+
+# ---------------------------------------------------------------------------- rows that cannot train
+
+
+def test_rows_that_cannot_train_are_dropped_with_their_reasons_and_reported(make_settings):
+    settings = make_settings(max_length=48)
+    no_answer = {"messages": [{"role": "user", "content": "hi"}]}
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "ok"}]}
+    rows = chat_rows(6) + [no_answer, long_prompt, long_prompt]
+    result, emitted = run_recipe(settings, *job_for(settings, rows))
+    started = emitted[0][1]
+    assert result.finished and (started.num_examples, started.num_rows_dropped) == (6, 3)
+    assert started.dropped_reasons == [
+        "2 rows (8, 9): no assistant token within max_length=48: truncation cuts every answer away",
+        "1 row (7): no assistant turn: nothing to train on",
+    ]
+
+
+def test_a_dataset_whose_every_row_is_dropped_fails_even_with_rows_to_replay(make_settings):
+    settings = make_settings(max_length=48, replay_fraction=0.5)
+    earlier, store = job_for(settings, chat_rows(8), run_id="ds-earlier")
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "ok"}]}
+    job, _ = job_for(settings, [long_prompt] * 3)
+    job = dataclasses.replace(job, replay_paths=(earlier.dataset_path,))
+    recipe = FullFinetuneRecipe(settings, job, store, ControlGate(), lambda *_: None)
+    try:
+        with pytest.raises(DatasetError, match=r"none of 3 rows can be trained on: 3 rows \(1, 2, 3\): no assistant "
+                                                r"token within max_length=48"):
+            recipe.setup()
+    finally:
+        recipe.cleanup()
+
+
 def test_rows_without_assistant_tokens_are_dropped(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
     good = [ChatMessage("user", "hi"), ChatMessage("assistant", "hello")]
@@ -168,3 +266,16 @@ def test_rows_without_assistant_tokens_are_dropped(tiny_model_dir):
     assert len(tokenize([ChatRow(good), ChatRow(long_prompt)], tokenizer, max_length=32)) == 1
     with pytest.raises(DatasetError, match="none of 1 rows"):
         tokenize([ChatRow(long_prompt)], tokenizer, max_length=32)
+
+
+@pytest.mark.parametrize(("template", "reason"), [
+    (STRICT, "the chat template refused the conversation: TemplateError: roles must alternate user/assistant"),
+    (LAST_TURN_DIFFERS, "chat template: chat template is not prefix-stable at turn 1; cannot mask assistant tokens"),
+])
+def test_a_row_the_template_fails_is_dropped_not_the_dataset(tiny_model_dir, template, reason):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer.chat_template = template
+    good = ChatRow([ChatMessage("user", "hi"), ChatMessage("assistant", "hello")])
+    bad = ChatRow([ChatMessage("user", "a"), ChatMessage("assistant", "b"), ChatMessage("assistant", "c")])
+    encoded = encode_rows([good, bad, good], tokenizer, max_length=64)
+    assert len(encoded.examples) == 2 and encoded.summary() == [f"1 row (2): {reason}"]

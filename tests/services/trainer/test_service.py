@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from libs.common import topology
 from libs.common.artifacts import ArtifactStore
-from libs.common.bus import Bus
+from libs.common.bus import REASON_HEADER, Bus
 from libs.common.events import AnyEvent, ControlReply, ControlTraining, DatasetAccepted
 from libs.common.models import load_model
 from libs.common.records import TRAINER_CONTROL
@@ -235,6 +235,40 @@ async def test_a_dataset_whose_hash_does_not_match_is_dead_lettered(
         [failed] = await recorder.wait_for(topology.TRAINING_FAILED)
         msg = await dead.next_msg(timeout=10)
     assert not failed.will_retry and "does not match" in failed.error
+    assert msgspec.json.decode(msg.data, type=DatasetAccepted).dataset_id == event.dataset_id
+    assert not recorder.events(topology.TRAINING_STARTED)
+
+
+async def test_a_completion_dataset_trains_and_is_replayed_as_text(bus, recorder, nats_server, make_settings, data_dir):
+    texts = [{"text": f"{row['messages'][0]['content']} {row['messages'][1]['content']}"} for row in chat_rows(8)]
+    completion = write_dataset(data_dir, texts, name="texts", schema="completion_v1")
+    chats = write_dataset(data_dir, chat_rows(8, seed=1), name="chats")
+    async with running_trainer(nats_server, make_settings(replay_fraction=0.5)):
+        await publish(bus, completion)
+        await recorder.wait_for(topology.TRAINING_FINISHED, dataset_id=completion.dataset_id)
+        await publish(bus, chats)  # replays the completion rows, read as text
+        await recorder.wait_for(topology.TRAINING_FINISHED, dataset_id=chats.dataset_id)
+    assert not recorder.events(topology.TRAINING_FAILED)
+    first, second = recorder.events(topology.TRAINING_STARTED)
+    assert (first.num_examples, first.num_rows_dropped, second.num_replayed) == (8, 0, 8)
+    state = load_state(data_dir / "trainer" / STATE_FILE)
+    assert [(d.dataset_id, d.schema) for d in state.trained] == [(completion.dataset_id, "completion_v1"),
+                                                                 (chats.dataset_id, "chat_sft_v1")]
+
+
+async def test_a_dataset_with_no_row_left_to_train_is_dead_lettered_with_the_reasons(
+    bus, recorder, nats_server, make_settings, data_dir,
+):
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}
+    event = write_dataset(data_dir, [long_prompt] * 2)
+    dead = await bus.nc.subscribe(topology.dead_letter(topology.dataset_accepted("normal")))
+    async with running_trainer(nats_server, make_settings()):
+        await publish(bus, event)
+        [failed] = await recorder.wait_for(topology.TRAINING_FAILED)
+        msg = await dead.next_msg(timeout=10)
+    assert not failed.will_retry
+    reason = "none of 2 rows can be trained on: 2 rows (1, 2): no assistant token within max_length=128"
+    assert reason in failed.error and reason in msg.headers[REASON_HEADER]
     assert msgspec.json.decode(msg.data, type=DatasetAccepted).dataset_id == event.dataset_id
     assert not recorder.events(topology.TRAINING_STARTED)
 
