@@ -29,6 +29,8 @@ from pathlib import Path
 
 import httpx
 
+from libs.common.process import terminate
+
 TRACING_UIS = ("phoenix",)
 PHOENIX_PORT = 6006
 INSTALL_HINT = "make phoenix"
@@ -176,13 +178,7 @@ class Phoenix:
         return self.process.poll() if self.process else None
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, timeout_s)
         if self._log_file:
             self._log_file.close()
             self._log_file = None

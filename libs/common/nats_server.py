@@ -14,6 +14,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+from libs.common.process import terminate
+
 _LISTENING = re.compile(r"Listening for client connections on ([\d.]+):(\d+)")
 
 
@@ -63,13 +65,7 @@ class NatsServer:
         raise TimeoutError(f"nats-server did not become ready in {timeout_s}s; see {log_path}")
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, timeout_s)
 
     def __enter__(self) -> NatsServer:
         self.start()
