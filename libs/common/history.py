@@ -104,10 +104,7 @@ async def follow(bus: Bus, stream: str, on_record: Callable[[Recorded], Awaitabl
     """Deliver every message of `stream` on `subject` from the first stored one, then each new one,
     until `stop` is set. An ordered consumer re-creates itself after a reconnect where it left off.
     """
-    spec = next(s for s in topology.STREAMS if s.name == stream)
-    filter_subject = spec.subjects[0] if subject == ">" and len(spec.subjects) == 1 else subject
-    sub = await bus.js.subscribe(filter_subject, stream=stream, ordered_consumer=True,
-                                 deliver_policy=api.DeliverPolicy.ALL)
+    sub = await bus.js.subscribe(subject, stream=stream, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
     try:
         while not stop.is_set():
             try:
