@@ -36,10 +36,7 @@ async def _last_decision(bus: Bus) -> dict | None:
 
 
 async def read_status(bus: Bus) -> dict[str, Any]:
-    queue = {}
-    for spec in (topology.GATEKEEPER, *topology.TRAINER):
-        info = await bus.js.consumer_info(spec.stream, spec.durable)
-        queue[spec.durable] = {"waiting": info.num_pending, "in_progress": info.num_ack_pending}
+    queue = await bus.queue_state()
     dead = await bus.js.stream_info("DEADLETTER")
     last_started = await _last(bus, topology.TRAINING_STARTED)
     last_progress = await _last(bus, topology.TRAINING_PROGRESS)

@@ -232,6 +232,14 @@ class Bus:
                     self._kv[spec.name] = await self.js.key_value(spec.name)
         return self._kv[spec.name]
 
+    async def queue_state(self) -> dict[str, dict[str, int]]:
+        """Each queue consumer (`topology.QUEUE`): messages waiting, and delivered but not yet acknowledged."""
+        state = {}
+        for spec in topology.QUEUE:
+            info = await self.js.consumer_info(spec.stream, spec.durable)
+            state[spec.durable] = {"waiting": info.num_pending, "in_progress": info.num_ack_pending}
+        return state
+
     # ------------------------------------------------------------------ publishing
 
     async def publish(self, subject: str, event: Event, *, timeout: float = 10.0, attempts: int = 1) -> api.PubAck:

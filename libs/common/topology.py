@@ -117,6 +117,8 @@ CURRICULUM = ConsumerSpec("curriculum", "EVALS", EVAL_SCORED)
 DEPLOYER_SERVING = ConsumerSpec("deployer-serving", "MODELS", MODEL_SERVING)
 
 CONSUMERS: tuple[ConsumerSpec, ...] = (GATEKEEPER, *TRAINER, EVALUATOR, DEPLOYER, CURRICULUM, DEPLOYER_SERVING)
+# The queue: datasets waiting for validation or for training, at any priority.
+QUEUE: tuple[ConsumerSpec, ...] = (GATEKEEPER, *TRAINER)
 
 # ---------------------------------------------------------------------------- KV buckets
 

@@ -34,8 +34,6 @@ from services.curriculum.synthesis import synthetic_dataset
 
 NAME = "curriculum"
 log = get_logger(NAME)
-# The queue: datasets waiting for validation or for training, at any priority.
-QUEUE_CONSUMERS = (topology.GATEKEEPER, *topology.TRAINER)
 
 
 def level_changed(skill: str, change: LevelChange) -> CurriculumLevelChanged:
@@ -105,7 +103,7 @@ class Curriculum:
     # ------------------------------------------------------------------ synthetic data
 
     async def current_depth(self) -> int:
-        infos = [await self.bus.js.consumer_info(spec.stream, spec.durable) for spec in QUEUE_CONSUMERS]
+        infos = [await self.bus.js.consumer_info(spec.stream, spec.durable) for spec in topology.QUEUE]
         return queue_depth(infos)
 
     async def submit_synthetic(self) -> DatasetSubmitted:

@@ -20,6 +20,7 @@ from typing import Any
 
 import msgspec
 
+from libs.common import topology
 from libs.common.events import (
     CheckpointSaved,
     CurriculumLevelChanged,
@@ -44,7 +45,7 @@ SECTIONS = (
     "meta", "queue", "training", "runs", "loss", "scores", "markers", "champion", "champions",
     "decisions", "deployment", "curriculum", "datasets", "dead_letters", "services",
 )
-QUEUE_CONSUMERS = ("gatekeeper", "trainer-high", "trainer-normal", "trainer-low")
+QUEUE_CONSUMERS = tuple(spec.durable for spec in topology.QUEUE)
 
 
 def _iso(value: datetime | None) -> str | None:

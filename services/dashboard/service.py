@@ -29,6 +29,7 @@ import nats.js.errors
 
 from libs.common import topology
 from libs.common.bus import Bus
+from libs.common.deadletter import STREAM as DEAD_LETTERS
 from libs.common.deadletter import list_dead_letters
 from libs.common.history import Recorded, follow, stream_end
 from libs.common.log import get_logger
@@ -149,18 +150,21 @@ class Dashboard:
                 await watcher.stop()
 
     async def poll_nats(self, stop: asyncio.Event) -> None:
-        """The queue (JetStream pushes no consumer state) and the dead letters, every `queue_interval_s`."""
+        """The queue (JetStream pushes no consumer state) and the dead letters, every `queue_interval_s`.
+
+        The dead letters are listed again (a request each) only when the stream's state says one
+        came or went (a replay deletes it): one stream_info a round otherwise."""
+        listed = None
         while not stop.is_set():
             try:
-                queue = {}
-                for spec in (topology.GATEKEEPER, *topology.TRAINER):
-                    info = await self.bus.js.consumer_info(spec.stream, spec.durable)
-                    queue[spec.durable] = {"waiting": info.num_pending, "in_progress": info.num_ack_pending}
-                self.changed(self.model.set_queue(queue))
-                letters = await list_dead_letters(self.bus, limit=self.settings.max_rows)
-                self.changed(self.model.set_dead_letters(
-                    {"seq": d.seq, "time": d.time.isoformat() if d.time else None, "subject": d.subject,
-                     "consumer": d.consumer, "reason": d.reason} for d in reversed(letters)))
+                self.changed(self.model.set_queue(await self.bus.queue_state()))
+                state = (await self.bus.js.stream_info(DEAD_LETTERS)).state
+                if (state.first_seq, state.last_seq, state.messages) != listed:
+                    letters = await list_dead_letters(self.bus, limit=self.settings.max_rows)
+                    self.changed(self.model.set_dead_letters(
+                        {"seq": d.seq, "time": d.time.isoformat() if d.time else None, "subject": d.subject,
+                         "consumer": d.consumer, "reason": d.reason} for d in reversed(letters)))
+                    listed = (state.first_seq, state.last_seq, state.messages)
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
                 log.warning("could not read the queue", error=repr(exc))
             with contextlib.suppress(TimeoutError):
