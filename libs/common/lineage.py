@@ -749,21 +749,10 @@ def _summary(hops: Sequence[Hop], origin: Origin | None, served: CheckpointRef |
 # ---------------------------------------------------------------------------- reading
 
 
-class _SubmissionHead(msgspec.Struct, kw_only=True):
-    """A `dataset.submitted` without its rows: `rows` is kept as raw JSON bytes, never parsed into objects."""
+class _SubmissionHead(DatasetSubmitted, frozen=True, tag="DatasetSubmitted"):
+    """`DatasetSubmitted` whose `rows` stay raw JSON bytes, never parsed into objects."""
 
-    id: str
-    time: datetime
-    source: str = ""
-    name: str
-    schema: str = "chat_sft_v1"
-    priority: str = "normal"
-    level: str = "standard"
     rows: msgspec.Raw = msgspec.Raw(b"null")
-    uri: str | None = None
-    sha256: str | None = None
-    submitted_by: str = "anonymous"
-    channel: str = "nats"
 
 
 _head_decoder = msgspec.json.Decoder(_SubmissionHead)
@@ -772,11 +761,8 @@ _head_decoder = msgspec.json.Decoder(_SubmissionHead)
 def _submission_without_rows(data: bytes) -> DatasetSubmitted:
     """A `dataset.submitted` with its inline rows skipped (`rows=[]` when it had some)."""
     head = _head_decoder.decode(data)
-    return DatasetSubmitted(
-        id=head.id, time=head.time, source=head.source, name=head.name, schema=head.schema,
-        priority=head.priority, level=head.level, rows=None if bytes(head.rows) == b"null" else [],  # type: ignore[arg-type]
-        uri=head.uri, sha256=head.sha256, submitted_by=head.submitted_by, channel=head.channel,
-    )
+    fields = {name: getattr(head, name) for name in head.__struct_fields__ if name != "rows"}
+    return DatasetSubmitted(**fields, rows=None if bytes(head.rows) == b"null" else [])
 
 
 async def read_submissions(bus: Bus, *, idle_timeout_s: float = 5.0) -> list[Recorded]:
