@@ -169,11 +169,6 @@ def encode_rows(rows: Sequence[Row], tokenizer, max_length: int) -> Encoded:
     return encoded
 
 
-def tokenize(rows: Sequence[Row], tokenizer, max_length: int) -> list[EncodedChat]:
-    """Encoded rows that have at least one trained token (`encode_rows` without the reasons)."""
-    return encode_rows(rows, tokenizer, max_length).examples
-
-
 # ---------------------------------------------------------------------------- order and position
 
 

@@ -21,7 +21,7 @@ from services.trainer.checkpoints import (
     read_info,
 )
 from services.trainer.control import ControlGate
-from services.trainer.data import DatasetError, encode_rows, tokenize
+from services.trainer.data import DatasetError, encode_rows
 from services.trainer.recipe import FullFinetuneRecipe, TrainingJob
 from tests.services.gatekeeper.samples import make_gatekeeper, submission
 from tests.services.gatekeeper.test_tokens import LAST_TURN_DIFFERS, STRICT
@@ -263,9 +263,9 @@ def test_rows_without_assistant_tokens_are_dropped(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
     good = [ChatMessage("user", "hi"), ChatMessage("assistant", "hello")]
     long_prompt = [ChatMessage("user", "word " * 200), ChatMessage("assistant", "hello")]
-    assert len(tokenize([ChatRow(good), ChatRow(long_prompt)], tokenizer, max_length=32)) == 1
+    assert len(encode_rows([ChatRow(good), ChatRow(long_prompt)], tokenizer, max_length=32).examples) == 1
     with pytest.raises(DatasetError, match="none of 1 rows"):
-        tokenize([ChatRow(long_prompt)], tokenizer, max_length=32)
+        encode_rows([ChatRow(long_prompt)], tokenizer, max_length=32)
 
 
 @pytest.mark.parametrize(("template", "reason"), [
