@@ -11,13 +11,16 @@ problems of the eval split over the same levels. The model: the embedded tiny Qw
 built locally, no hub; for the GPU run) with the tiny tokenizer.
 
 Both sides, one after the other in the same process, with the same torch threads (--threads,
-default all cores), from the same starting weights:
+default all cores), from the same starting weights, on the same rows and the same tokens a step:
 - flywheel: the trainer service's own path (`FullFinetuneRecipe(settings, job, ...)`, then
-  `setup()`, `train()`, `cleanup()`, as `TrainerService._train` runs it) on the dataset file,
-  with the default `Hyperparameters` except batch size and epochs, and no replay (no earlier
-  datasets). Mid-run checkpoints are turned off (`save_every_steps` past the end); the final
-  one is written and timed apart. The batches it computes are counted where the model is fed
-  (the recipe's `_train_step`, wrapped on the instance).
+  `setup()`, `train()`, `cleanup()`, as the trainer's backend runs it) on the dataset file, with
+  the default `Hyperparameters` except epochs, no replay (no earlier datasets) and no validation
+  slice (the bench holds out its own rows). Its batching is the trainer's default, packed
+  (--batching padded: `--batch-size` rows a batch), with a token budget a step of the plain
+  side's mean real tokens a batch, in whole `--pack-length` sequences (8 rows of ~96 tokens:
+  768 = 3 x 256). Mid-run checkpoints are turned off (`save_every_steps` past the end); the final
+  one is written and timed apart. The tokens it computes are counted where the model is fed
+  (the recipe's `_train_step`, wrapped on the instance, sees each step's micro-batches).
 - plain: `transformers.Trainer` on the same rows tokenized by the same chat template and
   assistant-only label mask (`encode_chat`), padded per batch by `DataCollatorForSeq2Seq`, same
   batch size, epochs, seed and gradient clipping, with the recipe's own optimizer and learning
@@ -55,6 +58,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import random  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -202,10 +206,16 @@ class Side:
         self.last_step_end, self.cpu_last_step_end = time.perf_counter(), time.process_time()
 
     def count(self, batch: dict) -> None:
+        """A padded batch (the plain Trainer's): real tokens are those its attention mask keeps."""
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         self.real_tokens += int(mask.sum()) if mask is not None else ids.numel()
         self.padded_tokens += ids.numel()
+
+    def count_micro_batches(self, micro_batches: list) -> None:
+        """The recipe's step (its `MicroBatch`es): the tokens it holds and the tokens computed."""
+        self.real_tokens += sum(m.real_tokens for m in micro_batches)
+        self.padded_tokens += sum(m.computed_tokens for m in micro_batches)
 
     @property
     def seconds(self) -> float:
@@ -268,9 +278,9 @@ def run_flywheel(work: Path, base: Path, dataset: Path, settings, heldout: list,
             raise RuntimeError("FullFinetuneRecipe has no _train_step to count its batches at; update bench.trainer")
         train_step = recipe._train_step
 
-        def counted(batch):  # what the model is fed, batch by batch
-            side.count(batch)
-            result = train_step(batch)
+        def counted(micro_batches):  # what the model is fed, step by step
+            side.count_micro_batches(micro_batches)
+            result = train_step(micro_batches)
             sync(device)
             side.step_done()
             return result
@@ -294,7 +304,6 @@ def run_plain(work: Path, base: Path, examples: list, tokenizer, settings, heldo
     import torch
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-    from services.trainer.data import TrainingPlan
     from services.trainer.schedule import continual_multiplier, lr_multiplier
 
     side = Side("plain")
@@ -317,7 +326,7 @@ def run_plain(work: Path, base: Path, examples: list, tokenizer, settings, heldo
             side.step_done()
 
     model = load(base, device)
-    total_steps = TrainingPlan(len(examples), h.batch_size, h.epochs).total_steps
+    total_steps = math.ceil(len(examples) / h.batch_size) * h.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=h.learning_rate, weight_decay=h.weight_decay)
     if h.policy == "continual":  # base_global_step 0, as the flywheel side's job
 
@@ -368,7 +377,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench.trainer", description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2000, help="training rows (Binary, levels 1-5)")
     parser.add_argument("--heldout", type=int, default=200, help="held-out rows (eval split, levels 1-5)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="rows a step (the plain Trainer's batch)")
+    parser.add_argument("--batching", choices=("packed", "padded"), default="packed",
+                        help="the recipe's batching (default: packed, the trainer's default)")
+    parser.add_argument("--pack-length", type=int, default=256, help="the recipe's packed sequence length")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
@@ -411,20 +423,30 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"base model {base} ({args.config}) ready in {time.perf_counter() - started:.1f} s; device {args.device}, "
               f"{threads} torch threads for both sides")
 
-        overrides = {"batch_size": args.batch_size, "epochs": args.epochs}
+        rows, held = binary_rows(args.rows, args.seed), binary_rows(args.heldout, args.seed, split="eval")
+        dataset = write_jsonl(work / "binary.jsonl", rows)
+        max_length = TrainerSettings(data_dir=work / "data").max_length
+        examples = encode(rows, tokenizer, max_length)
+        heldout = encode(held, tokenizer, max_length)
+        lengths = sorted(len(e.input_ids) for e in examples)
+        # The same tokens a step on both sides: the recipe's token budget is the plain Trainer's
+        # mean real tokens a batch, in whole packed sequences (8 rows of ~96 tokens: 768, 3 x 256).
+        mean_batch_tokens = args.batch_size * sum(lengths) / len(lengths)
+        batch_tokens = args.pack_length * max(1, round(mean_batch_tokens / args.pack_length))
+        # No validation slice: the bench holds out its own rows, and both sides train on every row.
+        overrides = {"batch_size": args.batch_size, "epochs": args.epochs, "batching": args.batching,
+                     "pack_length": args.pack_length, "batch_tokens": batch_tokens, "validation_fraction": 0.0}
         if args.learning_rate:
             overrides["learning_rate"] = args.learning_rate
         h = Hyperparameters(**overrides)
         settings = TrainerSettings(data_dir=work / "data", hyperparameters=h, device=args.device,
                                    save_every_steps=1 << 30, torch_threads=args.threads)
-        rows, held = binary_rows(args.rows, args.seed), binary_rows(args.heldout, args.seed, split="eval")
-        dataset = write_jsonl(work / "binary.jsonl", rows)
-        examples = encode(rows, tokenizer, settings.max_length)
-        heldout = encode(held, tokenizer, settings.max_length)
-        lengths = sorted(len(e.input_ids) for e in examples)
         print(f"data: {len(rows):,} Binary rows, levels 1-5 ({len(examples):,} with assistant tokens; "
               f"{lengths[0]}-{lengths[-1]} tokens, median {lengths[len(lengths) // 2]}, {sum(lengths):,} in all), "
-              f"held out {len(heldout)} eval-split rows; batch {h.batch_size}, {h.epochs} epoch(s), "
+              f"held out {len(heldout)} eval-split rows; plain: batches of {h.batch_size} rows (~{mean_batch_tokens:.0f} "
+              f"real tokens); flywheel: {h.batching}"
+              + (f", sequences of <= {h.pack_length} tokens, {h.batch_tokens} tokens a step" if h.batching == "packed" else
+                 f", batches of {h.batch_size} rows") + f"; {h.epochs} epoch(s), "
               f"lr {h.learning_rate:g} ({h.policy}, warmup {h.warmup_steps}), grad clip {h.grad_clip:g}, seed {h.seed}")
 
         pad_id = tokenizer.pad_token_id
@@ -473,6 +495,9 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": args.rows,
         "heldout_rows": len(heldout),
         "batch_size": h.batch_size,
+        "batching": h.batching,
+        "batch_tokens": h.batch_tokens if h.batching == "packed" else None,
+        "pack_length": h.pack_length if h.batching == "packed" else None,
         "epochs": h.epochs,
         "device": args.device,
         "config": args.config,

@@ -6,8 +6,10 @@
   flywheel status [--json]                   queue, training progress, champion, last scores
   flywheel status --watch [--interval S]     the same, redrawn live, with a progress bar and ETA
   flywheel submit FILE [--wait S] [--json]   submit a dataset file (chat_sft_v1 JSONL by default)
+  flywheel submit FILE --profile P           ... trained under a data profile (emoji_think, regime3)
   flywheel check FILE [--level L] [--json]   validate a file here, as the gatekeeper would; keeps nothing
   flywheel pause|resume|stop [--json]        control the trainer (NATS request/reply)
+  flywheel skip --reason TEXT [--json]       give up the dataset training now: never trained, failed with the reason
   flywheel deploy CHECKPOINT [--json]        serve a checkpoint (sha256 or URI) scored on the current suite
   flywheel deploy --rollback [--json]        serve the previous champion again (NATS request/reply)
   flywheel history [--limit N] [--json]      the deployer's last decisions with their reasons, newest first
@@ -150,9 +152,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from flywheel.submit import describe_report, describe_verdict, submit_file
     from libs.common.artifacts import ArtifactStore
     from libs.common.tracing import setup_tracing
-    from flywheel.submit import describe_report, describe_verdict, submit_file
 
     settings = _settings()
     path = Path(args.file)
@@ -163,8 +165,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     store = ArtifactStore(Path(settings.data_dir) / "artifacts")
 
     async def go(bus):
-        return await submit_file(bus, store, path, name=args.name, schema=args.schema, priority=args.priority,
-                                 level=args.level, wait_s=args.wait)
+        return await submit_file(bus, store, path, name=args.name, schema=args.schema, profile=args.profile,
+                                 priority=args.priority, level=args.level, wait_s=args.wait)
 
     result = asyncio.run(_with_bus(settings, go))
     if args.json:
@@ -205,8 +207,8 @@ def cmd_control(args: argparse.Namespace) -> int:
     from libs.common.topology import CONTROL_TRAINER
 
     async def go(bus):
-        return await bus.request(f"{CONTROL_TRAINER}.{args.command}", ControlTraining(action=args.command),
-                                 ControlReply, timeout=10)
+        request = ControlTraining(action=args.command, reason=getattr(args, "reason", "") or "")
+        return await bus.request(f"{CONTROL_TRAINER}.{args.command}", request, ControlReply, timeout=10)
 
     reply = asyncio.run(_with_bus(_settings(), go))
     if args.json:
@@ -374,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("file")
     submit.add_argument("--name")
     submit.add_argument("--schema", default="chat_sft_v1")
+    submit.add_argument("--profile", default="none",
+                        help="the data profile the trainer applies: none (default), emoji_think or regime3 "
+                             "(the gatekeeper rejects an unknown name)")
     submit.add_argument("--priority", choices=["high", "normal", "low"], default="normal")
     submit.add_argument("--level", choices=["quick", "standard", "deep"], default="standard")
     submit.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
@@ -386,8 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--level", choices=["quick", "standard", "deep"], default="standard")
     check.add_argument("--json", action="store_true", help="print the whole report as JSON")
     check.set_defaults(fn=cmd_check)
-    for action in ("pause", "resume", "stop"):
-        control = sub.add_parser(action, help=f"{action} the trainer")
+    for action in ("pause", "resume", "stop", "skip"):
+        control = sub.add_parser(action, help="give up the dataset the trainer is training (never trained; "
+                                 "announced as failed with the reason)" if action == "skip" else f"{action} the trainer")
+        if action == "skip":
+            control.add_argument("--reason", required=True, help="why: said on the dataset's training.failed")
         control.add_argument("--json", action="store_true", help="print the trainer's reply as JSON")
         control.set_defaults(fn=cmd_control, peer="trainer", subject=f"{CONTROL_TRAINER}.{action}")
     deploy = sub.add_parser("deploy", help="serve a scored checkpoint, or roll back to the previous champion")

@@ -30,7 +30,7 @@ CLIENTS = (
     Client("flywheel CLI", publications=(
         Publish(topology.DATASET_SUBMITTED, DatasetSubmitted, "flywheel submit"),
     ), requests=(
-        Request(topology.CONTROL_TRAINER_ACTION, ControlTraining, ControlReply, "flywheel pause | resume | stop"),
+        Request(topology.CONTROL_TRAINER_ACTION, ControlTraining, ControlReply, "flywheel pause | resume | stop | skip"),
         Request(topology.CONTROL_DEPLOYER_DEPLOY, DeployCheckpoint, DeployReply, "flywheel deploy CHECKPOINT"),
         Request(topology.CONTROL_DEPLOYER_ROLLBACK, RollBackDeployment, DeployReply, "flywheel deploy --rollback"),
     )),

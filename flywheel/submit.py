@@ -1,9 +1,10 @@
 """`flywheel submit FILE`: put a dataset file into the artifact store and announce it.
 
 The file is streamed into `<data_dir>/artifacts/uploads/` (a progress bar for large files),
-then a `dataset.submitted` event carries its URI and sha256; the submission opens the trace
-that follows the dataset through every service. With `wait`, the gatekeeper's verdict
-(`dataset.accepted.*` or `dataset.rejected`) is awaited and returned, with the validation
+then a `dataset.submitted` event carries its URI and sha256, and the data profile the trainer is
+to apply (`--profile`, libs/common/profiles.py; the gatekeeper checks the name); the submission
+opens the trace that follows the dataset through every service. With `wait`, the gatekeeper's
+verdict (`dataset.accepted.*` or `dataset.rejected`) is awaited and returned, with the validation
 report it points to (`describe_report` prints it: counts, the findings of each check with
 their line numbers, the token length histogram).
 """
@@ -65,13 +66,14 @@ async def submit_file(
     *,
     name: str | None = None,
     schema: str = "chat_sft_v1",
+    profile: str = "none",
     priority: Priority = "normal",
     level: ValidationLevel = "standard",
     wait_s: float = 0.0,
 ) -> SubmitResult:
     artifact = upload(store, path)
     event = DatasetSubmitted(
-        name=name or path.stem, schema=schema, priority=priority, level=level,
+        name=name or path.stem, schema=schema, profile=profile, priority=priority, level=level,
         uri=artifact.uri, sha256=artifact.sha256, submitted_by=getpass.getuser(), channel="cli",
     )
     verdict: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -107,8 +109,9 @@ async def submit_file(
 def describe_verdict(result: SubmitResult) -> str:
     if result.outcome == "accepted":
         v = msgspec.convert(result.verdict, DatasetAccepted)
+        profile = f"  profile {v.profile}" if v.profile != "none" else ""
         return (f"accepted  dataset {v.dataset_id[:16]}  {v.num_rows} rows"
-                f" ({v.num_rows_dropped} dropped)  priority {v.priority}\n  report {v.report_uri}")
+                f" ({v.num_rows_dropped} dropped)  priority {v.priority}{profile}\n  report {v.report_uri}")
     if result.outcome == "rejected":
         v = msgspec.convert(result.verdict, DatasetRejected)
         reasons = "\n".join(f"  - {r}" for r in v.reasons[:20])
@@ -154,7 +157,8 @@ def describe_report(report: dict, width: int = 40) -> str:
     out += [
         f"rows      {report['num_rows']:,} read, {report['num_rows_valid']:,} kept, {report['num_rows_dropped']:,} "
         f"dropped ({report['error_fraction']:.1%}); {report['num_errors']:,} errors, {report['num_warnings']:,} "
-        f"warnings; {len(report.get('checks_run', []))} checks at level {report['level']}, schema {report['schema']}",
+        f"warnings; {len(report.get('checks_run', []))} checks at level {report['level']}, schema {report['schema']}"
+        + (f", profile {report['profile']}" if report.get("profile", "none") != "none" else ""),
     ]
     findings = report.get("findings", {})
     for severity in ("error", "warning"):

@@ -1,16 +1,16 @@
 """`flywheel status --watch`: the status redrawn live, with a progress bar for the running dataset.
 
-Each frame is `flywheel status` read from the bus again (`read_status`) plus one line for the
-run in training: a bar, step/total, loss, learning rate, tokens/s and the time left. The time
-left comes from the run's own pace: the seconds from its `training.started` to its latest
-`training.progress`, per step done, times the steps to go.
+Each frame is `flywheel status` read from the bus again (`read_status`) plus two lines for the
+run in training: a bar, step/total, epoch, loss, learning rate, tokens/s and the time left; then
+the gradient norm, the validation loss on the dataset's held-out slice and the train/val gap.
+All of it is the run's latest `training.progress` as the trainer computed it (the time left too:
+the trainer knows its recent pace without the checkpoint and validation pauses).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from datetime import datetime
 from typing import Any, TextIO
 
 from flywheel.status import format_status, read_status, run_in_training
@@ -20,19 +20,6 @@ BAR_WIDTH = 30
 CLEAR = "\x1b[H\x1b[2J"
 
 
-def _when(value: str | datetime) -> datetime:
-    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
-
-
-def eta_s(started: dict, progress: dict) -> float | None:
-    """Seconds left in the run at the pace it has kept so far; None before its first step."""
-    step, total = progress["step"], progress["total_steps"]
-    if step <= 0:
-        return None
-    elapsed = (_when(progress["time"]) - _when(started["time"])).total_seconds()
-    return max(0.0, elapsed / step * (total - step))
-
-
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -40,13 +27,22 @@ def _duration(seconds: float) -> str:
 
 
 def progress_line(started: dict, progress: dict, width: int = BAR_WIDTH) -> str:
-    """`[#########.....] 300/2016 15%  loss 0.0540  lr 9.6e-04  11382 tok/s  ETA 4m47s`."""
+    """`[#########.....] 300/2016 15%  epoch 0.30  loss 0.0540  lr 9.6e-04  11382 tok/s  ETA 4m47s`,
+    then `grad norm 1.21  val loss 0.0602  gap +0.0062` (what the trainer reported)."""
     step, total = progress["step"], max(1, progress["total_steps"])
     done = min(width, round(width * step / total))
-    eta = eta_s(started, progress)
-    return (f"[{'#' * done}{'.' * (width - done)}] {step}/{total} {100 * step / total:.0f}%"
-            f"  loss {progress['loss']:.4f}  lr {progress['learning_rate']:.1e}"
+    eta = progress.get("eta_s")
+    line = (f"[{'#' * done}{'.' * (width - done)}] {step}/{total} {100 * step / total:.0f}%"
+            f"  epoch {progress.get('epoch', 0.0):.2f}  loss {progress['loss']:.4f}  lr {progress['learning_rate']:.1e}"
             f"  {progress['tokens_per_second']:.0f} tok/s  ETA {_duration(eta) if eta is not None else '?'}")
+    details = []
+    if progress.get("grad_norm") is not None:
+        details.append(f"grad norm {progress['grad_norm']:.3g}")
+    if progress.get("val_loss") is not None:
+        details.append(f"val loss {progress['val_loss']:.4f}")
+    if progress.get("train_val_gap") is not None:
+        details.append(f"gap {progress['train_val_gap']:+.4f}")
+    return line + ("\n" + "  ".join(details) if details else "")
 
 
 def running(status: dict[str, Any]) -> tuple[dict, dict] | None:

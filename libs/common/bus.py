@@ -9,8 +9,11 @@
   work queue: explicit ack, nak with backoff on failure, `in_progress()` heartbeats while a
   long handler runs, and a copy to `deadletter.<subject>` with the reason when a message
   cannot be decoded, is refused by its handler (`Reject`) or has failed `max_deliver` times.
-  Nothing is dropped silently. Given several consumers it always drains the first before
-  looking at the next (priorities), and takes nothing while its `while_open` valve is shut.
+  Only failures count: they are kept per message in KV (`records.message_failures`), since
+  JetStream's delivery count also counts interruptions (`Interrupted`, shutdown, kill -9),
+  which must never use up a message's tries. Nothing is dropped silently. Given several
+  consumers it always drains the first before looking at the next (priorities), and takes
+  nothing while its `while_open` valve is shut.
   Every replica: an ordered consumer from the newest message on, through the same span and
   decoding, never acked.
 """
@@ -37,7 +40,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from libs.common import topology
 from libs.common.events import Event, encode
 from libs.common.kv import Record
-from libs.common.records import Key
+from libs.common.records import Key, MessageFailures, message_failures
 from libs.common.service import Publish, Subscribe, matches
 from libs.common.tracing import extract_context, inject_headers, trace_id_from_headers, tracer
 
@@ -63,10 +66,15 @@ class UndeclaredPublication(RuntimeError):
 
 
 class Interrupted(Exception):
-    """Raised by a handler that stopped early on purpose (shutdown, stop command).
+    """Raised by a handler that stopped early on purpose (shutdown, stop command, not its turn).
 
-    The message is released for immediate redelivery and does not count as a failure.
+    The message is released for redelivery, after `retry_in_s` (0: at once), and does not count
+    as a failure, however often it happens.
     """
+
+    def __init__(self, reason: str = "", *, retry_in_s: float = 0.0) -> None:
+        super().__init__(reason)
+        self.retry_in_s = retry_in_s
 
 
 class Delivery:
@@ -77,7 +85,12 @@ class Delivery:
         self.spec = spec
         self.subject = msg.subject
         self.headers: dict[str, str] = dict(msg.headers or {})
+        # Deliveries so far, interruptions included: use `failures` to decide about retries.
         self.num_delivered = msg.metadata.num_delivered if msg.reply else 1
+        self.stream_sequence = msg.metadata.sequence.stream if msg.reply else 0
+        # How often handlers failed on this message before (set by the bus before the handler
+        # runs); the message is dead-lettered when failures reach `spec.max_deliver`.
+        self.failures = 0
 
     @property
     def trace_id(self) -> str:
@@ -205,8 +218,8 @@ class Bus:
             deliver_policy=api.DeliverPolicy.ALL,
             filter_subject=spec.filter_subject,
             ack_wait=spec.ack_wait_s,
-            # The server redelivers forever; `consume` dead-letters after spec.max_deliver
-            # failures, so an interrupted job (shutdown) is never lost to the limit.
+            # The server redelivers forever; `_process` dead-letters after spec.max_deliver
+            # failures (counted in KV), so an interrupted job (shutdown) is never lost to the limit.
             max_deliver=-1,
             max_ack_pending=spec.max_ack_pending,
         )
@@ -226,11 +239,26 @@ class Bus:
             except nats.js.errors.BucketNotFoundError:
                 try:
                     self._kv[spec.name] = await self.js.create_key_value(
-                        bucket=spec.name, history=spec.history, description=spec.description
+                        bucket=spec.name, history=spec.history, description=spec.description, ttl=spec.max_age_s,
                     )
                 except nats.js.errors.BadRequestError:
                     self._kv[spec.name] = await self.js.key_value(spec.name)
         return self._kv[spec.name]
+
+    async def still_queued(self, spec: topology.ConsumerSpec, stream_sequence: int) -> bool:
+        """Whether the message at `stream_sequence` can still come (back) to `spec`'s handlers:
+        the stream holds it and the consumer has not settled it (acked, or terminated when
+        dead-lettered).
+
+        Exact for a consumer that settles in order (`max_ack_pending` 1, as the trainer's): its
+        ack floor passes a message only once it and everything before it is settled.
+        """
+        try:
+            await self.js.get_msg(spec.stream, stream_sequence)
+            info = await self.js.consumer_info(spec.stream, spec.durable)
+        except nats.js.errors.NotFoundError:
+            return False
+        return info.ack_floor.stream_seq < stream_sequence
 
     async def queue_state(self) -> dict[str, dict[str, int]]:
         """Each queue consumer (`topology.QUEUE`): messages waiting, and delivered but not yet acknowledged."""
@@ -339,31 +367,70 @@ class Bus:
                     span.set_status(Status(StatusCode.ERROR, repr(exc)))
                     log.exception("handler failed on an every-replica event")
                 return
+            if delivery.num_delivered > 1:  # a first delivery has no failures behind it
+                delivery.failures = await self._failures_of(spec, delivery)
+            span.set_attribute("flywheel.failures", delivery.failures)
             heartbeat = asyncio.create_task(self._heartbeat(msg, spec)) if spec.long_running else None
             try:
                 await handler(event, delivery)
             except Reject as exc:
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
                 await self._dead_letter(spec, msg, f"rejected by handler: {exc}")
+                if delivery.failures:
+                    await self._forget_failures(spec, delivery)
             except Interrupted as exc:
-                log.info("handler interrupted; message released", reason=str(exc))
-                await _quietly(msg.nak())
+                log.info("handler interrupted; message released", reason=str(exc), retry_in_s=exc.retry_in_s,
+                         delivery=delivery.num_delivered, failures=delivery.failures)
+                await _quietly(msg.nak(delay=exc.retry_in_s or None))
             except Exception as exc:  # noqa: BLE001 - any handler failure is retried, then dead-lettered
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, repr(exc)))
-                if delivery.num_delivered >= spec.max_deliver:
-                    await self._dead_letter(spec, msg, f"failed {delivery.num_delivered} times, last: {exc!r}")
+                failures = await self._count_failure(spec, delivery, exc)
+                if failures >= spec.max_deliver:
+                    await self._dead_letter(spec, msg, f"failed {failures} times, last: {exc!r}")
+                    await self._forget_failures(spec, delivery)
                 else:
-                    delay = spec.backoff_s[min(delivery.num_delivered, len(spec.backoff_s)) - 1]
-                    log.warning("handler failed; will retry", error=repr(exc), delivery=delivery.num_delivered, retry_in_s=delay)
+                    delay = spec.backoff_s[min(failures, len(spec.backoff_s)) - 1]
+                    log.warning("handler failed; will retry", error=repr(exc), failures=failures,
+                                delivery=delivery.num_delivered, retry_in_s=delay)
                     await _quietly(msg.nak(delay=delay))
             else:
                 await _quietly(msg.ack_sync(timeout=5))
+                if delivery.failures:
+                    await self._forget_failures(spec, delivery)
             finally:
                 if heartbeat:
                     heartbeat.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await heartbeat
+
+    async def _failures_of(self, spec: topology.ConsumerSpec, delivery: Delivery) -> int:
+        try:
+            record, _ = await (await self.record(message_failures(spec.durable, delivery.stream_sequence))).read()
+        except Exception as exc:  # noqa: BLE001 - counted again (compare-and-set) if the handler fails
+            log.warning("failure count not read; taken as none", error=repr(exc))
+            return 0
+        return record.failures if record else 0
+
+    async def _count_failure(self, spec: topology.ConsumerSpec, delivery: Delivery, exc: Exception) -> int:
+        """One more failure of this message, stored; the number of failures so far."""
+        def one_more(current: MessageFailures | None, _revision: int) -> tuple[MessageFailures, int]:
+            failures = max(current.failures if current else 0, delivery.failures) + 1
+            return MessageFailures(failures=failures, last_error=repr(exc)[:500]), failures
+
+        try:
+            return await (await self.record(message_failures(spec.durable, delivery.stream_sequence))).change(one_more)
+        except Exception as error:  # noqa: BLE001 - NATS is failing too: count this one in memory
+            log.warning("failure count not stored", error=repr(error))
+            return delivery.failures + 1
+
+    async def _forget_failures(self, spec: topology.ConsumerSpec, delivery: Delivery) -> None:
+        """The message is settled: its failure count is not needed any more."""
+        key = message_failures(spec.durable, delivery.stream_sequence)
+        try:
+            await (await self.kv(key.bucket)).purge(key.key)
+        except Exception as exc:  # noqa: BLE001 - a leftover count only ages out (FAILURES_BUCKET)
+            log.warning("failure count not removed", error=repr(exc))
 
     async def _heartbeat(self, msg: Msg, spec: topology.ConsumerSpec) -> None:
         while True:
@@ -451,7 +518,7 @@ class _WorkQueue(Source):
                     await _first_of(valve, stop)
                     continue
                 handled = False
-                for spec, sub in zip(specs, self.subs):
+                for spec, sub in zip(specs, self.subs, strict=True):
                     try:
                         msgs = await sub.fetch(1, timeout=poll_s)
                     except (nats.errors.TimeoutError, asyncio.TimeoutError):

@@ -162,3 +162,35 @@ def collate(examples: list[EncodedChat], pad_id: int, device: str = "cpu") -> di
         labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
+
+
+def collate_packed(sequences: list[list[EncodedChat]], pad_id: int) -> dict:
+    """Packed sequences as one batch: input_ids, position_ids, labels; no attention mask.
+
+    Each sequence is its examples one after another, each example's position ids restarting at
+    0; sequences are right-padded to the longest (labels IGNORE_INDEX), the padding's positions
+    continuing its sequence's last. Called without an attention mask and with `use_cache=False`,
+    transformers then masks attention block-diagonally by the position ids (sdpa, eager) or runs
+    varlen flash-attention, so each example sees only itself; padding comes after every real
+    token and a causal model never looks ahead, so it changes nothing. A sequence of one example
+    is exactly a right-padded row. Without `use_cache=False` transformers 5 skips the isolation
+    silently (docs/experiments/packing-cpu.md): the recipe always passes it.
+    """
+    import torch  # noqa: PLC0415
+
+    lengths = [sum(len(e.input_ids) for e in sequence) for sequence in sequences]
+    width = max(lengths)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        start = 0
+        for example in sequence:
+            n = len(example.input_ids)
+            input_ids[row, start:start + n] = torch.tensor(example.input_ids, dtype=torch.long)
+            labels[row, start:start + n] = torch.tensor(example.labels, dtype=torch.long)
+            position_ids[row, start:start + n] = torch.arange(n)
+            start += n
+        last = int(position_ids[row, start - 1]) if start else -1
+        position_ids[row, start:] = torch.arange(last + 1, last + 1 + width - start)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}

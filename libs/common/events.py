@@ -69,6 +69,9 @@ class DatasetSubmitted(Event, frozen=True):
     submitted_by: str = "anonymous"
     # Where it came in: nats, http, inbox, curriculum, hard-examples (the evaluator: problems a checkpoint failed).
     channel: str = "nats"
+    # The data profile the trainer applies to the rows (libs.common.profiles: none, emoji_think,
+    # regime3); chat schemas only. The gatekeeper rejects an unknown name.
+    profile: str = "none"
 
 
 class DatasetAccepted(Event, frozen=True):
@@ -88,6 +91,8 @@ class DatasetAccepted(Event, frozen=True):
     # upload has no `dataset.submitted` event, so the verdict is where this is recorded.
     channel: str = ""
     submitted_by: str = ""
+    # The data profile the submission named (checked): the trainer applies it to these rows.
+    profile: str = "none"
 
 
 class DatasetRejected(Event, frozen=True):
@@ -128,9 +133,16 @@ class TrainingProgress(Event, frozen=True):
     step: int
     total_steps: int
     global_step: int
-    loss: float
+    loss: float  # the mean step loss since the previous progress event
     learning_rate: float
-    tokens_per_second: float
+    tokens_per_second: float  # real (non-padding) tokens trained per second since the previous event
+    epoch: float = 0.0  # epochs done, fractional (1.5: halfway through the second)
+    grad_norm: float | None = None  # mean gradient norm (before clipping) since the previous event
+    # Token-mean loss on the dataset's held-out slice (never trained on), at the latest
+    # validation; None when the dataset is too small to hold rows out.
+    val_loss: float | None = None
+    train_val_gap: float | None = None  # val_loss - loss: < 0.3 generalising, > 0.5 overfitting
+    eta_s: float | None = None  # seconds to the run's last step at the recent pace
 
 
 class TrainingFinished(Event, frozen=True):
@@ -159,6 +171,9 @@ class CheckpointSaved(Event, frozen=True):
     uri: str
     sha256: str
     final: bool
+    # The profile of the dataset the run trained (libs.common.profiles): its generation-time
+    # rules apply when this checkpoint is scored and served.
+    profile: str = "none"
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -358,10 +373,15 @@ class CurriculumLevelChanged(Event, frozen=True):
 
 
 class ControlTraining(msgspec.Struct, kw_only=True, frozen=True):
-    """Request on `control.trainer.<action>`; action is pause, resume or stop."""
+    """Request on `control.trainer.<action>`; action is pause, resume, stop or skip.
 
-    action: Literal["pause", "resume", "stop"]
+    skip ends the current run and gives its dataset up (never trained); it needs a `reason`,
+    which its training.failed carries with `requested_by`.
+    """
+
+    action: Literal["pause", "resume", "stop", "skip"]
     requested_by: str = "cli"
+    reason: str = ""
 
 
 class ControlReply(msgspec.Struct, kw_only=True, frozen=True):

@@ -166,13 +166,17 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
-def load_model(path: Path, device: str = "cpu", *, for_training: bool = False):
-    """AutoModelForCausalLM from a local directory; bf16 on GPU, fp32 on CPU."""
+def load_model(path: Path, device: str = "cpu", *, for_training: bool = False, attn_implementation: str | None = None):
+    """AutoModelForCausalLM from a local directory; bf16 on GPU, fp32 on CPU.
+
+    `attn_implementation`: transformers' name ("sdpa", "flash_attention_2", ...); None: its default.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **extra)
     model.to(device)
     model.train(for_training)
     return model

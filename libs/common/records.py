@@ -2,7 +2,7 @@
 
 One owner writes each record (deployer: the champion, its decisions and its newest deployment;
 trainer: its control state;
-curriculum: each skill's state); anyone may read it (inference loads the champion, `flywheel
+curriculum: each skill's state; the bus: each queued message's failures); anyone may read it (inference loads the champion, `flywheel
 status` and the dashboard show them all). Reading and compare-and-set writing go through
 `libs.common.kv.Record`. Record types never forbid unknown fields: a reader ignores what a
 newer writer added.
@@ -170,6 +170,26 @@ class TrainerControl(msgspec.Struct, frozen=True, kw_only=True):
 
 
 TRAINER_CONTROL = Key(topology.TRAINER_BUCKET, "state", TrainerControl)
+
+# ---------------------------------------------------------------------------- message failures
+
+
+class MessageFailures(msgspec.Struct, frozen=True, kw_only=True):
+    """How often the handlers of one queued message failed (bucket `failures`), written by the bus.
+
+    Counted here rather than read from JetStream's delivery count, which also counts every
+    interruption (a stop, SIGTERM, kill -9, a release to wait its turn): only failures may
+    dead-letter a message.
+    """
+
+    failures: int = 0
+    last_error: str = ""
+
+
+def message_failures(durable: str, stream_sequence: int) -> Key[MessageFailures]:
+    """The failure count of the message at `stream_sequence` as `durable` consumes it."""
+    return Key(topology.FAILURES_BUCKET, f"{durable}.{stream_sequence}", MessageFailures)
+
 
 # ---------------------------------------------------------------------------- curriculum
 

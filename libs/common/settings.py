@@ -46,6 +46,9 @@ CONFIG_ENV = "FLYWHEEL_CONFIG"
 NOT_SETTINGS = frozenset({CONFIG_ENV, "FLYWHEEL_REQUIRE_BROWSER", "FLYWHEEL_SCREENSHOT_DIR",
                           "FLYWHEEL_CHROMIUM", "FLYWHEEL_CHROMEDRIVER", "FLYWHEEL_REQUIRE_PHOENIX"})
 
+# Variables of other tools read as settings (of the services that have the field).
+FOREIGN_ENV = {"NATS_URL": "nats_url", "RAY_ADDRESS": "ray_address"}
+
 # Where each service listens by default; tests and `flywheel up --port-base` override them.
 DEFAULT_PORTS = {
     "inference": 8100,
@@ -266,8 +269,13 @@ def load_settings(cls: type[S], service: str, environ: dict[str, str] | None = N
         data = _read_toml(Path(config), sections)
         flat.update(data.get("common", {}))
         flat.update(data.get(service, {}))
-    if environ.get("NATS_URL") and not environ.get(f"{ENV_PREFIX}NATS_URL"):
-        flat["nats_url"] = environ["NATS_URL"]
+    # The tools' own variables, where a setting means the same: NATS_URL, and Ray's RAY_ADDRESS
+    # (the trainer's cluster). A FLYWHEEL_* variable of the setting wins over them.
+    fields = set(cls.__struct_fields__)
+    for variable, name in FOREIGN_ENV.items():
+        if name in fields and environ.get(variable) and not any(
+                environ.get(f"{ENV_PREFIX}{owner}{name.upper()}") for owner in ("", f"{service.upper()}_")):
+            flat[name] = environ[variable]
     lists, dicts = _list_fields(cls), _dict_fields(cls)
     # Common variables first, so the service's own (FLYWHEEL_TRAINER_TORCH_THREADS) win.
     for key, raw in sorted(environ.items(), key=lambda item: known_env.get(item[0], ("",))[0] == service):

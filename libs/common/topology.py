@@ -28,7 +28,7 @@ MODEL_SERVING = "model.serving"
 MODEL_DEPLOY_FAILED = "model.deploy_failed"
 CURRICULUM_LEVEL_CHANGED = "curriculum.level_changed"
 DEAD_LETTER_PREFIX = "deadletter"
-# Core NATS request/reply (not stored): control.trainer.pause|resume|stop
+# Core NATS request/reply (not stored): control.trainer.pause|resume|stop|skip
 CONTROL_TRAINER = "control.trainer"
 DATASET_ACCEPTED = "dataset.accepted.{priority}"
 CONTROL_TRAINER_ACTION = f"{CONTROL_TRAINER}.{{action}}"
@@ -40,7 +40,7 @@ CONTROL_DEPLOYER_ROLLBACK = f"{CONTROL_DEPLOYER}.rollback"
 # What a `{parameter}` in a subject stands for (documented in the AsyncAPI document).
 SUBJECT_PARAMETERS = {
     "priority": {"enum": list(PRIORITIES), "description": "the trainer drains high before normal before low"},
-    "action": {"enum": ["pause", "resume", "stop"], "description": "core NATS request/reply, not stored"},
+    "action": {"enum": ["pause", "resume", "stop", "skip"], "description": "core NATS request/reply, not stored"},
 }
 
 
@@ -128,6 +128,8 @@ class BucketSpec:
     name: str
     history: int = 64
     description: str = field(default="")
+    # Entries older than this are dropped (None: kept until overwritten or deleted).
+    max_age_s: float | None = None
 
 
 CHAMPION_BUCKET = BucketSpec(
@@ -135,4 +137,11 @@ CHAMPION_BUCKET = BucketSpec(
 )
 CURRICULUM_BUCKET = BucketSpec("curriculum", history=16, description="level per skill")
 TRAINER_BUCKET = BucketSpec("trainer", history=8, description="trainer control state (key: state)")
-BUCKETS: tuple[BucketSpec, ...] = (CHAMPION_BUCKET, CURRICULUM_BUCKET, TRAINER_BUCKET)
+# Written by the bus alone: how often each queued message's handler failed, so only failures
+# count toward max_deliver (interruptions and crashes do not). A key lives while its message
+# is unsettled; the age limit (the streams') only bounds what a lost message leaves behind.
+FAILURES_BUCKET = BucketSpec(
+    "failures", history=1, max_age_s=30 * 24 * 3600,
+    description="handler failures per queued message (key: <durable>.<stream sequence>)",
+)
+BUCKETS: tuple[BucketSpec, ...] = (CHAMPION_BUCKET, CURRICULUM_BUCKET, TRAINER_BUCKET, FAILURES_BUCKET)

@@ -311,7 +311,10 @@ class ReadModel:
             "step": p.step if p else run.start_step, "total_steps": run.total_steps,
             "global_step": run.global_step, "loss": p.loss if p else None,
             "learning_rate": p.learning_rate if p else None, "tokens_per_second": p.tokens_per_second if p else None,
-            "eta_s": eta_s(run.started, run.start_step, p), "started": _iso(run.started), "trace_id": run.trace_id,
+            "eta_s": p.eta_s if p else None, "epoch": p.epoch if p else None,
+            "grad_norm": p.grad_norm if p else None, "val_loss": p.val_loss if p else None,
+            "train_val_gap": p.train_val_gap if p else None,
+            "started": _iso(run.started), "trace_id": run.trace_id,
         }
 
     def _render_runs(self) -> list[dict]:
@@ -435,11 +438,3 @@ _ORDER = {"submitted": 0, "accepted": 1, "rejected": 1}
 def _later(current: str, new: str) -> str:
     """A submission's state only moves forward, whichever stream's event is folded in first."""
     return new if _ORDER.get(new, 0) >= _ORDER.get(current, 0) else current
-
-
-def eta_s(started: datetime, start_step: int, progress: TrainingProgress | None) -> float | None:
-    """Seconds left at the pace this attempt kept since it started; None before its first step."""
-    if progress is None or progress.step <= start_step:
-        return None
-    elapsed = (progress.time - started).total_seconds()
-    return max(0.0, elapsed / (progress.step - start_step) * (progress.total_steps - progress.step))

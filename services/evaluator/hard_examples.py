@@ -87,8 +87,10 @@ def submission_id(checkpoint_sha256: str, levels: Mapping[str, list[int]], per_l
     return derived_id(PRODUCER, CHANNEL, checkpoint_sha256, covered, per_level)
 
 
-def hard_examples_submission(event_id: str, checkpoint_sha256: str, rows: int, artifact: Artifact) -> DatasetSubmitted:
-    """The `dataset.submitted` for a hard-examples artifact of `rows` rows."""
+def hard_examples_submission(event_id: str, checkpoint_sha256: str, rows: int, artifact: Artifact,
+                             profile: str = "none") -> DatasetSubmitted:
+    """The `dataset.submitted` for a hard-examples artifact of `rows` rows, under the data profile of
+    the checkpoint that failed them: practice data trains in the format its model is asked in."""
     return DatasetSubmitted(
         id=event_id,
         name=f"{CHANNEL}-{checkpoint_sha256[:12]}-{rows}",
@@ -97,4 +99,5 @@ def hard_examples_submission(event_id: str, checkpoint_sha256: str, rows: int, a
         sha256=artifact.sha256,
         submitted_by=PRODUCER,
         channel=CHANNEL,
+        profile=profile,
     )

@@ -25,6 +25,9 @@ class ScoreRecord(msgspec.Struct, frozen=True):
     items: list[ItemResult]
     # The training problems it failed, submitted as a dataset (None: too few, or not probed).
     hard_examples: DatasetSubmitted | None = None
+    # The data profile it was scored under (its run's, `CheckpointSaved.profile`): a rescore on
+    # another suite (the champion's) finds it here.
+    profile: str = "none"
 
 
 class Scorebook:
@@ -46,6 +49,10 @@ class Scorebook:
         """Write atomically: a crash leaves the old state or the whole record, never half."""
         path = self._path(record.event.checkpoint_sha256, record.event.suite_version)
         write_atomically(path, [msgspec.json.encode(record)])
+
+    def profile_of(self, sha256: str) -> str:
+        """The data profile a checkpoint was scored under before, on any suite ("none" if never scored)."""
+        return next((record.profile for record in self.for_checkpoint(sha256)), "none")
 
     def for_checkpoint(self, sha256: str) -> list[ScoreRecord]:
         if not is_sha256(sha256):

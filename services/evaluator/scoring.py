@@ -20,6 +20,12 @@
   confidence bins (`expected_calibration_error`), over the answered items.
 - probes: items answered like the suite's (the evaluator's hard-example probes) whose results
   enter no statistic: the model is loaded once for both.
+- profile: a checkpoint trained on a data profile (`CheckpointSaved.profile`,
+  libs.common.profiles) is asked as it was trained: the profile's system prompt goes into every
+  item's conversation (for the loss and the generation alike), its generation rules steer
+  generation (libs.common.profile_logits; the confidence stays the model's own, from the raw
+  logits), and the skill judges the answer without the profile's wrapping (`Profile.answer`:
+  the emoji lines, the answer markers). The gold answers are the suite's, unwrapped.
 
 Blocking and CPU/GPU heavy: the service runs `score_checkpoint` in a worker thread.
 """
@@ -36,6 +42,7 @@ import msgspec
 from libs.common.chat import IGNORE_INDEX, collate, encode_chat, prompt_messages
 from libs.common.events import LevelScore, encode_outcomes
 from libs.common.models import load_model, load_tokenizer
+from libs.common.profiles import DEFAULT_PROFILE, Profile, get_profile
 from libs.common.skills import Expected, get_skill
 from services.evaluator.suite import SuiteItem
 
@@ -139,13 +146,15 @@ def level_scores(
 
 def judge(
     items: Sequence[SuiteItem], outputs: Sequence[str], confidences: Sequence[float | None],
-    answered: Sequence[bool] | None = None,
+    answered: Sequence[bool] | None = None, profile: str = DEFAULT_PROFILE,
 ) -> list[ItemResult]:
-    """Each item's result: right when it was answered and its skill's `is_correct` accepts the output."""
+    """Each item's result: right when it was answered and its skill's `is_correct` accepts the output
+    (the answer in it, without `profile`'s wrapping). The output is kept as generated."""
     answered = [True] * len(items) if answered is None else answered
+    answer = get_profile(profile).answer
     return [
         ItemResult(item.level_key, item.scenario, item.expected, out,
-                   ok and get_skill(item.skill).is_correct(item.expected, out), conf, ok)
+                   ok and get_skill(item.skill).is_correct(item.expected, answer(out)), conf, ok)
         for item, out, conf, ok in zip(items, outputs, confidences, answered, strict=True)
     ]
 
@@ -153,6 +162,7 @@ def judge(
 def summarise(
     items: Sequence[SuiteItem], outputs: Sequence[str], confidences: Sequence[float | None],
     loss_sums: Sequence[float], loss_tokens: Sequence[int], answered: Sequence[bool] | None = None,
+    profile: str = DEFAULT_PROFILE,
 ) -> Scores:
     """Every statistic of one scoring run from its per-item parts (pure: no model).
 
@@ -162,7 +172,7 @@ def summarise(
     total_tokens = sum(loss_tokens)
     if total_tokens == 0:
         raise ValueError("the suite has no assistant tokens to score (chat template or max_length problem)")
-    results = judge(items, outputs, confidences, answered)
+    results = judge(items, outputs, confidences, answered, profile)
     correct = [r.correct for r in results]
     right = sum(correct)
     low, high = wilson_interval(right, len(results))
@@ -187,29 +197,42 @@ def summarise(
 
 def score_checkpoint(
     path: Path, items: list[SuiteItem], *, device: str, batch_size: int, max_new_tokens: int, max_length: int,
-    probes: Sequence[SuiteItem] = (),
+    probes: Sequence[SuiteItem] = (), profile: str = DEFAULT_PROFILE,
 ) -> Scores:
-    """Load the model at `path`, score it on `items` and answer `probes` (results only)."""
+    """Load the model at `path`, score it on `items` and answer `probes` (results only), asked as
+    `profile` asks (its system prompt and generation rules; ValueError when the name is unknown)."""
     import torch
 
+    chosen = get_profile(profile)
     tokenizer = load_tokenizer(path)
     model = load_model(path, device)
     with torch.inference_mode():
-        loss_sums, loss_tokens = _validation_losses(model, tokenizer, items, device, batch_size, max_length)
+        loss_sums, loss_tokens = _validation_losses(model, tokenizer, items, device, batch_size, max_length, chosen)
         outputs, confidences, answered = _generate(model, tokenizer, items, device, batch_size, max_new_tokens,
-                                                   max_length)
-        probe_answers = _generate(model, tokenizer, list(probes), device, batch_size, max_new_tokens, max_length)
-    scores = summarise(items, outputs, confidences, loss_sums, loss_tokens, answered)
-    return msgspec.structs.replace(scores, probes=judge(probes, *probe_answers))
+                                                   max_length, chosen)
+        probe_answers = _generate(model, tokenizer, list(probes), device, batch_size, max_new_tokens, max_length,
+                                  chosen)
+    scores = summarise(items, outputs, confidences, loss_sums, loss_tokens, answered, profile)
+    return msgspec.structs.replace(scores, probes=judge(probes, *probe_answers, profile=profile))
+
+
+def generation_prompts(tokenizer, items: Sequence[SuiteItem], profile: Profile) -> list[str]:
+    """Each item's prompt as its model is asked: the conversation before the gold answer, with the
+    profile's system prompt, through the chat template up to the generation prompt."""
+    return [
+        tokenizer.apply_chat_template(prompt_messages(profile.prompted(item.messages)), tokenize=False,
+                                      add_generation_prompt=True)
+        for item in items
+    ]
 
 
 def _validation_losses(
-    model, tokenizer, items: list[SuiteItem], device: str, batch_size: int, max_length: int,
+    model, tokenizer, items: list[SuiteItem], device: str, batch_size: int, max_length: int, profile: Profile,
 ) -> tuple[list[float], list[int]]:
     """Per item: the summed cross-entropy over its gold answer tokens, and how many there are."""
     import torch.nn.functional as F
 
-    encoded = [encode_chat(tokenizer, item.messages, max_length) for item in items]
+    encoded = [encode_chat(tokenizer, profile.prompted(item.messages), max_length) for item in items]
     sums: list[float] = []
     tokens: list[int] = []
     for start in range(0, len(encoded), batch_size):
@@ -230,11 +253,15 @@ def _validation_losses(
 
 def _generate(
     model, tokenizer, items: list[SuiteItem], device: str, batch_size: int, max_new_tokens: int, max_length: int,
+    profile: Profile,
 ) -> tuple[list[str], list[float | None], list[bool]]:
-    """Greedy answers, each answer's confidence (geometric mean probability of its tokens), and
-    whether it was generated at all (not when the prompt alone fills `max_length`)."""
+    """Greedy answers under the profile's generation rules, each answer's confidence (geometric mean
+    probability of its tokens), and whether it was generated at all (not when the prompt alone
+    fills `max_length`)."""
     import torch
     from transformers import GenerationConfig
+
+    from libs.common.profile_logits import profile_logits
 
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -245,10 +272,7 @@ def _generate(
         # The raw logits, before any processor: the model's own probabilities.
         output_logits=True,
     )
-    prompts = [
-        tokenizer.apply_chat_template(prompt_messages(item.messages), tokenize=False, add_generation_prompt=True)
-        for item in items
-    ]
+    prompts = generation_prompts(tokenizer, items, profile)
     answered = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) < max_length for p in prompts]
     prompts = [p for p, ok in zip(prompts, answered, strict=True) if ok]
     tokenizer.padding_side = "left"
@@ -257,7 +281,9 @@ def _generate(
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        generated = model.generate(**enc, generation_config=config)
+        # The rules tell the prompt from the generation by the batch's (left-padded) prompt width.
+        rules = profile_logits(profile.rules, tokenizer, prompt_length=enc["input_ids"].shape[1])
+        generated = model.generate(**enc, generation_config=config, logits_processor=rules)
         new_tokens = generated.sequences[:, enc["input_ids"].shape[1] :]
         outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
         # One step at a time: the logits of every step at once can be large (vocab x steps x batch).

@@ -10,6 +10,11 @@ KV, and the champion's own score on this suite in the scorebook). An evaluation 
 (checkpoint sha256, suite version): a redelivery republishes the recorded event with the same
 id and scores nothing.
 
+A checkpoint trained on a data profile (`CheckpointSaved.profile`, libs.common.profiles) is
+scored as its model is asked: the profile's system prompt and generation rules
+(`services.evaluator.scoring`); an unknown profile is refused (dead-lettered with the reason).
+The profile is kept with the score, so the champion rescored on a new suite is asked the same way.
+
 Each checkpoint's evaluation also probes fresh training-split problems; the ones it fails are
 submitted as a low-priority dataset through the gatekeeper (`dataset.submitted`, channel
 hard-examples; `services.evaluator.hard_examples`), recorded with the score and republished
@@ -47,6 +52,7 @@ from libs.common.http import ServiceMetrics
 from libs.common.kv import Record
 from libs.common.log import get_logger
 from libs.common.models import ensure_base_model, pick_device
+from libs.common.profiles import DEFAULT_PROFILE, UnknownProfile, get_profile
 from libs.common.records import CHAMPION, Champion
 from libs.common.runtime import ServiceRuntime
 from libs.common.service import Publish, Service, Subscribe
@@ -102,13 +108,18 @@ class Evaluator:
             return
         if not is_sha256(event.sha256):
             raise Reject(f"checkpoint sha256 {event.sha256!r} is not a sha256 hex digest")
+        try:
+            get_profile(event.profile)
+        except UnknownProfile as exc:
+            raise Reject(f"checkpoint {event.uri}: {exc}") from exc
         if record := self.scorebook.get(event.sha256, self.suite.version):
             log.info("already scored; republishing", checkpoint=event.uri, suite_version=self.suite.version)
             await self.publish(record)
             self.metrics.events_handled.labels(delivery.subject, "duplicate").inc()
             return
         try:
-            record = await self.score(event.run_id, event.step, event.uri, event.sha256, probe=True)
+            record = await self.score(event.run_id, event.step, event.uri, event.sha256, probe=True,
+                                      profile=event.profile)
         except ArtifactError as exc:
             raise Reject(str(exc)) from exc
         await self.publish(record)
@@ -120,8 +131,10 @@ class Evaluator:
         if record.hard_examples is not None:
             await self.bus.publish(topology.DATASET_SUBMITTED, record.hard_examples)
 
-    async def score(self, run_id: str, step: int, uri: str, sha256: str, *, probe: bool = False) -> ScoreRecord:
-        """Score the checkpoint at `uri` on the suite and record it; raises ArtifactError for a bad artifact.
+    async def score(self, run_id: str, step: int, uri: str, sha256: str, *, probe: bool = False,
+                    profile: str = DEFAULT_PROFILE) -> ScoreRecord:
+        """Score the checkpoint at `uri` on the suite, asked as data profile `profile` asks, and record
+        it; raises ArtifactError for a bad artifact.
 
         With `probe`, also probe it for hard examples (a champion rescored on a new suite was
         probed when it was first scored).
@@ -140,6 +153,7 @@ class Evaluator:
                 max_new_tokens=self.settings.max_new_tokens,
                 max_length=self.settings.max_length,
                 probes=probes,
+                profile=profile,
             )
             baseline = await self._champion_score(sha256)
             regressions = score_regressions(
@@ -166,16 +180,17 @@ class Evaluator:
                 regressions=regressions,
                 compared_with=baseline.checkpoint_sha256 if baseline else "",
             )
-            hard = await asyncio.to_thread(self._hard_examples, sha256, probes, scores) if probes else None
+            hard = await asyncio.to_thread(self._hard_examples, sha256, probes, scores, profile) if probes else None
             # Recorded before publishing: after a crash in between, the redelivery republishes it.
-            record = ScoreRecord(event=scored, items=scores.items, hard_examples=hard)
+            record = ScoreRecord(event=scored, items=scores.items, hard_examples=hard, profile=profile)
             self.scorebook.save(record)
-        log.info("scored", checkpoint=uri, exact_match=scored.exact_match, val_loss=scored.val_loss,
+        log.info("scored", checkpoint=uri, profile=profile, exact_match=scored.exact_match, val_loss=scored.val_loss,
                  ece=scored.ece, by_level=scored.by_level, regressions=regressions,
                  hard_examples=hard.name if hard else None)
         return record
 
-    def _hard_examples(self, sha256: str, probes: list[SuiteItem], scores: Scores) -> DatasetSubmitted | None:
+    def _hard_examples(self, sha256: str, probes: list[SuiteItem], scores: Scores,
+                       profile: str) -> DatasetSubmitted | None:
         """The probes this checkpoint failed at the levels it has learned, written to the store and
         described for submission; None when fewer than `hard_examples_min` failed."""
         learned = learned_levels(scores.by_level, self.settings.hard_examples_min_accuracy)
@@ -187,7 +202,7 @@ class Evaluator:
         event_id = submission_id(sha256, self.suite.levels(), self.settings.hard_probe_items)
         artifact = self.store.write_lines(
             (msgspec.json.encode(row) + b"\n" for row in rows), "hard-examples", f"{event_id}.jsonl")
-        return hard_examples_submission(event_id, sha256, len(rows), artifact)
+        return hard_examples_submission(event_id, sha256, len(rows), artifact, profile)
 
     async def _champion_score(self, candidate_sha256: str) -> EvalScored | None:
         """The champion's own score on this suite, if it is another checkpoint and was scored here."""
@@ -228,7 +243,8 @@ class Evaluator:
                  champion_suite=champion.suite_version, suite_version=self.suite.version)
         try:
             record = await self.score(champion.run_id, champion.step, champion.checkpoint_uri,
-                                      champion.checkpoint_sha256)
+                                      champion.checkpoint_sha256,
+                                      profile=self.scorebook.profile_of(champion.checkpoint_sha256))
         except Exception as exc:  # noqa: BLE001 - a champion that cannot be scored must not stop the evaluator
             log.error("cannot score the champion on this suite; the deployer keeps it until it is",
                       checkpoint=champion.checkpoint_uri, error=repr(exc))

@@ -1,14 +1,15 @@
 """HTTP routes of the gatekeeper.
 
-- `POST /datasets?name=&schema=&priority=&level=&submitted_by=`: the raw JSONL body (plain or
-  gzip), streamed to disk (intake.py).
+- `POST /datasets?name=&schema=&profile=&priority=&level=&submitted_by=`: the raw JSONL body
+  (plain or gzip), streamed to disk (intake.py). `profile` names the data profile the trainer
+  applies (libs/common/profiles.py; default none).
 - `POST /datasets/upload` (same query parameters): multipart form with the file in field
   `file`, streamed too; the dataset name defaults to the file name.
-- `POST /datasets/check?schema=&level=`: a dry run on the raw JSONL body: the report the
+- `POST /datasets/check?schema=&profile=&level=`: a dry run on the raw JSONL body: the report the
   submission would get (200 whatever the verdict), nothing kept, nothing announced.
 - `GET /datasets/{id}/report`: the full report of a submission (by submission id, whatever
   its channel) or of the submission that got a dataset accepted (by dataset id).
-- `GET /specs`: the schemas, the checks each level runs, the policy and limits in force.
+- `GET /specs`: the schemas, the checks each level runs, the data profiles, the policy and limits in force.
 - `GET /asyncapi.yaml`: the event contract, `docs/asyncapi.yaml` of the repository.
 
 A submission answers 200 when accepted or a duplicate, 422 when rejected (the body says why;
@@ -27,6 +28,8 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from libs.common.events import Priority, ValidationLevel, new_id
+from libs.common.profiles import DEFAULT_PROFILE
+from libs.common.profiles import PROFILES as DATA_PROFILES
 from services.gatekeeper.intake import Submission, UploadRefused, receive_body, receive_multipart
 from services.gatekeeper.pipeline import Gatekeeper, ValidationInterrupted, describe_schemas
 from services.gatekeeper.schemas import DEFAULT_SCHEMA, PROFILES, json_schemas
@@ -50,10 +53,10 @@ def router(service: Intake) -> APIRouter:
     routes = APIRouter(tags=["gatekeeper"])
     settings = service.settings
 
-    async def submit(path: Path, source: str, name: str, schema: str, priority: Priority | None,
+    async def submit(path: Path, source: str, name: str, schema: str, profile: str, priority: Priority | None,
                      level: ValidationLevel, submitted_by: str) -> JSONResponse:
         submission = Submission(
-            submission_id=new_id(), name=name, channel="http", source=source, schema=schema,
+            submission_id=new_id(), name=name, channel="http", source=source, schema=schema, profile=profile,
             priority=priority or settings.default_priority, level=level, submitted_by=submitted_by,
         )
         try:
@@ -81,15 +84,15 @@ def router(service: Intake) -> APIRouter:
 
     @routes.post("/datasets")
     async def submit_body(request: Request, name: str = "unnamed", schema: str = DEFAULT_SCHEMA,
-                          priority: Priority | None = None, level: ValidationLevel = "standard",
-                          submitted_by: str = "anonymous") -> JSONResponse:
+                          profile: str = DEFAULT_PROFILE, priority: Priority | None = None,
+                          level: ValidationLevel = "standard", submitted_by: str = "anonymous") -> JSONResponse:
         path = await receive_raw(request)
-        return await submit(path, "body.jsonl", name, schema, priority, level, submitted_by)
+        return await submit(path, "body.jsonl", name, schema, profile, priority, level, submitted_by)
 
     @routes.post("/datasets/upload")
     async def submit_upload(request: Request, name: str = "", schema: str = DEFAULT_SCHEMA,
-                            priority: Priority | None = None, level: ValidationLevel = "standard",
-                            submitted_by: str = "anonymous") -> JSONResponse:
+                            profile: str = DEFAULT_PROFILE, priority: Priority | None = None,
+                            level: ValidationLevel = "standard", submitted_by: str = "anonymous") -> JSONResponse:
         try:
             path, filename = await receive_multipart(
                 request.stream(), request.headers.get("content-type", ""), service.uploads, settings.max_file_bytes,
@@ -97,15 +100,15 @@ def router(service: Intake) -> APIRouter:
         except UploadRefused as exc:
             raise HTTPException(exc.status, str(exc)) from exc
         filename = filename or "upload.jsonl"
-        return await submit(path, filename, name or filename.split(".")[0] or "upload", schema, priority, level,
-                            submitted_by)
+        return await submit(path, filename, name or filename.split(".")[0] or "upload", schema, profile, priority,
+                            level, submitted_by)
 
     @routes.post("/datasets/check")
-    async def check_body(request: Request, schema: str = DEFAULT_SCHEMA,
+    async def check_body(request: Request, schema: str = DEFAULT_SCHEMA, profile: str = DEFAULT_PROFILE,
                          level: ValidationLevel = "standard") -> Response:
         path = await receive_raw(request)
         submission = Submission(submission_id=new_id(), name="check", channel="http", source="body.jsonl",
-                                schema=schema, level=level)
+                                schema=schema, profile=profile, level=level)
         try:
             report = await asyncio.to_thread(service.gatekeeper.check_file, submission, path)
         except ValidationInterrupted as exc:
@@ -129,6 +132,10 @@ def router(service: Intake) -> APIRouter:
             "schemas": describe_schemas(),
             "row_json_schemas": json_schemas(),
             "profiles": list(PROFILES),
+            # What a submission's `profile` may name (the row transforms the trainer applies); not
+            # the answer profiles above, which a chat_sft_v1 row's own `profile` field names.
+            "default_profile": DEFAULT_PROFILE,
+            "data_profiles": [{"name": p.name, "description": p.description} for p in DATA_PROFILES.values()],
             "levels": ["quick", "standard", "deep"],
             "policy": {
                 "max_line_bytes": settings.max_line_bytes,

@@ -1,6 +1,6 @@
 """The ways in: what a submission is, and how its bytes arrive over HTTP and through the inbox folder.
 
-Every way in makes a `Submission` (its id, name, channel, schema, level and priority) and hands
+Every way in makes a `Submission` (its id, name, channel, schema, data profile, level and priority) and hands
 its bytes to the pipeline (pipeline.py), so all of them are validated alike:
 - NATS `dataset.submitted`, with inline rows or a uri (`Gatekeeper.submit_event`); the
   submission id is the event id made path-safe, so a redelivery is recognised;
@@ -37,6 +37,8 @@ Options ride in the file name as dot-separated marks, in any order:
 - level: `.level-<quick|standard|deep>` (default standard)
 - schema: `.schema-<name>`, e.g. `puzzles.schema-syllo_v1.jsonl` (default chat_sft_v1; an
   unknown name is rejected like on any other path)
+- data profile: `.profile-<name>`, e.g. `math.profile-emoji_think.jsonl` (default none; an
+  unknown name is rejected like on any other path; libs/common/profiles.py)
 e.g. `math.priority-high.level-deep.jsonl.gz`. The dataset name is what remains without the
 marks and the extensions (.jsonl, .json, .ndjson, .txt, .gz). A mark with an unknown value is
 part of the name. The content decides gzip (magic bytes), not the extension.
@@ -65,6 +67,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from watchfiles import Change, awatch
 
 from libs.common.events import PRIORITIES, Priority, ValidationLevel, derived_id, new_id
+from libs.common.profiles import DEFAULT_PROFILE
 from services.gatekeeper.schemas import DEFAULT_SCHEMA
 
 # ---------------------------------------------------------------------------- the submission
@@ -82,6 +85,8 @@ class Submission(msgspec.Struct, frozen=True, kw_only=True):
     priority: Priority = "normal"
     level: ValidationLevel = "standard"
     submitted_by: str = "anonymous"
+    # The data profile the trainer is to apply (libs.common.profiles); checked by the pipeline.
+    profile: str = DEFAULT_PROFILE
 
 
 def submission_id_for(event_id: str) -> str:
@@ -231,7 +236,7 @@ class _UploadFile:
 
 PROCESSING = ".processing"
 _TEMP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".swp")
-_MARK = re.compile(r"(?P<key>priority|level|schema)-(?P<value>[A-Za-z0-9_]+)")
+_MARK = re.compile(r"(?P<key>priority|level|schema|profile)-(?P<value>[A-Za-z0-9_]+)")
 _VALUES = {"priority": PRIORITIES, "level": ("quick", "standard", "deep")}
 _EXTENSIONS = {"jsonl", "json", "ndjson", "txt", "gz"}
 _CLAIMED = re.compile(r"(?P<sid>[0-9a-f]{32})--(?P<priority>high|normal|low)--(?P<name>.+)")
@@ -250,6 +255,7 @@ class InboxFile:
     source: str  # its path relative to the inbox, as it was dropped
     level: ValidationLevel = "standard"
     schema: str = DEFAULT_SCHEMA
+    profile: str = DEFAULT_PROFILE
 
 
 @dataclass(frozen=True)
@@ -260,6 +266,7 @@ class Options:
     name: str
     level: ValidationLevel = "standard"
     schema: str = DEFAULT_SCHEMA
+    profile: str = DEFAULT_PROFILE
 
 
 Handover = Callable[[InboxFile], Awaitable[None]]
@@ -286,7 +293,7 @@ def options_of(relative: Path, default_priority: Priority) -> Options:
     return Options(
         priority=marks.get("priority", folder),  # type: ignore[arg-type]
         name=".".join(kept), level=marks.get("level", "standard"),  # type: ignore[arg-type]
-        schema=marks.get("schema", DEFAULT_SCHEMA),
+        schema=marks.get("schema", DEFAULT_SCHEMA), profile=marks.get("profile", DEFAULT_PROFILE),
     )
 
 
@@ -388,7 +395,7 @@ class Inbox:
                 log.error("cannot claim an inbox file; left where it is", path=str(path), error=repr(exc))
                 continue
             await self._hand_over(InboxFile(claimed, submission_id, options.priority, options.name,
-                                            relative.as_posix(), options.level, options.schema))
+                                            relative.as_posix(), options.level, options.schema, options.profile))
 
     async def _resume(self, path: Path) -> None:
         match = _CLAIMED.fullmatch(path.name)
@@ -399,7 +406,7 @@ class Inbox:
         options = options_of(Path(source), self.default_priority)
         log.info("resuming a file claimed before a restart", path=str(path))
         await self._hand_over(InboxFile(path, match["sid"], match["priority"], options.name, source,  # type: ignore[arg-type]
-                                        options.level, options.schema))
+                                        options.level, options.schema, options.profile))
 
     async def _hand_over(self, item: InboxFile) -> None:
         try:

@@ -27,6 +27,13 @@ A submission (`Gatekeeper`): keep the original, validate, store, index, report. 
 (intake.py) ends here, so all of them run the same pipeline and the same checks. Nothing here
 touches the bus: the result is a `Report`, from which `verdict.announcement` derives the event.
 
+Its schema and data profile (libs/common/profiles.py) are settled before a byte is read: an
+unknown name, or a data profile other than none on a text schema (a profile rewrites
+conversations), rejects it with the known names. The profile is not applied here, so the
+accepted rows are stored as submitted: the trainer applies it, and the report and
+`dataset.accepted` carry its name. The token lengths the standard level measures are those of
+the rows without the profile (its system prompt and emoji add a few dozen tokens).
+
 Artifact store layout:
   submissions/<submission_id>/original<.ext>   the bytes as submitted, kept whatever the outcome
   datasets/<dataset_id>.jsonl                  accepted rows, normalised; dataset_id = their sha256
@@ -69,7 +76,9 @@ import msgspec
 from libs.common.artifacts import Artifact, ArtifactError, ArtifactStore, is_sha256, sha256_file
 from libs.common.events import DatasetSubmitted, ValidationLevel, utcnow
 from libs.common.models import ensure_base_model, load_tokenizer
+from libs.common.profiles import DEFAULT_PROFILE, UnknownProfile, get_profile
 from services.gatekeeper.checks import (
+    DATA_PROFILE,
     FILE_CHECKS,
     LINE_CHECKS,
     NO_ROWS,
@@ -283,6 +292,7 @@ class Gatekeeper:
             submission_id=submission_id_for(event.id), name=event.name, channel=event.channel,
             source="inline" if event.rows is not None else (event.uri or ""),
             schema=event.schema, priority=event.priority, level=event.level, submitted_by=event.submitted_by,
+            profile=event.profile,
         )
         if (event.rows is None) == (event.uri is None):
             return self._done_early(submission, SUBMISSION, "exactly one of `rows` and `uri` must be given")
@@ -397,11 +407,21 @@ class Gatekeeper:
         return self._finish(submission, tally, original, staged, validation, started)
 
     def _validation(self, submission: Submission, tally: Tally) -> Validation | None:
-        """The validation the submission asks for; None (and a schema finding) when its schema is unknown."""
+        """The validation the submission asks for; None (and a finding) when its schema or data profile is refused."""
         try:
             schema = lookup(submission.schema)
         except UnknownSchema as exc:
             tally.add(0, SCHEMA, str(exc))
+            return None
+        try:
+            get_profile(submission.profile)
+        except UnknownProfile as exc:
+            tally.add(0, DATA_PROFILE, str(exc))
+            return None
+        if schema.kind != "chat" and submission.profile != DEFAULT_PROFILE:
+            # A profile rewrites conversations (system prompt, turns): a text row has none.
+            tally.add(0, DATA_PROFILE, f"profile {submission.profile!r} applies to chat schemas only; "
+                                       f"{schema.name} is {schema.kind}")
             return None
         return Validation(schema, submission.level, self.config, tally, self.tools)
 
@@ -428,7 +448,8 @@ class Gatekeeper:
         return Report(
             submission_id=submission.submission_id, status="accepted" if decision.accepted else "rejected",
             name=submission.name, schema=submission.schema, level=submission.level, priority=submission.priority,
-            channel=submission.channel, submitted_by=submission.submitted_by, source=submission.source,
+            profile=submission.profile, channel=submission.channel, submitted_by=submission.submitted_by,
+            source=submission.source,
             started_at=utcnow() - timedelta(seconds=duration),
             reasons=[] if decision.accepted else [*decision.reasons, *check_reasons(tally)],
             original_uri=original.uri if original else "", original_sha256=original.sha256 if original else "",

@@ -92,7 +92,7 @@ class GatekeeperService:
         """Copied, not moved: until it is announced the claimed file stays, and a restart resumes it."""
         submission = Submission(
             submission_id=item.submission_id, name=item.name, channel="inbox", source=item.source,
-            priority=item.priority, level=item.level, schema=item.schema,
+            priority=item.priority, level=item.level, schema=item.schema, profile=item.profile,
         )
         await self.submit_file(submission, item.path, move=False)
         item.path.unlink()

@@ -1,8 +1,8 @@
 """The verdict on a validated submission, the report that explains it, and the event that announces it.
 
 The acceptance policy (`decide`):
-- Any submission- or file-level error (unknown schema, uri outside the store, empty, binary,
-  too large, a gzip bomb, no rows, ...) rejects the submission.
+- Any submission- or file-level error (unknown schema or data profile, uri outside the store,
+  empty, binary, too large, a gzip bomb, no rows, ...) rejects the submission.
 - Rows with errors are dropped (which row checks are errors is fixed per check: see
   checks/__init__.py and the modules it names). The file is rejected when no valid row
   remains, or when the share of rows with errors is above `max_error_fraction`: a file that is
@@ -24,7 +24,7 @@ The report: written for every submission, accepted or not, to the artifact store
 
 The announcement is derived from the report alone, so a redelivered submission whose report
 exists is announced again identically, without validating twice. `DatasetRejected.reasons`
-carries the report's reasons; `DatasetAccepted` its counts and report_uri. Event ids are
+carries the report's reasons; `DatasetAccepted` its counts, report_uri and data profile. Event ids are
 deterministic: `DatasetAccepted` from the dataset id (JetStream drops a republished acceptance
 inside its duplicate window), `DatasetRejected` from the submission id.
 """
@@ -86,6 +86,8 @@ class Report(msgspec.Struct, kw_only=True):
     # Where the bytes came from: "inline", the announced uri, the uploaded or inbox file name.
     source: str
     started_at: datetime
+    # The data profile the submission named (libs.common.profiles), as named even when unknown.
+    profile: str = "none"
     reasons: list[str] = []
     dataset_id: str = ""
     dataset_uri: str = ""
@@ -159,6 +161,7 @@ def announcement(report: Report) -> tuple[str, Event]:
             submission_id=report.submission_id,
             channel=report.channel,
             submitted_by=report.submitted_by,
+            profile=report.profile,
         )
     return topology.DATASET_REJECTED, DatasetRejected(
         id=derived_id("gatekeeper", "rejected", report.submission_id),

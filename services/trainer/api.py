@@ -1,7 +1,9 @@
-"""The trainer's HTTP routes: `GET /status`, `POST /pause`, `POST /resume`, `POST /stop`.
+"""The trainer's HTTP routes: `GET /status`, `POST /pause`, `POST /resume`, `POST /stop`,
+`POST /skip` (JSON body `{"reason": "..."}`).
 
 The POST routes do exactly what the NATS commands on `control.trainer.<action>` do; a refused
-command (e.g. pause while stopped) answers 409 with the reason.
+command (e.g. pause while stopped, skip with nothing training or without a reason) answers 409
+with the reason.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import msgspec
-from fastapi import APIRouter
+from fastapi import APIRouter, Body
 from fastapi.responses import JSONResponse
 
 from libs.common.events import ControlReply
@@ -21,7 +23,7 @@ class Controllable(Protocol):
 
     def snapshot(self) -> dict: ...
 
-    async def control(self, action: Action, requested_by: str) -> ControlReply: ...
+    async def control(self, action: Action, requested_by: str, reason: str = "") -> ControlReply: ...
 
 
 def router(service: Controllable) -> APIRouter:
@@ -31,8 +33,8 @@ def router(service: Controllable) -> APIRouter:
     async def status() -> dict:
         return service.snapshot()
 
-    async def command(action: str) -> JSONResponse:
-        reply = await service.control(action, requested_by="http")
+    async def command(action: Action, reason: str = "") -> JSONResponse:
+        reply = await service.control(action, requested_by="http", reason=reason)
         return JSONResponse(msgspec.to_builtins(reply), status_code=200 if reply.ok else 409)
 
     @routes.post("/pause")
@@ -46,5 +48,10 @@ def router(service: Controllable) -> APIRouter:
     @routes.post("/stop")
     async def stop() -> JSONResponse:
         return await command("stop")
+
+    @routes.post("/skip")
+    async def skip(reason: str = Body("", embed=True)) -> JSONResponse:
+        # A missing reason is the command's refusal (409, like NATS), not a malformed request.
+        return await command("skip", reason)
 
     return routes

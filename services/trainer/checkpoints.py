@@ -39,6 +39,9 @@ class CheckpointInfo(msgspec.Struct, frozen=True, kw_only=True):
     init_weights: str
     final: bool
     loss: float
+    # The profile of the dataset trained last (libs.common.profiles): whoever serves or scores
+    # these weights applies its system prompt and generation-time rules.
+    profile: str = "none"
 
 
 def run_id_for(dataset_id: str, init_weights: str, recipe_identity: str) -> str:
@@ -84,28 +87,37 @@ def read_info(checkpoint: Path) -> CheckpointInfo:
     return msgspec.json.decode((checkpoint / INFO_FILE).read_bytes(), type=CheckpointInfo)
 
 
-def write_checkpoint(target: Path, info: CheckpointInfo, fill: Callable[[Path], None]) -> bool:
+class Sealed(msgspec.Struct, frozen=True):
+    """A complete checkpoint directory's content hash (`sha256_dir`'s) and size in bytes."""
+
+    sha256: str
+    size: int
+
+
+def write_checkpoint(target: Path, info: CheckpointInfo, fill: Callable[[Path], None]) -> Sealed | None:
     """Build a checkpoint with `fill(staging_dir)`, then rename it to `target`.
 
-    Returns False (and writes nothing) when `target` is already complete: a checkpoint is
-    keyed by (run, step), and saving the same step twice changes nothing.
+    Returns its hash and size, computed once while each file is read back to be fsynced (the
+    same hash `libs.common.artifacts.sha256_dir` gives for the directory). Returns None (and
+    writes nothing) when `target` is already complete: a checkpoint is keyed by (run, step), and
+    saving the same step twice changes nothing.
     """
     if (target / INFO_FILE).is_file():
-        return False
+        return None
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{_STAGING_PREFIX}{target.name}-"))
     try:
         fill(staging)
         # flywheel.json last: it is what marks the directory complete.
         (staging / INFO_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(info)))
-        _fsync_files(staging)
+        sealed = _seal(staging)
         if target.exists():  # a stray incomplete directory (no flywheel.json): replace it
             shutil.rmtree(target)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return True
+    return sealed
 
 
 def remove_staging(run_dir: Path) -> None:
@@ -125,9 +137,16 @@ def load_training_state(checkpoint: Path) -> dict[str, Any]:
     return torch.load(checkpoint / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def _fsync_files(directory: Path) -> None:
-    """The checkpoint is on disk before anyone is told about it (or the dataset acked)."""
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
+def _seal(directory: Path) -> Sealed:
+    """fsync every file (the checkpoint is on disk before anyone is told about it, or the dataset
+    acked) and hash it in the same pass, as `sha256_dir` would: no second read of the weights."""
+    digest, size = hashlib.sha256(), 0
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        file_digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                file_digest.update(chunk)
+                size += len(chunk)
+            os.fsync(fh.fileno())
+        digest.update(f"{path.relative_to(directory).as_posix()}\0{file_digest.hexdigest()}\n".encode())
+    return Sealed(digest.hexdigest(), size)

@@ -20,17 +20,19 @@ their own longest row (right padding, labels -100, attention mask 0).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
-import math
+import itertools
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 
 from libs.common.chat import SCHEMA_KINDS, ChatRow, EncodedChat, TemplateError, TextRow, encode_chat, encode_text
+from services.trainer.packing import Batching, Step, epoch_steps
 
 DEFAULT_SCHEMA = "chat_sft_v1"
 Row = ChatRow | TextRow
@@ -51,38 +53,57 @@ def schema_kind(schema: str) -> str:
         raise DatasetError(f"the trainer cannot train schema {schema!r}; it trains: {', '.join(SCHEMA_KINDS)}") from None
 
 
-def read_rows(path: Path, schema: str = DEFAULT_SCHEMA) -> list[Row]:
-    """The rows of a dataset of `schema`: ChatRow for chat schemas, TextRow for completion_v1."""
+def iter_rows(path: Path, schema: str = DEFAULT_SCHEMA) -> Iterator[Row]:
+    """The rows of a dataset of `schema`, one line at a time (a large file is never held whole)."""
     decoder = _decoders[schema_kind(schema)]
-    rows = []
     with open(path, "rb") as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(decoder.decode(line))
+                yield decoder.decode(line)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 raise DatasetError(f"{path.name} line {number}: not a {schema} row: {exc}") from exc
-    return rows
 
 
-def replay_rows(earlier: Sequence[Path], count: int, seed: int, dataset_id: str,
-                schemas: Sequence[str] = ()) -> list[Row]:
-    """`count` rows drawn uniformly (with replacement) from the rows of the `earlier` datasets.
+def read_rows(path: Path, schema: str = DEFAULT_SCHEMA) -> list[Row]:
+    """The rows of a dataset of `schema`: ChatRow for chat schemas, TextRow for completion_v1."""
+    return list(iter_rows(path, schema))
 
-    `schemas` names each earlier dataset's schema (empty: all chat_sft_v1, as before schemas
-    were recorded). Fixed by (earlier, count, seed, dataset_id), so a resumed run replays the
-    same rows.
+
+def replay_picks(pool_sizes: Sequence[int], count: int, seed: int, dataset_id: str) -> list[tuple[int, int]]:
+    """`count` (pool, example) pairs drawn uniformly, with replacement, over the examples of the
+    earlier datasets (`pool_sizes[k]` examples in dataset k).
+
+    Fixed by (pool_sizes, count, seed, dataset_id), so a resumed run replays the same examples.
     """
-    if schemas and len(schemas) != len(earlier):
-        raise ValueError(f"{len(earlier)} earlier datasets but {len(schemas)} schemas")
-    named = schemas or [DEFAULT_SCHEMA] * len(earlier)
-    pool = [row for path, schema in zip(earlier, named, strict=True) for row in read_rows(path, schema)]
-    if not pool or count <= 0:
+    total = sum(pool_sizes)
+    if not total or count <= 0:
         return []
+    starts = list(itertools.accumulate(pool_sizes, initial=0))
     key = hashlib.sha256(f"{seed}:{dataset_id}:replay".encode()).digest()
     rng = random.Random(int.from_bytes(key[:8], "big"))
-    return [pool[rng.randrange(len(pool))] for _ in range(count)]
+    picks = []
+    for _ in range(count):
+        flat = rng.randrange(total)
+        pool = bisect.bisect_right(starts, flat) - 1
+        picks.append((pool, flat - starts[pool]))
+    return picks
+
+
+def validation_split(num_examples: int, fraction: float, max_rows: int, min_examples: int, seed: int,
+                     dataset_id: str) -> tuple[list[int], list[int]]:
+    """(training, validation) example indices: a held-out slice of the dataset's own examples.
+
+    `fraction` of them, at most `max_rows`, chosen by (seed, dataset_id) alone; none when the
+    dataset has fewer than `min_examples` (every row of a small dataset is worth training on).
+    """
+    size = min(max_rows, int(num_examples * fraction)) if num_examples >= min_examples else 0
+    if size <= 0:
+        return list(range(num_examples)), []
+    key = hashlib.sha256(f"{seed}:{dataset_id}:validation".encode()).digest()
+    held = set(random.Random(int.from_bytes(key[:8], "big")).sample(range(num_examples), size))
+    return [i for i in range(num_examples) if i not in held], sorted(held)
 
 
 def replay_count(new_rows: int, fraction: float) -> int:
@@ -180,28 +201,45 @@ def epoch_order(num_examples: int, seed: int, dataset_id: str, epoch: int) -> li
     return order
 
 
-@dataclass(frozen=True)
 class TrainingPlan:
-    """How many steps a dataset takes, and where step n is in the data."""
+    """Every optimizer step of a run: which examples, packed into which sequences and micro-batches.
 
-    num_examples: int
-    batch_size: int
-    epochs: int
-    max_steps: int = 0  # 0 = no cap
+    Epoch e visits the examples in `epoch_order(..., e)`; `services.trainer.packing.epoch_steps`
+    turns that order into steps. Planned whole at setup, so the step count (and with it the
+    learning rate schedule) is known before the first step, and step n of a resumed run is the
+    step n of the interrupted one.
+    """
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return math.ceil(self.num_examples / self.batch_size)
-
-    @property
-    def total_steps(self) -> int:
-        full = self.batches_per_epoch * self.epochs
-        return min(full, self.max_steps) if self.max_steps else full
+    def __init__(self, lengths: Sequence[int], batching: Batching, epochs: int, max_steps: int, seed: int,
+                 dataset_id: str) -> None:
+        self.num_examples = len(lengths)
+        self.epochs = epochs
+        self._epochs: list[list[Step]] = []
+        planned = 0
+        for epoch in range(epochs):
+            steps = epoch_steps(lengths, epoch_order(self.num_examples, seed, dataset_id, epoch), batching)
+            self._epochs.append(steps)
+            planned += len(steps)
+            if max_steps and planned >= max_steps:
+                break
+        self.total_steps = min(planned, max_steps) if max_steps else planned
 
     def position(self, step: int) -> tuple[int, int]:
-        """(epoch, batch index within the epoch) of the batch that step `step` + 1 trains on."""
-        return divmod(step, self.batches_per_epoch)
+        """(epoch, step index within the epoch) of the step that step `step` + 1 trains on."""
+        for epoch, steps in enumerate(self._epochs):
+            if step < len(steps):
+                return epoch, step
+            step -= len(steps)
+        return len(self._epochs), step
 
-    def batch(self, order: list[int], batch_index: int) -> list[int]:
-        """The example indices of batch `batch_index` of an epoch visiting examples in `order`."""
-        return order[batch_index * self.batch_size:(batch_index + 1) * self.batch_size]
+    def step(self, step: int) -> Step:
+        """The micro-batches (lists of sequences of example indices) of step `step` + 1."""
+        epoch, index = self.position(step)
+        return self._epochs[epoch][index]
+
+    def epoch_progress(self, step: int) -> float:
+        """Epochs done after `step` steps, fractional (1.5: halfway through the second epoch)."""
+        epoch, index = self.position(step)
+        if epoch >= len(self._epochs):
+            return float(len(self._epochs))
+        return epoch + index / len(self._epochs[epoch])

@@ -14,10 +14,9 @@ wants something like 1e-5 to 2e-5; set FLYWHEEL_TRAINER_LEARNING_RATE for it.
 from __future__ import annotations
 
 import hashlib
+from typing import Annotated, Literal
 
 import msgspec
-
-from typing import Annotated, Literal
 
 from libs.common.settings import (
     CommonSettings,
@@ -27,13 +26,27 @@ from libs.common.settings import (
     Positive,
     PositiveFloat,
 )
+from services.trainer.packing import Batching
 
 
 class Hyperparameters(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    # How examples become batches (services/trainer/packing.py). "packed": examples first-fit
+    # into sequences of at most `pack_length` tokens, each isolated from the others, and
+    # micro-batches of sequences within `batch_tokens` (padding included); measured 1.7x the
+    # tokens/s of padded batches on the tiny model at a lower held-out loss
+    # (docs/experiments/packing-cpu.md). "padded": `batch_size` rows a micro-batch, padded to the
+    # longest, as a plain Trainer does.
+    batching: Literal["packed", "padded"] = "packed"
+    # 1,024 tokens keep a step near the 16 rows measured best on Binary level 1 (~68 tokens a row).
+    batch_tokens: Annotated[int, msgspec.Meta(ge=16)] = 1024
+    pack_length: Annotated[int, msgspec.Meta(ge=16)] = 256
     # Measured on the tiny model (Binary level 1, the same training time): batch 16 got 78 % of
     # held-out problems right where 32 got 50 % and 8 fell behind both (README, "Making the
-    # model learn").
+    # model learn"). Rows a micro-batch with batching = "padded".
     batch_size: Positive = 16
+    # Micro-batches an optimizer step accumulates gradients over (the loss is the token mean of
+    # the whole step, as one big batch's would be).
+    grad_accumulation: Positive = 1
     learning_rate: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 0.0
     warmup_steps: NonNegative = 10
@@ -52,6 +65,15 @@ class Hyperparameters(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_
     replay_fraction: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.3
     # How many of the most recent earlier datasets replay draws from.
     replay_datasets: Positive = 16
+    # A held-out slice of each dataset (never trained on) gives the run's validation loss and
+    # train/val gap: this share of its examples, at most `validation_max_rows`, and none for a
+    # dataset of fewer than `validation_min_rows` (every row of a small dataset trains).
+    validation_fraction: Annotated[float, msgspec.Meta(ge=0, lt=0.5)] = 0.05
+    validation_max_rows: NonNegative = 64
+    validation_min_rows: Positive = 40
+
+    def batching_plan(self) -> Batching:
+        return Batching(self.batching, self.batch_tokens, self.pack_length, self.batch_size, self.grad_accumulation)
 
     def identity(self, max_length: int) -> str:
         """A hash of every field (and the common max_length), for run ids."""
@@ -63,11 +85,19 @@ class TrainerSettings(CommonSettings, kw_only=True, forbid_unknown_fields=True):
     # Read flat: FLYWHEEL_TRAINER_LEARNING_RATE sets hyperparameters.learning_rate.
     hyperparameters: Hyperparameters = msgspec.field(default_factory=Hyperparameters)
     save_every_steps: Positive = 50
+    # Validation loss on the held-out slice every this many steps (and after the last step).
+    validation_every_steps: Positive = 25
     progress_every_steps: Positive = 5
     # A progress event also goes out when this much time passed since the last one.
     progress_every_s: NonNegativeFloat = 2.0
     # auto: cuda when present (fp32 weights, bf16 autocast), else cpu.
     device: Device = "auto"
+    # Where runs train (services/trainer/backend.py): "local", this process; "ray", a Ray Train
+    # TorchTrainer with `ray_workers` workers on the cluster at `ray_address` (Ray's RAY_ADDRESS
+    # sets it too), else on a local Ray cluster; "auto": ray when an address is set, else local.
+    backend: Literal["auto", "local", "ray"] = "auto"
+    ray_address: str = ""
+    ray_workers: Positive = 2
 
 
 SETTINGS = TrainerSettings

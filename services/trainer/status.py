@@ -44,8 +44,10 @@ class RunStatus:
         return asdict(self)
 
 
-def describe_state(mode: str, active: bool, held_at_gate: bool) -> str:
-    """One word for humans: idle, training, pausing, paused, stopping or stopped."""
+def describe_state(mode: str, active: bool, held_at_gate: bool, *, skipping: bool = False) -> str:
+    """One word for humans: idle, training, pausing, paused, stopping, stopped or skipping."""
+    if active and skipping:
+        return "skipping"
     if mode == "stopped":
         return "stopping" if active else "stopped"
     if mode == "paused":

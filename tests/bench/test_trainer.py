@@ -35,8 +35,10 @@ def test_the_benchmark_trains_both_sides_and_prints_one_json_line(tiny_model_dir
 
     assert summary["rows"] == 64 and summary["heldout_rows"] == 16 and summary["batch_size"] == 8
     assert summary["device"] == "cpu" and summary["threads"] == 1 and summary["epochs"] == 1
-    # One epoch of 64 rows in batches of 8, on both sides, over the same real tokens.
-    assert summary["steps"] == summary["plain_steps"] == 8
+    # One epoch of 64 rows: batches of 8 on the plain side; packed steps of about the same tokens on
+    # Flywheel's, over the same real tokens.
+    assert summary["plain_steps"] == 8 and summary["batching"] == "packed"
+    assert summary["batch_tokens"] % summary["pack_length"] == 0 and 5 <= summary["steps"] <= 12
     assert isinstance(summary["real_tokens"], int) and summary["real_tokens"] > 64
     assert isinstance(summary["parameters"], int) and summary["parameters"] > 0
     for key in ("flywheel_tokens_per_s", "plain_tokens_per_s", "vs_plain", "flywheel_train_s", "plain_train_s",

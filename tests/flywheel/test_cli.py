@@ -86,6 +86,29 @@ async def test_submit_uploads_into_the_store_and_waits_for_the_verdict(bus, tmp_
 
 
 @pytest.mark.integration
+async def test_submit_names_the_data_profile(bus, tmp_path: Path):
+    assert build_parser().parse_args(["submit", "x.jsonl", "--profile", "emoji_think"]).profile == "emoji_think"
+    assert build_parser().parse_args(["submit", "x.jsonl"]).profile == "none"
+    source = tmp_path / "mine.jsonl"
+    source.write_text(ONE_ROW)
+    got: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def on_submitted(msg) -> None:
+        if not got.done():
+            got.set_result(msg.data)
+
+    await bus.nc.subscribe(topology.DATASET_SUBMITTED, cb=on_submitted)
+    result = await submit_file(bus, ArtifactStore(tmp_path / "artifacts"), source, profile="regime3")
+    event = msgspec.json.decode(await asyncio.wait_for(got, 10), type=DatasetSubmitted)
+    assert event.id == result.submission_id and event.profile == "regime3" and event.channel == "cli"
+    accepted = DatasetAccepted(dataset_id="d" * 64, name="n", uri="file:///d", sha256="d" * 64, schema="chat_sft_v1",
+                               priority="low", num_rows=1, num_rows_dropped=0, report_uri="file:///r",
+                               submission_id=event.id, profile="regime3")
+    result.outcome, result.verdict = "accepted", msgspec.to_builtins(accepted)
+    assert "profile regime3" in describe_verdict(result)
+
+
+@pytest.mark.integration
 async def test_status_reads_the_loop_from_the_bus(bus):
     status = await read_status(bus)
     assert set(status["queue"]) == {"gatekeeper", "trainer-high", "trainer-normal", "trainer-low"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.watch import eta_s, progress_line, running
+from flywheel.watch import progress_line, running
 from libs.common import topology
 from libs.common.bus import Bus
 from libs.common.events import TrainingFinished, TrainingProgress, TrainingStarted
@@ -20,21 +20,19 @@ def started(run_id: str = "run-1") -> dict:
     return {"run_id": run_id, "time": T0.isoformat()}
 
 
-def progress(step: int, seconds: float, run_id: str = "run-1", total: int = 400) -> dict:
+def progress(step: int, seconds: float, run_id: str = "run-1", total: int = 400, **reported) -> dict:
     return {"run_id": run_id, "step": step, "total_steps": total, "loss": 0.054, "learning_rate": 9.6e-4,
-            "tokens_per_second": 11382.0, "time": (T0 + timedelta(seconds=seconds)).isoformat()}
+            "tokens_per_second": 11382.0, "time": (T0 + timedelta(seconds=seconds)).isoformat(), **reported}
 
 
-def test_the_time_left_follows_the_runs_own_pace():
-    assert eta_s(started(), progress(100, 50)) == pytest.approx(150)  # 0.5 s a step, 300 to go
-    assert eta_s(started(), progress(400, 200)) == 0
-    assert eta_s(started(), progress(0, 5)) is None  # no step done: no pace yet
-
-
-def test_the_progress_line_shows_bar_step_loss_rate_throughput_and_eta():
-    line = progress_line(started(), progress(100, 50), width=20)
-    assert line.startswith("[#####...............] 100/400 25%")
-    assert "loss 0.0540" in line and "lr 9.6e-04" in line and "11382 tok/s" in line and "ETA 2m30s" in line
+def test_the_progress_lines_show_what_the_trainer_reported():
+    line = progress_line(started(), progress(100, 50, epoch=0.25, eta_s=150.0, grad_norm=1.214, val_loss=0.0602,
+                                             train_val_gap=0.0062), width=20)
+    first, second = line.split("\n")
+    assert first.startswith("[#####...............] 100/400 25%  epoch 0.25")
+    assert "loss 0.0540" in first and "lr 9.6e-04" in first and "11382 tok/s" in first and "ETA 2m30s" in first
+    assert second == "grad norm 1.21  val loss 0.0602  gap +0.0062"
+    # Before the trainer knows its pace, or from a trainer that did not report these: shown as unknown.
     assert progress_line(started(), progress(0, 1)).endswith("ETA ?")
 
 

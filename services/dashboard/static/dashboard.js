@@ -294,6 +294,10 @@
           stat("learning rate", t.learning_rate === null || t.learning_rate === undefined ? DASH : t.learning_rate.toExponential(2)),
           stat("tokens / s", t.tokens_per_second === null || t.tokens_per_second === undefined ? DASH : Math.round(t.tokens_per_second).toLocaleString("en-US")),
           stat("ETA", t.eta_s === null || t.eta_s === undefined ? DASH : duration(t.eta_s)),
+          stat("epoch", num(t.epoch, 2)),
+          stat("grad norm", num(t.grad_norm, 3)),
+          stat("val loss", num(t.val_loss, 4), "on the dataset's held-out slice, never trained on"),
+          stat("train/val gap", num(t.train_val_gap, 3), "val loss - train loss: < 0.3 generalising, > 0.5 overfitting"),
           stat("global step", num(t.global_step), "steps over every run so far")));
     } else {
       parts.push(h("div", { class: "run-head" }, badge("idle", ""), h("span", { class: "muted" },

@@ -8,7 +8,7 @@ still accepted is the verdict's decision (verdict.py).
 
 The checks of each level, in the order a row meets them, and where they are made:
 
-quick     submission  submission, schema, uri, sha256                   declared here, made in pipeline.py
+quick     submission  submission, schema, data_profile, uri, sha256     declared here, made in pipeline.py
           file        file_size, file_empty, gzip, binary, encoding,    declared here, made in reading.py
                       bom; no_rows                                      (no_rows: pipeline.py)
           line        line_size, blank_line, utf8, json, nesting,       declared here, made in reading.py
@@ -75,6 +75,10 @@ class LevelCheck(ABC):
 # Submission: decided before a byte is read.
 SUBMISSION = Check("submission", "quick", "error", "submission", "exactly one of inline rows or a uri is given")
 SCHEMA = Check("schema", "quick", "error", "submission", "the named schema is one the gatekeeper knows")
+DATA_PROFILE = Check(
+    "data_profile", "quick", "error", "submission",
+    "the named data profile (libs.common.profiles) is known, and only a chat schema names one other than none",
+)
 URI = Check("uri", "quick", "error", "submission", "a uri is file:// inside the artifact store and exists")
 SHA256 = Check("sha256", "quick", "error", "submission", "the content matches the announced sha256")
 # File: one finding rejects the whole file.
@@ -102,7 +106,7 @@ MAX_NESTING = 32
 NESTING = Check("nesting", "quick", "error", "line", f"JSON nesting is at most {MAX_NESTING} levels deep")
 JSON_OBJECT = Check("json_object", "quick", "error", "line", "a line is a JSON object (not an array, string, ...)")
 
-SUBMISSION_CHECKS: tuple[Check, ...] = (SUBMISSION, SCHEMA, URI, SHA256)
+SUBMISSION_CHECKS: tuple[Check, ...] = (SUBMISSION, SCHEMA, DATA_PROFILE, URI, SHA256)
 FILE_CHECKS: tuple[Check, ...] = (FILE_SIZE, FILE_EMPTY, GZIP, BINARY, ENCODING, BOM, NO_ROWS)
 LINE_CHECKS: tuple[Check, ...] = (LINE_SIZE, BLANK_LINE, UTF8, JSON, NESTING, JSON_OBJECT)
 SHARED_CHECKS: tuple[Check, ...] = (*SUBMISSION_CHECKS, *FILE_CHECKS, *LINE_CHECKS)

@@ -1,4 +1,5 @@
-"""The bus against a real nats-server: headers, dedupe, ack/nak, heartbeats, dead letters, priority."""
+"""The bus against a real nats-server: headers, dedupe, ack/nak, heartbeats, dead letters (after
+failures only, never interruptions), priority."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import nats.errors
 import pytest
 
 from libs.common import topology
-from libs.common.bus import REASON_HEADER, Bus, Reject
+from libs.common.bus import REASON_HEADER, Bus, Interrupted, Reject
 from libs.common.events import DatasetSubmitted, ModelDeployed
+from libs.common.records import message_failures
 from libs.common.tracing import setup_tracing, tracer
 from tests.conftest import consume, wait_for
 
@@ -98,6 +100,100 @@ async def test_failing_handler_is_retried_then_dead_lettered_with_reason(bus: Bu
     assert attempts == [1, 2]
     assert "boom" in msg.headers[REASON_HEADER]
     assert msgspec.json.decode(msg.data)["id"] == event.id
+
+
+async def abandon(bus: Bus, spec: topology.ConsumerSpec, times: int) -> None:
+    """Take the next message `times` times and never settle it, as a consumer killed mid-job does."""
+    sub = await bus.js.pull_subscribe_bind(spec.durable, spec.stream)
+    try:
+        for _ in range(times):  # each time it comes back once the ack wait has passed
+            await sub.fetch(1, timeout=spec.ack_wait_s + 10)
+    finally:
+        await sub.unsubscribe()
+
+
+def scripted(*outcomes: str):
+    """A handler that, delivery after delivery, is interrupted, fails or succeeds as told
+    (then succeeds); it records (num_delivered, failures) of each delivery it sees."""
+    seen: list[tuple[int, int]] = []
+    script = iter(outcomes)
+
+    async def handle(event, delivery):
+        seen.append((delivery.num_delivered, delivery.failures))
+        outcome = next(script, "ok")
+        if outcome == "interrupted":
+            raise Interrupted("stopped on purpose")
+        if outcome == "fail":
+            raise RuntimeError("boom")
+
+    return handle, seen
+
+
+async def test_interruptions_and_kills_never_use_up_a_messages_tries(bus: Bus):
+    # max_deliver 2, yet 2 abandoned deliveries, 3 interruptions and a failure later the
+    # message is still handled: only failures count.
+    await bus._ensure_consumer(FAST)
+    await bus.publish(topology.DATASET_SUBMITTED, submitted())
+    await abandon(bus, FAST, 2)
+    handler, seen = scripted("interrupted", "interrupted", "interrupted", "fail")
+    stop = asyncio.Event()
+    dead = await bus.js.subscribe("deadletter.dataset.submitted")
+    task = asyncio.create_task(consume(bus, FAST, DatasetSubmitted, handler, stop))
+    await wait_for(lambda: len(seen) == 5, lambda: f"5 deliveries, saw {seen}")
+
+    async def settled():
+        info = await bus.js.consumer_info(FAST.stream, FAST.durable)
+        return info.num_ack_pending == 0 and info.num_pending == 0
+
+    await wait_for(settled, "the message to be acked")
+    stop.set()
+    await task
+    assert seen == [(3, 0), (4, 0), (5, 0), (6, 0), (7, 1)]
+    with pytest.raises(nats.errors.TimeoutError):
+        await dead.next_msg(timeout=0.5)
+    info = await bus.js.stream_info("DATASETS")
+    failures, _ = await (await bus.record(message_failures(FAST.durable, info.state.last_seq))).read()
+    assert failures is None  # settled: its count is gone
+
+
+async def test_a_message_interrupted_more_than_max_deliver_times_is_dead_lettered_after_max_deliver_failures(bus: Bus):
+    await bus._ensure_consumer(FAST)
+    event = submitted()
+    await bus.publish(topology.DATASET_SUBMITTED, event)
+    handler, seen = scripted("interrupted", "fail", "interrupted", "interrupted", "fail")
+    stop = asyncio.Event()
+    dead = await bus.js.subscribe("deadletter.dataset.submitted")
+    task = asyncio.create_task(consume(bus, FAST, DatasetSubmitted, handler, stop))
+    msg = await dead.next_msg(timeout=15)
+    stop.set()
+    await task
+    assert seen == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1)]
+    assert msg.headers[REASON_HEADER] == "failed 2 times, last: RuntimeError('boom')"
+    assert msgspec.json.decode(msg.data)["id"] == event.id
+
+
+async def test_still_queued_follows_a_message_until_it_is_settled_or_gone(bus: Bus):
+    spec = topology.ConsumerSpec("t-one", "DATASETS", "dataset.submitted", max_ack_pending=1)
+    await bus._ensure_consumer(spec)
+    first = (await bus.publish(topology.DATASET_SUBMITTED, submitted("a"))).seq
+    second = (await bus.publish(topology.DATASET_SUBMITTED, submitted("b"))).seq
+    assert await bus.still_queued(spec, first)  # not delivered yet
+    sub = await bus.js.pull_subscribe_bind(spec.durable, spec.stream)
+    try:
+        [msg] = await sub.fetch(1, timeout=5)
+        assert await bus.still_queued(spec, first)  # delivered, not settled
+        await msg.ack_sync()
+        assert not await bus.still_queued(spec, first) and await bus.still_queued(spec, second)
+        [msg] = await sub.fetch(1, timeout=5)
+        await msg.term()  # as a dead letter is settled
+        await wait_for(lambda: _not_queued(bus, spec, second), "the terminated message to be settled")
+    finally:
+        await sub.unsubscribe()
+    assert not await bus.still_queued(spec, second + 100)  # never in the stream
+
+
+async def _not_queued(bus: Bus, spec: topology.ConsumerSpec, sequence: int) -> bool:
+    return not await bus.still_queued(spec, sequence)
 
 
 async def test_undecodable_payload_goes_straight_to_dead_letter(bus: Bus):

@@ -18,10 +18,12 @@ from libs.common.events import (
     encode_outcomes,
     score_regressions,
 )
-from libs.common.models import load_tokenizer
+from libs.common.models import load_model, load_tokenizer
 from libs.common.skills import syllo
 from services.evaluator.scoring import (
     expected_calibration_error,
+    generation_prompts,
+    judge,
     level_scores,
     score_checkpoint,
     summarise,
@@ -126,6 +128,18 @@ def test_each_item_is_judged_by_its_own_skill():
     assert scores.items[0].expected == puzzle.expected  # a list, as the skill states it
 
 
+def test_under_a_profile_the_skill_judges_the_answer_without_the_profiles_wrapping():
+    items = [item(1, "①"), item(1, "①")]
+    outputs = ["<<ANS_START>> add ⓪ ① = ① <<ANS_END>>", "<<ANS_START>> add ⓪ ① = ①⓪ <<ANS_END>>"]
+    wrapped = summarise(items, outputs, [0.5, 0.5], [1.0, 1.0], [1, 1], profile="regime3")
+    assert [r.correct for r in wrapped.items] == [True, False]
+    assert [r.output for r in wrapped.items] == outputs  # kept as generated
+    # Without the profile the markers are read as part of the answer.
+    assert [r.correct for r in summarise(items, outputs, [0.5, 0.5], [1.0, 1.0], [1, 1]).items] == [False, False]
+    thought = judge(items[:1], ["🤔🤔🤔\nadd ⓪ ① = ①\n🛑🛑"], [0.5], profile="emoji_think")
+    assert thought[0].correct
+
+
 def test_an_unanswered_item_counts_wrong_and_stays_out_of_calibration():
     items = [item(1, "①"), item(1, "①")]
     # The second prompt filled max_length: nothing generated, no confidence.
@@ -226,3 +240,50 @@ def test_scores_a_tiny_checkpoint(checkpoint: CheckpointSaved, tmp_path):
     assert [i.output for i in batched.items] == [i.output for i in single.items]
     assert batched.val_loss == pytest.approx(single.val_loss, rel=1e-4)
     assert [i.confidence for i in binary_items] == pytest.approx([i.confidence for i in single.items[:8]], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_trained_on_a_profile_is_asked_with_its_prompt_and_generated_under_its_rules(
+    checkpoint: CheckpointSaved, tmp_path, monkeypatch,
+):
+    import libs.common.profile_logits as profile_logits
+    from libs.common.profiles import PROFILES, GenerationRules, Profile, get_profile
+
+    path = ArtifactStore(tmp_path / "data" / "artifacts").verify(checkpoint.uri, checkpoint.sha256)
+    items = build_suite({"binary": 1, "syllo": 0}, 3, seed=11).items
+    tokenizer = load_tokenizer(path)
+    emoji = get_profile("emoji_think")
+    [prompt] = generation_prompts(tokenizer, items[:1], emoji)
+    assert prompt.startswith(f"<|im_start|>system\n{emoji.system_prompt}<|im_end|>") and "For this task" not in prompt
+
+    built = []
+    real = profile_logits.profile_logits
+
+    def spy(rules, tok, prompt_length):
+        built.append((rules, prompt_length))
+        return real(rules, tok, prompt_length)
+
+    monkeypatch.setattr(profile_logits, "profile_logits", spy)
+    plain = score_checkpoint(path, items, device="cpu", batch_size=8, max_new_tokens=6, max_length=256)
+    asked = score_checkpoint(path, items, device="cpu", batch_size=8, max_new_tokens=6, max_length=256,
+                             profile="emoji_think")
+    assert [rules for rules, _ in built] == [get_profile("none").rules, emoji.rules]
+    widths = [len(tokenizer(p, add_special_tokens=False)["input_ids"])
+              for p in generation_prompts(tokenizer, items, emoji)]
+    assert built[1][1] == max(widths)  # the left-padded batch's prompt width
+    assert asked.val_loss != plain.val_loss  # the system prompt is part of what the loss sees
+
+    # The rules reach generation: a profile that bans the token the model says first changes the answer.
+    model = load_model(path, "cpu")
+    [first_prompt] = generation_prompts(tokenizer, items[:1], get_profile("none"))
+    enc = tokenizer([first_prompt], return_tensors="pt", add_special_tokens=False)
+    first = model.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, -1].item()
+    said = tokenizer.decode([first])
+    assert tokenizer.encode(said, add_special_tokens=False) == [first]  # one token: banned at every step
+    banned = type("Banned", (Profile,), {"name": "banned", "rules": GenerationRules(think_tags=(said,), think_penalty=1e4)})()
+    monkeypatch.setitem(PROFILES, "banned", banned)
+    kwargs = {"device": "cpu", "batch_size": 1, "max_new_tokens": 6, "max_length": 256}
+    steered = score_checkpoint(path, items[:1], profile="banned", **kwargs)
+    unsteered = score_checkpoint(path, items[:1], **kwargs)
+    assert unsteered.items[0].output.startswith(said) and not steered.items[0].output.startswith(said)
+    assert steered.val_loss == pytest.approx(unsteered.val_loss)  # no system prompt: the same loss

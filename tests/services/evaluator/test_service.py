@@ -128,6 +128,29 @@ async def test_checkpoint_is_scored_once_and_redelivery_republishes_the_same_eve
         assert (await client.get("/suite")).json()["version"] == evaluator.suite.version
 
 
+async def test_a_checkpoint_is_scored_under_its_runs_profile_and_an_unknown_profile_is_refused(
+    bus: Bus, nats_server: str, checkpoint: CheckpointSaved, tmp_path: Path,
+):
+    scored_sub = await bus.js.subscribe(topology.EVAL_SCORED)
+    submitted_sub = await bus.js.subscribe(topology.DATASET_SUBMITTED)
+    dead = await bus.js.subscribe(topology.dead_letter(topology.CHECKPOINT_SAVED))
+    settings = evaluator_settings(nats_server, tmp_path, hard_probe_items=3, hard_examples_min=2,
+                                  hard_examples_min_accuracy=0.0)
+    async with running(SERVICE, settings) as evaluator:
+        await bus.publish(topology.CHECKPOINT_SAVED, msgspec.structs.replace(checkpoint, id=new_id(), profile="emoji"))
+        reason = (await dead.next_msg(timeout=30)).headers[REASON_HEADER]
+        assert "unknown profile 'emoji'; known: none, emoji_think, regime3" in reason
+
+        await bus.publish(topology.CHECKPOINT_SAVED, msgspec.structs.replace(checkpoint, profile="regime3"))
+        scored = msgspec.json.decode((await scored_sub.next_msg(timeout=60)).data, type=EvalScored)
+        record = evaluator.scorebook.get(checkpoint.sha256, scored.suite_version)
+        assert record.profile == "regime3" and evaluator.scorebook.profile_of(checkpoint.sha256) == "regime3"
+        assert evaluator.scorebook.profile_of("1" * 64) == "none"  # never scored
+        # Its failed practice problems train under the same profile.
+        hard = msgspec.json.decode((await submitted_sub.next_msg(timeout=30)).data, type=DatasetSubmitted)
+        assert hard.channel == "hard-examples" and hard.profile == "regime3"
+
+
 async def test_the_champion_is_scored_on_this_suite_and_candidates_are_flagged_against_it(
     bus: Bus, nats_server: str, checkpoint: CheckpointSaved, tiny_model_dir: Path, tmp_path: Path,
 ):

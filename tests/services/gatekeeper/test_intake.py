@@ -50,6 +50,34 @@ def test_options_from_the_path(relative, priority, name, level, schema):
     assert options_of(Path(relative), "normal") == Options(priority=priority, name=name, level=level, schema=schema)
 
 
+@pytest.mark.parametrize(("relative", "name", "profile"), [
+    ("math.jsonl", "math", "none"),
+    ("math.profile-emoji_think.jsonl", "math", "emoji_think"),
+    ("high/math.level-deep.profile-regime3.priority-low.jsonl.gz", "math", "regime3"),
+    ("math.profile-nope.jsonl", "math", "nope"),  # rejected later, like on any path
+    ("math.profile-.jsonl", "math.profile-", "none"),  # no value: part of the name
+])
+def test_a_data_profile_from_the_file_name(relative, name, profile):
+    options = options_of(Path(relative), "normal")
+    assert (options.name, options.profile) == (name, profile)
+
+
+async def test_a_claimed_file_keeps_its_data_profile_across_a_restart(tmp_path: Path):
+    root = tmp_path / "inbox"
+    (root / ".processing").mkdir(parents=True)
+    (root / ".processing" / f"{'e' * 32}--low--math.profile-emoji_think.jsonl").write_bytes(b"resumed\n")
+    recorder = Recorder()
+    inbox = Inbox(root, settle_seconds=0.5, default_priority="normal", handover=recorder)
+    stop, task = await running(inbox)
+    try:
+        await recorder.wait_for(1)
+    finally:
+        stop.set()
+        await task
+    [(item, _, _)] = recorder.items
+    assert (item.submission_id, item.name, item.priority, item.profile) == ("e" * 32, "math", "low", "emoji_think")
+
+
 @pytest.mark.parametrize(("relative", "taken"), [
     ("d.jsonl", True), ("sub/d.txt", True), (".d.jsonl", False), ("d.jsonl.part", False), ("d.tmp", False),
     (".processing/x.jsonl", False), ("sub/.hidden/d.jsonl", False), ("d.jsonl.swp", False),

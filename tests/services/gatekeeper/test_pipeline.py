@@ -9,6 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from flywheel.submit import describe_report
 from libs.common import topology
 from libs.common.chat import ChatRow
 from libs.common.events import DatasetAccepted, DatasetRejected, DatasetSubmitted
@@ -85,6 +86,42 @@ def test_unknown_schema_is_rejected_with_the_known_ones(tmp_path: Path):
     assert report.status == "rejected" and report.counts == {"schema": 1}
     assert report.reasons == ["schema: unknown schema 'preference_v9'; known: chat_sft_v1, syllo_v1, completion_v1"]
     assert gk.store.path_for(report.original_uri).read_bytes() == jsonl(good_rows(1))
+
+
+def test_a_data_profile_rides_onto_the_acceptance_and_the_rows_are_stored_as_submitted(tmp_path: Path):
+    gk = make_gatekeeper(tmp_path)
+    report = gk.submit_event(DatasetSubmitted(name="d", rows=good_rows(3), level="quick", profile="emoji_think"))
+    assert report.status == "accepted" and report.profile == "emoji_think"
+    _, event = announcement(report)
+    assert isinstance(event, DatasetAccepted) and event.profile == "emoji_think"
+    # The trainer applies the profile; the dataset (and so its id) is the rows as submitted.
+    assert gk.store.path_for(report.dataset_uri).read_bytes() == jsonl(good_rows(3))
+    assert "schema chat_sft_v1, profile emoji_think" in describe_report(msgspec.to_builtins(report))
+    plain = gk.submit_rows(submission("plain"), good_rows(2, tag="p"))
+    assert announcement(plain)[1].profile == "none" and ", profile" not in describe_report(msgspec.to_builtins(plain))
+
+
+def test_an_unknown_data_profile_is_rejected_with_the_known_ones(tmp_path: Path):
+    gk = make_gatekeeper(tmp_path)
+    report = gk.submit_rows(submission("s", profile="emoji"), good_rows(1))
+    assert report.status == "rejected" and report.counts == {"data_profile": 1} and report.profile == "emoji"
+    assert report.reasons == ["data_profile: unknown profile 'emoji'; known: none, emoji_think, regime3"]
+    assert report.findings["data_profile"].scope == "submission"
+    assert gk.store.path_for(report.original_uri).read_bytes() == jsonl(good_rows(1))
+    _, event = announcement(report)
+    assert isinstance(event, DatasetRejected) and event.reasons == report.reasons
+
+
+def test_a_text_dataset_takes_no_data_profile_but_none(tmp_path: Path):
+    gk = make_gatekeeper(tmp_path)
+    rows = [{"text": "plain text to continue"}]
+    report = gk.submit_rows(submission("t", schema="completion_v1", profile="regime3"), rows)
+    assert report.status == "rejected" and report.reasons == [
+        "data_profile: profile 'regime3' applies to chat schemas only; completion_v1 is text"]
+    assert gk.submit_rows(submission("u", schema="completion_v1", profile="none"), rows).status == "accepted"
+    # syllo_v1 is a chat schema: a profile applies.
+    assert gk.submit_rows(submission("v", schema="syllo_v1", profile="regime3"), [chat(
+        ("user", "q"), ("assistant", "a"), puzzle={"syllables": ["a"], "answers": ["a"]})]).status == "accepted"
 
 
 def test_rows_and_uri_exactly_one(tmp_path: Path):

@@ -336,3 +336,47 @@ async def test_http_check_is_a_dry_run_that_keeps_and_announces_nothing(gatekeep
     assert list((gatekeeper.settings.service_dir("gatekeeper") / "uploads").iterdir()) == []
     with pytest.raises(TimeoutError):
         await events.next_msg(timeout=1.0)
+
+
+async def test_every_way_in_carries_the_data_profile_and_an_unknown_one_is_rejected(gatekeeper: Running, bus: Bus):
+    accepted = await bus.js.subscribe("dataset.accepted.>")
+    rejected = await bus.js.subscribe(topology.DATASET_REJECTED)
+    client = gatekeeper.client
+
+    await bus.publish(topology.DATASET_SUBMITTED, DatasetSubmitted(
+        name="nats", rows=good_rows(2, tag="n"), level="quick", profile="emoji_think"))
+    _, event = await next_event(accepted, DatasetAccepted)
+    assert (event.name, event.channel, event.profile) == ("nats", "nats", "emoji_think")
+
+    reply = await client.post("/datasets", params={"name": "body", "profile": "regime3", "level": "quick"},
+                              content=jsonl(good_rows(2, tag="b")))
+    assert reply.status_code == 200 and reply.json()["report"]["profile"] == "regime3"
+    _, event = await next_event(accepted, DatasetAccepted)
+    assert (event.name, event.channel, event.profile) == ("body", "http", "regime3")
+
+    reply = await client.post("/datasets/upload", files={"file": ("up.jsonl", jsonl(good_rows(2, tag="u")))},
+                              params={"profile": "emoji_think", "level": "quick"})
+    assert reply.status_code == 200, reply.text
+    _, event = await next_event(accepted, DatasetAccepted)
+    assert (event.name, event.profile) == ("up", "emoji_think")
+
+    written = Path(gatekeeper.settings.data_dir) / "drop.jsonl"
+    written.write_bytes(jsonl(good_rows(2, tag="i")))
+    os.replace(written, Path(gatekeeper.settings.data_dir) / "inbox" / "drop.profile-regime3.level-quick.jsonl")
+    _, event = await next_event(accepted, DatasetAccepted)
+    assert (event.name, event.channel, event.profile) == ("drop", "inbox", "regime3")
+
+    unknown = ["data_profile: unknown profile 'emoji'; known: none, emoji_think, regime3"]
+    reply = await client.post("/datasets", params={"name": "bad", "profile": "emoji"}, content=jsonl(good_rows(1, tag="x")))
+    assert reply.status_code == 422 and reply.json()["report"]["reasons"] == unknown
+    _, event = await next_event(rejected, DatasetRejected)
+    assert event.name == "bad" and event.reasons == unknown
+    report = (await client.get(f"/datasets/{event.submission_id}/report")).json()
+    assert gatekeeper.store.path_for(report["original_uri"]).read_bytes() == jsonl(good_rows(1, tag="x"))
+
+    check = await client.post("/datasets/check", params={"schema": "completion_v1", "profile": "regime3"},
+                              content=b'{"text": "to continue"}\n')
+    assert check.json()["status"] == "rejected" and check.json()["counts"] == {"data_profile": 1}
+    specs = (await client.get("/specs")).json()
+    assert specs["default_profile"] == "none"
+    assert [p["name"] for p in specs["data_profiles"]] == ["none", "emoji_think", "regime3"]

@@ -1,4 +1,5 @@
-"""Unit: the control state machine, the gate the training loop passes, status words and folding."""
+"""Unit: the control state machine (skip included), the gate the training loop passes, status
+words and folding."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import threading
 import pytest
 
 from libs.common.events import CheckpointSaved, TrainingProgress, TrainingStarted
-from services.trainer.control import ControlGate, decide
+from services.trainer.control import ControlGate, Skip, decide
 from services.trainer.status import RunStatus, describe_state
 from tests.conftest import wait_for_sync
 
@@ -27,6 +28,16 @@ def test_decide(mode, action, expected, ok):
     decision = decide(mode, action)
     assert (decision.mode, decision.ok) == (expected, ok)
     assert decision.message
+
+
+@pytest.mark.parametrize("mode", ["running", "paused", "stopped"])
+def test_skip_needs_a_run_and_a_reason_and_changes_no_mode(mode):
+    granted = decide(mode, "skip", training=True, reason="bad labels")
+    assert (granted.mode, granted.ok) == (mode, True) and "not trained" in granted.message
+    idle = decide(mode, "skip", training=False, reason="bad labels")
+    assert (idle.mode, idle.ok, idle.message) == (mode, False, "nothing is training; nothing to skip")
+    unexplained = decide(mode, "skip", training=True, reason="  ")
+    assert (unexplained.ok, unexplained.message) == (False, "a skip needs a reason")
 
 
 def test_decide_refuses_unknown_actions():
@@ -74,6 +85,25 @@ def test_gate_shutdown_stops_even_a_paused_loop():
     assert ControlGate().proceed() is True and gate.proceed() is False
 
 
+def test_gate_skip_ends_a_paused_loop_and_says_so():
+    gate = ControlGate("paused")
+    thread, result = run_in_thread(gate.proceed)
+    wait_for_sync(lambda: gate.waiting, "the loop to wait at the gate")
+    assert gate.skip_requested is None
+    gate.skip(Skip(requested_by="cli", reason="duplicate data"))
+    thread.join(2)
+    assert result["value"] is False and gate.skip_requested == Skip("cli", "duplicate data")
+    assert gate.mode == "paused"  # a skip changes no mode
+
+
+def test_gate_skip_does_not_carry_over_to_the_next_run():
+    gate = ControlGate()
+    gate.skip(Skip(requested_by="http", reason="why"))
+    assert gate.proceed() is False
+    gate.clear_skip()
+    assert gate.proceed() is True and gate.skip_requested is None
+
+
 @pytest.mark.parametrize(("mode", "active", "held", "word"), [
     ("running", False, False, "idle"),
     ("running", True, False, "training"),
@@ -85,6 +115,11 @@ def test_gate_shutdown_stops_even_a_paused_loop():
 ])
 def test_describe_state(mode, active, held, word):
     assert describe_state(mode, active, held) == word
+
+
+def test_describe_state_says_skipping_only_while_a_run_is_skipped():
+    assert describe_state("paused", True, True, skipping=True) == "skipping"
+    assert describe_state("running", False, False, skipping=True) == "idle"
 
 
 def test_run_status_folds_events():

@@ -17,9 +17,11 @@ from services.trainer.data import (
     epoch_order,
     read_rows,
     replay_count,
-    replay_rows,
+    replay_picks,
     schema_kind,
+    validation_split,
 )
+from services.trainer.packing import Batching
 from services.trainer.recipe import NoTrainedTokens, trained_tokens
 from services.trainer.schedule import MIN_LR_RATIO, continual_multiplier, lr_multiplier
 
@@ -111,19 +113,58 @@ def test_epoch_order_depends_only_on_seed_dataset_and_epoch():
     assert first != epoch_order(50, seed=0, dataset_id="abc", epoch=1)
 
 
+def padded(batch_size: int, accumulate: int = 1) -> Batching:
+    return Batching("padded", batch_tokens=1024, pack_length=256, batch_size=batch_size, grad_accumulation=accumulate)
+
+
 def test_plan_counts_partial_batches_and_caps_steps():
-    plan = TrainingPlan(num_examples=10, batch_size=4, epochs=2)
-    assert plan.batches_per_epoch == 3 and plan.total_steps == 6
-    assert TrainingPlan(num_examples=10, batch_size=4, epochs=2, max_steps=4).total_steps == 4
-    assert TrainingPlan(num_examples=10, batch_size=4, epochs=2, max_steps=100).total_steps == 6
+    plan = TrainingPlan([5] * 10, padded(4), epochs=2, max_steps=0, seed=0, dataset_id="d")
+    assert plan.total_steps == 6 and plan.num_examples == 10
+    assert TrainingPlan([5] * 10, padded(4), 2, max_steps=4, seed=0, dataset_id="d").total_steps == 4
+    assert TrainingPlan([5] * 10, padded(4), 2, max_steps=100, seed=0, dataset_id="d").total_steps == 6
+    # Gradient accumulation: 3 micro-batches an epoch, 2 a step; an epoch's last step is not
+    # filled from the next epoch.
+    assert TrainingPlan([5] * 10, padded(4, accumulate=2), 2, 0, 0, "d").total_steps == 4
 
 
 def test_plan_positions_cover_every_example_once_per_epoch():
-    plan = TrainingPlan(num_examples=10, batch_size=4, epochs=2)
+    plan = TrainingPlan([5] * 10, padded(4), epochs=2, max_steps=0, seed=0, dataset_id="d")
     assert [plan.position(step) for step in range(6)] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     order = epoch_order(10, 0, "d", 0)
-    seen = [i for b in range(plan.batches_per_epoch) for i in plan.batch(order, b)]
-    assert seen == order and len(plan.batch(order, 2)) == 2
+    seen = [i for step in range(3) for micro in plan.step(step) for sequence in micro for i in sequence]
+    assert seen == order and len(plan.step(2)[0]) == 2
+    assert [plan.epoch_progress(step) for step in (0, 3, 4, 6)] == pytest.approx([0.0, 1.0, 1 + 1 / 3, 2.0])
+
+
+def test_a_packed_plan_visits_every_example_once_per_epoch_in_sequences_within_the_length():
+    lengths = [10 + (7 * i) % 50 for i in range(40)]
+    batching = Batching("packed", batch_tokens=192, pack_length=64, batch_size=1, grad_accumulation=1)
+    plan = TrainingPlan(lengths, batching, epochs=2, max_steps=0, seed=0, dataset_id="d")
+    for epoch in range(2):
+        steps = [plan.step(s) for s in range(plan.total_steps) if plan.position(s)[0] == epoch]
+        sequences = [seq for step in steps for micro in step for seq in micro]
+        assert sorted(i for seq in sequences for i in seq) == list(range(40))
+        assert all(sum(lengths[i] for i in seq) <= 64 for seq in sequences)
+        for step in steps:  # a micro-batch, padded to its longest sequence, stays within the budget
+            assert len(step[0]) * max(sum(lengths[i] for i in seq) for seq in step[0]) <= 192
+
+
+def test_replay_picks_are_uniform_over_every_earlier_example_and_deterministic():
+    picks = replay_picks([10, 30], 400, seed=0, dataset_id="d")
+    assert picks == replay_picks([10, 30], 400, seed=0, dataset_id="d")
+    assert picks != replay_picks([10, 30], 400, seed=0, dataset_id="other")
+    assert all(0 <= index < (10, 30)[pool] for pool, index in picks)
+    share = sum(1 for pool, _ in picks if pool == 0) / len(picks)
+    assert 0.15 < share < 0.35  # 10 of 40 examples: a quarter
+    assert replay_picks([], 5, 0, "d") == [] and replay_picks([10], 0, 0, "d") == []
+
+
+def test_validation_split_holds_out_a_fixed_slice_and_none_of_a_small_dataset():
+    train, held = validation_split(1000, 0.05, 64, 40, seed=0, dataset_id="d")
+    assert len(held) == 50 and sorted(train + held) == list(range(1000)) and not set(train) & set(held)
+    assert (train, held) == validation_split(1000, 0.05, 64, 40, seed=0, dataset_id="d")
+    assert len(validation_split(10_000, 0.05, 64, 40, 0, "d")[1]) == 64
+    assert validation_split(39, 0.5, 64, 40, 0, "d") == (list(range(39)), [])
 
 
 def test_schedule_warms_up_linearly_then_decays_to_the_floor():
@@ -156,32 +197,3 @@ def test_replay_count_makes_the_replayed_rows_that_share_of_the_run():
     assert replay_count(200, 0.0) == 0
     assert replay_count(200, 0.3) == 86  # 86 / 286 = 30 %
     assert replay_count(200, 0.5) == 200
-
-
-def _dataset(tmp_path, name: str, values: range):
-    path = tmp_path / f"{name}.jsonl"
-    path.write_bytes(b"".join(
-        msgspec.json.encode({"messages": [{"role": "user", "content": f"q{v}"}, {"role": "assistant", "content": f"a{v}"}]})
-        + b"\n" for v in values))
-    return path
-
-
-def test_replay_draws_from_earlier_datasets_deterministically(tmp_path):
-    earlier = [_dataset(tmp_path, "one", range(0, 10)), _dataset(tmp_path, "two", range(10, 20))]
-    drawn = replay_rows(earlier, 50, seed=0, dataset_id="d")
-    assert len(drawn) == 50 and drawn == replay_rows(earlier, 50, seed=0, dataset_id="d")
-    contents = {row.messages[0].content for row in drawn}
-    assert contents <= {f"q{v}" for v in range(20)} and any(c in contents for c in ("q1", "q2", "q3", "q4"))
-    assert any(f"q{v}" in contents for v in range(10, 20))  # both datasets contribute
-    assert drawn != replay_rows(earlier, 50, seed=0, dataset_id="other")
-    assert replay_rows([], 50, seed=0, dataset_id="d") == [] and replay_rows(earlier, 0, seed=0, dataset_id="d") == []
-
-
-def test_replay_reads_each_earlier_dataset_by_its_own_schema(tmp_path):
-    texts = tmp_path / "texts.jsonl"
-    texts.write_bytes(b"".join(msgspec.json.encode({"text": f"t{v}"}) + b"\n" for v in range(10)))
-    earlier = [_dataset(tmp_path, "one", range(0, 10)), texts]
-    drawn = replay_rows(earlier, 40, seed=0, dataset_id="d", schemas=["chat_sft_v1", "completion_v1"])
-    assert {type(row) for row in drawn} == {ChatRow, TextRow}
-    with pytest.raises(ValueError, match="2 earlier datasets but 1 schemas"):
-        replay_rows(earlier, 40, seed=0, dataset_id="d", schemas=["chat_sft_v1"])

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from services.trainer.checkpoints import list_checkpoints, read_info
-from services.trainer.divergence import DivergenceGuard, Diverged
+from services.trainer.divergence import Diverged, DivergenceGuard
 from tests.services.trainer.samples import chat_rows
 from tests.services.trainer.test_recipe import job_for, run_recipe
 

@@ -70,7 +70,8 @@ def weights(checkpoint_uri: str, store: ArtifactStore) -> dict[str, torch.Tensor
 
 def test_training_reduces_the_loss_and_writes_hf_checkpoints(make_settings):
     # 2e-3: the run's cosine decay (to 10 % by step 24) leaves 1e-3 short of the 40 % drop asked.
-    settings = make_settings(epochs=3, progress_every_steps=1, save_every_steps=10, learning_rate=2e-3)
+    settings = make_settings(epochs=3, progress_every_steps=1, save_every_steps=10, learning_rate=2e-3,
+                             validation_min_rows=1000)
     job, store = job_for(settings, chat_rows(32))
     result, emitted = run_recipe(settings, job, store)
     losses = [e.loss for s, e in emitted if s == "training.progress"]
@@ -91,20 +92,35 @@ def test_training_reduces_the_loss_and_writes_hf_checkpoints(make_settings):
     assert emitted[0][0] == "training.started" and (started.total_steps, started.start_step) == (24, 0)
 
 
-@pytest.mark.parametrize("stop_after", [2, 3])  # mid-epoch, and exactly at the epoch boundary
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(make_settings, tmp_path, stop_after):
-    rows = chat_rows(12, seed=3)  # 3 batches per epoch, 2 epochs: 6 steps
-    straight_settings = make_settings(epochs=2, data_dir=tmp_path / "straight")
-    straight, _ = run_recipe(straight_settings, *job_for(straight_settings, rows))
+BATCHINGS = {
+    # 12 rows, 3 batches of 4 an epoch, 2 epochs: 6 steps.
+    "padded": dict(batching="padded"),
+    # ~60-token rows packed 2 to a 128-token sequence, 2 sequences a micro-batch, 2 micro-batches
+    # a step (gradient accumulation): 2 steps an epoch.
+    "packed": dict(batching="packed", pack_length=128, batch_tokens=256, grad_accumulation=2),
+}
 
-    settings = make_settings(epochs=2, data_dir=tmp_path / "resumed")
+
+@pytest.mark.parametrize("batching", list(BATCHINGS))
+@pytest.mark.parametrize("stop_after", [1, 2])  # mid-epoch, and exactly at an epoch boundary when packed
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(make_settings, tmp_path, stop_after, batching):
+    rows = chat_rows(12, seed=3)
+    straight_settings = make_settings(epochs=2, data_dir=tmp_path / "straight", progress_every_steps=1,
+                                      **BATCHINGS[batching])
+    straight, straight_emitted = run_recipe(straight_settings, *job_for(straight_settings, rows))
+
+    settings = make_settings(epochs=2, data_dir=tmp_path / "resumed", progress_every_steps=1, **BATCHINGS[batching])
     job, store = job_for(settings, rows)
     stopped, emitted = run_recipe(settings, job, store, StopBeforeStep(stop_after))
     assert not stopped.finished and stopped.step == stop_after
     assert [(e.step, e.final) for s, e in emitted if s == "checkpoint.saved"] == [(stop_after, False)]
     resumed, emitted = run_recipe(settings, job, store)
     assert emitted[0][1].start_step == stop_after
-    assert resumed.finished and resumed.step == straight.step == 6
+    assert resumed.finished and resumed.step == straight.step > stop_after
+    # Step by step, the resumed run's losses are the uninterrupted run's.
+    straight_losses = {e.step: e.loss for s, e in straight_emitted if s == "training.progress"}
+    resumed_losses = {e.step: e.loss for s, e in emitted if s == "training.progress"}
+    assert resumed_losses == {step: loss for step, loss in straight_losses.items() if step > stop_after}
 
     a = weights(straight.checkpoint.uri, ArtifactStore(tmp_path / "straight" / "artifacts"))
     b = weights(resumed.checkpoint.uri, store)
@@ -205,7 +221,7 @@ def test_every_schema_the_gatekeeper_accepts_trains(make_settings, schema):
     recipe = FullFinetuneRecipe(settings, job, store, ControlGate(), lambda *_: None)
     recipe.setup()
     try:
-        examples = recipe._examples
+        examples = recipe.examples(list(range(recipe._plan.num_examples)))
         assert len(examples) == 8 and all(e.num_trained_tokens for e in examples)
         if SCHEMAS[schema].kind == "text":  # loss on the whole text (and its EOS), all but the first token
             assert all(e.labels == [IGNORE_INDEX, *e.input_ids[1:]] for e in examples)
@@ -279,3 +295,25 @@ def test_a_row_the_template_fails_is_dropped_not_the_dataset(tiny_model_dir, tem
     bad = ChatRow([ChatMessage("user", "a"), ChatMessage("assistant", "b"), ChatMessage("assistant", "c")])
     encoded = encode_rows([good, bad, good], tokenizer, max_length=64)
     assert len(encoded.examples) == 2 and encoded.summary() == [f"1 row (2): {reason}"]
+
+
+# ---------------------------------------------------------------------------- profiles
+
+
+def test_a_datasets_profile_transforms_its_rows_before_tokenizing_and_is_on_its_checkpoints(make_settings):
+    settings = make_settings(max_length=512)  # emoji_think's system prompt alone is ~100 tokens
+    job, store = job_for(settings, chat_rows(8))
+    job = dataclasses.replace(job, profile="emoji_think")
+    emitted = []
+    recipe = FullFinetuneRecipe(settings, job, store, ControlGate(), lambda *published: emitted.append(published))
+    recipe.setup()
+    try:
+        texts = [recipe._tokenizer.decode(e.input_ids) for e in recipe.examples(list(range(8)))]
+        result = recipe.train()
+    finally:
+        recipe.cleanup()
+    # emoji_think: a system prompt on every row, a thinking prefix on half of them (by index).
+    assert all("system" in text for text in texts)
+    assert sum(any(emoji in text for emoji in "🤔💭🧠💡🎯🔍🤨🧐⚡✨") for text in texts) == 4
+    saved = [e for s, e in emitted if s == "checkpoint.saved"]
+    assert saved[-1].profile == "emoji_think" and read_info(store.path_for(result.checkpoint.uri)).profile == "emoji_think"

@@ -29,7 +29,7 @@ from libs.common.tracing import (
     tracer,
 )
 from services.trainer.service import SERVICE, TrainerService
-from services.trainer.state import STATE_FILE, load_state
+from services.trainer.state import STATE_FILE, PendingRun, TrainerState, load_state, save_state, with_pending
 from tests.conftest import wait_for
 from tests.services.conftest import running
 from tests.services.trainer.samples import chat_rows, write_dataset
@@ -91,6 +91,18 @@ async def pending(bus: Bus) -> int:
         info = await bus.js.consumer_info(spec.stream, spec.durable)
         total += info.num_pending + info.num_ack_pending
     return total
+
+
+async def control(bus: Bus, action: str, reason: str = "") -> ControlReply:
+    """A control command over NATS, as `flywheel <action>` sends it."""
+    request = ControlTraining(action=action, requested_by="test", reason=reason)
+    return await bus.request(f"{topology.CONTROL_TRAINER}.{action}", request, ControlReply)
+
+
+async def paused_at_gate(trainer: TrainerService) -> int:
+    """Wait until the run is held at the gate; the step it is held at."""
+    await until(lambda: trainer.snapshot()["state"] == "paused", what="paused at the gate")
+    return trainer.snapshot()["run"]["step"]
 
 
 async def test_dataset_becomes_checkpoints_in_one_trace(bus, recorder, nats_server, make_settings, data_dir):
@@ -211,18 +223,20 @@ async def test_pause_resume_and_stop_over_nats_and_a_restart_honours_stop(
 
 async def test_shutdown_checkpoints_and_the_next_trainer_resumes(bus, recorder, nats_server, make_settings, data_dir):
     settings = make_settings(batch_size=2, progress_every_steps=1)
-    event = write_dataset(data_dir, chat_rows(60))  # 30 steps
+    event = write_dataset(data_dir, chat_rows(60))  # about 30 steps (the recipe may hold a few rows out)
     async with running_trainer(nats_server, settings):
         await publish(bus, event)
+        [first] = await recorder.wait_for(topology.TRAINING_STARTED)
         await recorder.wait_for(topology.TRAINING_PROGRESS, count=3)
     # Leaving the block is SIGTERM: stop set, run checkpointed, message released.
     [saved] = recorder.events(topology.CHECKPOINT_SAVED)
-    assert not saved.final and 3 <= saved.step < 30
-    assert load_state(data_dir / "trainer" / STATE_FILE).finished == {}
+    assert not saved.final and 3 <= saved.step < first.total_steps
+    state = load_state(data_dir / "trainer" / STATE_FILE)
+    assert state.finished == {} and state.pending.run_id == saved.run_id  # it resumes before any other
     async with running_trainer(nats_server, settings):
         [finished] = await recorder.wait_for(topology.TRAINING_FINISHED)
     assert [s.start_step for s in recorder.events(topology.TRAINING_STARTED)] == [0, saved.step]
-    assert finished.global_step == 30
+    assert finished.global_step == first.total_steps
 
 
 async def test_a_dataset_whose_hash_does_not_match_is_dead_lettered(
@@ -284,7 +298,107 @@ async def test_http_routes_control_the_same_state(bus, nats_server, make_setting
             assert (await http.post("/stop")).json()["state"] == "stopped"
             refused = await http.post("/pause")
             assert refused.status_code == 409 and not refused.json()["ok"]
+            nothing = await http.post("/skip", json={"reason": "stale data"})
+            assert nothing.status_code == 409 and nothing.json()["message"] == "nothing is training; nothing to skip"
             assert (await http.post("/resume")).json()["state"] == "idle"
             status = (await http.get("/status")).json()
     assert status["mode"] == "running" and status["current_weights"].startswith("file://")
     assert status["run"]["active"] is False and status["datasets_finished"] == 0
+
+
+async def test_an_interrupted_run_resumes_before_a_dataset_that_arrived_meanwhile(
+    bus, recorder, nats_server, make_settings, data_dir,
+):
+    # The interrupted dataset is low priority and the newcomer high: by priority alone the
+    # newcomer would train first, change the weights, and the interrupted dataset would start
+    # over from step 0 as a new run.
+    settings = make_settings(batch_size=2, epochs=2, progress_every_steps=1)
+    interrupted = write_dataset(data_dir, chat_rows(12), name="interrupted", priority="low")  # 12 steps
+    newcomer = write_dataset(data_dir, chat_rows(4, seed=7), name="newcomer", priority="high")
+    async with running_trainer(nats_server, settings) as trainer:
+        await publish(bus, interrupted)
+        await recorder.wait_for(topology.TRAINING_PROGRESS)
+        assert (await control(bus, "pause")).ok
+        await paused_at_gate(trainer)
+        assert (await control(bus, "stop")).ok
+        [saved] = await recorder.wait_for(topology.CHECKPOINT_SAVED)
+        await until(lambda: trainer.snapshot()["state"] == "stopped", what="stopped")
+        pending = trainer.snapshot()["pending_run"]
+        assert pending["dataset_id"] == interrupted.dataset_id and pending["run_id"] == saved.run_id
+
+        await publish(bus, newcomer)
+        assert (await control(bus, "resume")).ok
+        await recorder.wait_for(topology.TRAINING_FINISHED, count=2)
+
+    started = recorder.events(topology.TRAINING_STARTED)
+    finished = recorder.events(topology.TRAINING_FINISHED)
+    assert [s.dataset_id for s in started] == [interrupted.dataset_id] * 2 + [newcomer.dataset_id]
+    assert started[1].run_id == started[0].run_id == saved.run_id
+    assert started[1].start_step == saved.step > 0
+    assert [f.dataset_id for f in finished] == [interrupted.dataset_id, newcomer.dataset_id]
+    assert started[2].init_weights == finished[0].checkpoint_uri  # the newcomer trains on top
+    assert not recorder.events(topology.TRAINING_FAILED)
+    state = load_state(data_dir / "trainer" / STATE_FILE)
+    assert state.pending is None and set(state.finished) == {interrupted.dataset_id, newcomer.dataset_id}
+    await wait_for(lambda: _none_pending(bus), "both datasets' messages to be acked")
+
+
+async def test_a_pending_run_whose_message_is_gone_is_given_up_not_waited_for(
+    bus, recorder, nats_server, make_settings, data_dir,
+):
+    # The pending run's dataset message is no longer in the stream (expired, purged): waiting
+    # for its redelivery would hold every other dataset back forever.
+    gone = PendingRun(dataset_id="0" * 64, run_id="ds-000000000000-deadbeef", init_weights="file:///base",
+                      consumer="trainer-normal", stream_sequence=10_000)
+    state_path = data_dir / "trainer" / STATE_FILE
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    save_state(state_path, with_pending(TrainerState(), gone))
+    event = write_dataset(data_dir, chat_rows(4))
+    async with running_trainer(nats_server, make_settings()) as trainer:
+        assert trainer.snapshot()["pending_run"]["run_id"] == gone.run_id
+        await publish(bus, event)
+        [finished] = await recorder.wait_for(topology.TRAINING_FINISHED)
+    assert finished.dataset_id == event.dataset_id
+    assert load_state(state_path).pending is None
+
+
+async def test_a_pending_record_naming_a_trained_dataset_is_cleared_at_start(nats_server, make_settings, data_dir):
+    state_path = data_dir / "trainer" / STATE_FILE
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    done = PendingRun(dataset_id="d" * 64, run_id="ds-dddddddddddd-00000000", init_weights="file:///base",
+                      consumer="trainer-normal", stream_sequence=1)
+    save_state(state_path, with_pending(TrainerState(finished={done.dataset_id: "file:///final"}), done))
+    async with running_trainer(nats_server, make_settings()) as trainer:
+        assert trainer.snapshot()["pending_run"] is None
+    assert load_state(state_path).pending is None
+
+
+async def test_skip_gives_the_dataset_up_with_who_and_why_and_never_records_it_as_trained(
+    bus, recorder, nats_server, make_settings, data_dir,
+):
+    settings = make_settings(batch_size=2, epochs=2, progress_every_steps=1)
+    event = write_dataset(data_dir, chat_rows(12))
+    async with running_trainer(nats_server, settings) as trainer:
+        idle = await control(bus, "skip", reason="wrong labels")
+        assert not idle.ok and idle.message == "nothing is training; nothing to skip"
+        await publish(bus, event)
+        await recorder.wait_for(topology.TRAINING_PROGRESS)
+        assert (await control(bus, "pause")).ok
+        step = await paused_at_gate(trainer)  # a paused run can be skipped too
+        unexplained = await control(bus, "skip")
+        assert not unexplained.ok and unexplained.message == "a skip needs a reason"
+
+        reply = await control(bus, "skip", reason="wrong labels")
+        assert reply.ok and event.dataset_id in reply.message
+        [failed] = await recorder.wait_for(topology.TRAINING_FAILED)
+        await wait_for(lambda: _none_pending(bus), "the skipped dataset's message to be acked")
+        await until(lambda: trainer.snapshot()["state"] == "paused" and not trainer.snapshot()["run"]["active"],
+                    what="the run to end")
+        snapshot = trainer.snapshot()
+
+    assert not failed.will_retry and failed.dataset_id == event.dataset_id
+    assert failed.error == f"skipped by test at step {step}: wrong labels"
+    assert not recorder.events(topology.TRAINING_FINISHED)
+    state = load_state(data_dir / "trainer" / STATE_FILE)
+    assert state.finished == {} and state.current_weights == "" and state.pending is None
+    assert snapshot["pending_run"] is None and snapshot["datasets_finished"] == 0

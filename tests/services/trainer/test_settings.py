@@ -22,7 +22,8 @@ def test_every_hyperparameter_and_the_common_max_length_are_part_of_the_run_iden
     identity = base.hyperparameters.identity(base.max_length)
     changed = {"batch_size": 4, "learning_rate": 0.5, "weight_decay": 0.1, "warmup_steps": 3, "epochs": 7,
                "max_steps": 9, "seed": 11, "grad_clip": 0.5, "policy": "per_dataset", "replay_fraction": 0.1,
-               "replay_datasets": 3}
+               "replay_datasets": 3, "batching": "padded", "batch_tokens": 512, "pack_length": 128,
+               "grad_accumulation": 2, "validation_fraction": 0.1, "validation_max_rows": 8, "validation_min_rows": 5}
     # Every field of Hyperparameters is listed here: a new one must be added to this test.
     assert set(changed) == set(Hyperparameters.__struct_fields__)
     for name, value in changed.items():
