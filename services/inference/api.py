@@ -1,7 +1,9 @@
-"""HTTP routes: OpenAI-compatible `/v1/*` and the service's own `/models/*`, all behind the API key.
+"""HTTP routes: OpenAI-compatible `/v1/*` and the service's own `/models/*`, all behind an API key.
 
-/health, /ready and /metrics come from libs.common.http and stay open. The `model` a request
-names is not checked: this server serves exactly one model, reported by `GET /v1/models`.
+Any key (role read or admin) may generate and read model info; `POST /models/reload` needs an
+admin key (services/inference/auth.py), else 403. /health, /ready and /metrics come from
+libs.common.http and stay open. The `model` a request names is not checked: this server serves
+exactly one model, reported by `GET /v1/models`.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import msgspec
+import structlog
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import StreamingResponse
 from opentelemetry import trace
 
 from libs.common.log import get_logger
 from libs.common.tracing import extract_context
-from services.inference.auth import is_authorized
+from services.inference.auth import ApiKey, KeyTable
 from services.inference.champion import ChampionError
 from services.inference.generation import Completion, PreparedPrompt, PromptTooLong
 from services.inference.metrics import InferenceMetrics
@@ -47,10 +50,10 @@ log = get_logger("inference.api")
 
 
 class Serving(Protocol):
-    """What the routes need: the model server, the key, the metrics and the reload command."""
+    """What the routes need: the model server, the keys, the metrics and the reload command."""
 
     server: ModelServer
-    api_key: str
+    keys: KeyTable
     metrics: InferenceMetrics
 
     async def reload(self, force: bool) -> ModelInfo: ...
@@ -65,15 +68,26 @@ def _json(payload: Any, status: int = 200) -> Response:
 
 
 def router(serving: Serving) -> APIRouter:
-    """Every route behind the API key (RequestError answers via libs.common.http.ApiError)."""
-    server, api_key, metrics = serving.server, serving.api_key, serving.metrics
+    """Every route behind an API key (RequestError answers via libs.common.http.ApiError)."""
+    server, keys, metrics = serving.server, serving.keys, serving.metrics
 
-    async def require_key(authorization: str | None = Header(default=None)) -> None:
-        if not is_authorized(authorization, api_key):
+    async def caller(authorization: str | None = Header(default=None)) -> ApiKey:
+        key = keys.match(authorization)
+        if key is None:
             raise RequestError("missing or invalid API key: send 'Authorization: Bearer <key>'",
                                status=401, code="invalid_api_key")
+        # Who called, by the key's name (never the key), on every log line of this request.
+        structlog.contextvars.bind_contextvars(caller=key.name)
+        return key
 
-    routes = APIRouter(dependencies=[Depends(require_key)])
+    # A default, not Annotated: `caller` is local, and FastAPI resolves string annotations in module globals.
+    async def require_admin(key: ApiKey = Depends(caller)) -> None:  # noqa: B008
+        if key.role != "admin":
+            log.info("refused: the key's role may not reload", role=key.role)
+            raise RequestError(f"this key's role ({key.role}) may not reload; an admin key is required",
+                               status=403, code="insufficient_permissions")
+
+    routes = APIRouter(dependencies=[Depends(caller)])
 
     def served_or_503() -> ServedModel:
         served = server.current
@@ -122,13 +136,14 @@ def router(serving: Serving) -> APIRouter:
     async def model_info() -> Response:
         return _json({**msgspec.to_builtins(served_or_503().info), "last_reload_error": server.last_error})
 
-    @routes.post("/models/reload")
+    @routes.post("/models/reload", dependencies=[Depends(require_admin)])
     async def reload_model(request: Request) -> Response:
         body = await request.body()
         try:
             wanted = msgspec.json.decode(body, type=_ReloadRequest) if body.strip() else _ReloadRequest()
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise RequestError(f"invalid request: {exc}", param="force") from exc
+        log.info("reload requested", force=wanted.force)
         try:
             info = await serving.reload(wanted.force)
         except (ReloadFailed, ChampionError) as exc:

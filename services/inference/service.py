@@ -40,7 +40,7 @@ from libs.common.runtime import ServiceRuntime
 from libs.common.service import Publish, Service, Subscribe
 from libs.common.tracing import tracer
 from services.inference.api import router
-from services.inference.auth import resolve_api_key
+from services.inference.auth import KeyTable, resolve_api_keys
 from services.inference.champion import ChampionError, read_champion, target_for_event
 from services.inference.metrics import InferenceMetrics
 from services.inference.serving import ModelInfo, ModelServer, ReloadFailed
@@ -52,11 +52,11 @@ log = get_logger(NAME)
 
 
 class Inference:
-    def __init__(self, server: ModelServer, champion: Record[Champion], api_key: str, metrics: InferenceMetrics,
+    def __init__(self, server: ModelServer, champion: Record[Champion], keys: KeyTable, metrics: InferenceMetrics,
                  *, bus: Bus, deployments: Record[Deployment], replica: str) -> None:
         self.server = server
         self.champion = champion
-        self.api_key = api_key
+        self.keys = keys
         self.metrics = metrics
         self.bus = bus
         self.deployments = deployments
@@ -74,8 +74,8 @@ class Inference:
             model_name=settings.model_name,
             max_tokens_limit=settings.max_tokens_limit,
         )
-        api_key = resolve_api_key(settings.api_key, settings.api_key_file, settings.data_dir)
-        inference = cls(server, await rt.bus.record(CHAMPION), api_key, metrics, bus=rt.bus,
+        keys = resolve_api_keys(settings.api_key, settings.api_key_file, settings.api_keys_file, settings.data_dir)
+        inference = cls(server, await rt.bus.record(CHAMPION), keys, metrics, bus=rt.bus,
                         deployments=await rt.bus.record(DEPLOYMENT),
                         replica=settings.replica_id or f"{socket.gethostname()}-{os.getpid()}")
         with tracer().start_as_current_span("champion sync"):

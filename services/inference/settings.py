@@ -6,10 +6,13 @@ from libs.common.settings import CommonSettings, Device, Positive, SettingsError
 
 
 class InferenceSettings(CommonSettings, kw_only=True, forbid_unknown_fields=True):
-    # The bearer key for /v1/* and /models/*: given inline, or as a file read at start. With
-    # neither, one is generated once into data_dir/secrets/inference_api_key.
+    # The main bearer key (role admin: /v1/*, /models/*): given inline, or as a file read at
+    # start. With neither, one is generated once into data_dir/secrets/inference_api_key.
     api_key: str = ""
     api_key_file: str = ""
+    # More keys, each named and with a role (read: /v1/* and GET /models/info; admin: also
+    # POST /models/reload): a TOML file read at start, format in services/inference/auth.py.
+    api_keys_file: str = ""
     # The most tokens one request may generate, whatever it asks for.
     max_tokens_limit: Positive = 256
     device: Device = "auto"

@@ -15,6 +15,7 @@ from libs.common.artifacts import ArtifactStore
 from libs.common.chat import ChatMessage
 from libs.common.http import ServiceMetrics, create_app
 from services.inference.api import router
+from services.inference.auth import MAIN_KEY_NAME, ApiKey, KeyTable
 from services.inference.champion import BASE
 from services.inference.generation import GenerationParams, PreparedPrompt
 from services.inference.metrics import InferenceMetrics
@@ -49,7 +50,8 @@ async def client(tiny_model_dir: Path, tmp_path: Path):
         return await server.deploy(BASE, force=force)
 
     # The routes' narrow interface (services.inference.api.Serving), reloading the base model.
-    app.include_router(router(SimpleNamespace(server=server, api_key=KEY, metrics=metrics, reload=reload)))
+    app.include_router(router(SimpleNamespace(server=server, keys=KeyTable([ApiKey(MAIN_KEY_NAME, "admin", KEY)]),
+                                           metrics=metrics, reload=reload)))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", headers=AUTH) as c:
         yield c
     await server.close()
