@@ -25,7 +25,7 @@ import torch
 INFO_FILE = "flywheel.json"
 TRAINING_STATE_FILE = "training_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_STAGING_PREFIX = ".staging-"
+STAGING_PREFIX = ".staging-"
 
 
 class CheckpointInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -105,7 +105,7 @@ def write_checkpoint(target: Path, info: CheckpointInfo, fill: Callable[[Path], 
     if (target / INFO_FILE).is_file():
         return None
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{_STAGING_PREFIX}{target.name}-"))
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{STAGING_PREFIX}{target.name}-"))
     try:
         fill(staging)
         # flywheel.json last: it is what marks the directory complete.
@@ -124,7 +124,7 @@ def remove_staging(run_dir: Path) -> None:
     """Drop half-built checkpoints left by a crash (never complete, never announced)."""
     if run_dir.is_dir():
         for child in run_dir.iterdir():
-            if child.name.startswith(_STAGING_PREFIX):
+            if child.name.startswith(STAGING_PREFIX):
                 shutil.rmtree(child, ignore_errors=True)
 
 

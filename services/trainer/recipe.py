@@ -221,14 +221,9 @@ class FullFinetuneRecipe:
     def _setup_data(self) -> None:
         h, job = self.settings.hyperparameters, self.job
         self._tokenizer_fp = token_cache.tokenizer_fingerprint(self._tokenizer)
-        # The main worker tokenizes (or finds the cache); the others wait, then read its cache.
         if self._world.is_main:
-            token_cache.remove_staging(self.settings.service_dir("trainer") / "token-cache")
-            own = self._examples_of(job.dataset_id, job.dataset_path, job.schema, job.profile)
-            self._world.agree(True)
-        else:
-            self._world.agree(True)
-            own = self._examples_of(job.dataset_id, job.dataset_path, job.schema, job.profile)
+            remove_staging(self.settings.service_dir("trainer") / "token-cache")
+        own = self._main_first(lambda: self._examples_of(job.dataset_id, job.dataset_path, job.schema, job.profile))
         self._dropped = Encoded([], [Dropped(row, reason) for row, reason in own.meta.dropped])
         for reason, count in self._dropped.counts().most_common():
             self._log.warning("rows dropped", count=count, reason=reason,
@@ -240,13 +235,7 @@ class FullFinetuneRecipe:
                                f"{'; '.join(self._dropped.summary(3)) or 'no rows'}")
         train, self._validation = validation_split(len(own), h.validation_fraction, h.validation_max_rows,
                                                    h.validation_min_rows, h.seed, job.dataset_id)
-        if self._world.is_main:
-            replayed = self._replay_pools()
-            self._world.agree(True)
-        else:
-            self._world.agree(True)
-            replayed = self._replay_pools()
-        pools = [own] + replayed
+        pools = [own] + self._main_first(self._replay_pools)
         picks = replay_picks([len(p) for p in pools[1:]], replay_count(len(train), h.replay_fraction), h.seed,
                              job.dataset_id)
         self._num_replayed = len(picks)
@@ -257,6 +246,16 @@ class FullFinetuneRecipe:
         lengths = [int(pool_lengths[pool][i]) for pool, i in self._refs]
         self._lengths = lengths
         self._plan = TrainingPlan(lengths, h.batching_plan(), h.epochs, h.max_steps, h.seed, job.dataset_id)
+
+    def _main_first(self, build):
+        """`build()` on the main worker first (it tokenizes and fills the cache), then on the
+        others, which find its cache; with one process, just `build()`."""
+        if not self._world.is_main:
+            self._world.agree(True)
+        result = build()
+        if self._world.is_main:
+            self._world.agree(True)
+        return result
 
     def _replay_pools(self) -> list[token_cache.CachedExamples]:
         job = self.job

@@ -29,10 +29,12 @@ import msgspec
 
 from libs.common.chat import EncodedChat
 
+# Built aside as a checkpoint is, so checkpoints.remove_staging sweeps what a crash left half-built.
+from services.trainer.checkpoints import STAGING_PREFIX
+
 # Bump when encoding changes what it produces for the same rows (the cache would be stale).
 ENCODER_VERSION = 1
 META_FILE = "flywheel-cache.json"
-_STAGING_PREFIX = ".staging-"
 
 
 class CacheMeta(msgspec.Struct, frozen=True):
@@ -134,7 +136,7 @@ def _build(target: Path, key: str, rows: Callable[[], Iterable[object]], encode:
                 yield {"input_ids": outcome.input_ids, "labels": outcome.labels, "row": number}
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{_STAGING_PREFIX}{target.name}-"))
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{STAGING_PREFIX}{target.name}-"))
     try:
         scratch = staging / "generator-cache"
         final = staging / "examples"
@@ -160,11 +162,3 @@ def _build(target: Path, key: str, rows: Callable[[], Iterable[object]], encode:
         os.rename(final, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def remove_staging(root: Path) -> None:
-    """Half-built caches left by a crash."""
-    if root.is_dir():
-        for child in root.iterdir():
-            if child.name.startswith(_STAGING_PREFIX):
-                shutil.rmtree(child, ignore_errors=True)

@@ -9,6 +9,7 @@ import pytest
 
 from libs.common.models import load_tokenizer
 from services.trainer import token_cache
+from services.trainer.checkpoints import remove_staging
 from services.trainer.data import encode_row, iter_rows
 from tests.services.trainer.samples import chat_rows, write_dataset
 
@@ -65,7 +66,7 @@ def test_a_build_that_crashes_leaves_no_cache_and_its_staging_is_removed(tmp_pat
     with pytest.raises(RuntimeError):
         token_cache.load_or_build(tmp_path / "cache", "k", rows, partial(encode_row, tokenizer=tokenizer, max_length=64))
     assert not (tmp_path / "cache" / "k").exists()
-    token_cache.remove_staging(tmp_path / "cache")
+    remove_staging(tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
     cached, built = token_cache.load_or_build(tmp_path / "cache", "k", lambda: iter_rows_of(chat_rows(3)),
                                               partial(encode_row, tokenizer=tokenizer, max_length=64))
