@@ -230,7 +230,7 @@ class Bus:
 
     async def record(self, key: Key[R]) -> Record[R]:
         """Typed access to one KV record (see libs.common.records for the keys)."""
-        return Record(await self.kv(key.bucket), key)
+        return Record(self.js, await self.kv(key.bucket), key)
 
     async def kv(self, spec: topology.BucketSpec) -> KeyValue:
         if spec.name not in self._kv:

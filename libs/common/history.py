@@ -24,6 +24,7 @@ from nats.js import api
 from libs.common import topology
 from libs.common.bus import Bus
 from libs.common.events import AnyEvent
+from libs.common.stored import stored
 from libs.common.tracing import trace_id_from_headers
 
 _decoder = msgspec.json.Decoder(AnyEvent)
@@ -55,42 +56,13 @@ def record_of(msg: Msg, decode: Callable[[bytes], AnyEvent] = _decoder.decode) -
     )
 
 
-async def _last_seq(bus: Bus, stream: str, subject: str) -> int:
-    """The sequence of the newest message on `subject` in `stream`; 0 when there is none."""
-    try:
-        return (await bus.js.get_last_msg(stream, subject)).seq
-    except nats.js.errors.NotFoundError:
-        return 0
-
-
 async def read_subject(bus: Bus, subject: str, *, idle_timeout_s: float = 5.0,
                        decode: Callable[[bytes], AnyEvent] = _decoder.decode) -> list[Recorded]:
     """Every message stored on `subject` (wildcards allowed) now, oldest first, each body read by
-    `decode` (a reader that needs less than the whole event may skip the rest).
-
-    The end is the newest sequence on the subject when the read starts; a message published
-    meanwhile may or may not be included. `idle_timeout_s` bounds a wait for a message the
-    server said exists (a purge in between): the read then ends with what it has.
-    """
-    stream = topology.stream_for(subject)
-    end = await _last_seq(bus, stream, subject)
-    if not end:
-        return []
-    sub = await bus.js.subscribe(subject, stream=stream, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
-    found: list[Recorded] = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=idle_timeout_s)
-            except nats.errors.TimeoutError:
-                break
-            found.append(record_of(msg, decode))
-            if msg.metadata.sequence.stream >= end:
-                break
-    finally:
-        with contextlib.suppress(nats.errors.Error):
-            await sub.unsubscribe()
-    return found
+    `decode` (a reader that needs less than the whole event may skip the rest); the end is as
+    `libs.common.stored.stored` draws it."""
+    return [record_of(msg, decode) async for msg in stored(bus.js, topology.stream_for(subject), subject,
+                                                           idle_timeout_s=idle_timeout_s)]
 
 
 async def read_history(bus: Bus, subjects: Iterable[str]) -> list[Recorded]:

@@ -15,9 +15,11 @@ from typing import Generic, TypeVar
 
 import msgspec
 import nats.js.errors
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from libs.common.records import Key
+from libs.common.stored import stored
 
 R = TypeVar("R", bound=msgspec.Struct)
 T = TypeVar("T")
@@ -53,10 +55,14 @@ async def write_entry(kv: KeyValue, key: str, value: bytes, revision: int) -> in
 class Record(Generic[R]):
     """One typed record in a KV bucket."""
 
-    def __init__(self, kv: KeyValue, key: Key[R]) -> None:
+    def __init__(self, js: JetStreamContext, kv: KeyValue, key: Key[R]) -> None:
+        self.js = js
         self.kv = kv
         self.key = key.key
         self.kind = key.kind
+        # Where JetStream keeps the bucket's values (ADR-8: stream KV_<bucket>, subject $KV.<bucket>.<key>).
+        self.stream = f"KV_{key.bucket.name}"
+        self.subject = f"$KV.{key.bucket.name}.{key.key}"
 
     def _decode(self, value: bytes) -> R:
         # Fields a newer writer added are ignored (record types do not forbid unknown fields).
@@ -96,8 +102,5 @@ class Record(Generic[R]):
 
     async def history(self) -> list[R]:
         """Every value the bucket still keeps for the key (its history depth), oldest first."""
-        try:
-            entries = await self.kv.history(self.key)
-        except nats.js.errors.NoKeysError:
-            return []
-        return [self._decode(e.value) for e in entries if e.value]
+        # Not `KeyValue.history`: it can return nothing for a key that has values (libs.common.stored).
+        return [self._decode(msg.data) async for msg in stored(self.js, self.stream, self.subject) if msg.data]

@@ -34,7 +34,6 @@ import contextlib
 import msgspec
 import nats.errors
 import nats.js.errors
-from nats.js import api
 
 from libs.common import topology
 from libs.common.artifacts import is_sha256
@@ -68,6 +67,7 @@ from libs.common.records import (
 )
 from libs.common.runtime import ServiceRuntime
 from libs.common.service import Publish, Reply, Service, Subscribe
+from libs.common.stored import stored
 from services.deployer.api import router
 from services.deployer.confirmation import (
     NotSettled,
@@ -361,20 +361,12 @@ class Deployer:
             return [], None
         current = _decoded(newest.data)
         found: list[EvalScored] = []
-        sub = await self.bus.js.subscribe(topology.EVAL_SCORED, stream=stream, ordered_consumer=True,
-                                          deliver_policy=api.DeliverPolicy.ALL)
         needle = checkpoint.encode()
-        try:
-            while True:
-                msg = await sub.next_msg(timeout=10)
-                # A cheap filter before decoding: the sha256 or URI appears in the payload.
-                if needle in msg.data and (score := _decoded(msg.data)) and checkpoint in (
-                        score.checkpoint_sha256, score.checkpoint_uri):
-                    found.append(score)
-                if msg.metadata.sequence.stream >= newest.seq or msg.metadata.num_pending == 0:
-                    break
-        finally:
-            await sub.unsubscribe()
+        async for msg in stored(self.bus.js, stream, topology.EVAL_SCORED):
+            # A cheap filter before decoding: the sha256 or URI appears in the payload.
+            if needle in msg.data and (score := _decoded(msg.data)) and checkpoint in (
+                    score.checkpoint_sha256, score.checkpoint_uri):
+                found.append(score)
         return found, current.suite_version if current else None
 
     async def deploy(self, checkpoint: str, requested_by: str) -> DeployReply:

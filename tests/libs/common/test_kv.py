@@ -69,3 +69,18 @@ async def test_record_change_that_keeps_the_value_writes_nothing_and_endless_con
 
     with pytest.raises(RevisionConflict, match=f"{MAX_CAS_ATTEMPTS} times"):
         await record.change(always_overtaken)
+
+
+async def test_record_history_is_every_value_oldest_first_and_never_cut_short(bus):
+    record = await bus.record(TRAINER_CONTROL)
+    assert await record.history() == []
+    paused, running = TrainerControl(mode="paused", requested_by="a"), TrainerControl(mode="running", requested_by="b")
+    first = await record.write(paused, 0)
+    # nats-py's KeyValue.history can return nothing for a key with values while the first one is
+    # still in flight (nats-io/nats.py#842); Record.history reads up to the newest stored
+    # sequence, so many back-to-back reads of a one-value key all see that value.
+    reads = [await record.history() for _ in range(200)]
+    assert all(r == [paused] for r in reads)
+    await record.write(running, first)
+    await record.kv.delete(record.key)  # a delete marker is not a value
+    assert await record.history() == [paused, running]
