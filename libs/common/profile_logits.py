@@ -58,25 +58,33 @@ class ProfileLogits(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         generated = input_ids[:, self.prompt_length :]
         scores = scores.clone()
-        for ids in self.tag_ids:
-            self._penalise_tag(generated, scores, ids)
-        if self.stop_sequences:
-            for row in range(generated.shape[0]):
-                after = self.tokens_after_stop(generated[row].tolist())
-                if after is not None:
-                    self._after_stop(scores, row, after)
+        for row in range(generated.shape[0]):
+            self.adjust(scores[row], generated[row].tolist())
         return scores
+
+    def adjust(self, scores: torch.Tensor, generated: list[int]) -> None:
+        """Apply the rules in place to one row's next-token `scores`, given the tokens it generated so far.
+
+        The one place the rules live: `generate` (above, row by row) and the serving engine's
+        sampler (services/inference/sampling.py) both call it.
+        """
+        for ids in self.tag_ids:
+            self._penalise_tag(scores, generated, ids)
+        if self.stop_sequences:
+            after = self.tokens_after_stop(generated)
+            if after is not None:
+                self._after_stop(scores, after)
 
     # ------------------------------------------------------------------ think tags
 
-    def _penalise_tag(self, generated: torch.Tensor, scores: torch.Tensor, ids: tuple[int, ...]) -> None:
+    def _penalise_tag(self, scores: torch.Tensor, generated: list[int], ids: tuple[int, ...]) -> None:
         penalty = self.rules.think_penalty
         if len(ids) == 1:
-            scores[:, ids[0]] -= penalty
+            scores[ids[0]] -= penalty
             return
-        for k in range(1, min(len(ids), generated.shape[1] + 1)):
-            started = (generated[:, -k:] == torch.tensor(ids[:k], device=generated.device)).all(dim=1)
-            scores[started, ids[k]] -= penalty
+        for k in range(1, min(len(ids), len(generated) + 1)):
+            if tuple(generated[-k:]) == ids[:k]:
+                scores[ids[k]] -= penalty
 
     # ------------------------------------------------------------------ after the stop
 
@@ -98,12 +106,12 @@ class ProfileLogits(LogitsProcessor):
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return any(stop in text for stop in self.stop_sequences)
 
-    def _after_stop(self, scores: torch.Tensor, row: int, after: int) -> None:
+    def _after_stop(self, scores: torch.Tensor, after: int) -> None:
         rules = self.rules
         penalty = min(rules.post_stop_penalty * rules.post_stop_escalation ** min(after, _MAX_EXPONENT), MAX_PENALTY)
-        eos = scores[row, self.eos_ids].clone()
-        scores[row] -= penalty
-        scores[row, self.eos_ids] = eos + rules.eos_reward
+        eos = scores[self.eos_ids].clone()
+        scores -= penalty
+        scores[self.eos_ids] = eos + rules.eos_reward
 
 
 def profile_logits(rules: GenerationRules, tokenizer, prompt_length: int) -> LogitsProcessorList:

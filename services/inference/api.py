@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgspec
@@ -24,23 +25,25 @@ from libs.common.log import get_logger
 from libs.common.tracing import extract_context
 from services.inference.auth import ApiKey, KeyTable
 from services.inference.champion import ChampionError
-from services.inference.generation import Completion, PreparedPrompt, PromptTooLong
+from services.inference.generation import Completion, Delta, EngineFailed, PreparedPrompt, PromptTooLong
 from services.inference.metrics import InferenceMetrics
 from services.inference.protocol import (
     SSE_DONE,
+    Answer,
     ChatRequest,
     RequestError,
-    chunk,
-    completion_response,
-    error_body,
+    TextRequest,
+    TokenText,
     model_list,
     parse_chat_request,
+    parse_completion_request,
     sse,
-    usage_chunk,
 )
 from services.inference.serving import (
+    GenerationTimeout,
     ModelInfo,
     ModelServer,
+    Overloaded,
     ReloadFailed,
     RequestOrigin,
     ServedModel,
@@ -57,6 +60,23 @@ class Serving(Protocol):
     metrics: InferenceMetrics
 
     async def reload(self, force: bool) -> ModelInfo: ...
+
+
+@dataclass(frozen=True)
+class Kind:
+    """Chat or text completions: how a request is read and prompted, and how its answer is shaped."""
+
+    chat: bool
+    parse: Callable[[bytes], ChatRequest | TextRequest]
+    prepare: Callable[[ModelServer, ServedModel, Any], PreparedPrompt]
+    prompt_param: str
+    id_prefix: str
+
+
+CHAT = Kind(True, parse_chat_request, lambda server, served, r: server.prepare(served, r.messages, r.params),
+            "messages", "chatcmpl")
+TEXT = Kind(False, parse_completion_request, lambda server, served, r: server.prepare_text(served, r.prompt, r.params),
+            "prompt", "cmpl")
 
 
 class _ReloadRequest(msgspec.Struct):
@@ -96,36 +116,60 @@ def router(serving: Serving) -> APIRouter:
             raise RequestError(f"no model is loaded{reason}", status=503, type="server_error", code="model_not_loaded")
         return served
 
-    @routes.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    async def respond(request: Request, kind: Kind) -> Response:
         started = time.perf_counter()
         try:
-            chat = parse_chat_request(await request.body())
+            wanted = kind.parse(await request.body())
             served = served_or_503()
             try:
-                prompt = await server.prepare(served, chat.messages, chat.params)
+                prompt = kind.prepare(server, served, wanted)
             except PromptTooLong as exc:
-                raise RequestError(str(exc), param="messages", code="context_length_exceeded") from exc
+                raise RequestError(str(exc), param=kind.prompt_param, code="context_length_exceeded") from exc
         except RequestError as exc:
             metrics.requests.labels("unknown", "invalid" if exc.status < 500 else "unavailable").inc()
             raise
-        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        completion_id, created = f"{kind.id_prefix}-{uuid.uuid4().hex}", int(time.time())
         origin = _origin(request, completion_id)
-        if chat.stream:
+        answer = Answer(kind.chat, completion_id, created, served.info.id, TokenText(served.backend.tokenizer))
+        generation = server.generate(served, prompt, origin, stream=wanted.stream)
+        try:
+            # The first item: admission (429) and the engine's first failures come back as errors, not as a broken stream.
+            first = await anext(generation)
+        except StopAsyncIteration:
+            first = None
+        except (Overloaded, GenerationTimeout, EngineFailed) as exc:
+            await generation.aclose()
+            metrics.requests.labels(str(wanted.stream).lower(), _outcome(exc)).inc()
+            raise _request_error(exc) from exc
+        if wanted.stream:
             return StreamingResponse(
-                _stream_events(server, served, prompt, chat, completion_id, created, metrics, started, origin),
+                _stream_events(generation, first, answer, wanted.include_usage, metrics, started),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
+        completions: list[Completion] = []
         try:
-            completion = await server.complete(served, prompt, origin)
-        except Exception as exc:
-            metrics.requests.labels("false", "error").inc()
+            async with contextlib.aclosing(generation):
+                item = first
+                while item is not None:
+                    if isinstance(item[1], Completion):
+                        completions.append(item[1])
+                    item = await anext(generation, None)
+        except (GenerationTimeout, EngineFailed) as exc:
+            metrics.requests.labels("false", _outcome(exc)).inc()
             log.error("generation failed", error=repr(exc))
-            raise RequestError(f"generation failed: {exc}", status=500, type="server_error") from exc
+            raise _request_error(exc) from exc
         metrics.requests.labels("false", "ok").inc()
         metrics.latency.labels("false").observe(time.perf_counter() - started)
-        return _json(completion_response(completion_id, created, served.info.id, completion))
+        return _json(answer.whole(completions))
+
+    @routes.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await respond(request, CHAT)
+
+    @routes.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await respond(request, TEXT)
 
     @routes.get("/v1/models")
     async def list_models() -> Response:
@@ -160,30 +204,46 @@ def _origin(request: Request, completion_id: str) -> RequestOrigin:
     return RequestOrigin(completion_id, span if span.is_valid else None)
 
 
-async def _stream_events(server: ModelServer, served: ServedModel, prompt: PreparedPrompt, chat: ChatRequest,
-                         completion_id: str, created: int, metrics: InferenceMetrics,
-                         started: float, origin: RequestOrigin | None = None) -> AsyncIterator[bytes]:
-    """OpenAI's SSE stream: a role chunk, content chunks, a finish chunk, [usage], [DONE]."""
-    model = served.info.id
+def _outcome(exc: Exception) -> str:
+    return {Overloaded: "refused", GenerationTimeout: "timeout"}.get(type(exc), "error")
+
+
+def _request_error(exc: Exception) -> RequestError:
+    if isinstance(exc, Overloaded):
+        return RequestError(str(exc), status=429, type="server_overloaded", code="too_many_requests_in_flight",
+                            retry_after_s=1)
+    if isinstance(exc, GenerationTimeout):
+        return RequestError(str(exc), status=504, type="timeout", code="request_timeout")
+    return RequestError(f"generation failed: {exc}", status=503, type="server_error", code="engine_failed")
+
+
+async def _stream_events(generation: AsyncIterator[tuple[int, Delta | Completion]], first: tuple | None, answer: Answer,
+                         include_usage: bool, metrics: InferenceMetrics, started: float) -> AsyncIterator[bytes]:
+    """OpenAI's SSE stream: per choice a role chunk (chat), content chunks and a finish chunk; [usage]; [DONE]."""
     outcome = "cancelled"  # the client went away, unless we get to the end
-    yield sse(chunk(completion_id, created, model, {"role": "assistant", "content": ""}))
+    completions: list[Completion] = []
+    opened: set[int] = set()
     try:
-        completion: Completion | None = None
-        async with contextlib.aclosing(server.stream(served, prompt, origin)) as pieces:
-            async for piece in pieces:
-                if isinstance(piece, str):
-                    yield sse(chunk(completion_id, created, model, {"content": piece}))
+        async with contextlib.aclosing(generation):
+            item = first
+            while item is not None:
+                index, piece = item
+                if index not in opened and answer.chat:
+                    opened.add(index)
+                    yield sse(answer.opening(index))
+                if isinstance(piece, Completion):
+                    completions.append(piece)
+                    yield sse(answer.finish(piece))
                 else:
-                    completion = piece
-        assert completion is not None  # server.stream always ends with the Completion
-        yield sse(chunk(completion_id, created, model, {}, completion.finish_reason))
-        if chat.include_usage:
-            yield sse(usage_chunk(completion_id, created, model, completion))
+                    yield sse(answer.delta(index, piece))
+                item = await anext(generation, None)
+        if include_usage:
+            yield sse(answer.usage(completions))
         outcome = "ok"
     except Exception as exc:  # noqa: BLE001 - headers are sent; the error travels in the stream
-        outcome = "error"
+        outcome = _outcome(exc)
         log.error("generation failed mid-stream", error=repr(exc))
-        yield sse(error_body(f"generation failed: {exc}", type="server_error"))
+        yield sse(_request_error(exc).body())
     finally:
         metrics.requests.labels("true", outcome).inc()
         metrics.latency.labels("true").observe(time.perf_counter() - started)

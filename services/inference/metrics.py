@@ -19,3 +19,5 @@ class InferenceMetrics:
         self.prompt_tokens = metrics.counter("flywheel_inference_prompt_tokens_total", "Prompt tokens processed")
         self.completion_tokens = metrics.counter("flywheel_inference_completion_tokens_total", "Tokens generated")
         self.reloads = metrics.counter("flywheel_inference_reloads_total", "Model loads", ("outcome",))
+        self.pending = metrics.gauge("flywheel_inference_pending_requests", "Requests admitted and not finished")
+        self.refused = metrics.counter("flywheel_inference_refused_total", "Requests refused: max_pending were in flight")

@@ -1,9 +1,13 @@
-"""The OpenAI chat-completions wire format: which requests are valid, and the response shapes.
+"""The OpenAI wire format (chat completions and legacy completions): valid requests, response shapes.
 
 Unknown request fields are ignored (clients send many optional ones), but a field that is
-present must be valid, and options this server cannot honour (n > 1, non-text content) are
-refused with a 400 rather than silently ignored. Errors use OpenAI's body:
-`{"error": {"message", "type", "param", "code"}}`.
+present must be valid, and options this server cannot honour (non-text content, `echo`, several
+prompts in one request) are refused with a 400 rather than silently ignored. Errors use
+OpenAI's body: `{"error": {"message", "type", "param", "code"}}`.
+
+Log probabilities come in the two shapes the two APIs use: chat's `logprobs.content` (one entry
+per token with its `top_logprobs`), completions' `logprobs` (`tokens`, `token_logprobs`,
+`top_logprobs` as token -> logprob maps, `text_offset`).
 """
 
 from __future__ import annotations
@@ -17,9 +21,16 @@ from msgspec import Meta
 
 from libs.common.chat import ChatMessage
 from libs.common.http import ApiError
-from services.inference.generation import Completion, GenerationParams
+from services.inference.generation import Completion, Delta, GenerationParams
+from services.inference.sampling import TokenLogprob
 
 MAX_STOP_SEQUENCES = 4
+# OpenAI's limits: n up to 128, top_logprobs up to 20 (chat) and logprobs up to 5 (completions).
+MAX_CHOICES = 128
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+# The completions API's default when max_tokens is not sent.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 # OpenAI's "developer" role is the newer name for "system".
 _ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _PARAM_AT = re.compile(r"at `\$\.?([^`]*)`")
@@ -29,15 +40,19 @@ class RequestError(ApiError, ValueError):
     """A request the API refuses; becomes an OpenAI-style error body."""
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 status: int = 400, type: str = "invalid_request_error") -> None:
+                 status: int = 400, type: str = "invalid_request_error", retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.message, self.param, self.code, self.status, self.type = message, param, code, status, type
+        self.retry_after_s = retry_after_s
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
     def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if self.status == 401:
+            return {"WWW-Authenticate": "Bearer"}
+        # The official clients wait this long before their retry of a 429 or 503.
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
@@ -69,16 +84,34 @@ class _ChatCompletionRequest(msgspec.Struct, kw_only=True):
     max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
-    n: int | None = None
+    n: Annotated[int, Meta(ge=1, le=MAX_CHOICES)] | None = None
     stop: str | list[str] | None = None
     stream: bool | None = None
     stream_options: _StreamOptions | None = None
     seed: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+
+class _CompletionRequest(msgspec.Struct, kw_only=True):
+    prompt: str | Annotated[list[str], Meta(min_length=1)]
+    model: str = ""
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
+    n: Annotated[int, Meta(ge=1, le=MAX_CHOICES)] | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: _StreamOptions | None = None
+    seed: int | None = None
+    logprobs: Annotated[int, Meta(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
+    echo: bool | None = None
+    best_of: int | None = None
 
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """A valid request, in this server's terms."""
+    """A valid chat request, in this server's terms."""
 
     model: str
     messages: list[ChatMessage]
@@ -87,16 +120,31 @@ class ChatRequest:
     include_usage: bool
 
 
-def parse_chat_request(body: bytes) -> ChatRequest:
+@dataclass(frozen=True)
+class TextRequest:
+    """A valid (legacy) completions request, in this server's terms."""
+
+    model: str
+    prompt: str
+    params: GenerationParams
+    stream: bool
+    include_usage: bool
+
+
+def _decode(body: bytes, kind: type):
     try:
-        raw = msgspec.json.decode(body, type=_ChatCompletionRequest)
+        return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
         found = _PARAM_AT.search(str(exc))
         raise RequestError(f"invalid request: {exc}", param=found.group(1) if found else None) from exc
     except msgspec.DecodeError as exc:
         raise RequestError(f"request body is not valid JSON: {exc}") from exc
-    if raw.n not in (None, 1):
-        raise RequestError("only n=1 is supported", param="n")
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    raw = _decode(body, _ChatCompletionRequest)
+    if raw.top_logprobs is not None and not raw.logprobs:
+        raise RequestError("top_logprobs requires logprobs=true", param="top_logprobs")
     return ChatRequest(
         model=raw.model,
         messages=[_message(i, m) for i, m in enumerate(raw.messages)],
@@ -106,6 +154,34 @@ def parse_chat_request(body: bytes) -> ChatRequest:
             top_p=1.0 if raw.top_p is None else raw.top_p,
             stop=_stops(raw.stop),
             seed=raw.seed,
+            n=raw.n or 1,
+            top_logprobs=(raw.top_logprobs or 0) if raw.logprobs else None,
+        ),
+        stream=bool(raw.stream),
+        include_usage=bool(raw.stream_options and raw.stream_options.include_usage),
+    )
+
+
+def parse_completion_request(body: bytes) -> TextRequest:
+    raw = _decode(body, _CompletionRequest)
+    if raw.echo:
+        raise RequestError("echo is not supported", param="echo")
+    if raw.best_of not in (None, 1) and raw.best_of != raw.n:
+        raise RequestError("best_of is not supported (other than equal to n)", param="best_of")
+    prompts = [raw.prompt] if isinstance(raw.prompt, str) else raw.prompt
+    if len(prompts) != 1:
+        raise RequestError("send one prompt per request (a list of one is fine)", param="prompt")
+    return TextRequest(
+        model=raw.model,
+        prompt=prompts[0],
+        params=GenerationParams(
+            max_tokens=raw.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS,
+            temperature=1.0 if raw.temperature is None else raw.temperature,
+            top_p=1.0 if raw.top_p is None else raw.top_p,
+            stop=_stops(raw.stop),
+            seed=raw.seed,
+            n=raw.n or 1,
+            top_logprobs=raw.logprobs,
         ),
         stream=bool(raw.stream),
         include_usage=bool(raw.stream_options and raw.stream_options.include_usage),
@@ -139,50 +215,163 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------- responses
 
 
-def usage(completion: Completion) -> dict[str, int]:
+def usage(completions: list[Completion]) -> dict[str, int]:
+    prompt = completions[0].prompt_tokens if completions else 0
+    generated = sum(c.completion_tokens for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+
+class TokenText:
+    """Token ids -> the text of each token alone (for log probabilities), memoised."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._known: dict[int, str] = {}
+
+    def __call__(self, token: int) -> str:
+        text = self._known.get(token)
+        if text is None:
+            text = self._known[token] = self.tokenizer.decode([token])
+        return text
+
+
+def chat_logprobs(entries: list[TokenLogprob] | None, text: TokenText) -> dict[str, Any] | None:
+    """Chat's `logprobs` object: `{"content": [{token, logprob, bytes, top_logprobs}, ...]}`."""
+    if entries is None:
+        return None
+
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        piece = text(token)
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+
+    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries],
+            "refusal": None}
+
+
+def text_logprobs(entries: list[TokenLogprob] | None, text: TokenText, offset: int = 0) -> dict[str, Any] | None:
+    """Completions' `logprobs` object; `offset`: where the first token's text starts in the choice."""
+    if entries is None:
+        return None
+    tokens, offsets = [], []
+    for entry in entries:
+        offsets.append(offset)
+        tokens.append(text(entry.token))
+        offset += len(tokens[-1])
     return {
-        "prompt_tokens": completion.prompt_tokens,
-        "completion_tokens": completion.completion_tokens,
-        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{text(t): lp for t, lp in e.top} for e in entries],
+        "text_offset": offsets,
     }
 
 
-def completion_response(completion_id: str, created: int, model: str, completion: Completion) -> dict[str, Any]:
+def completion_response(completion_id: str, created: int, model: str, completions: list[Completion],
+                        text: TokenText | None = None) -> dict[str, Any]:
+    """A chat completion with every choice."""
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
         "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": completion.text},
-            "finish_reason": completion.finish_reason,
-        }],
-        "usage": usage(completion),
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text, "refusal": None},
+            "logprobs": chat_logprobs(c.logprobs, text) if text else None,
+            "finish_reason": c.finish_reason,
+        } for c in sorted(completions, key=lambda c: c.index)],
+        "usage": usage(completions),
+    }
+
+
+def text_completion_response(completion_id: str, created: int, model: str, completions: list[Completion],
+                             text: TokenText | None = None) -> dict[str, Any]:
+    """A (legacy) text completion with every choice."""
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": c.index,
+            "text": c.text,
+            "logprobs": text_logprobs(c.logprobs, text) if text else None,
+            "finish_reason": c.finish_reason,
+        } for c in sorted(completions, key=lambda c: c.index)],
+        "usage": usage(completions),
     }
 
 
 def chunk(completion_id: str, created: int, model: str, delta: dict[str, str],
-          finish_reason: str | None = None) -> dict[str, Any]:
+          finish_reason: str | None = None, index: int = 0, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A chat stream chunk for one choice."""
     return {
         "id": completion_id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
 
 
-def usage_chunk(completion_id: str, created: int, model: str, completion: Completion) -> dict[str, Any]:
+def text_chunk(completion_id: str, created: int, model: str, text: str, finish_reason: str | None = None,
+               index: int = 0, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A completions stream chunk for one choice."""
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+    }
+
+
+def usage_chunk(completion_id: str, created: int, model: str, completions: list[Completion],
+                object: str = "chat.completion.chunk") -> dict[str, Any]:
     """The extra last chunk of `stream_options.include_usage`: no choices, only usage."""
     return {
         "id": completion_id,
-        "object": "chat.completion.chunk",
+        "object": object,
         "created": created,
         "model": model,
         "choices": [],
-        "usage": usage(completion),
+        "usage": usage(completions),
     }
+
+
+class Answer:
+    """The response objects of one request, chat or text completion, streamed or whole."""
+
+    def __init__(self, chat: bool, completion_id: str, created: int, model: str, text: TokenText) -> None:
+        self.chat, self.id, self.created, self.model, self.text = chat, completion_id, created, model, text
+        # Completions' text_offset runs on through a choice's stream.
+        self._offsets: dict[int, int] = {}
+
+    def opening(self, index: int) -> dict[str, Any]:
+        """Chat streams open each choice with the assistant role."""
+        return chunk(self.id, self.created, self.model, {"role": "assistant", "content": ""}, index=index)
+
+    def delta(self, index: int, delta: Delta) -> dict[str, Any]:
+        if self.chat:
+            return chunk(self.id, self.created, self.model, {"content": delta.text}, index=index,
+                         logprobs=chat_logprobs(delta.logprobs, self.text))
+        offset = self._offsets.get(index, 0)
+        logprobs = text_logprobs(delta.logprobs, self.text, offset)
+        if logprobs:
+            self._offsets[index] = offset + sum(len(t) for t in logprobs["tokens"])
+        return text_chunk(self.id, self.created, self.model, delta.text, index=index, logprobs=logprobs)
+
+    def finish(self, completion: Completion) -> dict[str, Any]:
+        if self.chat:
+            return chunk(self.id, self.created, self.model, {}, completion.finish_reason, index=completion.index)
+        return text_chunk(self.id, self.created, self.model, "", completion.finish_reason, index=completion.index)
+
+    def usage(self, completions: list[Completion]) -> dict[str, Any]:
+        return usage_chunk(self.id, self.created, self.model, completions,
+                           object="chat.completion.chunk" if self.chat else "text_completion")
+
+    def whole(self, completions: list[Completion]) -> dict[str, Any]:
+        build = completion_response if self.chat else text_completion_response
+        return build(self.id, self.created, self.model, completions, self.text)
 
 
 def sse(payload: dict[str, Any]) -> bytes:

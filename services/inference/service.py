@@ -41,11 +41,11 @@ from libs.common.service import Publish, Service, Subscribe
 from libs.common.tracing import tracer
 from services.inference.api import router
 from services.inference.auth import KeyTable, resolve_api_keys
+from services.inference.backends import choose_backend, make_backend
 from services.inference.champion import ChampionError, read_champion, target_for_event
 from services.inference.metrics import InferenceMetrics
 from services.inference.serving import ModelInfo, ModelServer, ReloadFailed
 from services.inference.settings import InferenceSettings
-from services.inference.transformers_backend import TransformersBackend
 
 NAME = "inference"
 log = get_logger(NAME)
@@ -65,14 +65,20 @@ class Inference:
     @classmethod
     async def open(cls, rt: ServiceRuntime[InferenceSettings]) -> Inference:
         settings = rt.settings
+        # A backend that cannot run here (vllm without a GPU) stops the service now, naming the setting.
+        log.info("generation engine", backend=choose_backend(settings.backend, settings.device))
         metrics = InferenceMetrics(rt.metrics)
         server = ModelServer(
             store=rt.store,
             base_model=lambda: ensure_base_model(settings.data_dir, settings.base_model),
-            backend_factory=lambda: TransformersBackend(settings.device),
+            backend_factory=lambda: make_backend(
+                settings.backend, settings.device, max_batch_requests=settings.max_batch_requests,
+                max_batch_tokens=settings.max_batch_tokens, kv_cache_tokens=settings.kv_cache_tokens),
             metrics=metrics,
             model_name=settings.model_name,
             max_tokens_limit=settings.max_tokens_limit,
+            max_pending=settings.max_pending,
+            request_timeout_s=settings.request_timeout_s,
         )
         keys = resolve_api_keys(settings.api_key, settings.api_key_file, settings.api_keys_file, settings.data_dir)
         inference = cls(server, await rt.bus.record(CHAMPION), keys, metrics, bus=rt.bus,

@@ -1,14 +1,20 @@
 """The served model: load and verify a new one beside the old, swap, and run generations.
 
-- A load runs in a worker thread while the current model keeps answering. The new model is
-  served only after its artifact hash matched and it generated a token; then one reference
+- A load runs in a worker thread while the current model keeps answering; the new model gets
+  its own engine (services/inference/transformers_backend.py). It is served only after its
+  artifact hash matched and it generated a token through that engine; then one reference
   assignment swaps it in. A failed load leaves the current model serving. Loads run one at a
   time; `withdraw` (a deployment that failed) waits for a load in progress before it decides.
-- A request takes the current `ServedModel` once and keeps that reference to the end, so a
-  swap never changes the model under a running generation; the old one is freed when its
-  last request finishes.
-- Generations run one at a time on a single worker thread: CPU torch calls do not pile up
-  and the event loop stays free.
+- A request takes the current `ServedModel` once and keeps it to the end, so a swap never
+  changes the weights under a running generation: no answer mixes two models. The old model
+  finishes what it started, then its engine stops and it is freed.
+- Every request runs in the model's continuous-batching engine: requests in flight share each
+  forward pass. At most `max_pending` requests are admitted at once (waiting or generating);
+  one more is refused with `Overloaded` (HTTP 429) rather than queued without bound, and a
+  request that runs past `request_timeout_s` is stopped (`GenerationTimeout`).
+- A model trained on a data profile (its `flywheel.json`'s `profile`, libs.common.profiles) is
+  asked as it was trained and scored: the profile's system prompt goes first, and its
+  generation rules apply to every token (libs.common.profile_logits, in the sampler).
 - The first answer a loaded model serves is recorded as a "first answer" span under its
   "model load" span, in the load's trace: for a deployment that is the dataset's own trace,
   which so runs from submission to the first answer served by the model the dataset produced.
@@ -18,10 +24,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,9 +39,21 @@ from opentelemetry.trace import Link, NonRecordingSpan, SpanContext
 from libs.common.artifacts import ArtifactStore
 from libs.common.chat import ChatMessage
 from libs.common.log import get_logger
+from libs.common.profile_logits import ProfileLogits
+from libs.common.profiles import DEFAULT_PROFILE, Profile, UnknownProfile, get_profile
 from libs.common.tracing import current_trace_id, tracer
 from services.inference.champion import ModelTarget, Source, needs_reload
-from services.inference.generation import Backend, Completion, GenerationParams, PreparedPrompt, new_token_budget
+from services.inference.decoding import ChoiceDecoder
+from services.inference.generation import (
+    Backend,
+    Completion,
+    Delta,
+    EngineFailed,
+    GenerationParams,
+    PreparedPrompt,
+    StepOutput,
+    new_token_budget,
+)
 from services.inference.metrics import InferenceMetrics
 
 log = get_logger("inference.serving")
@@ -43,8 +61,34 @@ log = get_logger("inference.serving")
 _PROBE = [ChatMessage(role="user", content="ping")]
 
 
+# flywheel.json, written by the trainer into every checkpoint: only the profile matters here.
+CHECKPOINT_INFO = "flywheel.json"
+
+
 class ReloadFailed(RuntimeError):
     """A new model could not be loaded or verified; the previous one is still served."""
+
+
+class Overloaded(RuntimeError):
+    """`max_pending` requests are in flight already: come back later."""
+
+
+class GenerationTimeout(RuntimeError):
+    """A request ran past `request_timeout_s` and was stopped."""
+
+
+class _CheckpointProfile(msgspec.Struct):
+    profile: str = DEFAULT_PROFILE
+
+
+def checkpoint_profile(path: Path) -> Profile:
+    """The data profile the model at `path` was trained on (none for a model without flywheel.json)."""
+    info = path / CHECKPOINT_INFO
+    name = msgspec.json.decode(info.read_bytes(), type=_CheckpointProfile).profile if info.is_file() else DEFAULT_PROFILE
+    try:
+        return get_profile(name)
+    except UnknownProfile as exc:
+        raise ReloadFailed(f"{path}: trained on data profile {name!r}, which this server does not know") from exc
 
 
 class ModelInfo(msgspec.Struct, kw_only=True):
@@ -59,24 +103,45 @@ class ModelInfo(msgspec.Struct, kw_only=True):
     dtype: str
     parameters: int
     max_positions: int
+    engine: str
+    # The data profile it was trained on: its system prompt and generation rules apply.
+    profile: str
     # The trace the load ran in (for a deployment: the deployment's own trace) and the event.
     trace_id: str
     event_id: str
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class ServedModel:
     backend: Backend
     target: ModelTarget
     info: ModelInfo
+    profile: Profile
+    # The profile's rules, with a tokenizer of their own (they decode on the engine's thread).
+    rules: ProfileLogits | None = None
     # The "model load" span this model was loaded in: its first answer is recorded under it.
     load_span: SpanContext | None = None
     # Acquired once, never released: whoever gets it records the first answer.
-    _first_answer: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _first_answer: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Requests generating on this model now, and an event set whenever there are none.
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
     def claim_first_answer(self) -> bool:
         """True exactly once per loaded model, whichever thread or task asks first."""
         return self._first_answer.acquire(blocking=False)
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
 
 
 class RequestOrigin(msgspec.Struct, frozen=True):
@@ -104,6 +169,8 @@ class ModelServer:
         metrics: InferenceMetrics,
         model_name: str,
         max_tokens_limit: int,
+        max_pending: int = 256,
+        request_timeout_s: float = 600.0,
     ) -> None:
         self.store = store
         self.base_model = base_model
@@ -111,10 +178,14 @@ class ModelServer:
         self.metrics = metrics
         self.model_name = model_name
         self.max_tokens_limit = max_tokens_limit
+        self.max_pending = max_pending
+        self.request_timeout_s = request_timeout_s
         self.current: ServedModel | None = None
         self.last_error = ""
+        self.pending = 0
         self._reload_lock = asyncio.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        # Swapped-out models finishing their requests, each with the task that retires it.
+        self._retiring: dict[asyncio.Task, ServedModel] = {}
 
     # ------------------------------------------------------------------ loading
 
@@ -141,21 +212,35 @@ class ModelServer:
         with tracer().start_as_current_span("model load", attributes={
             "flywheel.model.source": target.source, "flywheel.model.uri": target.uri,
         }) as span:
+            served = None
             try:
                 # A copy of the context goes with the thread, so the load's spans nest here.
                 served = await asyncio.to_thread(self._load, target, current_trace_id(), span.get_span_context())
+                await self._probe(served)
             except Exception as exc:  # noqa: BLE001 - any load failure keeps the old model
+                if served is not None:
+                    await asyncio.to_thread(served.backend.close, 10.0, True)
                 self.metrics.reloads.labels("failed").inc()
                 self.last_error = f"loading {target.source} {target.uri or ''}: {exc}".strip()
                 log.error("model load failed; keeping the current model", target=target.uri,
                           source=target.source, error=repr(exc),
                           serving=self.current.info.id if self.current else None)
                 raise ReloadFailed(self.last_error) from exc
-        self.current = served
+        old, self.current = self.current, served
         self.last_error = ""
         self.metrics.reloads.labels("ok").inc()
         log.info("model loaded", **msgspec.to_builtins(served.info))
+        if old is not None:
+            task = asyncio.create_task(self._retire(old))
+            self._retiring[task] = old
+            task.add_done_callback(lambda done: self._retiring.pop(done, None))
         return served.info
+
+    async def _retire(self, old: ServedModel) -> None:
+        """Let the swapped-out model finish the requests it started, then stop its engine."""
+        await old.idle.wait()
+        await asyncio.to_thread(old.backend.close, 30.0)
+        log.info("previous model retired", model=old.info.id, sha256=old.info.sha256)
 
     def _load(self, target: ModelTarget, trace_id: str, load_span: SpanContext | None = None) -> ServedModel:
         if target.source == "champion":
@@ -163,11 +248,9 @@ class ModelServer:
         else:
             path = self.base_model()
             target = replace(target, uri=path.resolve().as_uri())
+        profile = checkpoint_profile(path)
         backend = self.backend_factory()
         backend.load(path)
-        probe = PreparedPrompt(backend.tokenize_chat(_PROBE), 1, GenerationParams(max_tokens=1, temperature=0))
-        if backend.generate(probe).completion_tokens != 1:
-            raise ReloadFailed(f"{path}: the loaded model did not generate a token")
         described = backend.describe()
         info = ModelInfo(
             id=served_model_id(self.model_name, target),
@@ -181,65 +264,128 @@ class ModelServer:
             dtype=described.dtype,
             parameters=described.parameters,
             max_positions=described.max_positions,
+            engine=described.engine,
+            profile=profile.name,
             trace_id=trace_id,
             event_id=target.event_id,
         )
-        return ServedModel(backend, target, info, load_span if load_span and load_span.is_valid else None)
+        rules = None
+        if not profile.rules.neutral:
+            from libs.common.models import load_tokenizer
+
+            rules = ProfileLogits(profile.rules, load_tokenizer(path), prompt_length=0)
+        return ServedModel(backend, target, info, profile, rules, load_span if load_span and load_span.is_valid else None)
+
+    async def _probe(self, served: ServedModel) -> None:
+        """The new engine must generate a token before the model is served."""
+        prompt = PreparedPrompt(served.backend.tokenize_chat(_PROBE), 1, GenerationParams(max_tokens=1, temperature=0))
+        async for _index, item in self._run(served, prompt, time.monotonic() + self.request_timeout_s):
+            if isinstance(item, Completion) and item.completion_tokens != 1:
+                raise ReloadFailed(f"{served.info.uri}: the loaded model did not generate a token")
 
     # ------------------------------------------------------------------ generating
 
-    async def prepare(self, served: ServedModel, messages: list[ChatMessage],
-                      params: GenerationParams) -> PreparedPrompt:
-        """Tokenize and budget a request; raises PromptTooLong."""
-        # On the generation thread: a fast tokenizer must not encode and decode concurrently.
-        loop = asyncio.get_running_loop()
-        input_ids = await loop.run_in_executor(self._executor, served.backend.tokenize_chat, messages)
+    def prepare(self, served: ServedModel, messages: list[ChatMessage], params: GenerationParams) -> PreparedPrompt:
+        """Tokenize (as the model's profile asks) and budget a chat request; raises PromptTooLong."""
+        return self._budget(served, served.backend.tokenize_chat(served.profile.prompted(messages)), params)
+
+    def prepare_text(self, served: ServedModel, text: str, params: GenerationParams) -> PreparedPrompt:
+        """Tokenize and budget a plain-text prompt (/v1/completions); raises PromptTooLong."""
+        return self._budget(served, served.backend.tokenize_text(text), params)
+
+    def _budget(self, served: ServedModel, input_ids: list[int], params: GenerationParams) -> PreparedPrompt:
         budget = new_token_budget(params.max_tokens, self.max_tokens_limit, served.info.max_positions, len(input_ids))
         return PreparedPrompt(input_ids, budget, params)
 
-    async def complete(self, served: ServedModel, prompt: PreparedPrompt,
-                       origin: RequestOrigin | None = None) -> Completion:
+    async def generate(self, served: ServedModel, prompt: PreparedPrompt,
+                       origin: RequestOrigin | None = None, *, stream: bool = True) -> AsyncIterator[tuple[int, Delta | Completion]]:
+        """Each choice's new text as it is generated, then its Completion, as (choice index, item).
+
+        Raises Overloaded before anything starts when `max_pending` requests are in flight, and
+        GenerationTimeout past `request_timeout_s`. Closing the iterator stops the generation.
+        """
+        if self.pending >= self.max_pending:
+            self.metrics.refused.inc()
+            raise Overloaded(f"{self.pending} requests are in flight, the most this server admits "
+                             f"(max_pending); retry shortly")
         started_ns = time.time_ns()
-        cancel = threading.Event()
-        loop = asyncio.get_running_loop()
+        self.pending += 1
+        self.metrics.pending.set(self.pending)
         try:
-            completion = await loop.run_in_executor(self._executor, served.backend.generate, prompt, cancel)
+            first = True
+            async for index, item in self._run(served, prompt, time.monotonic() + self.request_timeout_s):
+                if isinstance(item, Completion):
+                    self._count(item)
+                    if first:
+                        first = False
+                        self._answered(served, item, started_ns, origin, stream=stream)
+                yield index, item
         finally:
-            cancel.set()  # stops the worker early if this request was abandoned
-        self._count(completion)
-        self._answered(served, completion, started_ns, origin, stream=False)
-        return completion
+            self.pending -= 1
+            self.metrics.pending.set(self.pending)
 
-    async def stream(self, served: ServedModel, prompt: PreparedPrompt,
-                     origin: RequestOrigin | None = None) -> AsyncIterator[str | Completion]:
-        """Text pieces as they are generated, then the Completion. Closing it cancels the generation."""
-        started_ns = time.time_ns()
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        cancel = threading.Event()
+    async def _run(self, served: ServedModel, prompt: PreparedPrompt,
+                   deadline: float) -> AsyncIterator[tuple[int, Delta | Completion]]:
+        """Run `prompt`'s choices in `served`'s engine; what `generate` yields, without admission.
 
-        def on_text(text: str) -> None:
-            loop.call_soon_threadsafe(pieces.put_nowait, text)
+        Raises GenerationTimeout once `deadline` (time.monotonic) passes. The deadline bounds this
+        generator's own waits only, never the consumer's between two items (a timeout scope
+        around an async generator would cancel whatever its consumer awaits, e.g. a socket write).
+        """
+        backend = served.backend
+        items: asyncio.Queue[tuple[int, Delta | Completion | Exception]] = asyncio.Queue()
+        decoders: list[ChoiceDecoder] = []
+        running: dict[int, str] = {}  # choice index -> engine request id, while it runs
 
-        def on_done(future: asyncio.Future) -> None:
-            # Runs after every on_text callback (both come through the loop in order), so the
-            # end marker is last. Reading the exception keeps an abandoned failure from being
-            # reported as never retrieved; a reader that stays gets it from result().
-            if not future.cancelled():
-                future.exception()
-            pieces.put_nowait(None)
+        def on_step(decoder: ChoiceDecoder, step: StepOutput) -> None:
+            if decoder.index not in running:
+                return  # already ended here (a stop sequence); the engine may still have sent a step
+            if step.error is not None:
+                running.pop(decoder.index)
+                items.put_nowait((decoder.index, EngineFailed(step.error)))
+                return
+            piece = decoder.feed(step.tokens)
+            ended = decoder.stopped or step.finished
+            if ended:
+                piece += decoder.finish()
+            logprobs = decoder.new_logprobs()
+            if piece or logprobs:
+                items.put_nowait((decoder.index, Delta(piece, logprobs)))
+            if ended:
+                request_id = running.pop(decoder.index)
+                if not step.finished:
+                    backend.cancel(request_id)  # a stop sequence: the engine would go on
+                items.put_nowait((decoder.index, decoder.completion()))
 
-        future = loop.run_in_executor(self._executor, served.backend.stream, prompt, on_text, cancel)
-        future.add_done_callback(on_done)
+        served.enter()
         try:
-            while (piece := await pieces.get()) is not None:
-                yield piece
-            completion = future.result()
+            for index in range(prompt.params.n):
+                sampling = prompt.params.sampling(index)
+                sampling.rules = served.rules
+                decoder = ChoiceDecoder(backend.tokenizer, index=index, stops=prompt.params.stop, eos_ids=backend.eos_ids,
+                                        max_new_tokens=prompt.max_new_tokens, prompt_tokens=len(prompt.input_ids),
+                                        sampling=sampling)
+                decoders.append(decoder)
+                running[index] = ""  # registered before submit: a step may arrive as soon as it is submitted
+                running[index] = backend.submit(prompt.input_ids, prompt.max_new_tokens, sampling,
+                                                lambda step, d=decoder: on_step(d, step))
+            remaining = prompt.params.n
+            while remaining:
+                try:
+                    index, item = await asyncio.wait_for(items.get(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    raise GenerationTimeout(f"the generation ran past request_timeout_s ({self.request_timeout_s:g} s) "
+                                            "and was stopped") from None
+                if isinstance(item, Exception):
+                    raise item
+                if isinstance(item, Completion):
+                    remaining -= 1
+                yield index, item
         finally:
-            cancel.set()
-        self._count(completion)
-        self._answered(served, completion, started_ns, origin, stream=True)
-        yield completion
+            for request_id in running.values():
+                if request_id:
+                    backend.cancel(request_id)
+            served.leave()
 
     def _count(self, completion: Completion) -> None:
         self.metrics.prompt_tokens.inc(completion.prompt_tokens)
@@ -275,4 +421,15 @@ class ModelServer:
                  trace_id=served.info.trace_id, completion_id=origin.completion_id)
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop every engine: the served model's and any still finishing before retirement."""
+        models = list(self._retiring.values())
+        for task in list(self._retiring):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.current is not None:
+            models.append(self.current)
+            self.current = None
+        for served in models:
+            # Shutting down: what is still generating is stopped, not finished.
+            await asyncio.to_thread(served.backend.close, 10.0, True)

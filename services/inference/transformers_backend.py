@@ -1,63 +1,110 @@
-"""The Hugging Face transformers backend: `model.generate` on one conversation at a time.
+"""The Hugging Face transformers backend: continuous batching with paged attention.
 
-One stopping-criteria hook does the per-token work. transformers calls stopping criteria
-after every token with the whole sequence (before its streamer, in 5.x), so this hook decodes
-the completion so far, hands certain text to the stream, and ends generation on a stop
-sequence or a cancelled request in the same step: what is streamed and where generation stops
-always agree.
+One `ContinuousBatchingManager` (transformers' engine) per loaded model runs the generation loop
+on its own thread: requests join the running batch between steps and leave it when they finish
+or are cancelled, every step one forward pass over all of them. What is ours:
+
+- sampling per request (services/inference/sampling.py), installed as the engine's one logits
+  processor, with the engine's own sampling off (`do_sample=False` takes the token we chose);
+- bounded memory: the KV cache is sized by `kv_cache_tokens` (the engine's default takes 60 %
+  of the machine's RAM on CPU), the batch by `max_batch_requests`;
+- outputs delivered on the server's event loop through the engine's result handlers, one call
+  per step for the whole batch; a cancelled request's handler is removed at once (the engine
+  sends nothing for a cancelled request);
+- `close` lets the requests in flight finish (a swapped-out model keeps answering what it
+  started), then stops the loop.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from libs.common.chat import ChatMessage
+from libs.common.log import get_logger
 from libs.common.models import load_model, load_tokenizer, pick_device
-from services.inference.generation import BackendInfo, Completion, PreparedPrompt
-from services.inference.stopping import StopScanner
+from services.inference.generation import BackendInfo, EngineFailed, StepOutput
+from services.inference.sampling import SLOT_KWARG, RequestSampler, RowSampling, SamplingTable
+
+log = get_logger("inference.transformers")
 
 
-class _Watcher:
-    """A StoppingCriteria: decode, stream, and stop on a stop sequence or cancellation."""
+@dataclass(frozen=True)
+class EngineLimits:
+    """How much one engine holds at once."""
 
-    def __init__(self, tokenizer, prompt_len: int, stops: tuple[str, ...], on_text: Callable[[str], None],
-                 cancel: threading.Event | None) -> None:
-        self.tokenizer = tokenizer
-        self.prompt_len = prompt_len
-        self.scanner = StopScanner(stops)
-        self.on_text = on_text
-        self.cancel = cancel
-        self.generated: list[int] = []
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        self.generated = input_ids[0, self.prompt_len:].tolist()
-        # Decoding the whole completion each step (not token by token) keeps multi-token
-        # characters and tokenizer-specific spacing right; completions are short.
-        piece = self.scanner.feed(self.tokenizer.decode(self.generated, skip_special_tokens=True))
-        if piece:
-            self.on_text(piece)
-        done = self.scanner.stopped or (self.cancel is not None and self.cancel.is_set())
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+    # Requests in one forward pass (the rest wait in the engine's queue).
+    max_batch_requests: int = 64
+    # Tokens in one forward pass (prefill chunks and decode tokens together).
+    max_batch_tokens: int = 2048
+    # KV cache capacity in tokens, over all requests in flight.
+    kv_cache_tokens: int = 16384
+    # Tokens per cache page (a request holds whole pages).
+    page_size: int = 64
 
 
 class TransformersBackend:
-    def __init__(self, device: str = "auto") -> None:
+    """One model, its tokenizer and its continuous-batching engine."""
+
+    name = "transformers"
+
+    def __init__(self, device: str = "auto", limits: EngineLimits = EngineLimits()) -> None:
         self.device = pick_device(device)
+        self.limits = limits
         self.model = None
         self.tokenizer = None
-        self._eos: set[int] = set()
+        self.eos_ids: list[int] = []
+        self.table = SamplingTable()
+        self._manager = None
+        # Request id -> its sampling slot, for the requests in flight (touched on the event loop only).
+        self._slots: dict[str, int] = {}
+        self._ids = 0
+        self._ids_lock = threading.Lock()
+        self._close_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ loading
 
     def load(self, path: Path) -> None:
+        """Load weights and tokenizer and start the engine (blocking; run off the event loop)."""
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+        from transformers.generation.continuous_batching.cb_logits_processors import (
+            ContinuousBatchingLogitsProcessorList,
+        )
+        from transformers.generation.logits_process import LogitsProcessorList
+
         self.tokenizer = load_tokenizer(path)
         self.model = load_model(path, self.device)
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
-        self._eos = set(eos) if isinstance(eos, list) else {eos}
+        self.eos_ids = sorted({int(e) for e in eos}) if isinstance(eos, list) else [int(eos)]
+        limits = self.limits
+        config = ContinuousBatchingConfig(
+            page_size=limits.page_size,
+            num_blocks=math.ceil(limits.kv_cache_tokens / limits.page_size),
+            max_batch_tokens=limits.max_batch_tokens,
+            max_requests_per_batch=limits.max_batch_requests,
+            # Our sampler keeps Python state per request: no CUDA graph may capture it.
+            use_cuda_graph=False,
+            seed=0,
+        )
+        # Greedy in the engine: our sampler leaves one finite logit per row, which argmax takes.
+        generation = GenerationConfig(do_sample=False, eos_token_id=self.eos_ids,
+                                      pad_token_id=self.tokenizer.pad_token_id, max_new_tokens=16)
+        manager = self.model.init_continuous_batching(generation_config=generation, continuous_batching_config=config)
+        # The engine builds its processors from the generation config (none here); ours replaces
+        # them before its loop starts, which is when the engine reads them.
+        processors = ContinuousBatchingLogitsProcessorList(
+            LogitsProcessorList([RequestSampler(self.table)]), per_request_processors=False,
+        )
+        # The list counts argument rows only for processors it converted itself; ours needs one.
+        processors.tensors_required = 1
+        manager.logit_processor = processors
+        _start_daemon(manager)
+        self._manager = manager
 
     def describe(self) -> BackendInfo:
         config = self.model.config
@@ -66,50 +113,106 @@ class TransformersBackend:
             dtype=str(self.model.dtype).removeprefix("torch."),
             parameters=sum(p.numel() for p in self.model.parameters()),
             max_positions=int(getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length),
+            engine="transformers continuous batching (paged attention, "
+                   f"{self.model.config._attn_implementation})",
         )
 
     def tokenize_chat(self, messages: list[ChatMessage]) -> list[int]:
         plain = [{"role": m.role, "content": m.content} for m in messages]
         text = self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
         # The template already wrote every special token the model expects.
+        return self.tokenize_text(text)
+
+    def tokenize_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def generate(self, prompt: PreparedPrompt, cancel: threading.Event | None = None) -> Completion:
-        return self.stream(prompt, lambda _text: None, cancel)
+    # ------------------------------------------------------------------ generating
 
-    def stream(self, prompt: PreparedPrompt, on_text: Callable[[str], None],
-               cancel: threading.Event | None = None) -> Completion:
-        import torch
-        from transformers import StoppingCriteriaList
+    def submit(self, input_ids: list[int], max_new_tokens: int, sampling: RowSampling,
+               on_step: Callable[[StepOutput], None]) -> str:
+        """Start a generation; `on_step` gets its tokens as they come, on the calling event loop.
 
-        prompt_len = len(prompt.input_ids)
-        watcher = _Watcher(self.tokenizer, prompt_len, prompt.params.stop, on_text, cancel)
-        if cancel is not None and cancel.is_set():
-            return Completion("", "stop", prompt_len, 0)
-        params = prompt.params
-        sampling = {} if params.greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
-        if params.seed is not None and not params.greedy:
-            # The global generator: fine because generations run one at a time.
-            torch.manual_seed(params.seed)
-        input_ids = torch.tensor([prompt.input_ids], device=self.device)
-        with torch.inference_mode():
-            self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=prompt.max_new_tokens,
-                do_sample=not params.greedy,
-                stopping_criteria=StoppingCriteriaList([watcher]),
-                pad_token_id=self.tokenizer.pad_token_id,
-                **sampling,
-            )
-        piece = watcher.scanner.finish()
-        if piece:
-            on_text(piece)
-        hit_eos = bool(watcher.generated) and watcher.generated[-1] in self._eos
-        stopped = watcher.scanner.stopped or hit_eos or len(watcher.generated) < prompt.max_new_tokens
-        return Completion(
-            text=watcher.scanner.text,
-            finish_reason="stop" if stopped else "length",
-            prompt_tokens=prompt_len,
-            completion_tokens=len(watcher.generated),
-        )
+        Call from the event loop. Returns the request id for `cancel`.
+        """
+        manager = self._live()
+        slot = self.table.add(sampling)
+        with self._ids_lock:
+            self._ids += 1
+            request_id = f"r{self._ids}"
+        self._slots[request_id] = slot
+        sent = 0
+
+        def deliver(output) -> None:
+            nonlocal sent
+            tokens = output.generated_tokens[sent:]
+            sent = len(output.generated_tokens)
+            finished = output.is_finished()
+            if finished:
+                self._forget(request_id)
+            on_step(StepOutput(tokens=tokens, finished=finished, error=output.error))
+
+        manager.register_result_handler(request_id, deliver)
+        try:
+            added = manager.add_request(list(input_ids), request_id=request_id, max_new_tokens=max_new_tokens,
+                                        streaming=True, eos_token_id=self.eos_ids, **{SLOT_KWARG: slot})
+        except Exception:
+            self._forget(request_id)
+            raise
+        if added is None:  # the engine refused it (stopping or failed)
+            self._forget(request_id)
+            raise EngineFailed(self._failure() or "the generation engine is not accepting requests")
+        return request_id
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a generation; nothing more is delivered for it."""
+        if self._manager is not None and request_id in self._slots:
+            self._manager.cancel_request(request_id)
+            self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        with self._manager.output_router._lock:
+            self._manager.output_router.result_handlers.pop(request_id, None)
+        slot = self._slots.pop(request_id, None)
+        if slot is not None:
+            self.table.remove(slot)
+
+    def _live(self):
+        if self._manager is None:
+            raise EngineFailed("no model is loaded in this engine")
+        if failure := self._failure():
+            raise EngineFailed(f"the generation engine failed: {failure}")
+        if not self._manager.is_running():
+            raise EngineFailed("the generation engine has stopped")
+        return self._manager
+
+    def _failure(self) -> str:
+        error = self._manager.background_thread_status.fatal_error if self._manager else None
+        return repr(error) if error is not None else ""
+
+    def table_size(self) -> int:
+        """Requests holding a sampling slot (in flight)."""
+        return len(self.table)
+
+    @property
+    def healthy(self) -> bool:
+        return self._manager is not None and self._manager.is_running() and not self._failure()
+
+    def close(self, timeout_s: float | None = None, hard: bool = False) -> None:
+        """Stop the engine once the requests in flight are done, or at once when `hard` (blocking).
+
+        Safe to call again and from several threads (a retirement and a shutdown may overlap)."""
+        with self._close_lock:
+            if self._manager is not None and self._manager.is_running():
+                self._manager.stop(block=True, timeout=timeout_s, hard_stop=hard)
+
+
+def _start_daemon(manager) -> None:
+    """`manager.start()`, but its loop thread is a daemon: an engine someone forgot to close must not
+    keep the process alive at exit (interpreter shutdown joins every non-daemon thread first)."""
+    import torch
+
+    manager.background_thread_status.clear()
+    manager._generation_thread = threading.Thread(
+        target=manager._run_generation_loop, kwargs={"use_inference_mode": torch.is_inference_mode_enabled()},
+        name="generation-engine", daemon=True)
+    manager._generation_thread.start()

@@ -9,13 +9,20 @@ from services.inference.generation import Completion, GenerationParams, PromptTo
 from services.inference.protocol import (
     SSE_DONE,
     RequestError,
+    TokenText,
+    chat_logprobs,
     chunk,
     completion_response,
     model_list,
     parse_chat_request,
+    parse_completion_request,
     sse,
+    text_chunk,
+    text_completion_response,
+    text_logprobs,
     usage_chunk,
 )
+from services.inference.sampling import TokenLogprob
 
 
 def body(**fields) -> bytes:
@@ -61,7 +68,10 @@ def test_nulls_mean_defaults():
 
 
 @pytest.mark.parametrize(("fields", "param"), [
-    ({"n": 2}, "n"),
+    ({"n": 0}, "n"),
+    ({"n": 129}, "n"),
+    ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+    ({"logprobs": "yes"}, "logprobs"),
     ({"temperature": 2.5}, "temperature"),
     ({"temperature": -0.1}, "temperature"),
     ({"top_p": 0}, "top_p"),
@@ -91,22 +101,67 @@ def test_messages_are_required_and_body_must_be_json():
 
 def test_completion_response_has_the_openai_shape():
     done = Completion(text="hello", finish_reason="length", prompt_tokens=7, completion_tokens=3)
-    assert completion_response("chatcmpl-1", 100, "flywheel:base", done) == {
+    other = Completion(text="hi", finish_reason="stop", prompt_tokens=7, completion_tokens=2, index=1)
+    assert completion_response("chatcmpl-1", 100, "flywheel:base", [other, done]) == {
         "id": "chatcmpl-1",
         "object": "chat.completion",
         "created": 100,
         "model": "flywheel:base",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "length"}],
-        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "hello", "refusal": None}, "logprobs": None,
+             "finish_reason": "length"},
+            {"index": 1, "message": {"role": "assistant", "content": "hi", "refusal": None}, "logprobs": None,
+             "finish_reason": "stop"},
+        ],
+        # The prompt once, every choice's tokens.
+        "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12},
     }
+    text = text_completion_response("cmpl-1", 100, "m", [done])
+    assert text["object"] == "text_completion"
+    assert text["choices"] == [{"index": 0, "text": "hello", "logprobs": None, "finish_reason": "length"}]
+
+
+class _Tokenizer:
+    def decode(self, tokens: list[int]) -> str:
+        return {1: "he", 2: "llo", 3: " wo"}[tokens[0]]
+
+
+def test_log_probabilities_in_both_apis_shapes():
+    entries = [TokenLogprob(1, -0.5, ((1, -0.5), (3, -1.5))), TokenLogprob(2, -0.25, ((2, -0.25), (3, -2.0)))]
+    text = TokenText(_Tokenizer())
+    chat = chat_logprobs(entries, text)
+    assert chat["content"][0] == {"token": "he", "logprob": -0.5, "bytes": [104, 101], "top_logprobs": [
+        {"token": "he", "logprob": -0.5, "bytes": [104, 101]}, {"token": " wo", "logprob": -1.5, "bytes": [32, 119, 111]}]}
+    assert [e["token"] for e in chat["content"]] == ["he", "llo"]
+    assert text_logprobs(entries, text, offset=4) == {
+        "tokens": ["he", "llo"], "token_logprobs": [-0.5, -0.25],
+        "top_logprobs": [{"he": -0.5, " wo": -1.5}, {"llo": -0.25, " wo": -2.0}], "text_offset": [4, 6],
+    }
+    assert chat_logprobs(None, text) is None and text_logprobs(None, text) is None
+
+
+def test_completions_requests_read_and_refused():
+    raw = msgspec.json.encode({"prompt": ["say"], "max_tokens": 3, "logprobs": 2, "n": 2, "seed": 1, "stop": ["\n"]})
+    request = parse_completion_request(raw)
+    assert request.prompt == "say" and request.params == GenerationParams(
+        max_tokens=3, stop=("\n",), seed=1, n=2, top_logprobs=2)
+    # OpenAI's completions default: 16 tokens.
+    assert parse_completion_request(b'{"prompt": "x"}').params.max_tokens == 16
+    for body, param in [({"prompt": []}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": "a", "echo": True}, "echo"),
+                        ({"prompt": "a", "logprobs": 6}, "logprobs"), ({"prompt": "a", "best_of": 3}, "best_of")]:
+        with pytest.raises(RequestError) as caught:
+            parse_completion_request(msgspec.json.encode(body))
+        assert caught.value.param == param, body
 
 
 def test_stream_chunks_and_sse_framing():
     piece = chunk("c", 1, "m", {"content": "x"})
     assert piece["object"] == "chat.completion.chunk"
-    assert piece["choices"] == [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]
+    assert piece["choices"] == [{"index": 0, "delta": {"content": "x"}, "logprobs": None, "finish_reason": None}]
     assert chunk("c", 1, "m", {}, "stop")["choices"][0]["finish_reason"] == "stop"
-    final = usage_chunk("c", 1, "m", Completion("x", "stop", 2, 1))
+    assert text_chunk("c", 1, "m", "x", index=2)["choices"] == [
+        {"index": 2, "text": "x", "logprobs": None, "finish_reason": None}]
+    final = usage_chunk("c", 1, "m", [Completion("x", "stop", 2, 1)])
     assert final["choices"] == [] and final["usage"]["total_tokens"] == 3
     framed = sse(piece)
     assert framed.startswith(b"data: {") and framed.endswith(b"\n\n")

@@ -4,9 +4,7 @@ and its part in a deployment: load a staged checkpoint, report what it serves, w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
-import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,23 +30,16 @@ from libs.common.records import (
     DeployDecision,
     Deployment,
 )
-from libs.common.runtime import ServiceRuntime
 from libs.common.tracing import current_trace_id, setup_tracing, tracer
 from services.inference.auth import GENERATED_KEY_PATH
-from services.inference.service import SERVICE
 from services.inference.settings import InferenceSettings
 from tests.conftest import wait_for
+from tests.services.inference.conftest import free_port, running
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 LONG = 950  # tokens: a generation that takes a second or two on the tiny model
 HELLO = [{"role": "user", "content": "Hello, how can I help you today?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_checkpoint(store: ArtifactStore, base: Path, name: str, *, reinit_seed: int | None = None) -> Artifact:
@@ -107,29 +98,6 @@ def settings(tmp_path: Path, nats_server: str, tiny_model_dir: Path) -> Inferenc
         data_dir=tmp_path / "data", nats_url=nats_server, http_port=free_port(), base_model=str(tiny_model_dir),
         device="cpu", max_tokens_limit=1000,
     )
-
-
-@contextlib.asynccontextmanager
-async def running(settings: InferenceSettings, *, ready: bool = True, key: str = ""):
-    """The service as `python -m services.inference` runs it, in this process; yields an HTTP client."""
-    runtime = ServiceRuntime("inference", settings)
-    task = asyncio.create_task(runtime.run(SERVICE))
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}", timeout=30) as client:
-        try:
-            async def started() -> bool:
-                assert not task.done(), "the service stopped while starting"
-                with contextlib.suppress(httpx.TransportError):
-                    response = await client.get("/ready")
-                    return response.status_code == 200 or (not ready and "model" in response.json()["checks"])
-                return False
-
-            await wait_for(started, "the service to start", interval=0.1)
-            key = key or (settings.data_dir / GENERATED_KEY_PATH).read_text().strip()
-            client.headers["Authorization"] = f"Bearer {key}"
-            yield client
-        finally:
-            runtime.stop.set()
-            assert await asyncio.wait_for(task, 30) == 0
 
 
 async def info_when(client: httpx.AsyncClient, condition, timeout: float = 60.0) -> dict:
