@@ -72,6 +72,17 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+def text_token_ids(tokenizer, text: str) -> list[int]:
+    """A text's token ids as the model reads it: no special tokens added (a template wrote its own)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_token_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
+    """The prompt a model answers: the chat template over `messages` with the generation prompt added."""
+    plain = [{"role": m.role, "content": m.content} for m in messages]
+    return text_token_ids(tokenizer, _render(tokenizer, plain, add_generation_prompt=True))
+
+
 def assistant_char_spans(tokenizer, messages: list[ChatMessage]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the [start, end) character span of each assistant turn."""
     plain = [{"role": m.role, "content": m.content} for m in messages]

@@ -10,6 +10,7 @@ exactly like a real local base model directory (e.g. a Qwen3-0.6B download).
 from __future__ import annotations
 
 import fcntl
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -147,6 +148,16 @@ def ensure_base_model(data_dir: Path, configured: str = "") -> Path:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def spawn_engine_children() -> None:
+    """Make vLLM start its engine core process by spawn, never fork (unless the operator chose).
+
+    The serving process has threads (the event loop, other engines) and, after a weights check,
+    CUDA initialised, which a forked child cannot use. Process setup, like OMP_NUM_THREADS in
+    libs.common.runtime: services never touch the environment themselves.
+    """
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 
 def pick_device(requested: str = "auto") -> str:

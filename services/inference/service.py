@@ -149,7 +149,8 @@ class Inference:
                  sha256=serving.sha256 if serving else "")
 
     def readiness(self) -> dict:
-        return {"model": lambda: self.server.current is not None}
+        # Loaded, and its engine's loop alive (a fatal engine error makes the replica unready).
+        return {"model": lambda: self.server.current is not None and self.server.current.backend.healthy}
 
     async def close(self) -> None:
         await self.server.close()

@@ -334,7 +334,6 @@ class ModelServer:
         """
         backend = served.backend
         items: asyncio.Queue[tuple[int, Delta | Completion | Exception]] = asyncio.Queue()
-        decoders: list[ChoiceDecoder] = []
         running: dict[int, str] = {}  # choice index -> engine request id, while it runs
 
         def on_step(decoder: ChoiceDecoder, step: StepOutput) -> None:
@@ -365,17 +364,12 @@ class ModelServer:
                 decoder = ChoiceDecoder(backend.tokenizer, index=index, stops=prompt.params.stop, eos_ids=backend.eos_ids,
                                         max_new_tokens=prompt.max_new_tokens, prompt_tokens=len(prompt.input_ids),
                                         sampling=sampling)
-                decoders.append(decoder)
                 running[index] = ""  # registered before submit: a step may arrive as soon as it is submitted
                 running[index] = backend.submit(prompt.input_ids, prompt.max_new_tokens, sampling,
                                                 lambda step, d=decoder: on_step(d, step))
             remaining = prompt.params.n
             while remaining:
-                try:
-                    index, item = await asyncio.wait_for(items.get(), max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
-                    raise GenerationTimeout(f"the generation ran past request_timeout_s ({self.request_timeout_s:g} s) "
-                                            "and was stopped") from None
+                index, item = await self._next(items, deadline)
                 if isinstance(item, Exception):
                     raise item
                 if isinstance(item, Completion):
@@ -386,6 +380,17 @@ class ModelServer:
                 if request_id:
                     backend.cancel(request_id)
             served.leave()
+
+    async def _next(self, items: asyncio.Queue, deadline: float) -> tuple:
+        """The next item, or GenerationTimeout once `deadline` passes."""
+        if time.monotonic() < deadline:
+            try:
+                return items.get_nowait()  # the common case under load: no wait, no timer task
+            except asyncio.QueueEmpty:
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(items.get(), deadline - time.monotonic())
+        raise GenerationTimeout(f"the generation ran past request_timeout_s ({self.request_timeout_s:g} s) "
+                                "and was stopped")
 
     def _count(self, completion: Completion) -> None:
         self.metrics.prompt_tokens.inc(completion.prompt_tokens)

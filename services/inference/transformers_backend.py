@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from libs.common.chat import ChatMessage
+from libs.common.chat import ChatMessage, prompt_token_ids, text_token_ids
 from libs.common.log import get_logger
 from libs.common.models import load_model, load_tokenizer, pick_device
 from services.inference.generation import BackendInfo, EngineFailed, StepOutput
@@ -118,13 +118,10 @@ class TransformersBackend:
         )
 
     def tokenize_chat(self, messages: list[ChatMessage]) -> list[int]:
-        plain = [{"role": m.role, "content": m.content} for m in messages]
-        text = self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
-        # The template already wrote every special token the model expects.
-        return self.tokenize_text(text)
+        return prompt_token_ids(self.tokenizer, messages)
 
     def tokenize_text(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text_token_ids(self.tokenizer, text)
 
     # ------------------------------------------------------------------ generating
 

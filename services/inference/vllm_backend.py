@@ -51,7 +51,6 @@ import asyncio
 import concurrent.futures
 import gc
 import itertools
-import os
 import secrets
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -59,9 +58,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from libs.common.chat import ChatMessage
+from libs.common.chat import ChatMessage, prompt_token_ids, text_token_ids
 from libs.common.log import get_logger
-from libs.common.models import load_tokenizer
+from libs.common.models import load_tokenizer, spawn_engine_children
 from services.inference.generation import BackendInfo, EngineFailed, StepOutput
 from services.inference.sampling import RowSampling, TokenLogprob
 
@@ -342,10 +341,8 @@ class VllmBackend:
         path = Path(path)
         self.tokenizer = load_tokenizer(path)
         self.eos_ids = eos_token_ids(path, self.tokenizer)
-        # vLLM starts its engine core as a child process. Spawn it, never fork: this process has
-        # threads (the event loop, other engines) and, after a weights check, CUDA initialised,
-        # which a forked child cannot use. (vLLM forces spawn itself once CUDA is initialised.)
-        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        # vLLM starts its engine core as a child process: spawned, never forked from this threaded process.
+        spawn_engine_children()
         self._engine_loop = _EngineLoop(f"vllm-engine-{self._prefix}")
         try:
             self._engine = self._engine_loop.call(self._start(path))
@@ -412,13 +409,10 @@ class VllmBackend:
         )
 
     def tokenize_chat(self, messages: list[ChatMessage]) -> list[int]:
-        plain = [{"role": m.role, "content": m.content} for m in messages]
-        text = self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
-        # The template already wrote every special token the model expects.
-        return self.tokenize_text(text)
+        return prompt_token_ids(self.tokenizer, messages)
 
     def tokenize_text(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text_token_ids(self.tokenizer, text)
 
     # ------------------------------------------------------------------ generating
 
