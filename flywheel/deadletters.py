@@ -25,6 +25,7 @@ from libs.common.deadletter import (
     NoSuchDeadLetter,
     describe,
     list_dead_letters,
+    original_message_id,
 )
 
 __all__ = ["DeadLetter", "NoSuchDeadLetter", "describe", "format_dead_letters", "list_dead_letters", "replay"]
@@ -33,7 +34,7 @@ __all__ = ["DeadLetter", "NoSuchDeadLetter", "describe", "format_dead_letters", 
 def replay_headers(headers: dict[str, str] | None, seq: int) -> dict[str, str]:
     """The original message's headers (its trace context included) with a fresh message id."""
     kept = {k: v for k, v in (headers or {}).items() if k not in OURS_HEADERS}
-    original = (headers or {}).get(MSG_ID_HEADER, "").removeprefix("dead-")
+    original = original_message_id(headers or {})
     return kept | {MSG_ID_HEADER: f"replay-{seq}-{original}" if original else f"replay-{seq}"}
 
 

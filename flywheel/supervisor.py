@@ -22,7 +22,7 @@ from pathlib import Path
 from flywheel.tracing_ui import PHOENIX_PORT, Phoenix, make_tracing_ui
 from libs.common.models import ensure_base_model
 from libs.common.nats_server import NatsServer
-from libs.common.settings import DEFAULT_PORTS, SERVICES, load_all
+from libs.common.settings import DEFAULT_PORTS, SERVICES, SettingsError, load_all
 
 BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
@@ -44,10 +44,19 @@ class Child:
     log_file: object = field(default=None, repr=False)
 
 
-def service_ports(port_base: int | None) -> dict[str, int]:
-    if port_base is None:
-        return dict(DEFAULT_PORTS)
-    return {svc: port_base + i for i, svc in enumerate(SERVICES)}
+def service_ports(port_base: int | None, environ: dict[str, str] | None = None) -> dict[str, int]:
+    """Each service's HTTP port: `port_base` + its index when given (the flag says so for all);
+    else the port the environment sets for it (`FLYWHEEL_<SERVICE>_HTTP_PORT`), else its default."""
+    if port_base is not None:
+        return {svc: port_base + i for i, svc in enumerate(SERVICES)}
+    ports = dict(DEFAULT_PORTS)
+    for svc in ports:
+        name = f"FLYWHEEL_{svc.upper()}_HTTP_PORT"
+        if value := (environ or {}).get(name, "").strip():
+            if not value.isdigit() or not 0 < int(value) < 65536:
+                raise SettingsError(f"{name}: a port number (1-65535), got {value!r}")
+            ports[svc] = int(value)
+    return ports
 
 
 def child_environment(data_dir: Path, nats_url: str, ports: dict[str, int], base: dict[str, str],
@@ -76,7 +85,7 @@ class Supervisor:
         # Only a name is checked here; whether it can run, at start.
         self.ui = make_tracing_ui(tracing_ui, self.data_dir, port=tracing_ui_port, python=tracing_ui_python)
         self.environ = dict(os.environ if environ is None else environ)
-        self.ports = service_ports(port_base)
+        self.ports = service_ports(port_base, self.environ)
         self.services = services
         self.grace_s = grace_s
         self.nats: NatsServer | None = None

@@ -53,6 +53,8 @@ REASON_HEADER = "Flywheel-Dead-Letter-Reason"
 # Also on a dead letter: which consumer gave up on it, and where it was published first.
 CONSUMER_HEADER = "Flywheel-Consumer"
 SUBJECT_HEADER = "Flywheel-Original-Subject"
+# The original message id (the dead letter's own Nats-Msg-Id is per consumer).
+ORIGINAL_ID_HEADER = "Flywheel-Original-Msg-Id"
 # What an unreachable or not yet started server looks like to a first connect.
 _UNREACHABLE = (nats.errors.NoServersError, nats.errors.Error, OSError, TimeoutError)
 
@@ -444,10 +446,14 @@ class Bus:
             REASON_HEADER: reason[:2000],
             CONSUMER_HEADER: spec.durable,
             SUBJECT_HEADER: msg.subject,
-            "Nats-Msg-Id": f"dead-{original_id}" if original_id else "",
+            ORIGINAL_ID_HEADER: original_id,
+            # Per consumer: two consumers of one event (the deployer and the curriculum on
+            # eval.scored) each dead-letter their own copy; one id would drop the second reason.
+            "Nats-Msg-Id": f"dead-{spec.durable}-{original_id}" if original_id else "",
         })
-        if not headers["Nats-Msg-Id"]:
-            del headers["Nats-Msg-Id"]
+        for key in ("Nats-Msg-Id", ORIGINAL_ID_HEADER):
+            if not headers[key]:
+                del headers[key]
         log.error("dead-lettered", reason=reason, consumer=spec.durable)
         await self.js.publish(topology.dead_letter(msg.subject), msg.data, headers=headers)
         # Only after the copy is stored: stop redelivery.

@@ -14,11 +14,17 @@ import msgspec
 import nats.js.errors
 
 from libs.common import topology
-from libs.common.bus import CONSUMER_HEADER, REASON_HEADER, SUBJECT_HEADER, Bus
+from libs.common.bus import CONSUMER_HEADER, ORIGINAL_ID_HEADER, REASON_HEADER, SUBJECT_HEADER, Bus
 
 STREAM = "DEADLETTER"
 MSG_ID_HEADER = "Nats-Msg-Id"
-OURS_HEADERS = (REASON_HEADER, CONSUMER_HEADER, SUBJECT_HEADER, MSG_ID_HEADER)
+OURS_HEADERS = (REASON_HEADER, CONSUMER_HEADER, SUBJECT_HEADER, ORIGINAL_ID_HEADER, MSG_ID_HEADER)
+
+
+def original_message_id(headers: dict[str, str]) -> str:
+    """The dead-lettered message's own Nats-Msg-Id ("" if it had none); letters stored before the
+    id header existed carry it as their own id after "dead-"."""
+    return headers.get(ORIGINAL_ID_HEADER) or headers.get(MSG_ID_HEADER, "").removeprefix("dead-")
 
 
 class NoSuchDeadLetter(LookupError):
@@ -40,7 +46,7 @@ def describe(seq: int, subject: str, headers: dict[str, str] | None, data: bytes
     original = headers.get(SUBJECT_HEADER) or subject.removeprefix(f"{topology.DEAD_LETTER_PREFIX}.")
     return DeadLetter(
         seq=seq, time=time, subject=original, consumer=headers.get(CONSUMER_HEADER, ""),
-        reason=headers.get(REASON_HEADER, ""), message_id=headers.get(MSG_ID_HEADER, "").removeprefix("dead-"),
+        reason=headers.get(REASON_HEADER, ""), message_id=original_message_id(headers),
         size=len(data),
     )
 

@@ -11,6 +11,7 @@ import pytest
 
 from flywheel.demo import free_port_base
 from flywheel.supervisor import NATS_URL_FILE, Supervisor, child_environment, service_ports
+from libs.common.settings import SettingsError
 from tests.conftest import wait_for_sync
 
 
@@ -63,6 +64,18 @@ def test_ports_and_environment_for_children(tmp_path: Path):
     env = child_environment(tmp_path, "nats://x:1", ports, {"PATH": "/bin"})
     assert env["FLYWHEEL_NATS_URL"] == "nats://x:1" and env["FLYWHEEL_TRAINER_HTTP_PORT"] == "9002"
     assert env["FLYWHEEL_DATA_DIR"] == str(tmp_path)
+
+
+def test_ports_set_in_the_environment_are_kept_unless_a_port_base_is_given(tmp_path: Path):
+    shell = {"FLYWHEEL_INFERENCE_HTTP_PORT": "9100", "FLYWHEEL_DASHBOARD_HTTP_PORT": " 9106 "}
+    sup = Supervisor(tmp_path / "data", environ=shell)
+    assert sup.ports["inference"] == 9100 and sup.ports["dashboard"] == 9106
+    assert sup.ports["trainer"] == service_ports(None)["trainer"]  # the default where none is set
+    env = child_environment(tmp_path, "nats://x:1", sup.ports, shell)
+    assert env["FLYWHEEL_INFERENCE_HTTP_PORT"] == "9100"  # what the service binds is what the supervisor shows
+    assert service_ports(9000, shell)["inference"] == 9000  # --port-base speaks for every service
+    with pytest.raises(SettingsError, match="FLYWHEEL_TRAINER_HTTP_PORT"):
+        Supervisor(tmp_path / "data", environ={"FLYWHEEL_TRAINER_HTTP_PORT": "eighty"})
 
 
 @pytest.mark.integration

@@ -12,6 +12,7 @@ import pytest
 
 from libs.common import topology
 from libs.common.bus import REASON_HEADER, Bus, Interrupted, Reject
+from libs.common.deadletter import original_message_id
 from libs.common.events import DatasetSubmitted, ModelDeployed
 from libs.common.records import message_failures
 from libs.common.tracing import setup_tracing, tracer
@@ -276,3 +277,32 @@ async def test_request_reply_round_trip(bus: Bus):
     assert reply.ok and reply.state == "pause" and reply.message == "control.trainer.pause"
     bad = await bus.request("control.trainer.pause", ControlReply(ok=True, state="x"), ControlReply)
     assert not bad.ok and "bad request" in bad.message
+
+
+async def test_two_consumers_dead_lettering_the_same_event_keep_both_reasons(bus: Bus):
+    # The deployer and the curriculum both consume eval.scored: each refusal is its own dead letter.
+    other = topology.ConsumerSpec("t-other", "DATASETS", "dataset.submitted", max_deliver=2, ack_wait_s=1.5,
+                                  backoff_s=(0.1,))
+    await bus._ensure_consumer(FAST)
+    await bus._ensure_consumer(other)
+    await bus.publish(topology.DATASET_SUBMITTED, submitted())
+    dead = await bus.js.subscribe("deadletter.dataset.submitted")
+    stop = asyncio.Event()
+
+    def refusing(reason: str):
+        async def refuse(event, delivery):
+            raise Reject(reason)
+        return refuse
+
+    tasks = [asyncio.create_task(consume(bus, spec, DatasetSubmitted, refusing(f"{spec.durable} refuses"), stop))
+             for spec in (FAST, other)]
+    letters = [await dead.next_msg(timeout=10) for _ in range(2)]
+    stop.set()
+    await asyncio.gather(*tasks)
+    assert sorted(m.headers[REASON_HEADER].removeprefix("rejected by handler: ") for m in letters) == [
+        "t-fast refuses", "t-other refuses"]
+    assert len({m.headers["Nats-Msg-Id"] for m in letters}) == 2
+    # Both name the message they are copies of.
+    assert {original_message_id(m.headers) for m in letters} == {letters[0].headers["Flywheel-Original-Msg-Id"]} != {""}
+    stored = await bus.js.stream_info(topology.stream_for("deadletter.dataset.submitted"))
+    assert stored.state.messages == 2  # neither was dropped as a duplicate of the other
