@@ -91,6 +91,8 @@ class Supervisor:
         self.nats: NatsServer | None = None
         self.nats_url = self.environ.get("FLYWHEEL_NATS_URL") or self.environ.get("NATS_URL", "")
         self.children: dict[str, Child] = {}
+        self.nats_restarts = 0
+        self._nats_restart_at = 0.0
         self._stopping = False
         self._ui_exit_told = False
 
@@ -146,8 +148,9 @@ class Supervisor:
         child.started_at = time.monotonic()
 
     def poll(self) -> None:
-        """Restart any child that died, after its backoff."""
+        """Restart the embedded nats-server if it died, and any child that died, after its backoff."""
         now = time.monotonic()
+        self._keep_nats_up(now)
         if self.ui and not self._stopping and (code := self.ui.exited()) is not None and not self._ui_exit_told:
             # The stack goes on without it; the services' spans still go to <data_dir>/traces.
             self._ui_exit_told = True
@@ -171,6 +174,26 @@ class Supervisor:
             child.restart_at = now + child.backoff_s
             print(f"{child.service} exited with {code}; restarting in {child.backoff_s:.0f}s (log {child.log_path})", flush=True)
             child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
+
+    def _keep_nats_up(self, now: float) -> None:
+        """The embedded server, restarted on the same port and store: services reconnect by themselves
+        (they retry forever once connected) and JetStream recovers its streams from the store."""
+        if self.nats is None or self._stopping or self.nats.process is None or now < self._nats_restart_at:
+            return
+        code = self.nats.process.poll()
+        if code is None:
+            return
+        self.nats_restarts += 1
+        print(f"nats-server exited with {code}; restarting it on {self.nats_url} (restart #{self.nats_restarts})",
+              flush=True)
+        try:
+            url = self.nats.start()
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            self._nats_restart_at = now + BACKOFF_START_S
+            print(f"nats-server did not restart ({exc}); trying again in {BACKOFF_START_S:.0f}s", flush=True)
+            return
+        if url != self.nats_url:  # the port was taken meanwhile: the services cannot follow
+            print(f"nats-server came back on {url}, not {self.nats_url}; restart flywheel", flush=True)
 
     def stop(self) -> None:
         self._stopping = True

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -42,7 +43,12 @@ from libs.common.events import Event, encode
 from libs.common.kv import Record
 from libs.common.records import Key, MessageFailures, message_failures
 from libs.common.service import Publish, Subscribe, matches
-from libs.common.tracing import extract_context, inject_headers, trace_id_from_headers, tracer
+from libs.common.tracing import (
+    extract_context,
+    inject_headers,
+    trace_id_from_headers,
+    tracer,
+)
 
 log = structlog.get_logger("bus")
 
@@ -113,6 +119,8 @@ class Bus:
         self.js = nc.jetstream()
         self.service = service
         self._kv: dict[str, KeyValue] = {}
+        # JetStream replicas of the streams and buckets this bus creates (ensure_topology).
+        self.replicas = 1
         # Set by the runtime from the service's declaration: publishing elsewhere is a bug.
         self.publications: tuple[Publish, ...] | None = None
 
@@ -186,7 +194,14 @@ class Bus:
 
     # ------------------------------------------------------------------ topology
 
-    async def ensure_topology(self) -> None:
+    async def ensure_topology(self, replicas: int = 1) -> None:
+        """Create the streams, consumers and KV buckets that are missing; bring existing streams'
+        own settings (subjects, limits, duplicate window) up to date and leave the rest alone.
+
+        `replicas`: JetStream replicas of what is created (3 on a NATS cluster); an existing
+        stream keeps a higher count an operator gave it.
+        """
+        self.replicas = replicas
         for stream in topology.STREAMS:
             await self._ensure_stream(stream)
         for consumer in topology.CONSUMERS:
@@ -195,23 +210,24 @@ class Bus:
             await self.kv(bucket)
 
     async def _ensure_stream(self, spec: topology.StreamSpec) -> None:
-        config = api.StreamConfig(
-            name=spec.name,
-            subjects=list(spec.subjects),
-            retention=api.RetentionPolicy.LIMITS,
-            storage=api.StorageType.FILE,
-            max_age=spec.max_age_s,
-            max_bytes=spec.max_bytes,
-            duplicate_window=spec.duplicate_window_s,
-        )
+        owned = {
+            "subjects": list(spec.subjects), "retention": api.RetentionPolicy.LIMITS, "max_age": spec.max_age_s,
+            "max_bytes": spec.max_bytes, "duplicate_window": spec.duplicate_window_s,
+        }
         try:
-            await self.js.stream_info(spec.name)
-            await self.js.update_stream(config)
+            existing = (await self.js.stream_info(spec.name)).config
         except nats.js.errors.NotFoundError:
+            config = api.StreamConfig(name=spec.name, storage=api.StorageType.FILE, num_replicas=self.replicas, **owned)
             try:
                 await self.js.add_stream(config)
             except nats.js.errors.BadRequestError:
                 await self.js.stream_info(spec.name)  # created concurrently by another service
+            return
+        # Only what Flywheel owns changes; an operator's other settings (replicas, message
+        # limits, placement, a description) survive every start. No change: no update at all.
+        wanted = dataclasses.replace(existing, num_replicas=max(existing.num_replicas or 1, self.replicas), **owned)
+        if wanted != existing:
+            await self.js.update_stream(wanted)
 
     async def _ensure_consumer(self, spec: topology.ConsumerSpec) -> None:
         config = api.ConsumerConfig(
@@ -242,6 +258,7 @@ class Bus:
                 try:
                     self._kv[spec.name] = await self.js.create_key_value(
                         bucket=spec.name, history=spec.history, description=spec.description, ttl=spec.max_age_s,
+                        replicas=self.replicas,
                     )
                 except nats.js.errors.BadRequestError:
                     self._kv[spec.name] = await self.js.key_value(spec.name)

@@ -43,8 +43,10 @@ class NatsServer:
     def start(self, timeout_s: float = 20.0) -> str:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_path or self.store_dir / "nats-server.log"
-        # The server writes its own log file; we tail it for the bound port.
-        log_path.unlink(missing_ok=True)
+        # The server writes its own log file; we tail it for the bound port. A previous run's log
+        # (a crashed server being restarted) is kept beside it as <name>.1.
+        if log_path.exists():
+            log_path.replace(log_path.with_name(log_path.name + ".1"))
         cmd = [
             find_nats_server(), "-js", "-a", "127.0.0.1", "-p", str(self.port),
             "-sd", str(self.store_dir), "--log", str(log_path),

@@ -94,7 +94,7 @@ class ServiceRuntime(Generic[S]):
         self.bus = await Bus.connect(self.settings.nats_servers, self.name,
                                      deadline_s=self.settings.nats_connect_deadline_s)
         self.bus.publications = service.publications
-        await self.bus.ensure_topology()
+        await self.bus.ensure_topology(replicas=self.settings.stream_replicas)
         # Bound before the build, so an every-replica subscription misses nothing meanwhile.
         sources = [await self.bus.bind(sub) for sub in service.subscriptions]
         self.log.info("building the service (models, state)")

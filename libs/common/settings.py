@@ -89,6 +89,9 @@ class CommonSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     data_dir: Path = Path("data")
     # Empty means "not set": `flywheel up` then starts an embedded nats-server.
     nats_url: str = ""
+    # JetStream replicas of the streams and KV buckets Flywheel creates: 1 on one server, 3 on a
+    # NATS cluster (an existing stream keeps a higher count an operator gave it).
+    stream_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     # How long a service keeps trying to reach NATS at start before it exits (0: forever).
     nats_connect_deadline_s: NonNegativeFloat = 300.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -49,6 +49,19 @@ def test_child_killed_is_restarted_and_stop_is_clean(tmp_path: Path, tiny_model_
         wait_for_sync(lambda: started(2), "the killed deployer to be restarted and to start again")
         assert sup.children["deployer"].restarts == 1
         assert sup.children["deployer"].process.pid != first.pid
+
+        # The embedded nats-server dies: it is restarted on the same URL, from the same store, and
+        # the running deployer reconnects by itself (its /ready checks the bus).
+        url, server = sup.nats_url, sup.nats.process
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait()
+        wait_for_sync(lambda: not _ready(sup.ports["deployer"]), "the deployer to notice NATS is gone")
+        wait_for_sync(lambda: (sup.poll(), sup.nats.process.poll() is None and sup.nats_restarts == 1)[1],
+                      "the supervisor to restart nats-server")
+        assert sup.nats.url == url and sup.nats.process.pid != server.pid
+        wait_for_sync(lambda: (sup.poll(), _ready(sup.ports["deployer"]))[1], "the deployer to reconnect")
+        assert (data / "logs" / "nats-server.log.1").exists()  # the dead server's log kept
+        assert sup.children["deployer"].restarts == 1  # reconnected, not restarted
     finally:
         sup.stop()
     child = sup.children["deployer"].process

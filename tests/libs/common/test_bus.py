@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 
 import msgspec
 import nats.errors
@@ -306,3 +307,18 @@ async def test_two_consumers_dead_lettering_the_same_event_keep_both_reasons(bus
     assert {original_message_id(m.headers) for m in letters} == {letters[0].headers["Flywheel-Original-Msg-Id"]} != {""}
     stored = await bus.js.stream_info(topology.stream_for("deadletter.dataset.submitted"))
     assert stored.state.messages == 2  # neither was dropped as a duplicate of the other
+
+
+async def test_a_restart_keeps_an_operators_stream_settings_and_updates_only_ours(bus: Bus):
+    from nats.js import api
+
+    info = await bus.js.stream_info("DATASETS")
+    # An operator caps the stream's message count and describes it; a newer Flywheel shortens the window.
+    tuned = dataclasses.replace(info.config, max_msgs=5000, description="ops: capped", duplicate_window=60.0)
+    await bus.js.update_stream(tuned)
+    await bus.ensure_topology()  # what every service start does
+    config = (await bus.js.stream_info("DATASETS")).config
+    assert config.max_msgs == 5000 and config.description == "ops: capped"  # theirs: kept
+    spec = next(s for s in topology.STREAMS if s.name == "DATASETS")
+    assert config.duplicate_window == spec.duplicate_window_s and config.subjects == list(spec.subjects)  # ours: restored
+    assert config.num_replicas == 1 and config.retention == api.RetentionPolicy.LIMITS
