@@ -15,7 +15,10 @@
 A submission answers 200 when accepted or a duplicate, 422 when rejected (the body says why;
 the original and the report are kept either way), 413 when the body is over max_file_bytes
 (cut off there; nothing is kept: the client still holds it), 400 for a malformed form, 503
-when the outcome could not be published.
+when the outcome could not be published. Sending the same file again is then safe: an
+acceptance never announced is announced by the retry, which answers 200 "accepted" with the
+acceptance's report (its submission id), not "duplicate"; the service also announces it by
+itself, later (service.py).
 """
 
 from __future__ import annotations

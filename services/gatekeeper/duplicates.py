@@ -34,6 +34,9 @@ accepted. One small JSON file per dataset id under `<data_dir>/gatekeeper/accept
 with an atomic link-if-absent, so two submissions of the same content racing each other (HTTP,
 inbox and NATS run concurrently) agree on which one came first. The dataset id is the sha256 of
 the normalised content: the same rows submitted twice are one dataset and are trained once.
+An entry is claimed with `announced` false and rewritten (atomically, keeping its modification
+time, which orders `recent`) once its `dataset.accepted` was published, so an acceptance whose
+announcement failed or was cut short by a crash is found again and announced (pipeline.py).
 """
 
 from __future__ import annotations
@@ -103,7 +106,7 @@ class Duplicates(LevelCheck):
             keys.append(exact_key(line))
         recent = self.recent.exact_matches(np.array(keys, np.uint64)) if len(self.recent) else None
         kept, kept_keys = [], []
-        for n, (i, key) in enumerate(zip(live, keys)):
+        for n, (i, key) in enumerate(zip(live, keys, strict=True)):
             if recent is not None and recent[n] >= 0:
                 dataset_id, line = self.recent.where(int(recent[n]))
                 self.matched_datasets.add(dataset_id)
@@ -385,6 +388,9 @@ class IndexEntry(msgspec.Struct, frozen=True, kw_only=True):
     schema: str = "chat_sft_v1"
     num_rows: int = 0
     accepted_at: datetime = msgspec.field(default_factory=utcnow)
+    # False from the claim until `dataset.accepted` was published (acked by JetStream). Entries
+    # written before the field existed were claimed and announced in one go: they read as True.
+    announced: bool = True
 
 
 class AcceptedIndex:
@@ -420,6 +426,37 @@ class AcceptedIndex:
             return existing
         finally:
             os.unlink(tmp)
+
+    def replace(self, entry: IndexEntry) -> None:
+        """Overwrite the entry of `entry`'s dataset (a claim taken over), keeping its place in `recent`."""
+        self._rewrite(entry)
+
+    def mark_announced(self, dataset_id: str) -> IndexEntry | None:
+        """Record that the dataset's acceptance was announced; the entry as it now stands."""
+        entry = self.get(dataset_id)
+        if entry is None or entry.announced:
+            return entry
+        entry = msgspec.structs.replace(entry, announced=True)
+        self._rewrite(entry)
+        return entry
+
+    def _rewrite(self, entry: IndexEntry) -> None:
+        target = self._path(entry.dataset_id)
+        try:
+            mtime_ns = target.stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime_ns = None
+        with atomic_file(target) as fh:
+            fh.write(msgspec.json.encode(entry))
+        if mtime_ns is not None:  # `recent` orders by acceptance, not by the last rewrite
+            os.utime(target, ns=(mtime_ns, mtime_ns))
+
+    def unannounced(self) -> list[IndexEntry]:
+        """Every entry whose announcement has not gone out (yet), oldest first."""
+        with os.scandir(self.folder) as found:
+            files = sorted((entry.stat().st_mtime_ns, entry.name.removesuffix(".json")) for entry in found
+                           if entry.name.endswith(".json") and is_sha256(entry.name.removesuffix(".json")))
+        return [entry for _, dataset_id in files if (entry := self.get(dataset_id)) is not None and not entry.announced]
 
     def recent(self, n: int) -> list[IndexEntry]:
         """The `n` most recently accepted datasets, newest first."""

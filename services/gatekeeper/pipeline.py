@@ -48,8 +48,19 @@ and it is announced as a `DatasetRejected` with the reason "duplicate of <datase
 so every submission gets exactly one answer and no dataset is trained twice. At the deep
 level, a file whose every row is already in recently accepted datasets is a duplicate too.
 
+At least once: the index entry is claimed unannounced, and the caller reports back whether
+publishing its `dataset.accepted` worked (`announced`, `not_announced`). A dataset accepted but
+never announced (the publish failed, the process died first) is no duplicate: the next
+submission of the same content (at deep, one whose rows all come from that one dataset) gets
+the stored report of the acceptance, to announce again: the same event, whose id JetStream
+drops if the earlier attempt landed after all, and a copy of that report under its own id.
+Only while this process is announcing it is the same content a duplicate. `take_unannounced`
+hands out every acceptance still to announce (the service sweeps them at start and after a
+failure). An entry whose submission died before writing its report is taken over by the next.
+
 Idempotent per submission id: when its report exists, that report is returned unchanged
-(a redelivered `dataset.submitted` is announced again, not validated again).
+(a redelivered `dataset.submitted` is announced again, not validated again; the service skips
+an acceptance the index already records as announced, `was_announced`).
 
 A Gatekeeper is put together from its settings (`build_gatekeeper`): the service and
 `flywheel check` build it alike. Both read the same data directory, so a check on the command
@@ -75,6 +86,7 @@ import msgspec
 
 from libs.common.artifacts import Artifact, ArtifactError, ArtifactStore, is_sha256, sha256_file
 from libs.common.events import DatasetSubmitted, ValidationLevel, utcnow
+from libs.common.log import get_logger
 from libs.common.models import ensure_base_model, load_tokenizer
 from libs.common.profiles import DEFAULT_PROFILE, UnknownProfile, get_profile
 from services.gatekeeper.checks import (
@@ -119,6 +131,7 @@ if TYPE_CHECKING:  # the settings import ValidationConfig from here
     from services.gatekeeper.settings import GatekeeperSettings
 
 NAME = "gatekeeper"
+log = get_logger(NAME)
 
 # ---------------------------------------------------------------------------- one file through its level
 
@@ -284,6 +297,11 @@ class Gatekeeper:
         # Set when the service stops: a validation in progress raises ValidationInterrupted
         # and leaves no report, so the submission is taken up again after the restart.
         self.stopping = threading.Event()
+        # Dataset ids whose acceptance this process has claimed or taken up and not yet seen
+        # announced or failed (`announced`, `not_announced`): the same content submitted
+        # meanwhile is a duplicate, as the announcement is under way.
+        self._announcing: set[str] = set()
+        self._claims = threading.Lock()
 
     # ------------------------------------------------------------------ intake
 
@@ -356,6 +374,61 @@ class Gatekeeper:
             return None
         path = self.store.location("reports", f"{report_id}.json")
         return decode_report(path.read_bytes()) if path.is_file() else None
+
+    # ------------------------------------------------------------------ announcing (the caller publishes)
+
+    def announced(self, report: Report) -> None:
+        """`report`'s announcement was published: an acceptance is marked announced in the index."""
+        if report.status != "accepted" or not report.dataset_id:
+            return
+        with self._claims:
+            try:
+                self.index.mark_announced(report.dataset_id)
+            finally:
+                self._announcing.discard(report.dataset_id)
+
+    def was_announced(self, report: Report) -> bool:
+        """Whether the index records `report`'s acceptance as announced (JetStream holds its event)."""
+        if report.status != "accepted" or not report.dataset_id:
+            return False
+        entry = self.index.get(report.dataset_id)
+        return entry is not None and entry.announced and entry.submission_id == report.submission_id
+
+    def not_announced(self, report: Report) -> None:
+        """Publishing `report`'s announcement failed: the next submission of its content, or
+        `take_unannounced`, announces it."""
+        if report.status != "accepted":
+            return
+        with self._claims:
+            self._announcing.discard(report.dataset_id)
+
+    def take_unannounced(self) -> list[Report]:
+        """The reports of accepted datasets never announced and not under way here, oldest first, now
+        the caller's to announce (then `announced` or `not_announced`, each)."""
+        taken = []
+        for entry in self.index.unannounced():
+            with self._claims:
+                current = self.index.get(entry.dataset_id)
+                if current is None or current.announced or current.dataset_id in self._announcing:
+                    continue
+                if (report := self._take_up(current)) is not None:
+                    taken.append(report)
+                else:
+                    log.warning("an accepted dataset was never announced and its report is missing; the next "
+                                "submission of the same content announces it", dataset_id=current.dataset_id,
+                                submission_id=current.submission_id)
+        return taken
+
+    def _take_up(self, entry: IndexEntry) -> Report | None:
+        """The stored report of `entry`'s acceptance when it is still to be announced and nobody here is
+        announcing it; it is then the caller's to announce. Call with `_claims` held."""
+        if entry.announced or entry.dataset_id in self._announcing:
+            return None
+        report = self.read_report(entry.submission_id)
+        if report is None or report.status != "accepted" or report.dataset_id != entry.dataset_id:
+            return None
+        self._announcing.add(entry.dataset_id)
+        return report
 
     # ------------------------------------------------------------------ pipeline
 
@@ -436,7 +509,11 @@ class Gatekeeper:
             else:
                 staged_path.unlink()
                 report = self._already_accepted(report, tally, validation)
-        self.store.write_bytes(encode_report(report), "reports", f"{submission.submission_id}.json")
+        try:
+            self.store.write_bytes(encode_report(report), "reports", f"{submission.submission_id}.json")
+        except BaseException:
+            self.not_announced(report)  # no report, no announcement: a retry takes the claim over
+            raise
         return report
 
     def _report(self, submission: Submission, tally: Tally, original: Artifact | None,
@@ -479,11 +556,23 @@ class Gatekeeper:
             staged_path.unlink()  # same content, already in place
         else:
             os.replace(staged_path, target)
-        first = self.index.claim(IndexEntry(
+        claim = IndexEntry(
             dataset_id=dataset_id, submission_id=report.submission_id, name=report.name, uri=target.as_uri(),
-            schema=report.schema, num_rows=report.num_rows_valid,
-        ))
+            schema=report.schema, num_rows=report.num_rows_valid, announced=False,
+        )
         report = msgspec.structs.replace(report, dataset_id=dataset_id, dataset_uri=target.as_uri())
+        with self._claims:
+            first = self.index.claim(claim)
+            if first.submission_id != report.submission_id:
+                if (standing := self._take_up(first)) is not None:
+                    return standing  # accepted before, never announced: announced now, not a duplicate
+                if not first.announced and dataset_id not in self._announcing:
+                    # Claimed by a submission that stopped before its report (a crash): nothing was
+                    # announced and there is nothing to announce it from. This one takes it over.
+                    self.index.replace(claim)
+                    first = claim
+            if first.submission_id == report.submission_id:
+                self._announcing.add(dataset_id)
         if first.submission_id == report.submission_id:
             if validation is not None and (prints := validation.fingerprints()) is not None:
                 self.recent.remember(dataset_id, prints)
@@ -501,7 +590,10 @@ class Gatekeeper:
         }:
             return report
         originals = sorted(duplicates.matched_datasets)
-        entry = self.index.get(originals[0])
+        with self._claims:
+            entry = self.index.get(originals[0])
+            if len(originals) == 1 and entry is not None and (standing := self._take_up(entry)) is not None:
+                return standing  # the resubmission of an acceptance never announced: announced now
         return msgspec.structs.replace(
             report, status="duplicate", duplicate_of=entry.submission_id if entry else "",
             reasons=[f"every row is already in accepted dataset {', '.join(originals)}", *report.reasons],

@@ -5,6 +5,15 @@ In: `dataset.submitted` (durable consumer `gatekeeper`), HTTP (`api.py`), the in
 worker thread so /health stays responsive while a large file is checked. HTTP and inbox
 submissions call the pipeline directly; they do not round-trip through `dataset.submitted`.
 
+At least once: an acceptance is marked announced in the index only once JetStream acked its
+`dataset.accepted`. One whose publish failed (NATS away longer than the retries; the
+submission then fails: 503, a redelivery, the inbox file left for the next start) or that a
+crash cut short is announced again, with the same event id, by the next submission of the
+same content, which is answered as accepted, not as a duplicate (pipeline.py), and by the
+sweep (`sweep_unannounced`): a background loop that announces every such acceptance at start
+and again after each failed announcement, backing off while publishing fails, so start-up
+never waits on NATS and nothing accepted is lost even when no client retries.
+
 Run: `FLYWHEEL_NATS_URL=nats://... FLYWHEEL_DATA_DIR=... python -m services.gatekeeper`.
 """
 
@@ -19,7 +28,7 @@ from opentelemetry.trace import Status, StatusCode
 from libs.common import topology
 from libs.common.artifacts import ArtifactStore
 from libs.common.bus import Bus, Delivery, Interrupted
-from libs.common.events import DatasetAccepted, DatasetRejected, DatasetSubmitted
+from libs.common.events import DatasetAccepted, DatasetRejected, DatasetSubmitted, Event
 from libs.common.http import ServiceMetrics
 from libs.common.log import get_logger
 from libs.common.runtime import ServiceRuntime
@@ -34,6 +43,10 @@ from services.gatekeeper.verdict import Report, announcement
 log = get_logger(NAME)
 # Publishing is tried this many times (1, 2, 4, ... s apart) before a submission fails.
 _PUBLISH_ATTEMPTS = 5
+# The sweep of acceptances never announced: after a failed announcement it waits this long (the
+# client's retry may come first), then while publishing fails twice as long each time, up to the max.
+_SWEEP_RETRY_S = 30.0
+_SWEEP_RETRY_MAX_S = 600.0
 _STALE_UPLOAD_S = 3600.0
 
 
@@ -60,6 +73,8 @@ class GatekeeperService:
             "flywheel_gatekeeper_validation_seconds", "Time to validate one submission",
             buckets=(0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 1800),
         )
+        # Set when an acceptance could not be announced: wakes the sweep.
+        self._unannounced = asyncio.Event()
 
     @classmethod
     async def open(cls, rt: ServiceRuntime[GatekeeperSettings]) -> GatekeeperService:
@@ -120,8 +135,62 @@ class GatekeeperService:
             channel=report.channel, dataset_id=report.dataset_id, rows=report.num_rows_valid,
             dropped=report.num_rows_dropped, reasons=report.reasons, subject=subject,
         )
-        # The report is stored already; NATS may be reconnecting: the same event id is safe to retry.
-        await self.bus.publish(subject, event, attempts=_PUBLISH_ATTEMPTS)
+        if await asyncio.to_thread(self.gatekeeper.was_announced, report):
+            # A stored report seen again (a redelivery, an inbox file resumed) after the sweep announced it.
+            log.info("already announced", submission_id=report.submission_id, dataset_id=report.dataset_id)
+            return
+        await self._publish(report, subject, event, _PUBLISH_ATTEMPTS)
+
+    async def _publish(self, report: Report, subject: str, event: Event, attempts: int) -> None:
+        """Publish `report`'s announcement; the index learns whether it went out."""
+        try:
+            # The report is stored already; NATS may be reconnecting: the same event id is safe to retry.
+            await self.bus.publish(subject, event, attempts=attempts)
+        except BaseException:
+            self.gatekeeper.not_announced(report)
+            if report.status == "accepted":
+                self._unannounced.set()
+            raise
+        await asyncio.to_thread(self.gatekeeper.announced, report)
+
+    async def sweep_unannounced(self, stop: asyncio.Event) -> None:
+        """Announce every acceptance never announced: at start, then after each failed announcement.
+
+        While publishing fails it tries again `_SWEEP_RETRY_S` later, twice as long each time up
+        to `_SWEEP_RETRY_MAX_S`; it runs beside the service, which it never holds up.
+        """
+        failures = 0
+        while not stop.is_set():
+            self._unannounced.clear()
+            if await self._announce_unannounced(stop):
+                failures = 0
+                await _first_of(stop, self._unannounced)
+            else:
+                failures += 1
+            await _first_of(stop, timeout=min(_SWEEP_RETRY_S * 2 ** max(failures - 1, 0), _SWEEP_RETRY_MAX_S))
+
+    async def _announce_unannounced(self, stop: asyncio.Event) -> bool:
+        """One pass of the sweep; False when publishing failed (the rest wait for the next pass)."""
+        reports = await asyncio.to_thread(self.gatekeeper.take_unannounced)
+        for n, report in enumerate(reports):
+            if stop.is_set():
+                self._give_back(reports[n:])
+                return True
+            subject, event = announcement(report)
+            try:
+                await self._publish(report, subject, event, 1)  # this loop is the retry
+            except Exception as exc:  # noqa: BLE001 - NATS away: the next pass tries again
+                log.warning("announcing an earlier acceptance failed; trying again later",
+                            dataset_id=report.dataset_id, left=len(reports) - n, error=repr(exc))
+                self._give_back(reports[n + 1:])
+                return False
+            log.info("announced an acceptance whose announcement had not gone out", dataset_id=report.dataset_id,
+                     submission_id=report.submission_id, subject=subject)
+        return True
+
+    def _give_back(self, reports: list[Report]) -> None:
+        for report in reports:
+            self.gatekeeper.not_announced(report)
 
 
 SERVICE = Service(
@@ -138,6 +207,16 @@ SERVICE = Service(
     ),
     routes=router,
     readiness=GatekeeperService.readiness,
-    loops=(GatekeeperService.watch_inbox,),
+    loops=(GatekeeperService.watch_inbox, GatekeeperService.sweep_unannounced),
     on_stop=GatekeeperService.interrupt,
 )
+
+
+async def _first_of(*events: asyncio.Event, timeout: float | None = None) -> None:
+    """Wait until any of `events` is set, or `timeout` seconds have passed."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()

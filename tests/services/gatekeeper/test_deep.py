@@ -215,3 +215,15 @@ def test_signatures_estimate_similarity():
     earlier, sim = earliest_similar(sigs, 0.8)
     assert list(earlier) == [-1, 0, -1, 0] and sim[1] == pytest.approx(same)
     assert signatures([]).shape == (0, 32) and signatures(["a"]).shape == (1, 32)
+
+
+def test_a_deep_resubmission_of_an_acceptance_never_announced_announces_it(tmp_path: Path, counter):
+    rows = [qa(f"What is {i} times 7?", str(7 * i)) for i in range(12)]
+    first = make_gatekeeper(tmp_path, tokens=lambda: counter).submit_rows(submission("first", level="deep"), rows)
+    assert first.status == "accepted"
+    restarted = make_gatekeeper(tmp_path, tokens=lambda: counter)  # the announcement never went out
+    retry = restarted.submit_rows(submission("retry", level="deep"), [dict(r, note="again") for r in rows])
+    assert retry == first
+    restarted.announced(retry)
+    again = restarted.submit_rows(submission("again", level="deep"), rows)
+    assert again.status == "duplicate" and again.duplicate_of == "first"

@@ -236,3 +236,72 @@ def test_hostile_source_names_never_choose_a_path(tmp_path: Path):
     report = gk.submit_file(submission("h", source="../../../etc/cron.d/evil.sh;rm -rf"), source, move=True)
     original = gk.store.path_for(report.original_uri)
     assert original == gk.store.root / "submissions" / "h" / "original.jsonl" and report.status == "accepted"
+
+
+# ---------------------------------------------------------------------------- at least once: announced or not
+
+
+def test_an_acceptance_whose_announcement_failed_is_announced_by_the_next_submission_not_a_duplicate(tmp_path: Path):
+    gk = make_gatekeeper(tmp_path)
+    first = gk.submit_rows(submission("first"), good_rows(4))
+    assert first.status == "accepted" and not gk.index.get(first.dataset_id).announced
+    # Announced by the caller meanwhile: the same content is a duplicate, as it always was.
+    assert gk.submit_rows(submission("racing"), good_rows(4)).status == "duplicate"
+    gk.not_announced(first)  # the publish failed
+
+    retry = gk.submit_rows(submission("retry"), [dict(row, source="x") for row in good_rows(4)])
+    assert retry == first  # the stored report of the acceptance: the same announcement
+    (subject, event), (first_subject, first_event) = announcement(retry), announcement(first)
+    assert (subject, event.id, event.submission_id) == (first_subject, first_event.id, "first")
+    assert gk.read_report("retry") == first  # a redelivery of the retry is answered alike
+    assert gk.submit_rows(submission("third"), good_rows(4)).status == "duplicate"  # the retry announces it
+
+    gk.announced(retry)
+    assert gk.index.get(first.dataset_id).announced and gk.was_announced(first)
+    again = gk.submit_rows(submission("again"), good_rows(4))
+    assert again.status == "duplicate" and again.duplicate_of == "first"
+
+
+def test_a_restart_hands_out_every_acceptance_never_announced_once(tmp_path: Path):
+    before = make_gatekeeper(tmp_path)
+    lost = before.submit_rows(submission("lost"), good_rows(3, tag=" lost"))
+    done = before.submit_rows(submission("done"), good_rows(3, tag=" done"))
+    before.announced(done)
+    # Written before the `announced` field existed: announced then.
+    old = before.submit_rows(submission("old"), good_rows(3, tag=" old"))
+    path = before.index.folder / f"{old.dataset_id}.json"
+    entry = msgspec.json.decode(path.read_bytes())
+    del entry["announced"]
+    path.write_bytes(msgspec.json.encode(entry))
+
+    after = make_gatekeeper(tmp_path)  # a fresh process: nothing under way
+    assert after.take_unannounced() == [lost]
+    assert after.take_unannounced() == []  # handed out, not yet reported back
+    after.not_announced(lost)
+    [again] = after.take_unannounced()
+    after.announced(again)
+    assert after.take_unannounced() == [] and after.index.get(lost.dataset_id).announced
+    assert after.submit_rows(submission("late"), good_rows(3, tag=" lost")).status == "duplicate"
+    assert after.submit_rows(submission("old2"), good_rows(3, tag=" old")).status == "duplicate"
+
+
+def test_marking_announced_keeps_the_order_of_acceptance(tmp_path: Path):
+    gk = make_gatekeeper(tmp_path)
+    older = gk.submit_rows(submission("older"), good_rows(2, tag=" a"))
+    newer = gk.submit_rows(submission("newer"), good_rows(2, tag=" b"))
+    os.utime(gk.index.folder / f"{older.dataset_id}.json", ns=(1, 1))
+    gk.announced(older)
+    assert [e.submission_id for e in gk.index.recent(2)] == ["newer", "older"]
+    assert [e.submission_id for e in gk.index.unannounced()] == ["newer"] and newer.status == "accepted"
+
+
+def test_a_claim_whose_submission_died_before_its_report_is_taken_over(tmp_path: Path):
+    dead = make_gatekeeper(tmp_path)
+    first = dead.submit_rows(submission("died"), good_rows(3))
+    dead.store.location("reports", "died.json").unlink()  # as if it stopped between the claim and the report
+
+    alive = make_gatekeeper(tmp_path)
+    assert alive.take_unannounced() == []  # nothing to announce it from
+    report = alive.submit_rows(submission("next"), good_rows(3))
+    assert report.status == "accepted" and report.submission_id == "next" and report.dataset_id == first.dataset_id
+    assert alive.index.get(first.dataset_id).submission_id == "next"
