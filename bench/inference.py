@@ -349,6 +349,17 @@ async def reload_under_load(load: Load, clients: int) -> dict:
     }
 
 
+def ready_load(server: Server, what: str, threads: int, model: Path, prompts: list[list[dict]], max_tokens: int,
+               clients: int) -> Load:
+    """Wait for `server`, warm it up (alone, then `clients` at once) and say so; the load to measure it with."""
+    ready_s = server.wait_ready()
+    load = Load(server, str(model), prompts, max_tokens)
+    warm_s = asyncio.run(load.warm_up(clients))
+    print(f"{server.name}: {what}, {threads} torch threads, ready in {ready_s:.1f} s, warm-up {warm_s:.1f} s",
+          flush=True)
+    return load
+
+
 def best_of(runs: dict[str, dict[str, dict]]) -> dict[str, dict]:
     """Per client level, the figures of the run (thread count) with the most tokens/s."""
     levels = next(iter(runs.values()))
@@ -412,11 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 server = start_flywheel(work, model, nats_url, threads, args.device)
                 try:
-                    ready_s = server.wait_ready()
-                    load = Load(server, str(model), prompts, args.max_tokens)
-                    warm_s = asyncio.run(load.warm_up(levels[-1]))
-                    print(f"flywheel: python -m services.inference, {threads} torch threads, ready in {ready_s:.1f} s, "
-                          f"warm-up {warm_s:.1f} s", flush=True)
+                    load = ready_load(server, "python -m services.inference", threads, model, prompts, args.max_tokens,
+                                      levels[-1])
                     flywheel_runs[str(threads)] = measure_levels(load, levels, per_client, args.seconds)
                     if not reload:
                         reload = asyncio.run(reload_under_load(load, args.reload_clients))
@@ -438,11 +446,8 @@ def main(argv: list[str] | None = None) -> dict:
             for threads in thread_counts:
                 server = start_peer(work, model, threads, args.device)
                 try:
-                    ready_s = server.wait_ready()
-                    load = Load(server, str(model), prompts, args.max_tokens)
-                    warm_s = asyncio.run(load.warm_up(levels[-1]))
-                    print(f"peer: transformers serve --continuous-batching, {threads} torch threads, ready in "
-                          f"{ready_s:.1f} s, warm-up {warm_s:.1f} s", flush=True)
+                    load = ready_load(server, "transformers serve --continuous-batching", threads, model, prompts,
+                                      args.max_tokens, levels[-1])
                     peer_runs[str(threads)] = measure_levels(load, levels, per_client, args.seconds)
                 finally:
                     server.stop()

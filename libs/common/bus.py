@@ -43,12 +43,7 @@ from libs.common.events import Event, encode
 from libs.common.kv import Record
 from libs.common.records import Key, MessageFailures, message_failures
 from libs.common.service import Publish, Subscribe, matches
-from libs.common.tracing import (
-    extract_context,
-    inject_headers,
-    trace_id_from_headers,
-    tracer,
-)
+from libs.common.tracing import extract_context, inject_headers, trace_id_from_headers, tracer
 
 log = structlog.get_logger("bus")
 
@@ -538,7 +533,7 @@ class _WorkQueue(Source):
         try:
             while not stop.is_set():
                 if valve is not None and not valve.is_set():
-                    await _first_of(valve, stop)
+                    await first_of(valve, stop)
                     continue
                 handled = False
                 for spec, sub in zip(specs, self.subs, strict=True):
@@ -553,7 +548,7 @@ class _WorkQueue(Source):
                     handled = True
                     break
                 if not handled and not self.bus.nc.is_connected:
-                    await _first_of(stop, timeout=0.5)
+                    await first_of(stop, timeout=0.5)
         finally:
             for sub in self.subs:
                 with contextlib.suppress(Exception):
@@ -588,7 +583,7 @@ class _EveryReplica(Source):
                 await self.sub.unsubscribe()
 
 
-async def _first_of(*events: asyncio.Event, timeout: float | None = None) -> None:
+async def first_of(*events: asyncio.Event, timeout: float | None = None) -> None:
     """Wait until any of `events` is set (or `timeout` passes)."""
     waiters = [asyncio.create_task(e.wait()) for e in events]
     try:

@@ -150,6 +150,15 @@ def ensure_base_model(data_dir: Path, configured: str = "") -> Path:
     return target
 
 
+def eos_ids(configured, tokenizer) -> list[int]:
+    """The ids that end a generation: `configured` (a generation config's eos_token_id: one id, a
+    list, or None), else the tokenizer's EOS; sorted, [] when neither names one."""
+    eos = configured if configured is not None else tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return sorted({int(e) for e in eos}) if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
 def spawn_engine_children() -> None:
     """Make vLLM start its engine core process by spawn, never fork (unless the operator chose).
 

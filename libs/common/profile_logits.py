@@ -29,18 +29,12 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from libs.common.models import eos_ids
 from libs.common.profiles import GenerationRules
 
 MAX_PENALTY = 1e4
 # Escalation exponents beyond this are capped anyway: keep float powers finite.
 _MAX_EXPONENT = 64
-
-
-def eos_token_ids(tokenizer) -> list[int]:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return sorted({int(i) for i in eos}) if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
 class ProfileLogits(LogitsProcessor):
@@ -50,7 +44,7 @@ class ProfileLogits(LogitsProcessor):
         self.rules = rules
         self.tokenizer = tokenizer
         self.prompt_length = prompt_length
-        self.eos_ids = eos_token_ids(tokenizer)
+        self.eos_ids = eos_ids(None, tokenizer)  # the tokenizer's: what ends a row here
         tags = [tuple(tokenizer.encode(tag, add_special_tokens=False)) for tag in rules.think_tags]
         self.tag_ids = [ids for ids in tags if ids] if rules.think_penalty else []
         self.stop_sequences = rules.stop_sequences if (rules.post_stop_penalty or rules.eos_reward) else ()

@@ -27,7 +27,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from libs.common import topology
 from libs.common.artifacts import ArtifactStore
-from libs.common.bus import Bus, Delivery, Interrupted
+from libs.common.bus import Bus, Delivery, Interrupted, first_of
 from libs.common.events import DatasetAccepted, DatasetRejected, DatasetSubmitted, Event
 from libs.common.http import ServiceMetrics
 from libs.common.log import get_logger
@@ -164,10 +164,10 @@ class GatekeeperService:
             self._unannounced.clear()
             if await self._announce_unannounced(stop):
                 failures = 0
-                await _first_of(stop, self._unannounced)
+                await first_of(stop, self._unannounced)
             else:
                 failures += 1
-            await _first_of(stop, timeout=min(_SWEEP_RETRY_S * 2 ** max(failures - 1, 0), _SWEEP_RETRY_MAX_S))
+            await first_of(stop, timeout=min(_SWEEP_RETRY_S * 2 ** max(failures - 1, 0), _SWEEP_RETRY_MAX_S))
 
     async def _announce_unannounced(self, stop: asyncio.Event) -> bool:
         """One pass of the sweep; False when publishing failed (the rest wait for the next pass)."""
@@ -210,13 +210,3 @@ SERVICE = Service(
     loops=(GatekeeperService.watch_inbox, GatekeeperService.sweep_unannounced),
     on_stop=GatekeeperService.interrupt,
 )
-
-
-async def _first_of(*events: asyncio.Event, timeout: float | None = None) -> None:
-    """Wait until any of `events` is set, or `timeout` seconds have passed."""
-    waits = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from libs.common.chat import ChatMessage, prompt_token_ids, text_token_ids
 from libs.common.log import get_logger
-from libs.common.models import load_model, load_tokenizer, pick_device
+from libs.common.models import eos_ids, load_model, load_tokenizer, pick_device
 from services.inference.generation import BackendInfo, EngineFailed, StepOutput
 from services.inference.sampling import SLOT_KWARG, RequestSampler, RowSampling, SamplingTable
 
@@ -77,10 +77,7 @@ class TransformersBackend:
 
         self.tokenizer = load_tokenizer(path)
         self.model = load_model(path, self.device)
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        self.eos_ids = sorted({int(e) for e in eos}) if isinstance(eos, list) else [int(eos)]
+        self.eos_ids = eos_ids(self.model.generation_config.eos_token_id, self.tokenizer)
         limits = self.limits
         config = ContinuousBatchingConfig(
             page_size=limits.page_size,

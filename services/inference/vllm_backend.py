@@ -60,7 +60,7 @@ from typing import Any
 
 from libs.common.chat import ChatMessage, prompt_token_ids, text_token_ids
 from libs.common.log import get_logger
-from libs.common.models import load_tokenizer, spawn_engine_children
+from libs.common.models import eos_ids, load_tokenizer, spawn_engine_children
 from services.inference.generation import BackendInfo, EngineFailed, StepOutput
 from services.inference.sampling import RowSampling, TokenLogprob
 
@@ -205,14 +205,10 @@ def eos_token_ids(path: Path, tokenizer) -> list[int]:
     from transformers import GenerationConfig
 
     try:
-        eos = GenerationConfig.from_pretrained(str(path)).eos_token_id
+        configured = GenerationConfig.from_pretrained(str(path)).eos_token_id
     except OSError:  # no generation_config.json
-        eos = None
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return sorted({int(e) for e in eos}) if isinstance(eos, (list, tuple)) else [int(eos)]
+        configured = None
+    return eos_ids(configured, tokenizer)
 
 
 @dataclass(frozen=True)
