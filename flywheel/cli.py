@@ -2,6 +2,9 @@
 
   flywheel up [--port-base N]                start nats-server (unless NATS_URL) and the services
   flywheel up --tracing-ui phoenix           ... and Arize Phoenix beside them, every service exporting to it
+  flywheel up --secure                       ... with NATS users and passwords, each service allowed only its own subjects
+  flywheel nats-config [--secrets FILE]      write deploy/nats/nats.conf (users, permissions); generate passwords into FILE
+  flywheel nats-config --check               check that deploy/nats/nats.conf is what the declarations give
   flywheel demo [--data-dir D] [--keep]      `make demo`: one dataset through the whole loop, then stop
   flywheel status [--json]                   queue, training progress, champion, last scores
   flywheel status --watch [--interval S]     the same, redrawn live, with a progress bar and ETA
@@ -28,7 +31,9 @@ first; one for `--replay`), the lineage (`libs.common.lineage.Lineage`), the tra
 
 Every command reads the same settings as the services: FLYWHEEL_DATA_DIR (default ./data),
 FLYWHEEL_NATS_URL or NATS_URL. Without a NATS URL, commands other than `up` use the URL that
-a running `flywheel up` wrote to <data_dir>/nats.url.
+a running `flywheel up` wrote to <data_dir>/nats.url, and, with `up --secure`, the CLI's own
+password from <data_dir>/secrets/nats.env. Elsewhere set FLYWHEEL_NATS_USER=cli and
+FLYWHEEL_NATS_PASSWORD (README: Security).
 
 Failures are one line on stderr, never a traceback: a command that cannot talk to NATS (no
 server within a few seconds, nobody answering, a timeout, a JetStream error) names what failed
@@ -49,13 +54,19 @@ import msgspec
 import nats.errors
 import nats.js.errors
 
-from flywheel.supervisor import NATS_URL_FILE
-from libs.common.settings import CommonSettings, SettingsError, load_settings
+from flywheel.supervisor import NATS_URL_FILE, SECRETS_FILE
+from libs.common.settings import SERVICES, CommonSettings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from libs.common.bus import Bus
+    from libs.common.nats_auth import NatsAuth
 
 T = TypeVar("T")
+
+# The `flywheel` command's NATS user, whose inbox and permissions are its own.
+CLI_USER = "cli"
+# The server configuration compose.yaml mounts (flywheel nats-config).
+NATS_CONFIG_PATH = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "nats.conf"
 
 # A person is waiting: say within seconds that NATS is unreachable instead of retrying the way a
 # starting service does.
@@ -72,7 +83,7 @@ class NatsUnreachable(Exception):
 
 # What talking to NATS can raise: every nats-py error (nats.js.errors.* derive from
 # nats.errors.Error), a failed connect, and timeouts (a request's, or a wait for a verdict).
-_NATS_FAILURES = (NatsUnreachable, nats.errors.Error, ConnectionError, TimeoutError)
+_NATS_FAILURES = (NatsUnreachable, nats.errors.Error, ConnectionError, TimeoutError, PermissionError)
 
 
 def _settings() -> CommonSettings:
@@ -94,10 +105,14 @@ async def _with_bus(settings: CommonSettings, fn: Callable[[Bus], Awaitable[T]])
     from libs.common.bus import Bus
 
     servers = _nats_url(settings)
+    auth = _nats_auth(settings)
     try:
         # The outer bound is the CLI's promise whatever the bus's retry policy does inside
         # (nats-py may retry a server in its pool for minutes within one connect call).
-        bus = await asyncio.wait_for(Bus.connect(servers, "cli", deadline_s=CONNECT_DEADLINE_S), CONNECT_DEADLINE_S)
+        bus = await asyncio.wait_for(Bus.connect(servers, CLI_USER, deadline_s=CONNECT_DEADLINE_S, auth=auth),
+                                     CONNECT_DEADLINE_S)
+    except PermissionError:  # refused credentials: say so, not "unreachable"
+        raise
     except (nats.errors.Error, OSError) as exc:  # OSError: ConnectionError, TimeoutError, refused sockets
         raise NatsUnreachable(servers) from exc
     try:
@@ -107,9 +122,34 @@ async def _with_bus(settings: CommonSettings, fn: Callable[[Bus], Awaitable[T]])
         await bus.close()
 
 
+def _nats_auth(settings: CommonSettings) -> NatsAuth:
+    """The settings' credentials; without any, and without a NATS URL, the CLI user's password that
+    a local `flywheel up --secure` generated."""
+    from libs.common.nats_auth import NatsAuth
+    from libs.common.nats_permissions import password_variable, read_secrets
+
+    auth = settings.nats_auth
+    secrets_file = Path(settings.data_dir) / SECRETS_FILE
+    if auth.authenticates or settings.nats_url or not secrets_file.is_file():
+        return auth
+    password = read_secrets(secrets_file).get(password_variable(CLI_USER), "")
+    return NatsAuth(CLI_USER, password, tls_ca_file=auth.tls_ca_file, tls_cert_file=auth.tls_cert_file,
+                    tls_key_file=auth.tls_key_file) if password else auth
+
+
 def _print_json(value: object) -> None:
     """The one shape of every `--json` output: a single JSON document on stdout."""
     print(json.dumps(msgspec.to_builtins(value), indent=2))
+
+
+def _service_list(text: str) -> tuple[str, ...]:
+    """`--services a,b`: known service names, in the supervisor's order."""
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    if unknown := sorted(names - set(SERVICES)):
+        raise argparse.ArgumentTypeError(f"unknown service(s) {', '.join(unknown)}; known: {', '.join(SERVICES)}")
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one service")
+    return tuple(name for name in SERVICES if name in names)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -117,8 +157,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     from flywheel.tracing_ui import TracingUiError
 
     try:
-        Supervisor(_settings().data_dir, port_base=args.port_base, tracing_ui=args.tracing_ui,
-                   tracing_ui_port=args.tracing_ui_port, tracing_ui_python=args.tracing_ui_python).run_forever()
+        Supervisor(_settings().data_dir, port_base=args.port_base, services=args.services, tracing_ui=args.tracing_ui,
+                   tracing_ui_port=args.tracing_ui_port, tracing_ui_python=args.tracing_ui_python,
+                   secure=args.secure).run_forever()
     except TracingUiError as exc:
         print(f"flywheel up: {exc}", file=sys.stderr)
         return 2
@@ -162,9 +203,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"flywheel submit: {path} is not a file", file=sys.stderr)
         return 2
     setup_tracing("cli", settings.data_dir)
-    store = ArtifactStore(Path(settings.data_dir) / "artifacts")
+    store = ArtifactStore(settings.artifacts_dir, transport=settings.artifact_transport)
 
     async def go(bus):
+        from libs.common.object_transport import connect_store
+
+        # Without a shared disk the upload travels through the object store (shared on publish).
+        bus.artifacts = await connect_store(store, bus.js, replicas=settings.stream_replicas)
         return await submit_file(bus, store, path, name=args.name, schema=args.schema, profile=args.profile,
                                  priority=args.priority, level=args.level, wait_s=args.wait)
 
@@ -344,6 +389,33 @@ def cmd_asyncapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nats_config(args: argparse.Namespace) -> int:
+    """The committed NATS server configuration from the declarations; the passwords only into a
+    0600 file, never on the terminal."""
+    from flywheel.supervisor import nats_users
+    from libs.common.nats_permissions import ADMIN, Tls, render_config, write_secrets
+
+    tls = Tls(args.tls_cert, args.tls_key, args.tls_ca or "", args.tls_verify) if args.tls_cert else None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SettingsError("--tls-cert and --tls-key go together")
+    users = nats_users()
+    text = render_config(users, port=args.port, store_dir=args.store_dir,
+                         monitor_port=args.monitor_port or None, tls=tls)
+    out = Path(args.out)
+    if args.check:
+        up_to_date = out.is_file() and out.read_text() == text
+        print(f"{out} is up to date" if up_to_date else f"{out} is out of date: run `flywheel nats-config`",
+              file=sys.stdout if up_to_date else sys.stderr)
+        return 0 if up_to_date else 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out} ({len(users) + 1} users)")
+    if args.secrets:
+        write_secrets(Path(args.secrets), [*users, ADMIN])
+        print(f"passwords in {args.secrets} (mode 0600; existing ones kept): keep it secret, never commit it")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from libs.common.topology import CONTROL_DEPLOYER_DEPLOY, CONTROL_TRAINER
 
@@ -354,13 +426,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the whole stack on this machine")
     up.add_argument("--port-base", type=int, default=None, help="HTTP ports base..base+5 instead of 8100-8105")
+    up.add_argument("--services", type=_service_list, default=SERVICES, metavar="NAME,...",
+                    help="only these services on this host, e.g. gatekeeper,trainer,curriculum on a training box and "
+                         "evaluator,deployer,inference,dashboard on a serving box (default: all)")
     up.add_argument("--tracing-ui", choices=["phoenix"], default=None,
                     help="also run Arize Phoenix (make phoenix installs it); every service exports to it")
     up.add_argument("--tracing-ui-port", type=int, default=6006, help="Phoenix's UI and OTLP/HTTP port (default 6006)")
     up.add_argument("--tracing-ui-python", default=None, metavar="PYTHON",
                     help="the python of an environment where Phoenix is installed "
                          "(default: make phoenix's .venv-phoenix when there is one, else this one)")
+    up.add_argument("--secure", action="store_true",
+                    help="run the embedded nats-server with a user and password per service, each allowed only "
+                         "its own subjects (passwords in <data_dir>/secrets/nats.env)")
     up.set_defaults(fn=cmd_up)
+    nats_config = sub.add_parser("nats-config", help="write the NATS server configuration: users and permissions "
+                                 "from the services' declarations")
+    nats_config.add_argument("--out", default=str(NATS_CONFIG_PATH), help=f"default {NATS_CONFIG_PATH}")
+    nats_config.add_argument("--secrets", metavar="FILE", help="also give every user a password in this env file "
+                             "(mode 0600; existing ones are kept), e.g. deploy/nats/secrets.env")
+    nats_config.add_argument("--check", action="store_true", help="only check that --out is up to date")
+    nats_config.add_argument("--port", type=int, default=4222)
+    nats_config.add_argument("--store-dir", default="/data/jetstream", help="JetStream's store (default /data/jetstream)")
+    nats_config.add_argument("--monitor-port", type=int, default=8222, help="HTTP monitoring (0: none)")
+    nats_config.add_argument("--tls-cert", help="the server's certificate: clients must then connect with TLS")
+    nats_config.add_argument("--tls-key", help="the server certificate's key")
+    nats_config.add_argument("--tls-ca", help="the CA of the clients' certificates (with --tls-verify)")
+    nats_config.add_argument("--tls-verify", action="store_true", help="require a client certificate from --tls-ca")
+    nats_config.set_defaults(fn=cmd_nats_config)
     demo = sub.add_parser("demo", help="one dataset through the whole loop on a fresh stack, then stop (make demo)")
     demo.add_argument("--data-dir", type=Path, default=None, help="where the demo's stack keeps its data "
                       "(default: data/demo in the repository; emptied first)")

@@ -7,6 +7,10 @@ child that dies, with exponential backoff (reset after it has stayed up for a wh
 Ctrl-C / SIGTERM stops the children (SIGTERM, then SIGKILL after a grace period) and the server.
 With `tracing_ui="phoenix"` (`flywheel up --tracing-ui phoenix`) it also runs Arize Phoenix
 (flywheel/tracing_ui.py) and every service exports its spans there.
+With `secure=True` (`flywheel up --secure`) the embedded server requires a user and password and
+gives each user only the permissions its declaration implies (libs.common.nats_permissions): the
+passwords are generated once into <data_dir>/secrets/nats.env (mode 0600), the server reads them
+from its environment, and each child gets its own user's through its environment.
 """
 
 from __future__ import annotations
@@ -18,11 +22,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flywheel.tracing_ui import PHOENIX_PORT, Phoenix, make_tracing_ui
 from libs.common.models import ensure_base_model
 from libs.common.nats_server import NatsServer
 from libs.common.settings import DEFAULT_PORTS, SERVICES, SettingsError, load_all
+
+if TYPE_CHECKING:
+    from libs.common.nats_permissions import Permissions
 
 BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
@@ -30,6 +38,13 @@ BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
 # Where `up` records the NATS URL it runs, so other commands on this machine find the bus.
 NATS_URL_FILE = "nats.url"
+# Under the data directory with `--secure`: the users' passwords (the CLI reads its own there),
+# and the server's configuration (no secrets in it).
+SECRETS_FILE = Path("secrets") / "nats.env"
+NATS_CONFIG_FILE = "nats.conf"
+# What a child must not inherit from the shell when `up` gives it its own credentials.
+_CREDENTIAL_SETTINGS = ("FLYWHEEL_NATS_USER", "FLYWHEEL_NATS_PASSWORD", "FLYWHEEL_NATS_CREDS_FILE",
+                        "FLYWHEEL_NATS_NKEY_SEED_FILE")
 
 
 @dataclass
@@ -42,6 +57,21 @@ class Child:
     backoff_s: float = BACKOFF_START_S
     restart_at: float = 0.0
     log_file: object = field(default=None, repr=False)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def nats_listen(environ: dict[str, str]) -> tuple[str, int]:
+    """(host, port) of `FLYWHEEL_NATS_LISTEN=host:port` (port 0 or -1: any free one); loopback and
+    a free port when unset. A malformed value stops `up` naming the variable."""
+    value = environ.get("FLYWHEEL_NATS_LISTEN", "").strip()
+    if not value:
+        return "127.0.0.1", -1
+    host, _, port = value.rpartition(":")
+    if not host or not port.lstrip("-").isdigit() or not -1 <= int(port) < 65536:
+        raise SettingsError(f"FLYWHEEL_NATS_LISTEN: host:port (e.g. 0.0.0.0:4222), got {value!r}")
+    return host.strip("[]"), int(port) or -1
 
 
 def service_ports(port_base: int | None, environ: dict[str, str] | None = None) -> dict[str, int]:
@@ -57,6 +87,14 @@ def service_ports(port_base: int | None, environ: dict[str, str] | None = None) 
                 raise SettingsError(f"{name}: a port number (1-65535), got {value!r}")
             ports[svc] = int(value)
     return ports
+
+
+def nats_users() -> dict[str, Permissions]:
+    """Every restricted NATS user: the services and the CLI, each with what its declaration implies."""
+    from flywheel.contract import CLIENTS, declarations
+    from libs.common.nats_permissions import CLI, flywheel_permissions
+
+    return flywheel_permissions(declarations(), {CLI: next(c for c in CLIENTS if c.name == "flywheel CLI")})
 
 
 def child_environment(data_dir: Path, nats_url: str, ports: dict[str, int], base: dict[str, str],
@@ -80,7 +118,8 @@ def child_environment(data_dir: Path, nats_url: str, ports: dict[str, int], base
 class Supervisor:
     def __init__(self, data_dir: Path, *, port_base: int | None = None, services: tuple[str, ...] = SERVICES,
                  environ: dict[str, str] | None = None, grace_s: float = 20.0, tracing_ui: str | None = None,
-                 tracing_ui_port: int = PHOENIX_PORT, tracing_ui_python: str | None = None) -> None:
+                 tracing_ui_port: int = PHOENIX_PORT, tracing_ui_python: str | None = None,
+                 secure: bool = False) -> None:
         self.data_dir = Path(data_dir).resolve()
         # Only a name is checked here; whether it can run, at start.
         self.ui = make_tracing_ui(tracing_ui, self.data_dir, port=tracing_ui_port, python=tracing_ui_python)
@@ -90,6 +129,18 @@ class Supervisor:
         self.grace_s = grace_s
         self.nats: NatsServer | None = None
         self.nats_url = self.environ.get("FLYWHEEL_NATS_URL") or self.environ.get("NATS_URL", "")
+        # Where the embedded server listens (FLYWHEEL_NATS_LISTEN=host:port); loopback by default.
+        self.listen = nats_listen(self.environ)
+        if self.listen[0] not in LOOPBACK and not secure:
+            raise SettingsError(f"FLYWHEEL_NATS_LISTEN: {self.listen[0]} is reachable from other machines; add --secure "
+                                "so that every connection needs a user and password")
+        if secure and self.nats_url and not (self.data_dir / SECRETS_FILE).is_file():
+            raise SettingsError(f"--secure with FLYWHEEL_NATS_URL (or NATS_URL) {self.nats_url}: the services' passwords "
+                                f"come from {self.data_dir / SECRETS_FILE}; copy it from the data directory of the "
+                                "machine that runs `flywheel up --secure` with the nats-server (README: Security)")
+        self.secure = secure
+        # Per child, with `secure`: its user and password.
+        self.credentials: dict[str, dict[str, str]] = {}
         self.children: dict[str, Child] = {}
         self.nats_restarts = 0
         self._nats_restart_at = 0.0
@@ -118,11 +169,19 @@ class Supervisor:
         if self.ui:  # it starts while the server and the base model get ready
             self.ui.start(self.environ)
         if not self.nats_url:
-            self.nats = NatsServer(self.data_dir / "nats", port=-1, log_path=self.data_dir / "logs" / "nats-server.log")
+            secured = self._secure_server() if self.secure else {}
+            host, port = self.listen
+            self.nats = NatsServer(self.data_dir / "nats", port=port, log_path=self.data_dir / "logs" / "nats-server.log",
+                                   host=host, **secured)
             self.nats_url = self.nats.start()
-            print(f"nats-server  {self.nats_url}  (JetStream store {self.data_dir / 'nats'})", flush=True)
+            print(f"nats-server  {self.nats_url}  (JetStream store {self.data_dir / 'nats'}"
+                  + (f"; users and permissions {secured['config']}, passwords {self.data_dir / SECRETS_FILE})"
+                     if secured else ")"), flush=True)
         else:
-            print(f"nats         {self.nats_url}  (external)", flush=True)
+            if self.secure:
+                self._use_copied_secrets()
+            print(f"nats         {self.nats_url}  (external" + (f"; passwords {self.data_dir / SECRETS_FILE})"
+                                                              if self.secure else ")"), flush=True)
         (self.data_dir / NATS_URL_FILE).write_text(self.nats_url + "\n")
         base = ensure_base_model(self.data_dir, self.environ.get("FLYWHEEL_BASE_MODEL", ""))
         print(f"base model   {base}", flush=True)
@@ -139,7 +198,36 @@ class Supervisor:
             print(f"{svc:<12} http://127.0.0.1:{self.ports[svc]}  log {child.log_path}", flush=True)
         self._env = env
 
+    def _secure_server(self) -> dict:
+        """Users with the permissions the declarations imply, their passwords (kept from an earlier
+        run), and what the embedded server needs to enforce them."""
+        from libs.common.nats_permissions import ADMIN, password_variable, render_config, write_secrets
+
+        users = nats_users()
+        passwords = write_secrets(self.data_dir / SECRETS_FILE, [*users, ADMIN])
+        config = self.data_dir / NATS_CONFIG_FILE
+        # No monitoring port: it would be open to anyone on this machine.
+        config.write_text(render_config(users, store_dir=None, monitor_port=None))
+        self.credentials = {svc: {"FLYWHEEL_NATS_USER": svc, "FLYWHEEL_NATS_PASSWORD": passwords[password_variable(svc)]}
+                            for svc in self.services}
+        return {"config": config, "env": passwords}
+
+    def _use_copied_secrets(self) -> None:
+        """A second machine of a secured deployment: each service's password from the copy of
+        the NATS machine's secrets file."""
+        from libs.common.nats_permissions import password_variable, read_secrets
+
+        passwords = read_secrets(self.data_dir / SECRETS_FILE)
+        missing = [svc for svc in self.services if password_variable(svc) not in passwords]
+        if missing:
+            raise SettingsError(f"{self.data_dir / SECRETS_FILE} has no password for {', '.join(missing)} "
+                                f"({', '.join(password_variable(svc) for svc in missing)})")
+        self.credentials = {svc: {"FLYWHEEL_NATS_USER": svc, "FLYWHEEL_NATS_PASSWORD": passwords[password_variable(svc)]}
+                            for svc in self.services}
+
     def _spawn(self, child: Child, env: dict[str, str]) -> None:
+        if child.service in self.credentials:
+            env = {k: v for k, v in env.items() if k not in _CREDENTIAL_SETTINGS} | self.credentials[child.service]
         child.log_file = open(child.log_path, "ab")  # noqa: SIM115 - lives as long as the child
         child.process = subprocess.Popen(
             [sys.executable, "-m", f"services.{child.service}"],

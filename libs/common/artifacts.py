@@ -4,10 +4,21 @@ The default store is a local directory (`<data_dir>/artifacts`); URIs are `file:
 inside it. Anything that resolves outside the store root is refused, so a URI that arrives in
 an event can never make a service read or write elsewhere. Writes go to a temporary name and
 are renamed into place: a reader never sees half a file.
+
+When hosts share no disk (`FLYWHEEL_ARTIFACT_TRANSPORT=nats`) each host keeps its own directory
+and the bytes travel through the JetStream object store (libs.common.object_transport). URIs
+are then `nats-obj://artifacts/<key>`, the key being the artifact's path inside any host's
+store: the same URI names the writer's file and every reader's cached copy. The writer
+`share`s an artifact before an event names it (the bus does it for every event that declares
+artifacts), a reader `fetch`es it into its own directory, checked against the event's sha256.
+A directory (a checkpoint) is one object per file plus a manifest object under the key itself
+that lists every file with its sha256; it is fetched file by file into a hidden staging
+directory, so a cut-short fetch keeps the files it finished, and renamed into place whole.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -16,12 +27,21 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
-from urllib.parse import unquote, urlparse
+from typing import TYPE_CHECKING, BinaryIO, Literal
+from urllib.parse import quote, unquote, urlparse
 
 import msgspec
 
+if TYPE_CHECKING:  # object_transport imports this module
+    from libs.common.object_transport import ObjectTransport
+
 _CHUNK = 1 << 20
+Transport = Literal["local", "nats"]
+SHARED_SCHEME = "nats-obj"
+# The object store bucket's description of a directory manifest (`nats object ls` shows it).
+DIRECTORY_MANIFEST = "flywheel directory manifest"
+# Hidden folders of the store: resume records of transfers, and fetches in progress.
+TRANSFERS_DIR = ".transfers"
 
 
 class ArtifactError(ValueError):
@@ -91,19 +111,58 @@ def sha256_dir(path: Path) -> str:
     return digest.hexdigest()
 
 
+class DirectoryManifest(msgspec.Struct, frozen=True):
+    """A directory artifact in the object store: its files, each stored as `<key>/<path>`."""
+
+    class File(msgspec.Struct, frozen=True):
+        path: str
+        sha256: str
+        size: int
+
+    sha256: str
+    files: tuple[File, ...]
+
+
 class ArtifactStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, transport: Transport = "local") -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.transport = transport
+        # The object store, once the service is connected (`attach`); only with transport "nats".
+        self.objects: ObjectTransport | None = None
+        self._fetching: dict[str, asyncio.Lock] = {}
+
+    def attach(self, objects: ObjectTransport) -> None:
+        """Move artifacts through `objects` (the runtime calls this once NATS is connected)."""
+        self.objects = objects
+
+    @property
+    def bucket(self) -> str:
+        from libs.common.object_transport import BUCKET
+
+        return self.objects.bucket if self.objects else BUCKET
 
     # ------------------------------------------------------------------ addressing
 
     def uri_for(self, path: Path) -> str:
-        return self._inside(Path(path)).as_uri()
+        path = self._inside(Path(path))
+        if self.transport == "local":
+            return path.as_uri()
+        return f"{SHARED_SCHEME}://{self.bucket}/{quote(self.key_for(path))}"
+
+    def key_for(self, path: Path) -> str:
+        """The artifact's key: its path inside the store, the same on every host."""
+        return self._inside(Path(path)).relative_to(self.root).as_posix()
 
     def path_for(self, uri: str) -> Path:
-        """The local path of `uri`; refuses anything outside the store."""
+        """The local path of `uri` (for a shared URI: where this host keeps its copy); refuses
+        anything outside the store."""
         parsed = urlparse(uri)
+        if parsed.scheme == SHARED_SCHEME:
+            key = unquote(parsed.path).lstrip("/")
+            if not key or parsed.netloc != self.bucket:
+                raise ArtifactError(f"unsupported artifact URI {uri!r}: expected {SHARED_SCHEME}://{self.bucket}/<key>")
+            return self._inside(self.root / key)
         if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
             raise ArtifactError(f"unsupported artifact URI {uri!r}: expected file:// inside {self.root}")
         return self._inside(Path(unquote(parsed.path)))
@@ -125,7 +184,7 @@ class ArtifactStore:
         """Write `lines` (each ending in newline) atomically, hashing as it goes."""
         target = self.location(*parts)
         sha256, size = write_atomically(target, lines)
-        return Artifact(uri=target.as_uri(), sha256=sha256, size=size)
+        return Artifact(uri=self.uri_for(target), sha256=sha256, size=size)
 
     def write_bytes(self, data: bytes, *parts: str) -> Artifact:
         return self.write_lines([data], *parts)
@@ -144,7 +203,7 @@ class ArtifactStore:
         """URI, hash and size of a finished directory artifact (a checkpoint)."""
         path = self._inside(Path(path))
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        return Artifact(uri=path.as_uri(), sha256=sha256_dir(path), size=size)
+        return Artifact(uri=self.uri_for(path), sha256=sha256_dir(path), size=size)
 
     # ------------------------------------------------------------------ reading
 
@@ -157,6 +216,115 @@ class ArtifactStore:
         if actual != sha256:
             raise ArtifactError(f"artifact {uri}: sha256 {actual} does not match the announced {sha256}")
         return path
+
+    # ------------------------------------------------------------------ across hosts
+    # What a service awaits around an artifact another host may have written or may read. On
+    # one machine (the default) these are the local operations; with the NATS object store as
+    # transport they also move the bytes (see `fetch`, `share`, `discard`).
+
+    @staticmethod
+    def is_shared(uri: str) -> bool:
+        """Whether `uri` names an artifact in the object store (hosts without a shared disk)."""
+        return urlparse(uri).scheme == SHARED_SCHEME
+
+    def _shared(self, uri: str) -> ObjectTransport | None:
+        """The object store `uri` travels through; None for a local artifact."""
+        if urlparse(uri).scheme != SHARED_SCHEME:
+            return None
+        if self.objects is None:
+            raise ArtifactError(f"{uri} is in the NATS object store, and this service does not use it: set "
+                                "FLYWHEEL_ARTIFACT_TRANSPORT=nats on every host of a deployment without a shared disk")
+        return self.objects
+
+    async def fetch(self, uri: str, sha256: str) -> Path:
+        """The local path of the artifact `uri`, its content checked against `sha256`.
+
+        A shared artifact this host does not hold (or holds with other content) is fetched from
+        the object store first; concurrent fetches of one artifact in a process wait for one.
+        """
+        path = self.path_for(uri)
+        objects = self._shared(uri) if not path.exists() else None
+        if objects is None:
+            try:
+                return await asyncio.to_thread(self.verify, uri, sha256)
+            except ArtifactError:
+                if urlparse(uri).scheme != SHARED_SCHEME:
+                    raise
+                objects = self._shared(uri)
+        async with self._fetching.setdefault(uri, asyncio.Lock()):
+            if path.exists():  # fetched meanwhile, or a stale copy to replace
+                with contextlib.suppress(ArtifactError):
+                    return await asyncio.to_thread(self.verify, uri, sha256)
+            await self._download(objects, self.key_for(path), path, sha256)
+            return await asyncio.to_thread(self.verify, uri, sha256)
+
+    async def _download(self, objects: ObjectTransport, key: str, path: Path, sha256: str) -> None:
+        stored = await objects.stat(key)
+        if stored is None:
+            raise ArtifactError(f"artifact {key!r} is neither on this host nor in the object store {objects.bucket!r}")
+        if stored.description != DIRECTORY_MANIFEST:
+            await objects.get_file(key, path, sha256=sha256)
+            return
+        manifest = msgspec.json.decode(await objects.read_small(key), type=DirectoryManifest)
+        if manifest.sha256 != sha256:
+            raise ArtifactError(f"artifact {key!r} in the object store has sha256 {manifest.sha256}, not {sha256}")
+        staging = path.with_name(f".fetch-{path.name}")
+        for file in manifest.files:
+            target = self._inside(staging / file.path)
+            if target.exists() and await asyncio.to_thread(sha256_file, target) == file.sha256:
+                continue  # fetched by an attempt that was cut short
+            await objects.get_file(f"{key}/{file.path}", target, sha256=file.sha256)
+        if path.exists():
+            await asyncio.to_thread(shutil.rmtree, path)
+        os.replace(staging, path)
+
+    async def share(self, uri: str, sha256: str) -> None:
+        """Make a finished artifact readable by every host (before an event names it).
+
+        A local artifact needs nothing. A shared one this host holds is put into the object
+        store unless it is there already with this content; one this host does not hold must
+        be there already (someone else shared it).
+        """
+        objects = self._shared(uri)
+        if objects is None:
+            return
+        path = self.path_for(uri)
+        key = self.key_for(path)
+        stored = await objects.stat(key)
+        if stored is not None and (stored.sha256 == sha256 or (
+                stored.description == DIRECTORY_MANIFEST and await self._manifest_sha256(objects, key) == sha256)):
+            return
+        if not path.exists():
+            raise ArtifactError(f"cannot share {uri}: this host does not hold it and the object store does not either")
+        if not path.is_dir():
+            await objects.put_file(path, key, sha256=sha256)
+            return
+        files = []
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            stored_file = await objects.put_file(file, f"{key}/{file.relative_to(path).as_posix()}")
+            files.append(DirectoryManifest.File(file.relative_to(path).as_posix(), stored_file.sha256, stored_file.size))
+        # Last: a manifest present means every file it lists is stored.
+        await objects.put_bytes(msgspec.json.encode(DirectoryManifest(sha256=sha256, files=tuple(files))), key,
+                                description=DIRECTORY_MANIFEST)
+
+    async def _manifest_sha256(self, objects: ObjectTransport, key: str) -> str:
+        return msgspec.json.decode(await objects.read_small(key), type=DirectoryManifest).sha256
+
+    async def discard(self, uri: str) -> None:
+        """Remove an artifact everywhere it is stored: this host's copy and the object store's."""
+        path = self.path_for(uri)
+        objects = self._shared(uri)
+        if objects is not None:
+            key = self.key_for(path)
+            stored = await objects.stat(key)
+            if stored is not None and stored.description == DIRECTORY_MANIFEST:
+                manifest = msgspec.json.decode(await objects.read_small(key), type=DirectoryManifest)
+                await objects.delete(key)  # first: a half-deleted directory must not look whole
+                for file in manifest.files:
+                    await objects.delete(f"{key}/{file.path}")
+            elif stored is not None:
+                await objects.delete(key)
+        await asyncio.to_thread(self.remove, uri)
 
     def remove(self, uri: str) -> None:
         path = self.path_for(uri)

@@ -39,8 +39,10 @@ from nats.js.kv import KeyValue
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from libs.common import topology
+from libs.common.artifacts import ArtifactStore
 from libs.common.events import Event, encode
 from libs.common.kv import Record
+from libs.common.nats_auth import NatsAuth
 from libs.common.records import Key, MessageFailures, message_failures
 from libs.common.service import Publish, Subscribe, matches
 from libs.common.tracing import extract_context, inject_headers, trace_id_from_headers, tracer
@@ -118,23 +120,35 @@ class Bus:
         self.replicas = 1
         # Set by the runtime from the service's declaration: publishing elsewhere is a bug.
         self.publications: tuple[Publish, ...] | None = None
+        # Set by the runtime: the store that shares an event's artifacts before it goes out.
+        self.artifacts: ArtifactStore | None = None
 
     # ------------------------------------------------------------------ connection
 
     @classmethod
-    async def connect(cls, servers: list[str], service: str, *, deadline_s: float = 30.0) -> Bus:
+    async def connect(cls, servers: list[str], service: str, *, deadline_s: float = 30.0,
+                      auth: NatsAuth | None = None) -> Bus:
         """Connect, retrying with exponential backoff for up to `deadline_s` (0: forever).
 
         Services may start before the server. An unreachable server is reported once, with the
         deadline, not on every attempt; past the deadline a `ConnectionError` says what was
         tried. Cancelling the task (SIGTERM) stops the attempts at once.
+        `auth`: credentials and TLS (`settings.nats_auth`). Credentials the server refuses are not
+        retried: a `PermissionError` says so at once.
         """
         connected = False
+        options = (auth or NatsAuth()).connect_options(service)
 
         async def on_error(exc: Exception) -> None:
             # Before the first connection the retry loop below reports; after it, every error counts.
-            if connected:
+            if connected and "permissions violation" in str(exc).lower():
+                # Something this service does is not in its NATS permissions (libs.common.nats_permissions).
+                log.error("NATS refused an operation: permissions violation", error=str(exc))
+            elif connected:
                 await _log_error(exc)
+
+        def refused(exc: BaseException) -> bool:
+            return "authorization violation" in str(exc).lower()
 
         def report_once(state: tenacity.RetryCallState) -> None:
             if state.attempt_number == 1:
@@ -143,7 +157,7 @@ class Bus:
                             gives_up_after_s=deadline_s if deadline_s else "never")
 
         retrying = tenacity.AsyncRetrying(
-            retry=tenacity.retry_if_exception_type(_UNREACHABLE),
+            retry=tenacity.retry_if_exception(lambda exc: isinstance(exc, _UNREACHABLE) and not refused(exc)),
             wait=tenacity.wait_exponential(multiplier=0.25, max=5.0),
             stop=tenacity.stop_after_delay(deadline_s) if deadline_s else tenacity.stop_never,
             before_sleep=report_once,
@@ -165,8 +179,13 @@ class Bus:
                         error_cb=on_error,
                         disconnected_cb=_log_disconnected,
                         reconnected_cb=_log_reconnected,
+                        **options,
                     )
         except _UNREACHABLE as exc:
+            if refused(exc):
+                who = (f"user {options['user']}" if "user" in options else "its credentials file" if auth and
+                       auth.authenticates else "no credentials given")
+                raise PermissionError(f"NATS at {', '.join(servers)} refused {service} ({who}): {exc}") from exc
             raise ConnectionError(f"cannot reach NATS at {', '.join(servers)} within {deadline_s:g} s: {exc!r}") from exc
         # Once connected, ride out server restarts and failovers for as long as it takes.
         nc.options["allow_reconnect"] = True
@@ -298,6 +317,10 @@ class Bus:
             )
         if not event.source:
             event = msgspec.structs.replace(event, source=self.service)
+        if self.artifacts is not None:
+            # An event never names what another host cannot fetch (a no-op on one disk).
+            for uri, sha256 in event.artifacts():
+                await self.artifacts.share(uri, sha256)
         headers = {
             "Nats-Msg-Id": event.id,
             "ce-specversion": "1.0",

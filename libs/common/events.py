@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Literal
+from typing import ClassVar, Literal
 
 import msgspec
 
@@ -47,6 +47,15 @@ class Event(msgspec.Struct, kw_only=True, frozen=True, tag_field="type", tag=Tru
     source: str = ""
     schema_version: int = 1
 
+    # The artifacts the event names, as (URI field, sha256 field): the bus makes them readable
+    # from every host before the event goes out (libs.common.artifacts `share`).
+    artifact_fields: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def artifacts(self) -> list[tuple[str, str]]:
+        """(uri, sha256) of every artifact the event names."""
+        return [(uri, sha) for uri, sha in ((getattr(self, u), getattr(self, s)) for u, s in self.artifact_fields)
+                if uri and sha]
+
 
 # ---------------------------------------------------------------------------- datasets
 
@@ -55,9 +64,12 @@ class DatasetSubmitted(Event, frozen=True):
     """Someone asks for a dataset to be validated and trained on.
 
     Small datasets ride inline in `rows` (each row one JSON object of the named schema);
-    larger ones are an artifact `uri` (file:// inside Flywheel's data directory) with its
-    sha256. Exactly one of the two must be given.
+    larger ones are an artifact `uri` (file:// inside Flywheel's data directory, or
+    nats-obj://artifacts/<key> in the object store when hosts share no disk) with its sha256.
+    Exactly one of the two must be given.
     """
+
+    artifact_fields: ClassVar[tuple[tuple[str, str], ...]] = (("uri", "sha256"),)
 
     name: str
     schema: str = "chat_sft_v1"
@@ -76,6 +88,8 @@ class DatasetSubmitted(Event, frozen=True):
 
 class DatasetAccepted(Event, frozen=True):
     """A dataset passed validation; its normalised rows are stored at `uri`."""
+
+    artifact_fields: ClassVar[tuple[tuple[str, str], ...]] = (("uri", "sha256"),)
 
     dataset_id: str  # sha256 of the normalised content: the idempotency key
     name: str
@@ -164,6 +178,8 @@ class TrainingFailed(Event, frozen=True):
 class CheckpointSaved(Event, frozen=True):
     """Weights and tokenizer in HF format at `uri`; (run_id, step) is its key."""
 
+    artifact_fields: ClassVar[tuple[tuple[str, str], ...]] = (("uri", "sha256"),)
+
     run_id: str
     step: int
     global_step: int
@@ -174,6 +190,22 @@ class CheckpointSaved(Event, frozen=True):
     # The profile of the dataset the run trained (libs.common.profiles): its generation-time
     # rules apply when this checkpoint is scored and served.
     profile: str = "none"
+
+
+class TrainingPaused(Event, frozen=True):
+    """The trainer paused itself: the free space under its artifacts fell below the floor.
+
+    The run in progress (if any) stopped at a step boundary and its dataset was released, to
+    resume from its last checkpoint; the trainer takes work again by itself once `floor_bytes`
+    (plus a margin) are free. An operator's pause is a mode, not this event.
+    """
+
+    reason: str
+    free_bytes: int
+    floor_bytes: int
+    run_id: str = ""
+    dataset_id: str = ""
+    step: int | None = None
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -201,6 +233,9 @@ class EvalScored(Event, frozen=True):
     lowercase hex, item i is bit `0x80 >> (i % 8)` of byte `i // 8` (1 = correct), unused
     bits of the last byte 0 (`encode_outcomes`, `EvalScored.item_outcomes`).
     """
+
+    # The base model's first score names the copy the evaluator registered.
+    artifact_fields: ClassVar[tuple[tuple[str, str], ...]] = (("checkpoint_uri", "checkpoint_sha256"),)
 
     run_id: str
     step: int
@@ -438,6 +473,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     ModelServing,
     ModelDeployFailed,
     CurriculumLevelChanged,
+    TrainingPaused,
 )
 
 AnyEvent = (
@@ -456,6 +492,7 @@ AnyEvent = (
     | ModelServing
     | ModelDeployFailed
     | CurriculumLevelChanged
+    | TrainingPaused
 )
 
 _encoder = msgspec.json.Encoder()

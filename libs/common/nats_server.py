@@ -31,12 +31,23 @@ def find_nats_server() -> str:
 
 
 class NatsServer:
-    """A nats-server child process on a loopback port with JetStream under `store_dir`."""
+    """A nats-server child process on a loopback port with JetStream under `store_dir`.
 
-    def __init__(self, store_dir: Path, port: int = -1, log_path: Path | None = None) -> None:
+    With `config` (a file from `libs.common.nats_permissions.render_config`) it also enforces the
+    users, permissions and TLS that file gives; `env` adds variables to the server's environment
+    (the users' passwords, which the file names but does not hold). The port and store given
+    here win over the file's.
+    """
+
+    def __init__(self, store_dir: Path, port: int = -1, log_path: Path | None = None, *,
+                 config: Path | None = None, env: dict[str, str] | None = None, host: str = "127.0.0.1") -> None:
         self.store_dir = Path(store_dir)
         self.port = port
+        # The address it listens on; clients on this machine always use loopback (`url`).
+        self.host = host
         self.log_path = log_path
+        self.config = config
+        self.env = env
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -48,14 +59,19 @@ class NatsServer:
         if log_path.exists():
             log_path.replace(log_path.with_name(log_path.name + ".1"))
         cmd = [
-            find_nats_server(), "-js", "-a", "127.0.0.1", "-p", str(self.port),
-            "-sd", str(self.store_dir), "--log", str(log_path),
+            find_nats_server(), *(["-c", str(self.config)] if self.config else []),
+            "-js", "-a", self.host, "-p", str(self.port), "-sd", str(self.store_dir), "--log", str(log_path),
         ]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = {**os.environ, **self.env} if self.env else None
+        # What the server says before its log is open (a configuration it refuses) goes here.
+        errors_path = log_path.with_name(log_path.name + ".stderr")
+        with open(errors_path, "wb") as errors:
+            self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors, env=env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.process.returncode}; see {log_path}")
+                said = errors_path.read_text(errors="replace").strip()
+                raise RuntimeError(f"nats-server exited with {self.process.returncode}: {said or 'see ' + str(log_path)}")
             text = log_path.read_text() if log_path.exists() else ""
             match = _LISTENING.search(text)
             if match and "Server is ready" in text:

@@ -220,3 +220,87 @@ class SkillState(msgspec.Struct, kw_only=True, frozen=True):
 
 def skill_state(skill: str) -> Key[SkillState]:
     return Key(topology.CURRICULUM_BUCKET, skill, SkillState)
+
+# ---------------------------------------------------------------------------- trainer state and lease
+# Per base model (`model`: the first 16 hex digits of the base model's directory hash, so two
+# trainers of the same weights share them wherever the files lie), in bucket `trainer-models`:
+#   model.<model>.state               the trainer's state (TrainerState), written by the lease holder
+#   model.<model>.lease               who trains this model now (TrainerLease)
+#   model.<model>.finished.<dataset>  a trained dataset moved out of the state record (FinishedDataset)
+
+
+class TrainedDataset(msgspec.Struct, frozen=True):
+    dataset_id: str
+    uri: str
+    # How its rows are read when replayed; states from before schemas were recorded held
+    # chat_sft_v1 datasets only.
+    schema: str = "chat_sft_v1"
+    # Its row transform (libs.common.profiles), applied again when its rows are replayed.
+    profile: str = "none"
+
+
+class PendingRun(msgspec.Struct, frozen=True, kw_only=True):
+    """A run that began and has not ended: its dataset's redelivery resumes it before any other trains."""
+
+    dataset_id: str
+    run_id: str
+    init_weights: str
+    # Where its dataset's message waits: the durable consumer that delivered it and the stream
+    # sequence. A message the stream no longer holds, or the consumer settled, never comes back:
+    # the pending run is then given up rather than waited for forever.
+    consumer: str = ""
+    stream_sequence: int = 0
+
+
+class TrainerState(msgspec.Struct, kw_only=True):
+    """The trainer's state for one base model (services/trainer/state.py decides its changes)."""
+
+    # URI of the latest finished checkpoint; empty: the base model (nothing trained yet).
+    current_weights: str = ""
+    current_weights_sha256: str = ""
+    global_step: int = 0
+    # dataset_id -> URI of the final checkpoint of its run: the idempotency record (the newest
+    # ones; older ones are moved to keys of their own, `trainer_finished`).
+    finished: dict[str, str] = {}
+    # The datasets trained, in order (the newest ones): what replay draws earlier rows from.
+    trained: list[TrainedDataset] = []
+    # The run begun and not yet ended, if any.
+    pending: PendingRun | None = None
+    # The trainer that took the lease last: its takeover rewrote this record, so a writer that
+    # still holds an older revision fails its compare-and-set instead of overwriting.
+    holder: str = ""
+
+
+class FinishedDataset(msgspec.Struct, frozen=True, kw_only=True):
+    """A trained dataset's final checkpoint, once it no longer fits in the state record."""
+
+    checkpoint_uri: str
+
+
+class TrainerLease(msgspec.Struct, frozen=True, kw_only=True):
+    """Which trainer process trains a base model now; renewed every few seconds by its holder.
+
+    Whoever waits for it judges expiry by its own clock: a lease whose revision has not changed
+    for `duration_s` seconds (as the waiter measured) has expired; no two hosts' clocks are
+    compared. `released`: the holder let go (stopped cleanly); take it at once.
+    """
+
+    holder: str
+    host: str = ""
+    pid: int = 0
+    duration_s: float
+    acquired_at: datetime
+    renewed_at: datetime
+    released: bool = False
+
+
+def trainer_state(model: str) -> Key[TrainerState]:
+    return Key(topology.TRAINER_MODELS_BUCKET, f"model.{model}.state", TrainerState)
+
+
+def trainer_lease(model: str) -> Key[TrainerLease]:
+    return Key(topology.TRAINER_MODELS_BUCKET, f"model.{model}.lease", TrainerLease)
+
+
+def trainer_finished(model: str, dataset_id: str) -> Key[FinishedDataset]:
+    return Key(topology.TRAINER_MODELS_BUCKET, f"model.{model}.finished.{dataset_id}", FinishedDataset)

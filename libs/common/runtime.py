@@ -28,8 +28,9 @@ import uvicorn
 
 from libs.common.artifacts import ArtifactStore
 from libs.common.bus import Bus
-from libs.common.http import ServiceMetrics, create_app
+from libs.common.http import ServiceMetrics, answer_errors_as, create_app
 from libs.common.log import get_logger, setup_logging
+from libs.common.object_transport import connect_store
 from libs.common.service import Service
 from libs.common.settings import CommonSettings, SettingsError, describe, load_settings
 from libs.common.tracing import setup_tracing, shutdown_tracing
@@ -57,7 +58,7 @@ class ServiceRuntime(Generic[S]):
         self.settings = settings
         self.log = get_logger(name)
         self.metrics = ServiceMetrics(name)
-        self.store = ArtifactStore(settings.artifacts_dir)
+        self.store = ArtifactStore(settings.artifacts_dir, transport=settings.artifact_transport)
         self.stop = asyncio.Event()
         self.bus: Bus | None = None
         self.started = False
@@ -92,9 +93,12 @@ class ServiceRuntime(Generic[S]):
     async def start(self, service: Service[T]) -> T:
         """Connect, create the topology, build the service and start what it declares."""
         self.bus = await Bus.connect(self.settings.nats_servers, self.name,
-                                     deadline_s=self.settings.nats_connect_deadline_s)
+                                     deadline_s=self.settings.nats_connect_deadline_s, auth=self.settings.nats_auth)
         self.bus.publications = service.publications
         await self.bus.ensure_topology(replicas=self.settings.stream_replicas)
+        # Without a shared disk, artifacts travel through the object store; the bus shares what
+        # an event names before publishing it.
+        self.bus.artifacts = await connect_store(self.store, self.bus.js, replicas=self.settings.stream_replicas)
         # Bound before the build, so an every-replica subscription misses nothing meanwhile.
         sources = [await self.bus.bind(sub) for sub in service.subscriptions]
         self.log.info("building the service (models, state)")
@@ -121,6 +125,8 @@ class ServiceRuntime(Generic[S]):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
+        if service.errors:
+            answer_errors_as(self.app, service.errors)
         host, port = self.settings.http_host, self.settings.http_port
         server = _EmbeddedServer(uvicorn.Config(
             self.app, host=host, port=port, log_config=None, access_log=False, lifespan="off",

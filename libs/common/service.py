@@ -31,6 +31,7 @@ from libs.common.topology import ConsumerSpec
 if TYPE_CHECKING:  # the runtime imports this module; only its type is needed here
     from fastapi import APIRouter
 
+    from libs.common.http import ApiError
     from libs.common.runtime import ServiceRuntime
 
 T = TypeVar("T")
@@ -122,7 +123,8 @@ class Service(Generic[T]):
     """Everything the runtime starts for one service, in the order it starts them.
 
     1. `build(runtime)` creates the service object (loads models, opens KV buckets, ...);
-    2. `routes(service)` gives its HTTP routes, `readiness(service)` its /ready checks;
+    2. `routes(service)` gives its HTTP routes, `readiness(service)` its /ready checks; every
+       HTTP error answers in the shape of `errors` (default FastAPI's, libs/common/http.py);
     3. `replies` are served, `subscriptions` and `loops` run until the service stops;
     4. on SIGTERM `on_stop(service)` is called at once (interrupt long work), in-flight
        handlers get the grace period, then `close(service)`.
@@ -135,6 +137,7 @@ class Service(Generic[T]):
     publications: tuple[Publish, ...] = ()
     replies: tuple[Reply[T], ...] = ()
     routes: Callable[[T], APIRouter] | None = None
+    errors: type[ApiError] | None = None
     readiness: Callable[[T], Mapping[str, Callable[[], bool]]] | None = None
     loops: tuple[Callable[[T, asyncio.Event], Awaitable[None]], ...] = ()
     on_stop: Callable[[T], None] | None = None

@@ -38,12 +38,16 @@ import msgspec
 
 from libs.common.log import mask_secrets_in
 
+if typing.TYPE_CHECKING:
+    from libs.common.nats_auth import NatsAuth
+
 ENV_PREFIX = "FLYWHEEL_"
 CONFIG_ENV = "FLYWHEEL_CONFIG"
-# Variables with the prefix that are not settings: the config file, and the browser test's knobs
+# Variables with the prefix that are not settings: the config file, `flywheel up`'s own (where its
+# nats-server listens: flywheel/supervisor.py), and the browser test's knobs
 # (tests/services/dashboard/test_browser.py; CI exports FLYWHEEL_REQUIRE_BROWSER and
 # FLYWHEEL_REQUIRE_PHOENIX for the whole suite).
-NOT_SETTINGS = frozenset({CONFIG_ENV, "FLYWHEEL_REQUIRE_BROWSER", "FLYWHEEL_SCREENSHOT_DIR",
+NOT_SETTINGS = frozenset({CONFIG_ENV, "FLYWHEEL_NATS_LISTEN", "FLYWHEEL_REQUIRE_BROWSER", "FLYWHEEL_SCREENSHOT_DIR",
                           "FLYWHEEL_CHROMIUM", "FLYWHEEL_CHROMEDRIVER", "FLYWHEEL_REQUIRE_PHOENIX"})
 
 # Variables of other tools read as settings (of the services that have the field).
@@ -87,6 +91,10 @@ class CommonSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Settings every service shares."""
 
     data_dir: Path = Path("data")
+    # How artifacts (datasets, checkpoints) reach other hosts. "local": every service sees the
+    # same data directory (one machine, or a shared disk). "nats": each host has its own and
+    # they travel through the JetStream object store (set it on every host of the deployment).
+    artifact_transport: Literal["local", "nats"] = "local"
     # Empty means "not set": `flywheel up` then starts an embedded nats-server.
     nats_url: str = ""
     # JetStream replicas of the streams and KV buckets Flywheel creates: 1 on one server, 3 on a
@@ -94,6 +102,19 @@ class CommonSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stream_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     # How long a service keeps trying to reach NATS at start before it exits (0: forever).
     nats_connect_deadline_s: NonNegativeFloat = 300.0
+    # Credentials on a NATS server with authentication (README "Security"); all unset: none.
+    # One of: a user and password; a .creds file (JWT and NKey seed); an NKey seed file (these two
+    # need the `nkeys` package). The password is never logged (libs.common.log masks it).
+    nats_user: str = ""
+    nats_password: str = ""
+    nats_creds_file: str = ""
+    nats_nkey_seed_file: str = ""
+    # TLS, when any is set: the CA the server's certificate must come from, and this client's own
+    # certificate and key when the server verifies clients. A file that does not exist stops the
+    # program, naming its setting.
+    nats_tls_ca_file: str = ""
+    nats_tls_cert_file: str = ""
+    nats_tls_key_file: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     http_host: str = "127.0.0.1"
     # Per service (FLYWHEEL_<SERVICE>_HTTP_PORT); defaults from DEFAULT_PORTS, 0 = any free port.
@@ -114,6 +135,13 @@ class CommonSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if not self.nats_url:
             raise SettingsError("FLYWHEEL_NATS_URL (or NATS_URL) is not set and no embedded server runs")
         return [s.strip() for s in self.nats_url.split(",") if s.strip()]
+
+    @property
+    def nats_auth(self) -> NatsAuth:
+        """The NATS credentials and TLS files, checked (libs.common.nats_auth)."""
+        from libs.common.nats_auth import NatsAuth
+
+        return NatsAuth.from_settings(self)
 
     def service_dir(self, service: str) -> Path:
         """The folder a service owns under the data directory (created on demand)."""
@@ -295,9 +323,11 @@ def load_settings(cls: type[S], service: str, environ: dict[str, str] | None = N
     if unknown := set(flat) - set(paths):
         raise SettingsError(f"{service} has no setting(s) {sorted(unknown)}")
     try:
-        return msgspec.convert(_nest(flat, paths), cls, strict=False, dec_hook=_decode_extra)
+        settings = msgspec.convert(_nest(flat, paths), cls, strict=False, dec_hook=_decode_extra)
     except msgspec.ValidationError as exc:
         raise SettingsError(_explain(exc, service, flat)) from exc
+    settings.nats_auth  # noqa: B018 - a missing credentials or TLS file stops loading, naming its setting
+    return settings
 
 
 # `$.limits[...]`: an item of a dict or list setting is named by the setting.

@@ -36,6 +36,8 @@ CONTROL_TRAINER_ACTION = f"{CONTROL_TRAINER}.{{action}}"
 CONTROL_DEPLOYER = "control.deployer"
 CONTROL_DEPLOYER_DEPLOY = f"{CONTROL_DEPLOYER}.deploy"
 CONTROL_DEPLOYER_ROLLBACK = f"{CONTROL_DEPLOYER}.rollback"
+# The trainer stopped taking work by itself (the disk under its artifacts is below the floor).
+TRAINING_PAUSED = "training.paused"
 
 # What a `{parameter}` in a subject stands for (documented in the AsyncAPI document).
 SUBJECT_PARAMETERS = {
@@ -144,4 +146,10 @@ FAILURES_BUCKET = BucketSpec(
     "failures", history=1, max_age_s=30 * 24 * 3600,
     description="handler failures per queued message (key: <durable>.<stream sequence>)",
 )
-BUCKETS: tuple[BucketSpec, ...] = (CHAMPION_BUCKET, CURRICULUM_BUCKET, TRAINER_BUCKET, FAILURES_BUCKET)
+# Written by the trainer holding a base model's lease (services/trainer/state.py, lease.py); the
+# lease is renewed every few seconds, so it is kept apart from the records the dashboard watches.
+TRAINER_MODELS_BUCKET = BucketSpec(
+    "trainer-models", history=8,
+    description="per base model: trainer state, lease, finished datasets (keys: model.<id>.state|lease|finished.<dataset>)",
+)
+BUCKETS: tuple[BucketSpec, ...] = (CHAMPION_BUCKET, CURRICULUM_BUCKET, TRAINER_BUCKET, FAILURES_BUCKET, TRAINER_MODELS_BUCKET)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import msgspec
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Path
 
-from libs.common.artifacts import is_sha256
 from services.evaluator.scorebook import Scorebook
 from services.evaluator.suite import Suite
 
@@ -17,6 +16,11 @@ class Scores(Protocol):
 
     suite: Suite
     scorebook: Scorebook
+
+
+# A checkpoint's content hash (libs.common.artifacts.is_sha256), declared so that the document says
+# so and a malformed one gets FastAPI's 422 like any other invalid parameter.
+Sha256 = Annotated[str, Path(pattern="^[0-9a-f]{64}$", description="a checkpoint's sha256, lowercase hex")]
 
 
 def router(evaluator: Scores) -> APIRouter:
@@ -35,10 +39,8 @@ def router(evaluator: Scores) -> APIRouter:
         return msgspec.to_builtins(evaluator.scorebook.recent(limit))
 
     @routes.get("/scores/{sha256}")
-    async def checkpoint_scores(sha256: str) -> list[dict]:
+    async def checkpoint_scores(sha256: Sha256) -> list[dict]:
         """Every suite's score for this checkpoint, with the per-item outputs."""
-        if not is_sha256(sha256):
-            raise HTTPException(422, "not a sha256 hex digest")
         records = evaluator.scorebook.for_checkpoint(sha256)
         if not records:
             raise HTTPException(404, f"no scores for checkpoint {sha256}")

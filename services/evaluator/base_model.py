@@ -42,6 +42,6 @@ def register_base_model(store: ArtifactStore, source: Path) -> Artifact:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     else:
-        store.verify(target.as_uri(), sha256)
+        store.verify(store.uri_for(target), sha256)
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
-    return Artifact(uri=target.as_uri(), sha256=sha256, size=size)
+    return Artifact(uri=store.uri_for(target), sha256=sha256, size=size)

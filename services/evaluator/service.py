@@ -142,7 +142,7 @@ class Evaluator:
         async with self._scoring:
             if (record := self.scorebook.get(sha256, self.suite.version)) and record.event.outcomes:
                 return record  # scored while this call waited for its turn
-            path = await asyncio.to_thread(self.store.verify, uri, sha256)
+            path = await self.store.fetch(uri, sha256)
             log.info("scoring checkpoint", checkpoint=uri, run_id=run_id, step=step)
             per_level = self.settings.hard_probe_items if probe else 0
             probes = await asyncio.to_thread(probe_items, self.suite, per_level, sha256)

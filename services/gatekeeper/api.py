@@ -31,11 +31,12 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from libs.common.events import Priority, ValidationLevel, new_id
+from libs.common.http import inline_refs
 from libs.common.profiles import DEFAULT_PROFILE
 from libs.common.profiles import PROFILES as DATA_PROFILES
 from services.gatekeeper.intake import Submission, UploadRefused, receive_body, receive_multipart
 from services.gatekeeper.pipeline import Gatekeeper, ValidationInterrupted, describe_schemas
-from services.gatekeeper.schemas import DEFAULT_SCHEMA, PROFILES, json_schemas
+from services.gatekeeper.schemas import DEFAULT_SCHEMA, PROFILES, SCHEMAS, json_schemas
 from services.gatekeeper.settings import GatekeeperSettings
 from services.gatekeeper.verdict import Report, encode_report
 
@@ -50,6 +51,25 @@ class Intake(Protocol):
     async def submit_file(self, submission: Submission, path: Path, *, move: bool) -> Report: ...
 
 ASYNCAPI = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
+
+
+def _raw_body() -> dict:
+    """`openapi_extra` of the routes that stream a raw body: JSON lines (one row of the named schema
+    a line; the document shows them as an array, one item a line) or the same gzip-compressed."""
+    definitions = json_schemas()
+    rows = {"anyOf": [inline_refs(definitions[name], definitions) for name in SCHEMAS]}
+    return {"requestBody": {"required": True, "content": {
+        "application/x-ndjson": {"schema": {"type": "array", "items": rows}},
+        "application/gzip": {"schema": {"type": "string", "format": "binary"}},
+    }}}
+
+
+# A submission's 422 is its rejection (the submission's answer, with `detail` saying why), not only
+# FastAPI's invalid parameter (`detail`: the list of problems).
+_SUBMISSION_RESPONSES = {422: {"description": "Rejected (see `report`), or an invalid parameter", "content": {
+    "application/json": {"schema": {"type": "object", "required": ["detail"]}}}}}
+_UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "properties": {"file": {"type": "string", "format": "binary"}}, "required": ["file"]}}}}}
 
 
 def router(service: Intake) -> APIRouter:
@@ -68,6 +88,8 @@ def router(service: Intake) -> APIRouter:
             path.unlink(missing_ok=True)
             raise HTTPException(503, f"submission {submission.submission_id} failed: {exc!r}") from exc
         body = {
+            # The error shape's field (libs/common/http.py), so a rejection reads like any other 4xx.
+            **({"detail": "rejected: " + "; ".join(report.reasons)} if report.status == "rejected" else {}),
             "submission_id": report.submission_id,
             "status": report.status,
             "report_url": f"/datasets/{report.submission_id}/report",
@@ -85,14 +107,14 @@ def router(service: Intake) -> APIRouter:
         except UploadRefused as exc:
             raise HTTPException(exc.status, str(exc)) from exc
 
-    @routes.post("/datasets")
+    @routes.post("/datasets", openapi_extra=_raw_body(), responses=_SUBMISSION_RESPONSES)
     async def submit_body(request: Request, name: str = "unnamed", schema: str = DEFAULT_SCHEMA,
                           profile: str = DEFAULT_PROFILE, priority: Priority | None = None,
                           level: ValidationLevel = "standard", submitted_by: str = "anonymous") -> JSONResponse:
         path = await receive_raw(request)
         return await submit(path, "body.jsonl", name, schema, profile, priority, level, submitted_by)
 
-    @routes.post("/datasets/upload")
+    @routes.post("/datasets/upload", openapi_extra=_UPLOAD_BODY, responses=_SUBMISSION_RESPONSES)
     async def submit_upload(request: Request, name: str = "", schema: str = DEFAULT_SCHEMA,
                             profile: str = DEFAULT_PROFILE, priority: Priority | None = None,
                             level: ValidationLevel = "standard", submitted_by: str = "anonymous") -> JSONResponse:
@@ -106,7 +128,7 @@ def router(service: Intake) -> APIRouter:
         return await submit(path, filename, name or filename.split(".")[0] or "upload", schema, profile, priority,
                             level, submitted_by)
 
-    @routes.post("/datasets/check")
+    @routes.post("/datasets/check", openapi_extra=_raw_body())
     async def check_body(request: Request, schema: str = DEFAULT_SCHEMA, profile: str = DEFAULT_PROFILE,
                          level: ValidationLevel = "standard") -> Response:
         path = await receive_raw(request)
@@ -153,7 +175,8 @@ def router(service: Intake) -> APIRouter:
             },
         }
 
-    @routes.get("/asyncapi.yaml")
+    @routes.get("/asyncapi.yaml", response_class=Response,
+                responses={200: {"content": {"application/yaml": {}}}})
     async def asyncapi() -> Response:
         if not ASYNCAPI.is_file():
             raise HTTPException(404, "docs/asyncapi.yaml has not been generated; run `flywheel asyncapi`")

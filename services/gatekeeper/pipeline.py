@@ -457,7 +457,7 @@ class Gatekeeper:
         size = target.stat().st_size
         # Over the limit: rejected unread, so not read to be hashed either (a 10 GB file).
         digest = sha256_file(target) if size <= self.config.limits.max_file_bytes else ""
-        return Artifact(uri=target.as_uri(), sha256=digest, size=size)
+        return Artifact(uri=self.store.uri_for(target), sha256=digest, size=size)
 
     def _done_early(self, submission: Submission, check: Check, reason: str,
                     original: Artifact | None = None) -> Report:
@@ -500,7 +500,7 @@ class Gatekeeper:
 
     def _finish(self, submission: Submission, tally: Tally, original: Artifact | None, staged: Artifact | None,
                 validation: Validation | None, started: float) -> Report:
-        report_uri = self.store.location("reports", f"{submission.submission_id}.json").as_uri()
+        report_uri = self.store.uri_for(self.store.location("reports", f"{submission.submission_id}.json"))
         report = self._report(submission, tally, original, validation, started, report_uri)
         if staged is not None:
             staged_path = self.store.path_for(staged.uri)
@@ -557,10 +557,10 @@ class Gatekeeper:
         else:
             os.replace(staged_path, target)
         claim = IndexEntry(
-            dataset_id=dataset_id, submission_id=report.submission_id, name=report.name, uri=target.as_uri(),
+            dataset_id=dataset_id, submission_id=report.submission_id, name=report.name, uri=self.store.uri_for(target),
             schema=report.schema, num_rows=report.num_rows_valid, announced=False,
         )
-        report = msgspec.structs.replace(report, dataset_id=dataset_id, dataset_uri=target.as_uri())
+        report = msgspec.structs.replace(report, dataset_id=dataset_id, dataset_uri=self.store.uri_for(target))
         with self._claims:
             first = self.index.claim(claim)
             if first.submission_id != report.submission_id:

@@ -26,7 +26,7 @@ from pathlib import Path
 from opentelemetry.trace import Status, StatusCode
 
 from libs.common import topology
-from libs.common.artifacts import ArtifactStore
+from libs.common.artifacts import ArtifactError, ArtifactStore
 from libs.common.bus import Bus, Delivery, Interrupted, first_of
 from libs.common.events import DatasetAccepted, DatasetRejected, DatasetSubmitted, Event
 from libs.common.http import ServiceMetrics
@@ -86,6 +86,12 @@ class GatekeeperService:
     # ------------------------------------------------------------------ the three ways in
 
     async def on_submitted(self, event: DatasetSubmitted, delivery: Delivery) -> None:
+        if event.uri and event.sha256 and self.gatekeeper.store.is_shared(event.uri):
+            # Submitted on another host: into this host's store first, where the pipeline reads it.
+            try:
+                await self.gatekeeper.store.fetch(event.uri, event.sha256)
+            except ArtifactError as exc:  # the pipeline's report then says it is not in the store
+                log.warning("submitted artifact not fetched", uri=event.uri, error=str(exc))
         try:
             report = await asyncio.to_thread(self.gatekeeper.submit_event, event)
         except ValidationInterrupted as exc:

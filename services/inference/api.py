@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import StreamingResponse
 from opentelemetry import trace
 
+from libs.common.http import msgspec_schema
 from libs.common.log import get_logger
 from libs.common.tracing import extract_context
 from services.inference.auth import ApiKey, KeyTable
@@ -34,6 +35,8 @@ from services.inference.protocol import (
     RequestError,
     TextRequest,
     TokenText,
+    chat_completion_schema,
+    completion_schema,
     model_list,
     parse_chat_request,
     parse_completion_request,
@@ -83,6 +86,15 @@ class _ReloadRequest(msgspec.Struct):
     force: bool = False
 
 
+def _json_body(schema: dict, required: bool = True) -> dict:
+    """`openapi_extra` declaring the JSON body a route reads itself (msgspec, not FastAPI's models)."""
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": schema}}}}
+
+
+# A completion answers JSON, or with `"stream": true` Server-Sent Events.
+_COMPLETION_RESPONSES = {200: {"content": {"text/event-stream": {}}}}
+
+
 def _json(payload: Any, status: int = 200) -> Response:
     return Response(msgspec.json.encode(payload), status_code=status, media_type="application/json")
 
@@ -125,6 +137,9 @@ def router(serving: Serving) -> APIRouter:
                 prompt = kind.prepare(server, served, wanted)
             except PromptTooLong as exc:
                 raise RequestError(str(exc), param=kind.prompt_param, code="context_length_exceeded") from exc
+            if not prompt.input_ids:
+                # An empty text prompt (the tokenizer adds no BOS) leaves the engine nothing to continue.
+                raise RequestError("the prompt is empty: there is no token to continue from", param=kind.prompt_param)
         except RequestError as exc:
             metrics.requests.labels("unknown", "invalid" if exc.status < 500 else "unavailable").inc()
             raise
@@ -163,11 +178,13 @@ def router(serving: Serving) -> APIRouter:
         metrics.latency.labels("false").observe(time.perf_counter() - started)
         return _json(answer.whole(completions))
 
-    @routes.post("/v1/chat/completions")
+    @routes.post("/v1/chat/completions", openapi_extra=_json_body(chat_completion_schema()),
+                  responses=_COMPLETION_RESPONSES)
     async def chat_completions(request: Request) -> Response:
         return await respond(request, CHAT)
 
-    @routes.post("/v1/completions")
+    @routes.post("/v1/completions", openapi_extra=_json_body(completion_schema()),
+                  responses=_COMPLETION_RESPONSES)
     async def completions(request: Request) -> Response:
         return await respond(request, TEXT)
 
@@ -180,7 +197,8 @@ def router(serving: Serving) -> APIRouter:
     async def model_info() -> Response:
         return _json({**msgspec.to_builtins(served_or_503().info), "last_reload_error": server.last_error})
 
-    @routes.post("/models/reload", dependencies=[Depends(require_admin)])
+    @routes.post("/models/reload", dependencies=[Depends(require_admin)],
+                 openapi_extra=_json_body(msgspec_schema(_ReloadRequest), required=False))
     async def reload_model(request: Request) -> Response:
         body = await request.body()
         try:

@@ -15,7 +15,7 @@ import msgspec
 
 from libs.common.events import ModelDeployed, ModelStaged
 from libs.common.kv import Record
-from libs.common.records import Champion
+from libs.common.records import Champion, Deployment
 
 Source = Literal["champion", "base"]
 
@@ -57,6 +57,13 @@ def target_for_champion(champion: Champion | None) -> ModelTarget:
 
 def target_for_event(event: ModelDeployed | ModelStaged) -> ModelTarget:
     return ModelTarget("champion", event.checkpoint_uri, event.checkpoint_sha256, event.run_id, event.step, event.id)
+
+
+def target_for_deployment(deployment: Deployment) -> ModelTarget:
+    """A staged deployment read from KV (its `model.staged` missed): the candidate it would crown."""
+    candidate = deployment.candidate
+    return ModelTarget("champion", candidate.checkpoint_uri, candidate.checkpoint_sha256, candidate.run_id,
+                       candidate.step, candidate.event_id)
 
 
 def needs_reload(loaded: ModelTarget | None, wanted: ModelTarget, *, force: bool = False) -> bool:

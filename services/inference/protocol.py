@@ -20,7 +20,7 @@ import msgspec
 from msgspec import Meta
 
 from libs.common.chat import ChatMessage
-from libs.common.http import ApiError
+from libs.common.http import ApiError, msgspec_schema
 from services.inference.generation import Completion, Delta, GenerationParams
 from services.inference.sampling import TokenLogprob
 
@@ -47,6 +47,12 @@ class RequestError(ApiError, ValueError):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+    @classmethod
+    def from_http(cls, status: int, message: str, param: str | None = None) -> RequestError:
+        # OpenAI answers an invalid request 400, where FastAPI's own validation says 422.
+        status = 400 if status == 422 else status
+        return cls(message, param=param, status=status, type="invalid_request_error" if status < 500 else "server_error")
 
     def headers(self) -> dict[str, str]:
         if self.status == 401:
@@ -107,6 +113,27 @@ class _CompletionRequest(msgspec.Struct, kw_only=True):
     logprobs: Annotated[int, Meta(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
     echo: bool | None = None
     best_of: int | None = None
+
+
+def chat_completion_schema() -> dict[str, Any]:
+    """The chat body's JSON Schema, for the API's document: the struct's, with what `_message` checks
+    after decoding (so that its errors can say what is allowed): the roles, text parts, content required."""
+    schema = msgspec_schema(_ChatCompletionRequest)
+    text_part = {"type": "object", "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}},
+                 "required": ["type"]}
+    message = schema["properties"]["messages"]["items"]
+    message["properties"]["role"] = {"enum": list(_ROLE_ALIASES)}
+    message["properties"]["content"] = {"anyOf": [{"type": "string"}, {"type": "array", "items": text_part}]}
+    message["required"] = ["role", "content"]
+    return schema
+
+
+def completion_schema() -> dict[str, Any]:
+    """The completions body's JSON Schema, for the API's document: one prompt, a text or a list of one."""
+    schema = msgspec_schema(_CompletionRequest)
+    schema["properties"]["prompt"] = {"anyOf": [{"type": "string"},
+                                                {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]}
+    return schema
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,15 @@ from libs.common.tracing import tracer
 from services.inference.api import router
 from services.inference.auth import KeyTable, resolve_api_keys
 from services.inference.backends import choose_backend, make_backend
-from services.inference.champion import ChampionError, read_champion, target_for_event
+from services.inference.champion import (
+    ChampionError,
+    ModelTarget,
+    read_champion,
+    target_for_deployment,
+    target_for_event,
+)
 from services.inference.metrics import InferenceMetrics
+from services.inference.protocol import RequestError
 from services.inference.serving import ModelInfo, ModelServer, ReloadFailed
 from services.inference.settings import InferenceSettings
 
@@ -89,6 +96,7 @@ class Inference:
                 await inference.reload(False)
             except (ReloadFailed, ChampionError) as exc:
                 log.error("no model could be loaded at start; not ready until a deployment loads", error=str(exc))
+        await inference.resume_staged()
         return inference
 
     async def reload(self, force: bool) -> ModelInfo:
@@ -106,20 +114,34 @@ class Inference:
 
     async def on_model_staged(self, event: ModelStaged, delivery: Delivery) -> None:
         log.info("model staged", deployment_id=event.deployment_id, uri=event.checkpoint_uri, kind=event.kind)
-        if not await self._still_wanted(event.deployment_id):
-            log.info("staged deployment is no longer the newest; not loading it", deployment_id=event.deployment_id)
+        await self._stage(event.deployment_id, target_for_event(event))
+
+    async def resume_staged(self) -> None:
+        """Load the deployer's staged deployment, if one waits: its `model.staged` went out before
+        this replica's consumer began (the replica was down, or died loading it), and the deployer
+        waits for a report until the deadline. Without this a replica restarted mid-deployment
+        never reports and the deployment fails by timeout."""
+        newest, _ = await self.deployments.read()
+        if newest is not None and newest.state == "staged":
+            log.info("a deployment is staged; loading it", deployment_id=newest.id,
+                     uri=newest.candidate.checkpoint_uri, kind=newest.kind)
+            await self._stage(newest.id, target_for_deployment(newest))
+
+    async def _stage(self, deployment_id: str, target: ModelTarget) -> None:
+        if not await self._still_wanted(deployment_id):
+            log.info("staged deployment is no longer the newest; not loading it", deployment_id=deployment_id)
             return
         try:
-            info = await self.server.deploy(target_for_event(event))
+            info = await self.server.deploy(target)
         except ReloadFailed as exc:
-            await self._report(event, ok=False, reason=str(exc))
+            await self._report(deployment_id, ok=False, reason=str(exc))
             return
-        if not await self._still_wanted(event.deployment_id):
+        if not await self._still_wanted(deployment_id):
             log.info("deployment failed or was replaced while loading; back to the champion",
-                     deployment_id=event.deployment_id)
-            await self._withdraw(event.checkpoint_sha256)
+                     deployment_id=deployment_id)
+            await self._withdraw(target.sha256)
             return
-        await self._report(event, ok=True, info=info)
+        await self._report(deployment_id, ok=True, info=info)
 
     async def on_deploy_failed(self, event: ModelDeployFailed, delivery: Delivery) -> None:
         log.info("deployment failed", deployment_id=event.deployment_id, uri=event.checkpoint_uri, reason=event.reason)
@@ -137,15 +159,15 @@ class Inference:
         except (ReloadFailed, ChampionError) as exc:
             log.error("could not go back to the champion; the withdrawn checkpoint keeps serving", error=str(exc))
 
-    async def _report(self, event: ModelStaged, *, ok: bool, info: ModelInfo | None = None, reason: str = "") -> None:
+    async def _report(self, deployment_id: str, *, ok: bool, info: ModelInfo | None = None, reason: str = "") -> None:
         """Tell the deployer what this replica serves now (a staged checkpoint, or still its previous model)."""
         serving = info or (self.server.current.info if self.server.current else None)
         await self.bus.publish(topology.MODEL_SERVING, ModelServing(
-            id=derived_id(NAME, "serving", event.deployment_id, self.replica), deployment_id=event.deployment_id,
+            id=derived_id(NAME, "serving", deployment_id, self.replica), deployment_id=deployment_id,
             replica=self.replica, ok=ok, checkpoint_sha256=serving.sha256 if serving else "",
             checkpoint_uri=serving.uri if serving else "", reason=reason,
         ))
-        log.info("reported serving", deployment_id=event.deployment_id, ok=ok, reason=reason,
+        log.info("reported serving", deployment_id=deployment_id, ok=ok, reason=reason,
                  sha256=serving.sha256 if serving else "")
 
     def readiness(self) -> dict:
@@ -172,6 +194,7 @@ SERVICE = Service(
         Publish(topology.MODEL_SERVING, ModelServing),
     ),
     routes=router,
+    errors=RequestError,
     readiness=Inference.readiness,
     close=Inference.close,
 )

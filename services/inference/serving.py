@@ -214,8 +214,10 @@ class ModelServer:
         }) as span:
             served = None
             try:
+                # From the object store first when hosts share no disk (checked against its sha256).
+                path = await self.store.fetch(target.uri, target.sha256) if target.source == "champion" else None
                 # A copy of the context goes with the thread, so the load's spans nest here.
-                served = await asyncio.to_thread(self._load, target, current_trace_id(), span.get_span_context())
+                served = await asyncio.to_thread(self._load, target, path, current_trace_id(), span.get_span_context())
                 await self._probe(served)
             except Exception as exc:  # noqa: BLE001 - any load failure keeps the old model
                 if served is not None:
@@ -242,10 +244,10 @@ class ModelServer:
         await asyncio.to_thread(old.backend.close, 30.0)
         log.info("previous model retired", model=old.info.id, sha256=old.info.sha256)
 
-    def _load(self, target: ModelTarget, trace_id: str, load_span: SpanContext | None = None) -> ServedModel:
-        if target.source == "champion":
-            path = self.store.verify(target.uri, target.sha256)
-        else:
+    def _load(self, target: ModelTarget, path: Path | None, trace_id: str,
+              load_span: SpanContext | None = None) -> ServedModel:
+        """Load `target` (a champion from its verified local `path`, or the base model)."""
+        if path is None:
             path = self.base_model()
             target = replace(target, uri=path.resolve().as_uri())
         profile = checkpoint_profile(path)

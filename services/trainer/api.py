@@ -35,7 +35,10 @@ def router(service: Controllable) -> APIRouter:
 
     async def command(action: Action, reason: str = "") -> JSONResponse:
         reply = await service.control(action, requested_by="http", reason=reason)
-        return JSONResponse(msgspec.to_builtins(reply), status_code=200 if reply.ok else 409)
+        if reply.ok:
+            return JSONResponse(msgspec.to_builtins(reply))
+        # A refusal also carries the error shape's field (libs/common/http.py), like any other 4xx.
+        return JSONResponse({"detail": reply.message, **msgspec.to_builtins(reply)}, status_code=409)
 
     @routes.post("/pause")
     async def pause() -> JSONResponse:

@@ -1,11 +1,17 @@
 """Checkpoints: which run a dataset belongs to, where its checkpoints go, which one is latest.
 
 Layout in the artifact store: `checkpoints/<run_id>/step-<global_step:08d>/` holding the model
-and tokenizer in Hugging Face format (`save_pretrained`), `flywheel.json` (what this checkpoint
-is) and `training_state.pt` (optimizer, scheduler, RNG states and data position, for exact
-resume). A checkpoint is built in a hidden staging directory and renamed into place, so a
-directory named `step-N` with a `flywheel.json` is always complete. "Latest" is decided by the
-step number parsed from the name, never by string order (step-9 < step-10).
+and tokenizer in Hugging Face format (`save_pretrained`) and `flywheel.json` (what this checkpoint
+is): what serving and scoring need, and all that its announced sha256 covers. Beside it,
+`checkpoints/<run_id>/training-state/step-<global_step:08d>.pt` holds what only a resume needs
+(optimizer, scheduler, RNG states and data position), written first and named with its sha256
+in `flywheel.json`; retention drops it from checkpoints that will never be resumed without
+touching the announced hash. Checkpoints of the previous layout hold `training_state.pt` inside
+the directory (covered by their hash): they are read the same way and kept whole or not at all.
+
+A checkpoint is built in a hidden staging directory and renamed into place, so a directory
+named `step-N` with a `flywheel.json` is always complete. "Latest" is decided by the step number
+parsed from the name, never by string order (step-9 < step-10).
 """
 
 from __future__ import annotations
@@ -22,8 +28,12 @@ from typing import Any
 import msgspec
 import torch
 
+from libs.common.artifacts import atomic_file, sha256_file
+
 INFO_FILE = "flywheel.json"
+# The previous layout's training state, inside the checkpoint directory.
 TRAINING_STATE_FILE = "training_state.pt"
+TRAINING_STATE_DIR = "training-state"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 STAGING_PREFIX = ".staging-"
 
@@ -42,6 +52,9 @@ class CheckpointInfo(msgspec.Struct, frozen=True, kw_only=True):
     # The profile of the dataset trained last (libs.common.profiles): whoever serves or scores
     # these weights applies its system prompt and generation-time rules.
     profile: str = "none"
+    # sha256 of the checkpoint's training state file (`training_state_path`); "" in the
+    # previous layout (training_state.pt inside) or when it was never written.
+    training_state_sha256: str = ""
 
 
 def run_id_for(dataset_id: str, init_weights: str, recipe_identity: str) -> str:
@@ -83,6 +96,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return checkpoints[-1][1] if checkpoints else None
 
 
+def is_complete(checkpoint: Path) -> bool:
+    """A checkpoint directory is complete once its flywheel.json is in it (written last)."""
+    return (checkpoint / INFO_FILE).is_file()
+
+
 def read_info(checkpoint: Path) -> CheckpointInfo:
     return msgspec.json.decode((checkpoint / INFO_FILE).read_bytes(), type=CheckpointInfo)
 
@@ -102,7 +120,7 @@ def write_checkpoint(target: Path, info: CheckpointInfo, fill: Callable[[Path], 
     writes nothing) when `target` is already complete: a checkpoint is keyed by (run, step), and
     saving the same step twice changes nothing.
     """
-    if (target / INFO_FILE).is_file():
+    if is_complete(target):
         return None
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{STAGING_PREFIX}{target.name}-"))
@@ -128,13 +146,39 @@ def remove_staging(run_dir: Path) -> None:
                 shutil.rmtree(child, ignore_errors=True)
 
 
-def save_training_state(checkpoint_dir: Path, state: dict[str, Any]) -> None:
-    torch.save(state, checkpoint_dir / TRAINING_STATE_FILE)
+def training_state_path(checkpoint: Path) -> Path:
+    """Where the training state of the checkpoint at `checkpoint` goes (beside it, not in it)."""
+    return checkpoint.parent / TRAINING_STATE_DIR / f"{checkpoint.name}.pt"
 
 
-def load_training_state(checkpoint: Path) -> dict[str, Any]:
+def find_training_state(checkpoint: Path) -> Path | None:
+    """The checkpoint's training state file, in either layout; None when it has none (dropped)."""
+    for path in (training_state_path(checkpoint), checkpoint / TRAINING_STATE_FILE):
+        if path.is_file():
+            return path
+    return None
+
+
+def save_training_state(checkpoint: Path, state: dict[str, Any]) -> str:
+    """Write the training state of the checkpoint at `checkpoint` atomically; its sha256."""
+    path = training_state_path(checkpoint)
+    with atomic_file(path) as fh:
+        torch.save(state, fh)
+    return sha256_file(path)
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    """A training state file (`find_training_state`)."""
     # weights_only: only tensors and plain containers, no pickled code from disk.
-    return torch.load(checkpoint / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resumable_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of the run that still has its training state: where it resumes."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        if find_training_state(path) is not None:
+            return path
+    return None
 
 
 def _seal(directory: Path) -> Sealed:

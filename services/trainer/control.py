@@ -76,6 +76,8 @@ class ControlGate:
         self._shutting_down = False
         self._waiting = False
         self._skip: Skip | None = None
+        # Why the run must end without writing anything (the lease was lost, the disk is full).
+        self._abandon: str | None = None
 
     @property
     def mode(self) -> Mode:
@@ -92,10 +94,15 @@ class ControlGate:
         return self._skip
 
     @property
+    def abandoned(self) -> str | None:
+        """Why the current run must end without a checkpoint or any record (None: it need not)."""
+        return self._abandon
+
+    @property
     def must_end(self) -> bool:
-        """True when the run must end at its next step whatever the mode (shutdown, skip); a
-        gate in another process (the Ray backend's) mirrors this and `mode`."""
-        return self._shutting_down or self._skip is not None
+        """True when the run must end at its next step whatever the mode (shutdown, skip, lease
+        lost); a gate in another process (the Ray backend's) mirrors this and `mode`."""
+        return self._shutting_down or self._skip is not None or self._abandon is not None
 
     def set_mode(self, mode: Mode) -> None:
         with self._cond:
@@ -115,14 +122,22 @@ class ControlGate:
             self._cond.notify_all()
 
     def clear_skip(self) -> None:
-        """A new run begins: a skip asked for the previous one does not carry over."""
+        """A new run begins: a skip (or an abandon) of the previous one does not carry over."""
         with self._cond:
             self._skip = None
+            self._abandon = None
+
+    def abandon(self, reason: str) -> None:
+        """End the current run at its next step, paused or not, writing nothing (another trainer
+        holds the model now: its checkpoints and state are not this one's to write)."""
+        with self._cond:
+            self._abandon = reason
+            self._cond.notify_all()
 
     def proceed(self) -> bool:
         with self._cond:
-            while self._mode == "paused" and not self._shutting_down and self._skip is None:
+            while self._mode == "paused" and not self.must_end:
                 self._waiting = True
                 self._cond.wait()
             self._waiting = False
-            return self._mode == "running" and not self._shutting_down and self._skip is None
+            return self._mode == "running" and not self.must_end

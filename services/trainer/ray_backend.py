@@ -16,7 +16,9 @@ What stays the same as one process, and how:
 - events: the main worker puts each event on a `ray.util.queue.Queue`; the service's thread
   drains it into `emit` (the bus), in order;
 - failures: the main worker sends a `DatasetError` or `Diverged` back as itself, so the service
-  rejects the dataset as it would in one process; anything else fails the run for a retry.
+  rejects the dataset as it would in one process (and `DiskFull`, so it pauses); anything else
+  fails the run for a retry. A run abandoned because the lease was lost checkpoints on the
+  workers' way out (the gate mirrors `must_end`, not why).
 
 The driver (the trainer service's worker thread) connects with `ray.init(address=...)`: the
 cluster at `RAY_ADDRESS` (or `ray_address`), else a local one started on this machine.
@@ -84,6 +86,7 @@ def _worker(config: dict) -> None:
     """One Ray Train worker: the recipe over this worker's share of every step."""
     from libs.common.log import setup_logging  # noqa: PLC0415
     from services.trainer.data import DatasetError  # noqa: PLC0415
+    from services.trainer.disk import DiskFull  # noqa: PLC0415
     from services.trainer.divergence import Diverged  # noqa: PLC0415
     from services.trainer.world import DistributedWorld  # noqa: PLC0415
 
@@ -102,7 +105,7 @@ def _worker(config: dict) -> None:
     try:
         recipe.setup()
         result = recipe.train()
-    except (DatasetError, Diverged) as exc:
+    except (DatasetError, Diverged, DiskFull) as exc:
         if main:
             events.put(("refused", exc))
         raise

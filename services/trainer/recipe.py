@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -58,12 +59,13 @@ from libs.common.log import get_logger
 from libs.common.models import load_model, load_tokenizer, pick_device
 from services.trainer import token_cache
 from services.trainer.checkpoints import (
-    TRAINING_STATE_FILE,
     CheckpointInfo,
-    latest_checkpoint,
+    find_training_state,
+    is_complete,
     load_training_state,
     read_info,
     remove_staging,
+    resumable_checkpoint,
     save_training_state,
     step_dir_name,
     write_checkpoint,
@@ -81,6 +83,7 @@ from services.trainer.data import (
     replay_picks,
     validation_split,
 )
+from services.trainer.disk import check_room
 from services.trainer.divergence import DivergenceGuard
 from services.trainer.packing import fill_micro_batches
 from services.trainer.schedule import continual_multiplier, lr_multiplier
@@ -185,7 +188,7 @@ class FullFinetuneRecipe:
         self._device = pick_device(self.settings.device)
         if self._world.is_main:
             remove_staging(self.job.run_dir)
-        self._resume_from = latest_checkpoint(self.job.run_dir)
+        self._resume_from = resumable_checkpoint(self.job.run_dir)
         weights = self._resume_from or self.job.init_path
         self._tokenizer = load_tokenizer(weights)
         self._setup_data()
@@ -294,11 +297,11 @@ class FullFinetuneRecipe:
         h = self.settings.hyperparameters
         self._optimizer = torch.optim.AdamW(self._model.parameters(), lr=h.learning_rate, weight_decay=h.weight_decay)
         if h.policy == "continual":
-            carried = self.job.init_path / TRAINING_STATE_FILE
-            if not self._resume_from and carried.is_file():
+            carried = find_training_state(self.job.init_path)
+            if not self._resume_from and carried is not None:
                 # The moments the starting weights were trained with: AdamW goes on, it does not
                 # restart from zero (and re-learn its step sizes) on every small dataset.
-                self._optimizer.load_state_dict(load_training_state(self.job.init_path)["optimizer"])
+                self._optimizer.load_state_dict(load_training_state(carried)["optimizer"])
                 for group in self._optimizer.param_groups:
                     group["lr"] = group["initial_lr"] = h.learning_rate
             base = self.job.base_global_step
@@ -310,7 +313,7 @@ class FullFinetuneRecipe:
         self._scheduler = torch.optim.lr_scheduler.LambdaLR(self._optimizer, schedule)
 
     def _restore(self, checkpoint: Path) -> None:
-        state = load_training_state(checkpoint)
+        state = load_training_state(find_training_state(checkpoint))
         if state["total_steps"] != self._plan.total_steps or state["num_examples"] != self._plan.num_examples:
             raise RuntimeError(
                 f"checkpoint {checkpoint} was planned for {state['total_steps']} steps over "
@@ -472,6 +475,9 @@ class FullFinetuneRecipe:
         if self._gate.skip_requested:  # given up for good: nothing will resume from a checkpoint
             self._log.info("run skipped", step=self._step)
             return TrainingResult(False, self._step, self._global_step, self._loss, None)
+        if abandoned := self._gate.abandoned:  # not this trainer's to write any more
+            self._log.warning("run abandoned without a checkpoint", step=self._step, reason=abandoned)
+            return TrainingResult(False, self._step, self._global_step, self._loss, None)
         checkpoint = self._save(final=False, wait=True) if self._step else None
         self._log.info("run stopped early; dataset will resume from this step", step=self._step)
         return TrainingResult(False, self._step, self._global_step, self._loss, checkpoint)
@@ -492,6 +498,9 @@ class FullFinetuneRecipe:
         if not self._world.is_main:  # the main worker writes; every worker holds the same state
             return None
         target = self._store.location("checkpoints", job.run_id, step_dir_name(self._global_step))
+        # Raises DiskFull below the floor: the run stops here, at a step boundary, writing nothing.
+        check_room(self._store.location("checkpoints", self.job.run_id), self.settings.disk_floor_bytes,
+                   f"checkpoint of step {self._step}")
         info = CheckpointInfo(
             run_id=job.run_id, step=self._step, global_step=self._global_step, total_steps=self._plan.total_steps,
             dataset_id=job.dataset_id, init_weights=job.init_weights, final=final, loss=self._loss,
@@ -506,10 +515,14 @@ class FullFinetuneRecipe:
         def fill(staging: Path) -> None:
             model.save_pretrained(staging, state_dict=weights)
             tokenizer.save_pretrained(staging)
-            save_training_state(staging, training_state)
 
         def write() -> Artifact:
-            sealed = write_checkpoint(target, info, fill)
+            sealed = None
+            if not is_complete(target):
+                # Beside the checkpoint, before it: a complete checkpoint always has its state
+                # until retention drops it, and the announced hash never covers it.
+                state_sha = save_training_state(target, training_state)
+                sealed = write_checkpoint(target, msgspec.structs.replace(info, training_state_sha256=state_sha), fill)
             saved_final = final
             if sealed is None:
                 # Saved by an earlier attempt; the announcement below has the same event id.

@@ -354,3 +354,14 @@ def test_status_shows_scores_that_were_not_finite_and_the_last_decision():
     assert "last decision   refused: val loss is not finite" in text
     assert "exact_match 0.250 [95% 0.100, 0.500]  val_loss n/a  ece n/a" in text
     assert "regression      val loss is not finite" in text
+
+
+def test_up_runs_the_services_named_for_this_host_and_refuses_unknown_ones(capsys):
+    from flywheel.cli import build_parser
+
+    args = build_parser().parse_args(["up", "--services", "trainer, gatekeeper,curriculum"])
+    assert args.services == ("gatekeeper", "trainer", "curriculum")
+    assert len(build_parser().parse_args(["up"]).services) == 7
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["up", "--services", "trainer,evaluatr"])
+    assert "unknown service(s) evaluatr" in capsys.readouterr().err

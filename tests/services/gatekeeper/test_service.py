@@ -112,6 +112,17 @@ async def test_bad_submissions_are_rejected_with_report_and_original_kept(gateke
     assert event.reasons == ["schema: unknown schema 'nope'; known: chat_sft_v1, syllo_v1, completion_v1"]
 
 
+async def test_an_http_rejection_answers_in_the_error_shape_and_the_bodies_are_documented(gatekeeper: Running):
+    # Found by tests/fuzz: a rejected submission's 422 had no `detail`, unlike every other 4xx; and
+    # the document declared no body, so no client (nor the fuzz) could learn what to send.
+    response = await gatekeeper.client.post("/datasets?name=empty", content=b"")
+    assert response.status_code == 422 and response.json()["status"] == "rejected"
+    assert response.json()["detail"] == "rejected: file_empty: the file is empty"
+    paths = (await gatekeeper.client.get("/openapi.json")).json()["paths"]
+    assert set(paths["/datasets"]["post"]["requestBody"]["content"]) == {"application/x-ndjson", "application/gzip"}
+    assert "multipart/form-data" in paths["/datasets/upload"]["post"]["requestBody"]["content"]
+
+
 async def test_http_body_and_multipart_uploads(gatekeeper: Running, bus: Bus):
     accepted = await bus.js.subscribe("dataset.accepted.>")
     rejected = await bus.js.subscribe(topology.DATASET_REJECTED)

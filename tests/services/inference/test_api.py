@@ -22,6 +22,7 @@ from services.inference.auth import MAIN_KEY_NAME, ApiKey, KeyTable
 from services.inference.champion import BASE
 from services.inference.generation import StepOutput
 from services.inference.metrics import InferenceMetrics
+from services.inference.protocol import RequestError
 from services.inference.sampling import RowSampling
 from services.inference.serving import ModelServer, ServedModel
 from services.inference.transformers_backend import TransformersBackend
@@ -50,7 +51,7 @@ async def serving(tmp_path: Path, base_model, **server_settings):
         **server_settings,
     )
     await server.deploy(BASE)
-    app = create_app("inference", registry, {"model": lambda: server.current is not None})
+    app = create_app("inference", registry, {"model": lambda: server.current is not None}, errors=RequestError)
 
     async def reload(force: bool):
         return await server.deploy(BASE, force=force)
@@ -164,6 +165,23 @@ async def test_invalid_requests_get_openai_errors(client):
     response = await client.post("/v1/chat/completions", json={"messages": long, "stream": True})
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "context_length_exceeded"
+
+
+async def test_an_empty_prompt_is_refused_and_the_engine_goes_on(client):
+    # Found by tests/fuzz: it reached the engine, failed it (503 engine_failed) and left the replica unready.
+    response = await client.post("/v1/completions", json={"prompt": "", "max_tokens": 1})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "prompt" and response.json()["error"]["type"] == "invalid_request_error"
+    answered = await client.post("/v1/completions", json={"prompt": "Once", "max_tokens": 1})
+    assert answered.status_code == 200, answered.text
+
+
+async def test_fastapis_own_errors_are_openai_shaped(client):
+    # Found by tests/fuzz: an unknown path or a wrong method answered FastAPI's {"detail": ...}.
+    for response in (await client.get("/v1/nothing"), await client.put("/v1/completions"),
+                     await client.request("TRACE", "/health")):
+        error = response.json()["error"]
+        assert response.status_code in (404, 405) and set(error) == {"message", "type", "param", "code"}, response.text
 
 
 async def test_models_list_and_info(client, tiny_model_dir: Path):

@@ -10,15 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from libs.common.artifacts import ArtifactStore
+from libs.common.artifacts import ArtifactStore, sha256_file
 from libs.common.chat import IGNORE_INDEX, ChatMessage, ChatRow
 from libs.common.models import load_tokenizer
 from services.gatekeeper.schemas import SCHEMAS
 from services.gatekeeper.verdict import announcement
 from services.trainer.checkpoints import (
     TRAINING_STATE_FILE,
+    find_training_state,
     list_checkpoints,
     read_info,
+    training_state_path,
 )
 from services.trainer.control import ControlGate
 from services.trainer.data import DatasetError, encode_rows
@@ -83,9 +85,12 @@ def test_training_reduces_the_loss_and_writes_hf_checkpoints(make_settings):
     assert [step for step, _ in list_checkpoints(job.run_dir)] == [110, 120, 124]
     final = store.path_for(result.checkpoint.uri)
     assert saved[-1].sha256 == result.checkpoint.sha256 == store.describe_dir(final).sha256
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", TRAINING_STATE_FILE):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (final / name).is_file(), name
+    # The resume-only state lies beside the checkpoint, out of its announced hash, named in flywheel.json.
     info = read_info(final)
+    assert not (final / TRAINING_STATE_FILE).exists() and find_training_state(final) == training_state_path(final)
+    assert info.training_state_sha256 == sha256_file(training_state_path(final))
     assert (info.run_id, info.step, info.global_step, info.final) == ("ds-test", 24, 124, True)
     assert info.dataset_id == job.dataset_id and info.init_weights == "file:///base"
     started = emitted[0][1]
@@ -128,6 +133,37 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(make_settings, t
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert resumed.loss == straight.loss
+
+
+def test_a_checkpoint_of_the_previous_layout_still_verifies_resumes_and_carries_adamw(make_settings, tmp_path):
+    # Before the training state moved beside the checkpoint, training_state.pt lay inside it and
+    # its announced hash covered it: such a checkpoint must verify, resume and hand its moments on.
+    rows = chat_rows(12, seed=3)
+    straight_settings = make_settings(epochs=2, data_dir=tmp_path / "straight")
+    straight, _ = run_recipe(straight_settings, *job_for(straight_settings, rows))
+    settings = make_settings(epochs=2, data_dir=tmp_path / "old")
+    job, store = job_for(settings, rows)
+    stopped, _ = run_recipe(settings, job, store, StopBeforeStep(2))
+    checkpoint = store.path_for(stopped.checkpoint.uri)
+    training_state_path(checkpoint).rename(checkpoint / TRAINING_STATE_FILE)  # the old layout
+    old = store.describe_dir(checkpoint)
+    assert store.verify(old.uri, old.sha256) == checkpoint and find_training_state(checkpoint) == checkpoint / TRAINING_STATE_FILE
+
+    resumed, emitted = run_recipe(settings, job, store)
+    assert emitted[0][1].start_step == 2 and resumed.finished
+    a, b = weights(straight.checkpoint.uri, ArtifactStore(tmp_path / "straight" / "artifacts")), weights(resumed.checkpoint.uri, store)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert store.verify(old.uri, old.sha256)  # untouched by the resume
+
+    # Its moments carry on into the next run (continual policy), read from inside it.
+    next_job, _ = job_for(settings, chat_rows(8, seed=4), run_id="ds-next")
+    next_job = dataclasses.replace(next_job, init_path=checkpoint)
+    recipe = FullFinetuneRecipe(settings, next_job, store, ControlGate(), lambda *_: None)
+    recipe.setup()
+    try:
+        assert {int(s["step"]) for s in recipe._optimizer.state_dict()["state"].values()} == {2}
+    finally:
+        recipe.cleanup()
 
 
 def test_a_run_resumed_at_its_final_checkpoint_only_reannounces_it(make_settings):

@@ -17,19 +17,19 @@ import pytest
 from fastapi import FastAPI
 
 from libs.common import topology
-from libs.common.artifacts import ArtifactStore
+from libs.common.artifacts import ArtifactStore, sha256_dir
 from libs.common.bus import REASON_HEADER, Bus
 from libs.common.events import AnyEvent, ControlReply, ControlTraining, DatasetAccepted
 from libs.common.models import load_model
-from libs.common.records import TRAINER_CONTROL
+from libs.common.records import TRAINER_CONTROL, trainer_state
 from libs.common.tracing import (
     current_trace_id,
     setup_tracing,
     trace_id_from_headers,
     tracer,
 )
-from services.trainer.service import SERVICE, TrainerService
-from services.trainer.state import STATE_FILE, PendingRun, TrainerState, load_state, save_state, with_pending
+from services.trainer.service import SERVICE, TrainerService, model_identity
+from services.trainer.state import STATE_FILE, PendingRun, TrainerState, save_state, with_pending
 from tests.conftest import wait_for
 from tests.services.conftest import running
 from tests.services.trainer.samples import chat_rows, write_dataset
@@ -84,6 +84,12 @@ async def _none_pending(bus: Bus) -> bool:
     return await pending(bus) == 0
 
 
+async def kv_state(bus: Bus, settings) -> TrainerState:
+    """The trainer's state record of the settings' base model, as it is in KV now."""
+    state, _ = await (await bus.record(trainer_state(model_identity(Path(settings.base_model))))).read()
+    return state or TrainerState()
+
+
 async def pending(bus: Bus) -> int:
     """Messages the trainer has not acked yet, over its three durables."""
     total = 0
@@ -128,9 +134,10 @@ async def test_dataset_becomes_checkpoints_in_one_trace(bus, recorder, nats_serv
     progress = recorder.events(topology.TRAINING_PROGRESS)
     assert progress and all(p.tokens_per_second > 0 and p.loss > 0 for p in progress)
     [started] = recorder.events(topology.TRAINING_STARTED)
-    assert started.init_weights == Path(settings.base_model).resolve().as_uri() and started.total_steps == 8
+    # The base model is named by its content: the same run id on any host.
+    assert started.init_weights == f"base-model:{sha256_dir(Path(settings.base_model))[:16]}" and started.total_steps == 8
 
-    state = load_state(data_dir / "trainer" / STATE_FILE)
+    state = await kv_state(bus, settings)
     assert state.current_weights == saved[-1].uri and state.finished == {event.dataset_id: saved[-1].uri}
     assert status["current_weights"] == saved[-1].uri and status["run"]["step"] == 8
     assert await pending(bus) == 0
@@ -231,7 +238,7 @@ async def test_shutdown_checkpoints_and_the_next_trainer_resumes(bus, recorder, 
     # Leaving the block is SIGTERM: stop set, run checkpointed, message released.
     [saved] = recorder.events(topology.CHECKPOINT_SAVED)
     assert not saved.final and 3 <= saved.step < first.total_steps
-    state = load_state(data_dir / "trainer" / STATE_FILE)
+    state = await kv_state(bus, settings)
     assert state.finished == {} and state.pending.run_id == saved.run_id  # it resumes before any other
     async with running_trainer(nats_server, settings):
         [finished] = await recorder.wait_for(topology.TRAINING_FINISHED)
@@ -257,7 +264,8 @@ async def test_a_completion_dataset_trains_and_is_replayed_as_text(bus, recorder
     texts = [{"text": f"{row['messages'][0]['content']} {row['messages'][1]['content']}"} for row in chat_rows(8)]
     completion = write_dataset(data_dir, texts, name="texts", schema="completion_v1")
     chats = write_dataset(data_dir, chat_rows(8, seed=1), name="chats")
-    async with running_trainer(nats_server, make_settings(replay_fraction=0.5)):
+    settings = make_settings(replay_fraction=0.5)
+    async with running_trainer(nats_server, settings):
         await publish(bus, completion)
         await recorder.wait_for(topology.TRAINING_FINISHED, dataset_id=completion.dataset_id)
         await publish(bus, chats)  # replays the completion rows, read as text
@@ -265,7 +273,7 @@ async def test_a_completion_dataset_trains_and_is_replayed_as_text(bus, recorder
     assert not recorder.events(topology.TRAINING_FAILED)
     first, second = recorder.events(topology.TRAINING_STARTED)
     assert (first.num_examples, first.num_rows_dropped, second.num_replayed) == (8, 0, 8)
-    state = load_state(data_dir / "trainer" / STATE_FILE)
+    state = await kv_state(bus, settings)
     assert [(d.dataset_id, d.schema) for d in state.trained] == [(completion.dataset_id, "completion_v1"),
                                                                  (chats.dataset_id, "chat_sft_v1")]
 
@@ -298,11 +306,13 @@ async def test_http_routes_control_the_same_state(bus, nats_server, make_setting
             assert (await http.post("/stop")).json()["state"] == "stopped"
             refused = await http.post("/pause")
             assert refused.status_code == 409 and not refused.json()["ok"]
+            # Found by tests/fuzz: a refusal carries the error shape's `detail` like every other 4xx.
+            assert refused.json()["detail"] == refused.json()["message"] == "trainer is stopped; resume it first"
             nothing = await http.post("/skip", json={"reason": "stale data"})
             assert nothing.status_code == 409 and nothing.json()["message"] == "nothing is training; nothing to skip"
             assert (await http.post("/resume")).json()["state"] == "idle"
             status = (await http.get("/status")).json()
-    assert status["mode"] == "running" and status["current_weights"].startswith("file://")
+    assert status["mode"] == "running" and status["current_weights"].startswith("base-model:")
     assert status["run"]["active"] is False and status["datasets_finished"] == 0
 
 
@@ -338,7 +348,7 @@ async def test_an_interrupted_run_resumes_before_a_dataset_that_arrived_meanwhil
     assert [f.dataset_id for f in finished] == [interrupted.dataset_id, newcomer.dataset_id]
     assert started[2].init_weights == finished[0].checkpoint_uri  # the newcomer trains on top
     assert not recorder.events(topology.TRAINING_FAILED)
-    state = load_state(data_dir / "trainer" / STATE_FILE)
+    state = await kv_state(bus, settings)
     assert state.pending is None and set(state.finished) == {interrupted.dataset_id, newcomer.dataset_id}
     await wait_for(lambda: _none_pending(bus), "both datasets' messages to be acked")
 
@@ -347,30 +357,35 @@ async def test_a_pending_run_whose_message_is_gone_is_given_up_not_waited_for(
     bus, recorder, nats_server, make_settings, data_dir,
 ):
     # The pending run's dataset message is no longer in the stream (expired, purged): waiting
-    # for its redelivery would hold every other dataset back forever.
+    # for its redelivery would hold every other dataset back forever. The record comes from a
+    # state file of the version before KV: migrated at start, the file renamed aside.
     gone = PendingRun(dataset_id="0" * 64, run_id="ds-000000000000-deadbeef", init_weights="file:///base",
                       consumer="trainer-normal", stream_sequence=10_000)
     state_path = data_dir / "trainer" / STATE_FILE
     state_path.parent.mkdir(parents=True, exist_ok=True)
     save_state(state_path, with_pending(TrainerState(), gone))
     event = write_dataset(data_dir, chat_rows(4))
-    async with running_trainer(nats_server, make_settings()) as trainer:
+    settings = make_settings()
+    async with running_trainer(nats_server, settings) as trainer:
         assert trainer.snapshot()["pending_run"]["run_id"] == gone.run_id
+        assert not state_path.exists() and state_path.with_name("state.json.migrated").exists()
         await publish(bus, event)
         [finished] = await recorder.wait_for(topology.TRAINING_FINISHED)
     assert finished.dataset_id == event.dataset_id
-    assert load_state(state_path).pending is None
+    assert (await kv_state(bus, settings)).pending is None
 
 
-async def test_a_pending_record_naming_a_trained_dataset_is_cleared_at_start(nats_server, make_settings, data_dir):
+async def test_a_pending_record_naming_a_trained_dataset_is_cleared_at_start(bus, nats_server, make_settings, data_dir):
     state_path = data_dir / "trainer" / STATE_FILE
     state_path.parent.mkdir(parents=True, exist_ok=True)
     done = PendingRun(dataset_id="d" * 64, run_id="ds-dddddddddddd-00000000", init_weights="file:///base",
                       consumer="trainer-normal", stream_sequence=1)
     save_state(state_path, with_pending(TrainerState(finished={done.dataset_id: "file:///final"}), done))
-    async with running_trainer(nats_server, make_settings()) as trainer:
+    settings = make_settings()
+    async with running_trainer(nats_server, settings) as trainer:
         assert trainer.snapshot()["pending_run"] is None
-    assert load_state(state_path).pending is None
+    state = await kv_state(bus, settings)
+    assert state.pending is None and state.finished == {done.dataset_id: "file:///final"}
 
 
 async def test_skip_gives_the_dataset_up_with_who_and_why_and_never_records_it_as_trained(
@@ -399,6 +414,6 @@ async def test_skip_gives_the_dataset_up_with_who_and_why_and_never_records_it_a
     assert not failed.will_retry and failed.dataset_id == event.dataset_id
     assert failed.error == f"skipped by test at step {step}: wrong labels"
     assert not recorder.events(topology.TRAINING_FINISHED)
-    state = load_state(data_dir / "trainer" / STATE_FILE)
+    state = await kv_state(bus, settings)
     assert state.finished == {} and state.current_weights == "" and state.pending is None
     assert snapshot["pending_run"] is None and snapshot["datasets_finished"] == 0

@@ -1,5 +1,6 @@
-"""Unit: the trainer's state file: the pending run is recorded, survives a reload, and ends with
-the run's finish in the same write."""
+"""Unit: the trainer's state: the pending run is recorded, survives a reload (the legacy file), ends
+with the run's finish in the same write; the record stays bounded (tests/services/trainer/
+test_state_kv.py has the KV record itself)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from pathlib import Path
 
 from libs.common.artifacts import Artifact
 from services.trainer.state import (
+    TRAINED_KEPT,
     PendingRun,
     TrainerState,
     load_state,
+    overflow,
     record_finished,
     save_state,
     stale_pending,
@@ -45,3 +48,12 @@ def test_a_pending_record_naming_a_finished_dataset_is_stale():
     assert stale_pending(with_pending(TrainerState(finished={"d1": "file:///c"}), PENDING)) == PENDING
     assert stale_pending(with_pending(TrainerState(), PENDING)) is None
     assert stale_pending(TrainerState()) is None
+
+
+def test_the_record_keeps_the_newest_trained_datasets_and_names_the_oldest_finished_to_move_out():
+    state = TrainerState()
+    for i in range(TRAINED_KEPT + 3):
+        state = record_finished(state, f"d{i}", f"file:///d{i}", Artifact(uri=f"file:///c{i}", sha256="s", size=1), i)
+    assert len(state.trained) == TRAINED_KEPT and state.trained[-1].dataset_id == f"d{TRAINED_KEPT + 2}"
+    assert overflow(state) == {"d0": "file:///c0", "d1": "file:///c1", "d2": "file:///c2"}
+    assert overflow(TrainerState(finished={"d": "file:///c"})) == {}
