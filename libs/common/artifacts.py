@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -252,11 +253,19 @@ class ArtifactStore:
                     raise
                 objects = self._shared(uri)
         async with self._fetching.setdefault(uri, asyncio.Lock()):
-            if path.exists():  # fetched meanwhile, or a stale copy to replace
-                with contextlib.suppress(ArtifactError):
-                    return await asyncio.to_thread(self.verify, uri, sha256)
-            await self._download(objects, self.key_for(path), path, sha256)
-            return await asyncio.to_thread(self.verify, uri, sha256)
+            # Another process on this host (the evaluator and inference share a data directory)
+            # may be fetching it too: one at a time, through a lock file beside it.
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path.with_name(f".fetch-{path.name}.lock"), os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+                if path.exists():  # fetched meanwhile, or a stale copy to replace
+                    with contextlib.suppress(ArtifactError):
+                        return await asyncio.to_thread(self.verify, uri, sha256)
+                await self._download(objects, self.key_for(path), path, sha256)
+                return await asyncio.to_thread(self.verify, uri, sha256)
+            finally:
+                os.close(fd)  # releases the lock
 
     async def _download(self, objects: ObjectTransport, key: str, path: Path, sha256: str) -> None:
         stored = await objects.stat(key)

@@ -142,6 +142,9 @@ class Evaluator:
         async with self._scoring:
             if (record := self.scorebook.get(sha256, self.suite.version)) and record.event.outcomes:
                 return record  # scored while this call waited for its turn
+            # Without a shared disk a checkpoint comes from the object store; that copy is only
+            # needed while scoring (inference fetches what it serves), so it does not pile up here.
+            fetched = self.store.is_shared(uri) and not self.store.path_for(uri).exists()
             path = await self.store.fetch(uri, sha256)
             log.info("scoring checkpoint", checkpoint=uri, run_id=run_id, step=step)
             per_level = self.settings.hard_probe_items if probe else 0
@@ -184,6 +187,9 @@ class Evaluator:
             # Recorded before publishing: after a crash in between, the redelivery republishes it.
             record = ScoreRecord(event=scored, items=scores.items, hard_examples=hard, profile=profile)
             self.scorebook.save(record)
+            if fetched:  # before the score goes out: nothing can be loading it from here yet
+                await asyncio.to_thread(self.store.remove, uri)
+                log.info("fetched copy removed after scoring", checkpoint=uri)
         log.info("scored", checkpoint=uri, profile=profile, exact_match=scored.exact_match, val_loss=scored.val_loss,
                  ece=scored.ece, by_level=scored.by_level, regressions=regressions,
                  hard_examples=hard.name if hard else None)

@@ -12,11 +12,15 @@ or are cancelled, every step one forward pass over all of them. What is ours:
   per step for the whole batch; a cancelled request's handler is removed at once (the engine
   sends nothing for a cancelled request);
 - `close` lets the requests in flight finish (a swapped-out model keeps answering what it
-  started), then stops the loop.
+  started), then stops the loop;
+- a failed engine heals: the engine's loop dies on an exception from any one request (found by
+  tests/fuzz: an empty prompt), which would leave the replica answering 503 until a reload. The
+  requests it held end with the failure as their error and a fresh engine takes the next ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections.abc import Callable
@@ -64,20 +68,30 @@ class TransformersBackend:
         self._ids = 0
         self._ids_lock = threading.Lock()
         self._close_lock = threading.Lock()
+        # Request id -> its output callback, for the requests in flight (touched on the event loop only).
+        self._handlers: dict[str, Callable[[StepOutput], None]] = {}
+        # Set by `close`: a stopped engine is then meant to stay stopped.
+        self._closing = False
+        # Engines started after a failure (exposed for tests and metrics).
+        self.restarts = 0
 
     # ------------------------------------------------------------------ loading
 
     def load(self, path: Path) -> None:
         """Load weights and tokenizer and start the engine (blocking; run off the event loop)."""
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_model(path, self.device)
+        self.eos_ids = eos_ids(self.model.generation_config.eos_token_id, self.tokenizer)
+        self._manager = self._start_engine()
+
+    def _start_engine(self):
+        """A continuous-batching engine over the loaded model, its loop running."""
         from transformers import ContinuousBatchingConfig, GenerationConfig
         from transformers.generation.continuous_batching.cb_logits_processors import (
             ContinuousBatchingLogitsProcessorList,
         )
         from transformers.generation.logits_process import LogitsProcessorList
 
-        self.tokenizer = load_tokenizer(path)
-        self.model = load_model(path, self.device)
-        self.eos_ids = eos_ids(self.model.generation_config.eos_token_id, self.tokenizer)
         limits = self.limits
         config = ContinuousBatchingConfig(
             page_size=limits.page_size,
@@ -101,7 +115,7 @@ class TransformersBackend:
         processors.tensors_required = 1
         manager.logit_processor = processors
         _start_daemon(manager)
-        self._manager = manager
+        return manager
 
     def describe(self) -> BackendInfo:
         config = self.model.config
@@ -134,6 +148,7 @@ class TransformersBackend:
             self._ids += 1
             request_id = f"r{self._ids}"
         self._slots[request_id] = slot
+        self._handlers[request_id] = on_step
         sent = 0
 
         def deliver(output) -> None:
@@ -166,6 +181,7 @@ class TransformersBackend:
     def _forget(self, request_id: str) -> None:
         with self._manager.output_router._lock:
             self._manager.output_router.result_handlers.pop(request_id, None)
+        self._handlers.pop(request_id, None)
         slot = self._slots.pop(request_id, None)
         if slot is not None:
             self.table.remove(slot)
@@ -173,11 +189,31 @@ class TransformersBackend:
     def _live(self):
         if self._manager is None:
             raise EngineFailed("no model is loaded in this engine")
-        if failure := self._failure():
-            raise EngineFailed(f"the generation engine failed: {failure}")
-        if not self._manager.is_running():
+        if not self._heal():
             raise EngineFailed("the generation engine has stopped")
         return self._manager
+
+    def _heal(self) -> bool:
+        """Whether the engine runs, after restarting it if its loop died (not if it was closed).
+
+        Call on the event loop. The requests the dead engine held end with its failure as their
+        error; their clients get it, the next requests a fresh engine.
+        """
+        if self._closing:
+            return False
+        failure = self._failure()
+        if not failure and self._manager.is_running():
+            return True
+        failure = failure or "its loop stopped"
+        log.error("generation engine failed; starting a fresh one", error=failure, in_flight=len(self._handlers))
+        for request_id, on_step in list(self._handlers.items()):
+            self._forget(request_id)
+            on_step(StepOutput(tokens=[], finished=True, error=f"the generation engine failed: {failure}"))
+        with contextlib.suppress(Exception):  # it is dead already; this only releases what it holds
+            self._manager.stop(block=False)
+        self._manager = self._start_engine()
+        self.restarts += 1
+        return True
 
     def _failure(self) -> str:
         error = self._manager.background_thread_status.fatal_error if self._manager else None
@@ -189,13 +225,15 @@ class TransformersBackend:
 
     @property
     def healthy(self) -> bool:
-        return self._manager is not None and self._manager.is_running() and not self._failure()
+        """Ready to generate. A readiness probe heals a failed engine as a request would."""
+        return self._manager is not None and self._heal()
 
     def close(self, timeout_s: float | None = None, hard: bool = False) -> None:
         """Stop the engine once the requests in flight are done, or at once when `hard` (blocking).
 
         Safe to call again and from several threads (a retirement and a shutdown may overlap)."""
         with self._close_lock:
+            self._closing = True
             if self._manager is not None and self._manager.is_running():
                 self._manager.stop(block=True, timeout=timeout_s, hard_stop=hard)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -29,6 +30,7 @@ from services.trainer.checkpoints import (
     TRAINING_STATE_FILE,
     list_checkpoints,
     parse_step,
+    read_info,
     training_state_path,
 )
 from services.trainer.retention import Plan, Protection, StoredCheckpoint, decide, orphaned_states
@@ -53,8 +55,9 @@ def newest_suite_scores(scores: list[_Score]) -> dict[str, float]:
     return {s.checkpoint_uri: s.exact_match for s in scores if s.suite_version == newest}
 
 
-def scan(root: Path) -> tuple[list[StoredCheckpoint], dict[str, list[int]]]:
-    """The checkpoints under `root` (checkpoints/), and each run's training state files by step."""
+def scan(root: Path, uri_for: Callable[[Path], str]) -> tuple[list[StoredCheckpoint], dict[str, list[int]]]:
+    """The checkpoints under `root` (checkpoints/), named as the store names them (the URIs the
+    champion record and the scores use), and each run's training state files by step."""
     found: list[StoredCheckpoint] = []
     states: dict[str, list[int]] = {}
     if not root.is_dir():
@@ -63,13 +66,21 @@ def scan(root: Path) -> tuple[list[StoredCheckpoint], dict[str, list[int]]]:
         for step, path in list_checkpoints(run_dir):
             beside = training_state_path(path).is_file()
             inside = (path / TRAINING_STATE_FILE).is_file()
-            found.append(StoredCheckpoint(run_id=run_dir.name, step=step, uri=path.as_uri(),
-                                          has_training_state=beside or inside, separable=not inside))
+            found.append(StoredCheckpoint(run_id=run_dir.name, step=step, uri=uri_for(path),
+                                          has_training_state=beside or inside, separable=not inside,
+                                          final=_is_final(path)))
         state_dir = run_dir / TRAINING_STATE_DIR
         if state_dir.is_dir():
             states[run_dir.name] = sorted(
                 step for p in state_dir.iterdir() if p.suffix == ".pt" and (step := parse_step(p.stem)) is not None)
     return found, states
+
+
+def _is_final(path: Path) -> bool:
+    try:
+        return read_info(path).final
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return False  # not ours to judge: only the protections above keep it
 
 
 def _size(path: Path) -> int:
@@ -90,6 +101,7 @@ class Pruner:
         self._lock = asyncio.Lock()
         self.served: frozenset[str] = frozenset()
         self.scores: dict[str, float] = {}
+        self.scored: frozenset[str] = frozenset()
 
     async def refresh(self) -> None:
         """Read the champion's history, a staged deployment and the evaluator's scores again."""
@@ -98,7 +110,9 @@ class Pruner:
         staged = {deployment.candidate.checkpoint_uri} if deployment and deployment.state == "staged" else set()
         self.served = frozenset({c.checkpoint_uri for c in history} | staged)
         seen = await read_subject(self.bus, topology.EVAL_SCORED, decode=lambda data: msgspec.json.decode(data, type=_Score))
-        self.scores = newest_suite_scores([r.event for r in seen if r.event is not None])
+        events = [r.event for r in seen if r.event is not None]
+        self.scores = newest_suite_scores(events)
+        self.scored = frozenset(e.checkpoint_uri for e in events)
 
     async def prune(self, resume: set[str], pending_run: str | None, *, fresh: bool = False) -> Plan | None:
         """Apply retention now; `resume`: URIs kept whole; `pending_run`: the run in progress, if any.
@@ -110,9 +124,10 @@ class Pruner:
         async with self._lock:
             if fresh:
                 await self.refresh()
-            checkpoints, states = await asyncio.to_thread(scan, self.root)
+            checkpoints, states = await asyncio.to_thread(scan, self.root, self.store.uri_for)
             s = self.settings
-            plan = decide(checkpoints, Protection(resume=frozenset(resume), served=self.served, scores=self.scores),
+            plan = decide(checkpoints, Protection(resume=frozenset(resume), served=self.served, scores=self.scores,
+                                                       scored=self.scored),
                           keep_last=s.keep_last_checkpoints, keep_best=s.keep_best_checkpoints, keep_runs=s.keep_runs)
             freed = 0
             for c in plan.delete:

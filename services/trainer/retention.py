@@ -14,7 +14,10 @@ Kept, training state dropped (served or scored, never resumed):
   checkpoint was scored on; scores of other suites do not compare), across runs: the evaluator
   scores only final checkpoints, so a per-run best would be the run's final again;
 - each run's newest `keep_last`, for the newest `keep_runs` runs (0: every run): older runs
-  keep only what is protected above, or the disk would grow by a checkpoint per dataset forever.
+  keep only what is protected above, or the disk would grow by a checkpoint per dataset forever;
+- a run's final checkpoint the evaluator has not scored yet: it is the run's candidate for
+  promotion, and an evaluator that is down or behind (found by tests/faults: killed while the
+  trainer went through more than `keep_runs` runs) must still find it.
 Everything else is deleted.
 
 A checkpoint of the previous layout (training state inside its directory, covered by its
@@ -36,6 +39,8 @@ class StoredCheckpoint:
     # Its training state is on disk, and beside it (droppable without touching its hash).
     has_training_state: bool = True
     separable: bool = True
+    # Its run's last checkpoint: the one the evaluator scores.
+    final: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class Protection:
     resume: frozenset[str] = frozenset()  # kept whole
     served: frozenset[str] = frozenset()  # champion, rollback targets, staged deployment
     scores: Mapping[str, float] = field(default_factory=dict)  # higher is better
+    scored: frozenset[str] = frozenset()  # scored on any suite
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,9 @@ def decide(checkpoints: Iterable[StoredCheckpoint], protection: Protection, *, k
     for _, newest_first in by_recency[:keep_runs or None]:
         for c in newest_first[:keep_last]:
             keep(c.uri, f"newest {keep_last} of its run")
+    for c in checkpoints:
+        if c.final and c.uri not in protection.scored and c.uri not in protection.scores:
+            keep(c.uri, "awaiting its evaluation")
     scored = sorted((c for c in checkpoints if c.uri in protection.scores),
                     key=lambda c: (protection.scores[c.uri], c.step), reverse=True)
     for c in scored[:keep_best]:

@@ -487,7 +487,7 @@ class TrainerService:
         if pending is not None:
             latest = resumable_checkpoint(self.store.location("checkpoints", pending.run_id))
             if latest is not None:
-                resume.add(latest.as_uri())
+                resume.add(self.store.uri_for(latest))
         try:
             await self.pruner.prune(resume, pending.run_id if pending else None, fresh=fresh)
         except Exception as exc:  # noqa: BLE001 - the disk floor still guards the disk

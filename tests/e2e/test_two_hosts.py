@@ -140,6 +140,9 @@ async def test_trained_on_one_host_evaluated_and_served_on_another_without_a_sha
         trainer_copy = tmp_path / "training-host" / "artifacts" / key
         serving_copy = tmp_path / "serving-host" / "artifacts" / key
         assert sha256_dir(trainer_copy) == sha256_dir(serving_copy) == promoted.checkpoint_sha256
+        # The evaluator's copy went once it was scored; the one there now is inference's own.
+        evaluator_log = (tmp_path / "serving-host" / "logs" / "evaluator.log").read_text()
+        assert "fetched copy removed after scoring" in evaluator_log
         # The dataset went from the client to the training host only.
         dataset_key = f"datasets/{trained.dataset_id}.jsonl"
         assert (tmp_path / "training-host" / "artifacts" / dataset_key).is_file()

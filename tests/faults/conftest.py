@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,9 @@ def trials(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     return table
 
 
-@pytest.fixture(scope="session")
+# Per package: the stack (seven services) stops once the last trial is done, not at the end of
+# the whole test session, where it would keep two cores busy under every later test.
+@pytest.fixture(scope="package")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory, trials: TrialTable):
     stack = FaultStack(tmp_path_factory.mktemp("faults-stack") / "data")
     stack.start()
@@ -42,6 +45,7 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory, trials: TrialTable):
         yield stack
     finally:
         stack.stop()
+        trials.ended = time.monotonic()
 
 
 @pytest.fixture

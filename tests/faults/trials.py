@@ -50,6 +50,8 @@ class TrialTable:
     seed: int
     rows: list[Trial] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    # When the stack stopped (the suite's end); None while it runs.
+    ended: float | None = None
     notes: list[str] = field(default_factory=list)
 
     def add(self, trial: Trial) -> Trial:
@@ -58,7 +60,7 @@ class TrialTable:
 
     def render(self, *, clip: bool = True) -> str:
         lines = [f"fault suite: {len(self.rows)} trials, seed {self.seed} (FAULTS_SEED={self.seed} repeats the kill "
-                 f"schedule), {time.monotonic() - self.started:.0f} s"]
+                 f"schedule), {(self.ended or time.monotonic()) - self.started:.0f} s"]
         table = [HEADERS, *(row.cells() for row in self.rows)]
         widths = [max(w, *(len(r[i]) for r in table)) if i < 3 or i > 3 else w for i, w in enumerate(_WIDTHS)]
         for i, row in enumerate(table):

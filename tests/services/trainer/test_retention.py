@@ -52,3 +52,36 @@ def test_orphaned_training_states_of_a_run_in_progress_spare_one_being_written()
     assert orphaned_states([5, 10, 15], [10], in_progress=False) == [5, 15]
     assert orphaned_states([5], [], in_progress=False) == [5]
     assert orphaned_states([5], [], in_progress=True) == []
+
+
+def test_a_final_checkpoint_not_yet_scored_is_kept_past_the_newest_runs():
+    # Found by tests/faults: the evaluator, killed while the trainer went through more runs than
+    # keep_runs, found the final checkpoints it had still to score deleted.
+    runs = [[ckpt(f"run-{r}", 10 * r + s, final=s == 2) for s in range(3)] for r in range(4)]
+    checkpoints = [c for run in runs for c in run]
+    scored_final = runs[1][2]
+    protection = Protection(scores={scored_final.uri: 0.5}, scored=frozenset({scored_final.uri}))
+    keep, slim, delete = plan_of(checkpoints, protection, keep_last=1, keep_best=0, keep_runs=1)
+    # The newest run keeps its newest; every older run's unscored final stays for the evaluator;
+    # the scored one (not among the best 0) goes.
+    assert keep | slim == {"run-3@32", "run-0@2", "run-2@22"}
+    assert "run-1@12" in delete
+
+
+def test_checkpoints_are_named_as_the_store_names_them_so_a_shared_champion_is_recognised(tmp_path):
+    # Without a shared disk the champion record and the scores name checkpoints nats-obj://...;
+    # retention listing them as file:// URIs would have protected none of them.
+    import msgspec
+
+    from libs.common.artifacts import ArtifactStore
+    from services.trainer.checkpoints import INFO_FILE, CheckpointInfo
+    from services.trainer.prune import scan
+
+    store = ArtifactStore(tmp_path / "artifacts", transport="nats")
+    step = store.location("checkpoints", "run-a", "step-00000007")
+    step.mkdir(parents=True)
+    info = CheckpointInfo(run_id="run-a", step=7, global_step=7, total_steps=7, dataset_id="d", init_weights="w",
+                          final=True, loss=0.1)
+    (step / INFO_FILE).write_bytes(msgspec.json.encode(info))
+    [found], _ = scan(store.location("checkpoints"), store.uri_for)
+    assert found.uri == "nats-obj://artifacts/checkpoints/run-a/step-00000007" and found.final
