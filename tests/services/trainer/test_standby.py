@@ -51,8 +51,15 @@ def assert_trained_once(recorder, dataset_id: str) -> None:
     assert [f.dataset_id for f in finished] == [dataset_id]
     assert len({s.run_id for s in started}) == 1 and started[0].start_step == 0
     assert started[-1].start_step > 0, "the second trainer resumed from a checkpoint, not from step 0"
-    steps = [c.step for c in recorder.events(topology.CHECKPOINT_SAVED)]
-    assert steps == sorted(set(steps)), "no checkpoint was written twice or out of order"
+    saved = recorder.events(topology.CHECKPOINT_SAVED)
+    # A step saved as the holder stopped may be announced again by the one that resumes there:
+    # the same event (id and content), which JetStream drops as a duplicate. Never two checkpoints.
+    by_step: dict[int, set[tuple[str, str]]] = {}
+    for checkpoint in saved:
+        by_step.setdefault(checkpoint.step, set()).add((checkpoint.id, checkpoint.sha256))
+    assert all(len(versions) == 1 for versions in by_step.values()), f"a step written twice: {by_step}"
+    first_seen = list(dict.fromkeys(c.step for c in saved))
+    assert first_seen == sorted(first_seen), "checkpoints out of order"
 
 
 async def test_a_standby_takes_no_dataset_and_takes_over_at_once_when_the_holder_stops(
