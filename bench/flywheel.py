@@ -6,23 +6,25 @@ Starts the stack as `flywheel up` and `flywheel demo` do (`flywheel.supervisor.S
 fresh nats-server and the six services as child processes, a dead one restarted) on a data
 directory holding nothing but, at most, the base model, with the curriculum on: it writes
 synthetic Binary practice whenever fewer than two datasets are queued and raises the level as
-the model masters it. Nothing is submitted by hand. The services run with their default
-training settings; only FLYWHEEL_MAX_LENGTH=256 and a 1 s curriculum poll are set here, and any
-FLYWHEEL_* variable in the environment wins over those.
+the champion masters it. Nothing is submitted by hand, and nothing is set here: the services run
+with `flywheel up`'s defaults (a FLYWHEEL_* variable in the environment is the user's own).
 
 The clock starts once the services are spawned (their start-up counts). Everything is recorded
 from the bus, not from files: every evaluation (`eval.scored`: accuracy per level with its 95%
-interval, val loss, the curriculum level it was trained at), every promotion
-(`model.deployed`), every level change (`curriculum.level_changed`), every finished run
+interval, val loss, the curriculum level it was trained at), every champion's sealed-test score
+(`eval.tested`), every promotion (`model.deployed`), every level change (`curriculum.level_changed`), every finished run
 (`training.finished`), and the deployer's decisions with their reasons (`DEPLOY_DECISIONS` in
 KV). Each is printed as it comes and written as one JSON line under --out (evaluations.jsonl,
-promotions.jsonl, level_changes.jsonl, trainings.jsonl, decisions.jsonl); at the end the
-figures (`bench.flywheel_figures`) go to summary.json, the plot to flywheel.png (with
-matplotlib, the `bench` extra), and the last line printed is one JSON object.
+tests.jsonl, promotions.jsonl, level_changes.jsonl, trainings.jsonl, decisions.jsonl); once the
+stack has stopped, every suite item is checked against what the run really trained
+(`bench.flywheel_novelty`); the figures (`bench.flywheel_figures`) go to summary.json, the plot to
+flywheel.png (with matplotlib, the `bench` extra), and the last line printed is one JSON object.
 
-Targets on two CPU cores with the embedded tiny model, in 30 minutes: Binary up >= 2 levels,
-the champion's binary/1 accuracy >= 0.9, no promotion inside the noise, no champion worse
-than the one before it.
+Targets on two CPU cores with the embedded tiny model, in 30 minutes: Binary up >= 2 levels; the
+final champion's SEALED-TEST accuracy >= 0.9 at binary/1 and >= 0.8 at binary/2; no promotion
+that is not a gain on the sealed test; every selection and test item novel to the run's
+training data. Training tokens are reported (in total and at each level change) so that a
+slower machine can be compared at the same count.
 """
 
 from __future__ import annotations
@@ -47,16 +49,20 @@ from bench.flywheel_figures import (
     LevelAccuracy,
     LevelChange,
     Promotion,
+    SealedScore,
     Training,
     check_promotions,
+    check_sealed,
     summarise,
 )
+from bench.flywheel_novelty import novel_share
 from bench.flywheel_plot import matplotlib_missing, plot
 from flywheel.demo import free_port_base
 from flywheel.supervisor import Supervisor
 from libs.common import topology
 from libs.common.bus import Bus
 from libs.common.events import (
+    ChampionTested,
     CurriculumLevelChanged,
     EvalScored,
     ModelDeployed,
@@ -70,11 +76,6 @@ from libs.common.settings import load_all
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "out" / "flywheel"
-BENCH_ENV = {
-    "FLYWHEEL_MAX_LENGTH": "256",
-    # Practice is written within a second of the queue running low.
-    "FLYWHEEL_CURRICULUM_POLL_INTERVAL_S": "1",
-}
 # What a data directory may already hold and still count as "from the base model".
 BASE_MODEL_ONLY = {"models"}
 DECISIONS_EVERY_S = 2.0
@@ -83,12 +84,13 @@ DECISIONS_EVERY_S = 2.0
 class Recorder:
     """Turns what the bus says into records: each printed, written as a JSON line, kept for the figures."""
 
-    KINDS = ("evaluations", "promotions", "level_changes", "trainings", "decisions")
+    KINDS = ("evaluations", "tests", "promotions", "level_changes", "trainings", "decisions")
 
     def __init__(self, out: Path, skills: list[str]) -> None:
         self.started = time.monotonic()
         self.levels = dict.fromkeys(skills, 1)
         self.evaluations: list[Evaluation] = []
+        self.tests: list[SealedScore] = []
         self.promotions: list[Promotion] = []
         self.level_changes: list[LevelChange] = []
         self.trainings: list[Training] = []
@@ -143,6 +145,21 @@ class Recorder:
         if event.regressions:
             self.say(f"    regressions vs the champion: {'; '.join(event.regressions)}")
 
+    def tested(self, event: ChampionTested) -> None:
+        if not self._first_time(event.id):
+            return
+        levels = {key: LevelAccuracy(accuracy=s.accuracy, low=s.low, high=s.high, correct=s.correct, total=s.total,
+                                     val_loss=s.val_loss) for key, s in event.levels.items()}
+        self._keep("tests", SealedScore(
+            t=self.elapsed(), checkpoint_sha256=event.checkpoint_sha256, run_id=event.run_id,
+            suite_version=event.suite_version, exact_match=event.exact_match, exact_match_low=event.exact_match_low,
+            exact_match_high=event.exact_match_high, levels=levels, num_examples=event.num_examples,
+            outcomes=event.outcomes))
+        per_level = "  ".join(f"{key} {s.accuracy:.2f} [{s.low:.2f}, {s.high:.2f}]" for key, s in sorted(levels.items())
+                              if key.startswith("binary/"))
+        self.say(f"SEALED TEST of champion {event.run_id} step {event.step}: exact_match {event.exact_match:.3f} "
+                 f"[{event.exact_match_low:.3f}, {event.exact_match_high:.3f}]  {per_level}")
+
     def deployed(self, event: ModelDeployed) -> None:
         if not self._first_time(event.id):
             return
@@ -169,9 +186,9 @@ class Recorder:
             return
         self._keep("trainings", Training(t=self.elapsed(), run_id=event.run_id, dataset_id=event.dataset_id,
                                          global_step=event.global_step, final_loss=event.final_loss,
-                                         duration_s=event.duration_s))
-        self.say(f"trained {event.run_id}: global step {event.global_step}, final loss {event.final_loss:.3f}, "
-                 f"{event.duration_s:.0f} s")
+                                         duration_s=event.duration_s, tokens=event.tokens))
+        self.say(f"trained {event.run_id}: global step {event.global_step}, {event.tokens:,} tokens, final loss "
+                 f"{event.final_loss:.3f}, {event.duration_s:.0f} s")
 
     def failed(self, event: TrainingFailed) -> None:
         if self._first_time(event.id):
@@ -194,6 +211,7 @@ class Recorder:
 async def _subscribe(bus: Bus, recorder: Recorder) -> None:
     handlers = {
         topology.EVAL_SCORED: (EvalScored, recorder.scored),
+        topology.EVAL_TESTED: (ChampionTested, recorder.tested),
         topology.MODEL_DEPLOYED: (ModelDeployed, recorder.deployed),
         topology.CURRICULUM_LEVEL_CHANGED: (CurriculumLevelChanged, recorder.level_changed),
         topology.TRAINING_FINISHED: (TrainingFinished, recorder.finished),
@@ -271,7 +289,7 @@ def _data_dir_problem(path: Path) -> str | None:
 
 def run(minutes: float, data_dir: Path, out: Path) -> dict:
     """Run the loop for `minutes` on `data_dir`; write the records, the plot and summary.json under `out`."""
-    env = {**BENCH_ENV, **os.environ}
+    env = dict(os.environ)
     # A fresh bus: never an external server with another run's streams.
     for name in ("NATS_URL", "FLYWHEEL_NATS_URL"):
         env.pop(name, None)
@@ -303,15 +321,24 @@ def run(minutes: float, data_dir: Path, out: Path) -> dict:
         flags = [flag for flag, on in (("NOISE", check.noise), ("DROP", check.drop)) if on]
         print(f"promotion at {check.promotion.t / 60:5.2f} min {check.promotion.run_id}: exact_match "
               f"{check.promotion.exact_match:.3f}; {how} {' '.join(flags)}".rstrip(), flush=True)
+    for sealed in check_sealed(recorder.promotions, recorder.tests):
+        verdict = (f"{sealed.better} better / {sealed.worse} worse on sealed test {sealed.suite_version}"
+                   f"{': NOT A GAIN' if sealed.false else ''}" if sealed.tested else "not both tested on one test version")
+        print(f"sealed test of the promotion at {sealed.promotion.t / 60:5.2f} min {sealed.promotion.run_id} "
+              f"against {sealed.previous.run_id}: {verdict}", flush=True)
+    novelty = novel_share(data_dir)
+    print(f"novel items: {novelty['novel']} of {novelty['items']} suite items, against the {novelty['trained_rows']:,} "
+          f"rows the run trained{'; seen: ' + '; '.join(novelty['seen']) if novelty['seen'] else ''}", flush=True)
     summary = summarise(minutes=elapsed / 60, evaluations=recorder.evaluations, promotions=recorder.promotions,
-                        changes=recorder.level_changes, trainings=recorder.trainings, skills=skills, alpha=alpha,
-                        ready_s=ready_s)
+                        changes=recorder.level_changes, trainings=recorder.trainings, skills=skills,
+                        tests=recorder.tests, novelty=novelty, alpha=alpha, ready_s=ready_s)
     if why := matplotlib_missing():
         print(f"no plot: {why}", flush=True)
         summary["plot"] = None
     else:
         summary["plot"] = str(plot(out / "flywheel.png", minutes=elapsed / 60, evaluations=recorder.evaluations,
-                                   promotions=recorder.promotions, changes=recorder.level_changes))
+                                   promotions=recorder.promotions, changes=recorder.level_changes,
+                                   tests=recorder.tests))
         print(f"plot: {summary['plot']}", flush=True)
     summary["out"] = str(out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

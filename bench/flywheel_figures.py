@@ -1,16 +1,23 @@
-"""What `python -m bench.flywheel` recorded, as figures: levels gained, promotions beyond the noise,
-champion drops, the champion's level-1 accuracy, and whether the targets were met.
+"""What `python -m bench.flywheel` recorded, as figures: levels gained, the champion's sealed-test
+accuracy, false promotions, the tokens each level took, and whether the targets were met.
 
 Pure functions over the records the benchmark keeps (one struct per kind, each with `t`, seconds
 since the clock started); nothing here touches the bus, so the tests feed it hand-made lists.
 
-A promotion is *noise* when the candidate did not beat the previous champion beyond chance:
-the deployer's own paired test (`services.deployer.promotion.paired_test`, the exact one-sided
-sign test on the items where the two disagree), recomputed from both checkpoints' per-item
-outcomes on the same suite, gives p > alpha. When those outcomes are missing (an evaluation
-the benchmark did not see, two suites), the whole-suite 95% Wilson intervals decide instead: a
-promotion whose interval overlaps the previous champion's is noise. The first champion has no
-predecessor and is never noise.
+The figures that judge the loop are not computed by the rules they judge:
+- `false_promotions`: a promotion whose new champion, compared item by item with the champion
+  it replaced on the SEALED TEST (`eval.tested`: items no decision ever saw), is right on no more
+  items than it (b <= c, b: right where the replaced one is wrong, c: the other way round). The
+  deployer decided on the selection suite; this asks the items it never saw. A promotion whose
+  two champions were not both tested on one test version is counted in `untested_promotions`.
+- `test_accuracy`: the final champion's sealed-test accuracy per level with its 95% interval.
+- `levels_gained`: the curriculum's level changes (each judged by the champion's selection
+  score); the sealed test says whether the level was really passed (`test_accuracy`).
+
+The older figures stay, for comparison with earlier runs: `noise_promotions` re-runs the
+deployer's paired test on the selection suite (at the flat alpha: a promotion at alpha_k < alpha
+is never "noise" by it), `champion_drops` compares selection-suite accuracies, and
+`level1_accuracy` is the final champion's selection-suite binary/1: the suite it was picked by.
 """
 
 from __future__ import annotations
@@ -24,9 +31,9 @@ from services.deployer.promotion import PairedTest, paired_test
 TARGET_MINUTES = 30
 TARGETS = {
     "levels_gained": {"binary": 2},
-    "level1_accuracy": 0.9,
-    "noise_promotions": 0,
-    "champion_drops": 0,
+    "test_accuracy": {"binary/1": 0.9, "binary/2": 0.8},
+    "false_promotions": 0,
+    "novel_share": 1.0,
 }
 LEVEL1 = "binary/1"
 # A float difference this small is a tie (as in libs.common.events).
@@ -101,6 +108,23 @@ class Training(msgspec.Struct, kw_only=True, frozen=True):
     global_step: int
     final_loss: float
     duration_s: float
+    # Real (non-padding) tokens the run trained.
+    tokens: int = 0
+
+
+class SealedScore(msgspec.Struct, kw_only=True, frozen=True):
+    """One `eval.tested`: a champion's score on a sealed test version."""
+
+    t: float
+    checkpoint_sha256: str
+    run_id: str
+    suite_version: str
+    exact_match: float
+    exact_match_low: float
+    exact_match_high: float
+    levels: dict[str, LevelAccuracy]
+    num_examples: int
+    outcomes: str
 
 
 class Decision(msgspec.Struct, kw_only=True, frozen=True):
@@ -181,6 +205,77 @@ def check_promotions(promotions: list[Promotion], evaluations: list[Evaluation],
     return checks
 
 
+# ---------------------------------------------------------------------------- the sealed test
+
+
+class SealedCheck(msgspec.Struct, kw_only=True, frozen=True):
+    """A promotion weighed on the sealed test against the champion it replaced."""
+
+    promotion: Promotion
+    previous: Promotion
+    # Right where the replaced champion is wrong (better), and the other way round (worse); None: not both tested.
+    better: int | None = None
+    worse: int | None = None
+    suite_version: str = ""
+
+    @property
+    def tested(self) -> bool:
+        return self.better is not None
+
+    @property
+    def false(self) -> bool:
+        """SealedScore, and not a gain on the items no decision saw."""
+        return self.better is not None and self.worse is not None and self.better <= self.worse
+
+
+def _tests_of(sha256: str, tests: list[SealedScore]) -> dict[str, SealedScore]:
+    """A checkpoint's newest sealed-test score per test version."""
+    return {t.suite_version: t for t in tests if t.checkpoint_sha256 == sha256}
+
+
+def check_sealed(promotions: list[Promotion], tests: list[SealedScore]) -> list[SealedCheck]:
+    """Every promotion after the first, against the champion it replaced, on their newest common test version."""
+    checks = []
+    for previous, promotion in zip(promotions, promotions[1:]):
+        mine, theirs = _tests_of(promotion.checkpoint_sha256, tests), _tests_of(previous.checkpoint_sha256, tests)
+        common = [version for version in mine if version in theirs]
+        if not common:
+            checks.append(SealedCheck(promotion=promotion, previous=previous))
+            continue
+        a, b = mine[common[-1]], theirs[common[-1]]
+        try:
+            pair = paired_test(decode_outcomes(a.outcomes, a.num_examples), decode_outcomes(b.outcomes, b.num_examples))
+        except ValueError:  # no outcomes, or not the same items
+            checks.append(SealedCheck(promotion=promotion, previous=previous))
+            continue
+        checks.append(SealedCheck(promotion=promotion, previous=previous, better=pair.better, worse=pair.worse,
+                                  suite_version=common[-1]))
+    return checks
+
+
+def sealed_accuracy(promotions: list[Promotion], tests: list[SealedScore]) -> dict[str, dict] | None:
+    """The final champion's newest sealed-test score per level, with its 95% interval; None when untested."""
+    if not promotions:
+        return None
+    mine = [t for t in tests if t.checkpoint_sha256 == promotions[-1].checkpoint_sha256]
+    if not mine:
+        return None
+    return {key: {"accuracy": round(s.accuracy, 4), "low": round(s.low, 4), "high": round(s.high, 4),
+                  "correct": s.correct, "total": s.total} for key, s in sorted(mine[-1].levels.items())}
+
+
+def champion_tests_over_time(promotions: list[Promotion], tests: list[SealedScore]
+                             ) -> list[tuple[float, float, SealedScore | None]]:
+    """(from, to, its newest sealed-test score or None) for each champion's reign, in order; `to` of
+    the last is infinity."""
+    reigns = []
+    for i, promotion in enumerate(promotions):
+        end = promotions[i + 1].t if i + 1 < len(promotions) else float("inf")
+        mine = [t for t in tests if t.checkpoint_sha256 == promotion.checkpoint_sha256]
+        reigns.append((promotion.t, end, mine[-1] if mine else None))
+    return reigns
+
+
 # ---------------------------------------------------------------------------- levels
 
 
@@ -190,6 +285,13 @@ def levels_gained(changes: list[LevelChange], skills: list[str]) -> dict[str, in
     for change in changes:
         gained[change.skill] = gained.get(change.skill, 0) + change.level - change.previous_level
     return gained
+
+
+def tokens_to_level(changes: list[LevelChange], trainings: list[Training]) -> list[dict]:
+    """Each level change with the training tokens of every run finished before it (the runs its champion
+    could come from): what a slower machine must match at the same count."""
+    return [{"skill": c.skill, "level": c.level, "minutes": round(c.t / 60, 2),
+             "tokens": sum(run.tokens for run in trainings if run.t <= c.t)} for c in changes]
 
 
 def champion_accuracy(promotions: list[Promotion], evaluations: list[Evaluation], key: str = LEVEL1) -> float | None:
@@ -202,24 +304,21 @@ def champion_accuracy(promotions: list[Promotion], evaluations: list[Evaluation]
     return None
 
 
-def champion_over_time(promotions: list[Promotion], evaluations: list[Evaluation]
-                       ) -> list[tuple[float, Evaluation | None, Promotion]]:
-    """(time it became champion, its newest evaluation or None, the promotion), in order."""
-    return [(p.t, (_scores_of(p.checkpoint_sha256, evaluations) or [None])[-1], p) for p in promotions]
-
-
 # ---------------------------------------------------------------------------- the summary
 
 
 def summarise(*, minutes: float, evaluations: list[Evaluation], promotions: list[Promotion],
               changes: list[LevelChange], trainings: list[Training], skills: list[str],
+              tests: list[SealedScore] = (), novelty: dict | None = None,
               alpha: float = 0.05, ready_s: float | None = None) -> dict:
     """The benchmark's final JSON object: its figures, the targets and which were met."""
     checks = check_promotions(promotions, evaluations, alpha=alpha)
+    sealed = check_sealed(promotions, list(tests))
     gained = levels_gained(changes, skills)
     level1 = champion_accuracy(promotions, evaluations)
-    noise = sum(c.noise for c in checks)
-    drops = sum(c.drop for c in checks)
+    tested = sealed_accuracy(promotions, list(tests))
+    false = sum(c.false for c in sealed)
+    share = (novelty or {}).get("share")
     last = evaluations[-1] if evaluations else None
     return {
         "minutes": round(minutes, 2),
@@ -227,20 +326,28 @@ def summarise(*, minutes: float, evaluations: list[Evaluation], promotions: list
         "trainings": len(trainings),
         "evaluations": len(evaluations),
         "levels_gained": gained,
+        "test_accuracy": tested,
+        "false_promotions": false,
+        "untested_promotions": sum(not c.tested for c in sealed),
+        "novel_share": share,
+        "novel_items": (novelty or {}).get("items"),
+        "train_tokens": sum(run.tokens for run in trainings),
+        "tokens_to_level": tokens_to_level(changes, trainings),
         "level1_accuracy": level1,
         "promotions": len(promotions),
-        "noise_promotions": noise,
+        "noise_promotions": sum(c.noise for c in checks),
         # Informative beside the paired test: promotions whose whole-suite intervals still overlap.
         "overlapping_promotions": sum(c.intervals_overlap is True for c in checks),
-        "champion_drops": drops,
+        "champion_drops": sum(c.drop for c in checks),
         "champion_exact_match": promotions[-1].exact_match if promotions else None,
         "last_exact_match": last.exact_match if last else None,
         "alpha": alpha,
         "targets": {"minutes": TARGET_MINUTES, **TARGETS},
         "met": {
             "levels_gained": all(gained.get(skill, 0) >= n for skill, n in TARGETS["levels_gained"].items()),
-            "level1_accuracy": level1 is not None and level1 >= TARGETS["level1_accuracy"],
-            "noise_promotions": noise <= TARGETS["noise_promotions"],
-            "champion_drops": drops <= TARGETS["champion_drops"],
+            "test_accuracy": tested is not None and all(
+                key in tested and tested[key]["accuracy"] >= bar for key, bar in TARGETS["test_accuracy"].items()),
+            "false_promotions": false <= TARGETS["false_promotions"] and all(c.tested for c in sealed),
+            "novel_share": share is not None and share >= TARGETS["novel_share"],
         },
     }

@@ -1,5 +1,5 @@
-"""The plot of `python -m bench.flywheel`: accuracy per level of every scored checkpoint, and the
-champion, over the run's minutes. A PNG drawn with matplotlib (the `bench` extra:
+"""The plot of `python -m bench.flywheel`: accuracy per level of every scored checkpoint (the
+selection suite), and the champion's sealed-test accuracy, over the run's minutes. A PNG drawn with matplotlib (the `bench` extra:
 `pip install -e '.[bench]'`); without it there is no plot and `plot` says so.
 """
 
@@ -11,8 +11,12 @@ from bench.flywheel_figures import (
     Evaluation,
     LevelChange,
     Promotion,
-    champion_over_time,
+    SealedScore,
+    champion_tests_over_time,
 )
+
+# The champion's sealed-test levels drawn, each in its own style.
+_CHAMPION_LEVELS = (("binary/1", "tab:green", "--"), ("binary/2", "tab:orange", "-."), ("binary/3", "tab:red", ":"))
 
 
 def matplotlib_missing() -> str | None:
@@ -25,7 +29,7 @@ def matplotlib_missing() -> str | None:
 
 
 def plot(path: Path, *, minutes: float, evaluations: list[Evaluation], promotions: list[Promotion],
-         changes: list[LevelChange]) -> Path:
+         changes: list[LevelChange], tests: list[SealedScore] = ()) -> Path:
     """Draw the run into `path` (PNG) and return it; ImportError without matplotlib."""
     import matplotlib
 
@@ -49,30 +53,31 @@ def plot(path: Path, *, minutes: float, evaluations: list[Evaluation], promotion
         levels_ax.annotate(f"{change.skill} {change.previous_level}\u2192{change.level}", (change.t / 60, 1.02),
                            fontsize=8, ha="center", annotation_clip=False)
     levels_ax.set_ylabel("accuracy (95% interval)")
-    levels_ax.set_title("every scored checkpoint, per level", fontsize=10, pad=16)
+    levels_ax.set_title("every scored checkpoint, per level (selection suite: it decides)", fontsize=10, pad=16)
     if keys:
         levels_ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
 
-    # The champion: a step from each promotion to the next (or the end), its interval as a band.
-    if evaluations:
-        champion_ax.plot([e.t / 60 for e in evaluations], [e.exact_match for e in evaluations], "o",
-                         color="lightgrey", markersize=3, label="each checkpoint (whole suite)")
-    reigns = champion_over_time(promotions, evaluations)
-    for i, (start, score, promotion) in enumerate(reigns):
-        end = reigns[i + 1][0] if i + 1 < len(reigns) else max(minutes * 60, start)
-        x = [start / 60, end / 60]
-        champion_ax.plot(x, [promotion.exact_match] * 2, color="tab:blue", linewidth=2,
-                         label="champion (whole suite)" if i == 0 else None)
-        if score is not None:
-            champion_ax.fill_between(x, [score.exact_match_low] * 2, [score.exact_match_high] * 2,
-                                     color="tab:blue", alpha=0.15, linewidth=0)
-            if level1 := score.levels.get("binary/1"):
-                champion_ax.plot(x, [level1.accuracy] * 2, color="tab:green", linestyle="--",
-                                 label="champion binary/1" if i == 0 else None)
-        champion_ax.plot([start / 60], [promotion.exact_match], "^", color="tab:blue", markersize=7)
-    champion_ax.set_ylabel("exact match")
+    # The champion on the sealed test: a step from each promotion to the next (or the end), the
+    # whole test's interval as a band, and its accuracy at the first levels.
+    reigns = champion_tests_over_time(promotions, list(tests))
+    for i, (start, end, tested) in enumerate(reigns):
+        x = [start / 60, min(end, minutes * 60) / 60]
+        champion_ax.plot([start / 60], [tested.exact_match if tested else 0.0], "^", color="tab:blue", markersize=7)
+        if tested is None:
+            continue
+        champion_ax.plot(x, [tested.exact_match] * 2, color="tab:blue", linewidth=2,
+                         label="whole sealed test" if i == 0 else None)
+        champion_ax.fill_between(x, [tested.exact_match_low] * 2, [tested.exact_match_high] * 2,
+                                 color="tab:blue", alpha=0.15, linewidth=0)
+        for key, color, style in _CHAMPION_LEVELS:
+            if score := tested.levels.get(key):
+                champion_ax.plot(x, [score.accuracy] * 2, color=color, linestyle=style,
+                                 label=f"{key} (sealed test)" if i == 0 else None)
+                champion_ax.fill_between(x, [score.low] * 2, [score.high] * 2, color=color, alpha=0.08, linewidth=0)
+    champion_ax.set_ylabel("sealed-test accuracy (95% interval)")
     champion_ax.set_xlabel("minutes")
-    champion_ax.set_title(f"the champion ({len(promotions)} promotions)", fontsize=10)
+    champion_ax.set_title(f"the champion on the sealed test, which decides nothing ({len(promotions)} promotions, "
+                          f"{sum(t is not None for _, _, t in reigns)} tested)", fontsize=10)
     champion_ax.legend(loc="upper left", fontsize=8)
     for ax in (levels_ax, champion_ax):
         ax.set_ylim(-0.02, 1.02)

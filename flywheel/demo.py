@@ -1,12 +1,18 @@
 """`make demo`: one dataset through the whole loop on the embedded default.
 
 Starts the stack (nats-server + six services), submits the bundled sample dataset (Binary
-level 1, training split), follows it through training, scoring and deployment, asks the served
-model five held-out questions (the eval split: never in any training data) through the
+level 1, training split), follows it through training (a budget of real tokens, `DEMO_ENV`),
+scoring and deployment, asks the served model five novel level-1 questions (the eval split:
+no training row holds them, their commuted twins or their conversions) through the
 OpenAI-compatible API and judges each answer with the Binary skill's scorer, prints them with
 the deployed checkpoint and the trace id that links the journey, shows that trace span by
 span, and stops the stack. The end-to-end test runs this same function on a temporary data
 directory.
+
+While the trainer trains, the demo shows its progress (`TrainingView`: a bar with the ETA on a
+terminal, a plain line every 30 s otherwise) and waits as long as the speed it measures needs
+(`Pace`): no fixed deadline, but a run without progress for `STALL_S` fails, saying what it
+waited for and where the logs are.
 
     flywheel demo [--data-dir DIR] [--keep]     (also: python -m flywheel.demo [...])
 """
@@ -19,10 +25,13 @@ import shutil
 import socket
 import sys
 import time
+from collections import deque
 from pathlib import Path
+from typing import TextIO
 
 import httpx
 import msgspec
+from tqdm import tqdm
 
 from flywheel.submit import describe_verdict, submit_file
 from flywheel.supervisor import Supervisor
@@ -30,7 +39,13 @@ from libs.common.trace_page import render_trace_page
 from libs.common import topology
 from libs.common.artifacts import ArtifactStore
 from libs.common.bus import Bus
-from libs.common.events import CurriculumLevelChanged, ModelDeployed, TrainingProgress
+from libs.common.events import (
+    CurriculumLevelChanged,
+    ModelDeployed,
+    TrainingFailed,
+    TrainingFinished,
+    TrainingProgress,
+)
 from libs.common.log import setup_logging
 from libs.common.settings import SERVICES
 from libs.common.skills import binary
@@ -45,17 +60,16 @@ QUESTION_SEED = 5
 QUESTION_COUNT = 5
 API_KEY_FILE = Path("secrets") / "inference_api_key"
 
-# The sample (every level-1 training problem once, 888 rows) 36 times: 2,016 steps of 16 rows,
-# the learning rate decaying by cosine to 10 % over the run. Measured directly on the same recipe
-# with fresh rows (one thread): 89.6 % of held-out level-1 problems right after 1,500 and 2,000
-# steps; with a 2,000-row sample of only 513 distinct problems, 70 % after 1,500.
-# The trainer gets both cores while it trains: nothing else of the demo computes until it has
-# finished (0.17 s a step). On a machine where other work holds a core, two torch threads fall
-# 25x behind (measured: 420 tok/s against 11k): there, set FLYWHEEL_TRAINER_TORCH_THREADS=1.
+# The budget: 1.2M real tokens of the sample (every level-1 training problem once), about 14
+# epochs in ~1,580 packed steps, the learning rate decaying by cosine to 10 % over them; the
+# smallest budget measured at which every trained model answered 4 of the five questions
+# (docs/experiments/demo-threads.md). One trainer thread: two are 1.75x faster on idle cores and
+# 4-8x slower once anything else holds one (docs/experiments/demo-threads.md).
 DEMO_ENV = {
-    "FLYWHEEL_TRAINER_EPOCHS": "36",
-    "FLYWHEEL_TRAINER_BATCH_SIZE": "16",
-    "FLYWHEEL_TRAINER_TORCH_THREADS": "2",
+    "FLYWHEEL_TRAINER_MAX_TOKENS": "1200000",
+    # An upper bound only: the token budget ends the run first.
+    "FLYWHEEL_TRAINER_EPOCHS": "100",
+    "FLYWHEEL_TRAINER_TORCH_THREADS": "1",
     "FLYWHEEL_MAX_LENGTH": "256",
     # Checkpoints to resume from; only the final one is scored.
     "FLYWHEEL_TRAINER_SAVE_EVERY_STEPS": "500",
@@ -79,6 +93,160 @@ class Answer(msgspec.Struct):
 def held_out_questions(n: int = QUESTION_COUNT, seed: int = QUESTION_SEED) -> list[dict]:
     """`n` level-1 Binary problems of the eval split: what the demo asks."""
     return binary.generate(1, n, seed=seed, split="eval")
+
+
+# ---------------------------------------------------------------------------- how long to wait
+
+# Seconds for the stack to be ready and the sample accepted (six services load torch at once).
+STARTUP_S = 300.0
+# A run that sends no training.progress for this long is stuck (the trainer reports every 2 s
+# of training; a restart by the supervisor resumes well within it).
+STALL_S = 120.0
+# At the measured speed, training longer than this fails at once, with the speed, instead of
+# waiting for hours (the trainer's threads fighting other work for the cores: see DEMO_ENV).
+MAX_TRAINING_S = 7200.0
+# Once trained: scoring, deployment, the model load and the answers (and the curriculum's level
+# change) get this, plus this share of the time training took: a slower machine scores slower too.
+AFTER_TRAINING_S = 300.0
+AFTER_TRAINING_SHARE = 1.0
+# Speed is measured over the progress events of this many recent seconds.
+SPEED_WINDOW_S = 60.0
+
+
+class Pace:
+    """How long the demo waits, from the training speed it measured. Pure: times in, verdicts out.
+
+    Starting: STARTUP_S until the dataset is accepted. Training: no fixed deadline while
+    training.progress comes; a stall (none for STALL_S) fails, and so does a speed at which the
+    budget would take more than MAX_TRAINING_S. The speed is real tokens/s: the token budget
+    spread evenly over the run's planned steps (packed steps hold nearly equal tokens), over the
+    wall-clock time between progress events, pauses for validation and checkpoints included.
+    Trained: AFTER_TRAINING_S plus AFTER_TRAINING_SHARE of the training time, for the rest.
+    """
+
+    def __init__(self, now: float, budget_tokens: int = 0) -> None:
+        self.budget_tokens = budget_tokens
+        self.phase = "starting"  # then "training", then "trained"
+        self._since = now
+        self._recent: deque[tuple[float, int]] = deque()  # (time, step) of recent progress events
+        self.step = self.total_steps = 0
+        self._trained_s = 0.0
+
+    def accepted(self, now: float) -> None:
+        if self.phase == "starting":
+            self.phase, self._since = "training", now
+
+    def progress(self, event: TrainingProgress, now: float) -> None:
+        self.accepted(now)
+        if self.phase != "training":
+            return
+        self.step, self.total_steps = event.step, event.total_steps
+        self._recent.append((now, event.step))
+        while len(self._recent) > 2 and now - self._recent[1][0] >= SPEED_WINDOW_S:
+            self._recent.popleft()
+        if event.step >= event.total_steps:
+            self.finished(now)
+
+    def finished(self, now: float) -> None:
+        """Training is over (its last progress event, or training.finished: a run resumed at its
+        final checkpoint sends no progress)."""
+        self.accepted(now)
+        if self.phase == "training":
+            self.phase, self._trained_s, self._since = "trained", now - self._since, now
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.budget_tokens / self.total_steps if self.budget_tokens and self.total_steps else 1.0
+
+    @property
+    def steps_per_second(self) -> float | None:
+        if len(self._recent) < 2:
+            return None
+        (t0, s0), (t1, s1) = self._recent[0], self._recent[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Measured training speed: None until two progress events came, or without a budget."""
+        rate = self.steps_per_second
+        return rate * self.tokens_per_step if rate and self.budget_tokens else None
+
+    def eta_s(self) -> float | None:
+        """Seconds of training left at the measured speed: remaining tokens / tokens per second."""
+        rate = self.steps_per_second
+        if rate is None:
+            return None
+        return (self.total_steps - self.step) * self.tokens_per_step / (rate * self.tokens_per_step)
+
+    def overdue(self, now: float) -> str | None:
+        """Why the demo should stop waiting now, or None."""
+        waited = now - self._since
+        if self.phase == "starting" and waited > STARTUP_S:
+            return f"the stack was not ready, or the sample not accepted, within {STARTUP_S:.0f}s"
+        if self.phase == "training":
+            last = self._recent[-1][0] if self._recent else self._since
+            if now - last > STALL_S:
+                where = (f"the last at step {self.step}/{self.total_steps}, {now - last:.0f}s ago" if self._recent
+                         else f"none since the dataset was accepted {waited:.0f}s ago")
+                return f"training is stuck: no training.progress event for {STALL_S:.0f}s ({where})"
+            eta = self.eta_s()
+            if eta is not None and now - self._recent[0][0] >= SPEED_WINDOW_S and waited + eta > MAX_TRAINING_S:
+                speed = (f"{self.tokens_per_second:.0f} tokens/s" if self.tokens_per_second
+                         else f"{self.steps_per_second:.2f} steps/s")
+                return (f"training too slow: {speed} would need {(waited + eta) / 60:.0f} minutes for "
+                        f"{self.total_steps} steps (at most {MAX_TRAINING_S / 60:.0f}); is other work holding "
+                        "the cores? (FLYWHEEL_TRAINER_TORCH_THREADS sets the trainer's threads)")
+        if self.phase == "trained" and waited > self.after_training_s:
+            return (f"no deployment answered within {self.after_training_s:.0f}s of the end of training "
+                    "(waited for eval.scored, model.deployed and inference serving the checkpoint)")
+        return None
+
+    @property
+    def after_training_s(self) -> float:
+        return AFTER_TRAINING_S + AFTER_TRAINING_SHARE * self._trained_s
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class TrainingView:
+    """Training progress on the demo's output: a bar with the ETA on a terminal, else a plain line
+    every `every_s` seconds (pytest's captured output, CI logs) and at the last step."""
+
+    def __init__(self, out: TextIO | None = None, every_s: float = 30.0) -> None:
+        self._out = out or sys.stdout
+        self._tty = self._out.isatty()
+        self._every_s = every_s
+        self._bar: tqdm | None = None
+        self._last_line = -float("inf")
+
+    def show(self, pace: Pace, event: TrainingProgress, now: float) -> None:
+        speed = pace.tokens_per_second or event.tokens_per_second
+        facts = f"loss {event.loss:.3f}, {speed / 1000:.1f}k tok/s, ETA {_duration(pace.eta_s())}"
+        if self._tty:
+            if self._bar is None:
+                # A terminal that reports no size (a pty under `script`) would get no bar at all.
+                size = shutil.get_terminal_size()
+                self._bar = tqdm(total=event.total_steps, file=self._out, ncols=size.columns, nrows=size.lines,
+                                 bar_format="[demo] training {percentage:3.0f}%|{bar}| {n}/{total} steps{postfix}")
+            self._bar.n = event.step
+            self._bar.set_postfix_str(facts)  # refreshes
+            if event.step >= event.total_steps:
+                self.close()
+        elif now - self._last_line >= self._every_s or event.step >= event.total_steps:
+            self._last_line = now
+            percent = 100 * event.step / event.total_steps if event.total_steps else 0
+            print(f"[demo] training {percent:3.0f}% (step {event.step}/{event.total_steps}), {facts}",
+                  file=self._out, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 class DemoResult(msgspec.Struct):
@@ -122,7 +290,19 @@ def _say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
 
 
-async def _wait_ready(ports: dict[str, int], deadline: float) -> None:
+class _Watch:
+    """The demo's `Pace` on the real clock: raises, with where the logs are, once it is overdue."""
+
+    def __init__(self, pace: Pace, logs: Path) -> None:
+        self.pace, self._logs = pace, logs
+
+    def check(self) -> None:
+        if reason := self.pace.overdue(time.monotonic()):
+            raise TimeoutError(f"{reason}. The logs folder {self._logs} holds one log per service "
+                               "(trainer.log, evaluator.log, deployer.log, inference.log, ...) and nats-server's")
+
+
+async def _wait_ready(ports: dict[str, int], watch: _Watch) -> None:
     async with httpx.AsyncClient(timeout=2) as client:
         pending = dict(ports)
         while pending:
@@ -133,8 +313,11 @@ async def _wait_ready(ports: dict[str, int], deadline: float) -> None:
                         del pending[service]
                 except httpx.HTTPError:
                     pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"services not ready in time: {sorted(pending)} (see the logs folder)")
+            if pending:
+                try:
+                    watch.check()
+                except TimeoutError as exc:
+                    raise TimeoutError(f"services not ready: {sorted(pending)}: {exc}") from None
             await asyncio.sleep(0.5)
 
 
@@ -145,22 +328,25 @@ async def _supervise(sup: Supervisor) -> None:
         await asyncio.sleep(0.5)
 
 
-async def _drive(sup: Supervisor, dataset: Path, questions: list[dict], deadline: float,
+async def _drive(sup: Supervisor, dataset: Path, questions: list[dict], watch: _Watch,
                  wait_for_level_change: bool) -> DemoResult:
     supervising = asyncio.create_task(_supervise(sup))
     try:
-        return await _drive_supervised(sup, dataset, questions, deadline, wait_for_level_change)
+        return await _drive_supervised(sup, dataset, questions, watch, wait_for_level_change)
     finally:
         supervising.cancel()
 
 
-async def _drive_supervised(sup: Supervisor, dataset: Path, questions: list[dict], deadline: float,
+async def _drive_supervised(sup: Supervisor, dataset: Path, questions: list[dict], watch: _Watch,
                             wait_for_level_change: bool) -> DemoResult:
     started = time.monotonic()
-    await _wait_ready(sup.ports, deadline)
+    await _wait_ready(sup.ports, watch)
     bus = await Bus.connect([sup.nats_url], "demo")
     deployments: list[tuple[str, ModelDeployed]] = []  # (trace id, event), in arrival order
     level_changes: list[CurriculumLevelChanged] = []
+    failures: list[TrainingFailed] = []
+    view = TrainingView()
+    ours: dict[str, str] = {}  # the accepted dataset's id, once known
 
     async def on_level_changed(msg) -> None:
         change = msgspec.json.decode(msg.data, type=CurriculumLevelChanged)
@@ -172,11 +358,25 @@ async def _drive_supervised(sup: Supervisor, dataset: Path, questions: list[dict
 
     async def on_progress(msg) -> None:
         p = msgspec.json.decode(msg.data, type=TrainingProgress)
-        _say(f"training {p.run_id} step {p.step}/{p.total_steps} loss {p.loss:.3f} ({p.tokens_per_second:.0f} tok/s)")
+        if p.dataset_id == ours.get("dataset_id"):
+            watch.pace.progress(p, time.monotonic())
+            view.show(watch.pace, p, time.monotonic())
+
+    async def on_finished(msg) -> None:
+        if msgspec.json.decode(msg.data, type=TrainingFinished).dataset_id == ours.get("dataset_id"):
+            watch.pace.finished(time.monotonic())
+            view.close()
+
+    async def on_failed(msg) -> None:
+        failed = msgspec.json.decode(msg.data, type=TrainingFailed)
+        if failed.dataset_id == ours.get("dataset_id"):
+            failures.append(failed)
 
     try:
         await bus.nc.subscribe(topology.MODEL_DEPLOYED, cb=on_deployed)
         await bus.nc.subscribe(topology.TRAINING_PROGRESS, cb=on_progress)
+        await bus.nc.subscribe(topology.TRAINING_FINISHED, cb=on_finished)
+        await bus.nc.subscribe(topology.TRAINING_FAILED, cb=on_failed)
         await bus.nc.subscribe(topology.CURRICULUM_LEVEL_CHANGED, cb=on_level_changed)
         store = ArtifactStore(sup.data_dir / "artifacts")
         _say(f"submitting {dataset.name}")
@@ -184,24 +384,33 @@ async def _drive_supervised(sup: Supervisor, dataset: Path, questions: list[dict
         _say(describe_verdict(submitted))
         if submitted.outcome != "accepted":
             raise RuntimeError("the sample dataset was not accepted")
-        _say(f"trace {submitted.trace_id}: waiting for training, scoring and deployment")
+        ours["dataset_id"] = submitted.verdict["dataset_id"]
+        watch.pace.accepted(time.monotonic())
+        budget = watch.pace.budget_tokens
+        _say(f"trace {submitted.trace_id}: training on {budget:,} tokens, then scoring and deployment"
+             if budget else f"trace {submitted.trace_id}: waiting for training, scoring and deployment")
 
-        def ours() -> dict[str, ModelDeployed]:
+        def deployed() -> dict[str, ModelDeployed]:
             return {e.checkpoint_sha256: e for t, e in deployments if t == submitted.trace_id}
 
-        while not ours():
-            if time.monotonic() > deadline:
-                raise TimeoutError("no deployment of the demo dataset in time")
+        def check() -> None:
+            if failures and not failures[-1].will_retry:
+                raise RuntimeError(f"training failed for good: {failures[-1].error} (see {sup.data_dir / 'logs'})")
+            watch.check()
+
+        while not deployed():
+            check()
             await asyncio.sleep(0.2)
-        first = next(iter(ours().values()))
+        view.close()
+        first = next(iter(deployed().values()))
         _say(f"deployed {first.checkpoint_uri} (exact_match {first.exact_match:.3f}, val_loss {first.val_loss:.4f}): "
              f"{first.reason}")
-        event, served, answers = await _ask(sup, ours, questions, deadline)
+        event, served, answers = await _ask(sup, deployed, questions, check)
         while wait_for_level_change and not level_changes:
-            if time.monotonic() > deadline:
-                raise TimeoutError("no curriculum level change in time")
+            check()
             await asyncio.sleep(0.2)
     finally:
+        view.close()
         await bus.close()
     return DemoResult(
         trace_id=submitted.trace_id, submission_id=submitted.submission_id,
@@ -214,11 +423,11 @@ async def _drive_supervised(sup: Supervisor, dataset: Path, questions: list[dict
     )
 
 
-async def _ask(sup: Supervisor, ours, questions: list[dict], deadline: float) -> tuple[ModelDeployed, dict, list[Answer]]:
+async def _ask(sup: Supervisor, ours, questions: list[dict], check) -> tuple[ModelDeployed, dict, list[Answer]]:
     """Wait until inference serves a checkpoint deployed from the demo's dataset, then ask it.
 
     Returns that deployment, what inference says it serves (/models/info) and the answers,
-    each judged by the Binary skill.
+    each judged by the Binary skill. `check()` raises once the demo has waited too long.
     """
     base = f"http://127.0.0.1:{sup.ports['inference']}"
     key = (sup.data_dir / API_KEY_FILE).read_text().strip()
@@ -228,8 +437,10 @@ async def _ask(sup: Supervisor, ours, questions: list[dict], deadline: float) ->
             info = (await client.get("/models/info")).json()
             if event := ours().get(info.get("sha256")):
                 break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"inference still serves {info}")
+            try:
+                check()
+            except TimeoutError as exc:
+                raise TimeoutError(f"{exc}; inference still serves {info}") from None
             await asyncio.sleep(0.5)
         answers = []
         for row in questions:
@@ -245,18 +456,23 @@ async def _ask(sup: Supervisor, ours, questions: list[dict], deadline: float) ->
 
 
 def run_demo(data_dir: Path, *, port_base: int | None = None, dataset: Path = SAMPLE_DATASET,
-             questions: list[dict] | None = None, timeout_s: float = 540, extra_env: dict[str, str] | None = None,
+             questions: list[dict] | None = None, extra_env: dict[str, str] | None = None,
              wait_for_level_change: bool = False) -> DemoResult:
     """Run the demo's journey on `data_dir`; with `wait_for_level_change`, stop the stack only
-    once the curriculum announced a level change (the end-to-end test's shortened run)."""
+    once the curriculum announced a level change (the end-to-end test's run).
+
+    How long it waits follows the training speed it measures (`Pace`); it raises TimeoutError,
+    saying what it waited for, when the stack does not start, training stalls or would take
+    far too long, or the trained checkpoint is not served in time.
+    """
     # The caller's own FLYWHEEL_* settings win over the demo's defaults.
     env = {**DEMO_ENV, **os.environ, **(extra_env or {})}
     sup = Supervisor(data_dir, port_base=port_base, environ=env)
+    watch = _Watch(Pace(time.monotonic(), int(env.get("FLYWHEEL_TRAINER_MAX_TOKENS") or 0)), sup.data_dir / "logs")
     setup_tracing("demo", sup.data_dir)
     sup.start()
     try:
-        result = asyncio.run(_drive(sup, dataset, questions or held_out_questions(), time.monotonic() + timeout_s,
-                                    wait_for_level_change))
+        result = asyncio.run(_drive(sup, dataset, questions or held_out_questions(), watch, wait_for_level_change))
     finally:
         _say("stopping the stack")
         sup.stop()

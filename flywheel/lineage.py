@@ -1,7 +1,8 @@
 """`flywheel lineage [MODEL]`: a model's lineage as text, newest hop first, back to the base.
 
 Formatting only: the lineage itself is built from the event history by `libs.common.lineage`
-(`read_lineage`), the same the dashboard shows.
+(`read_lineage`), the same the dashboard shows. A champion's accuracy is its sealed test's
+("tested", with 95% intervals per level); "selection" lists the scores the deployer decided on.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from libs.common.lineage import (
     Origin,
     Run,
     Score,
+    SealedTest,
 )
 
 _LABEL = 10  # the width of a block's labels
@@ -85,7 +87,11 @@ def _dataset_lines(d: Dataset) -> list[str]:
     return lines
 
 
-def _score_lines(scores: list[Score], label: str = "scores") -> list[str]:
+def _levels_lines(levels: list[str]) -> list[str]:
+    return [_more("  " + "   ".join(levels[start:start + 4])) for start in range(0, len(levels), 4)]
+
+
+def _score_lines(scores: list[Score], label: str = "selection") -> list[str]:
     lines = []
     for i, s in enumerate(scores):
         head = (f"{s.suite} {s.suite_version}: exact_match {s.exact_match:.3f} "
@@ -93,11 +99,23 @@ def _score_lines(scores: list[Score], label: str = "scores") -> list[str]:
                 f"val_loss {_loss(s.val_loss)}, scored {_when(s.scored)}")
         lines.append(_line(label, head) if i == 0 else _more(head))
         levels = [f"{k} {v.accuracy:.3f} [{v.low:.2f}, {v.high:.2f}]" for k, v in sorted(s.levels.items())]
-        levels = levels or [f"{k} {v:.3f}" for k, v in sorted(s.by_level.items())]
-        for start in range(0, len(levels), 4):
-            lines.append(_more("  " + "   ".join(levels[start:start + 4])))
+        lines += _levels_lines(levels or [f"{k} {v:.3f}" for k, v in sorted(s.by_level.items())])
         for r in s.regressions:
             lines.append(_more(f"  regression vs {s.compared_with[:12] or 'the champion'}: {r}"))
+    return lines
+
+
+def _test_lines(tests: list[SealedTest], deployed: bool) -> list[str]:
+    """A champion's sealed test scores; a champion not yet tested says so, any other checkpoint nothing."""
+    if not tests:
+        return [_line("tested", "none stored (every champion is scored on the sealed test suite)")] if deployed else []
+    lines = []
+    for i, t in enumerate(tests):
+        head = (f"{t.suite} {t.suite_version}: exact_match {t.exact_match:.3f} "
+                f"[95% {t.exact_match_low:.3f}, {t.exact_match_high:.3f}] on {t.num_examples}, "
+                f"val_loss {_loss(t.val_loss)}, tested {_when(t.tested)}")
+        lines.append(_line("tested", head) if i == 0 else _more(head))
+        lines += _levels_lines([f"{k} {v.accuracy:.3f} [{v.low:.2f}, {v.high:.2f}]" for k, v in sorted(t.levels.items())])
     return lines
 
 
@@ -137,6 +155,8 @@ def _traces(hop: Hop) -> list[str]:
     add(hop.checkpoint.trace_id, "checkpoint")
     for s in hop.scores:
         add(s.trace_id, "score")
+    for t in hop.tests:
+        add(t.trace_id, "test")
     for d in hop.deployments:
         add(d.trace_id, "deployment")
     return [f"{trace_id} ({', '.join(r)})" for trace_id, r in roles.items()]
@@ -154,7 +174,8 @@ def _hop_lines(n: int, hop: Hop) -> list[str]:
         lines += _run_lines(hop.run)
     if hop.dataset:
         lines += _dataset_lines(hop.dataset)
-    lines += _score_lines(hop.scores) if hop.scores else [_line("scores", "none stored")]
+    lines += _test_lines(hop.tests, bool(hop.deployments))
+    lines += _score_lines(hop.scores) if hop.scores else [_line("selection", "none stored")]
     lines += _deployment_lines(hop.deployments) if hop.deployments else [_line("deployed", "never")]
     for i, d in enumerate(hop.decisions):
         text = f"{_when(d.time)} {d.outcome}: {d.reason}"
@@ -173,6 +194,7 @@ def _origin_lines(origin: Origin) -> list[str]:
     if origin.kind == "aged_out":
         return [f"end  {origin.note}"]
     lines = [f"base  {origin.uri} (the base model)" if origin.uri else "base  the base model"]
+    lines += _test_lines(origin.tests, bool(origin.deployments))
     if origin.scores:
         lines += _score_lines(origin.scores)
     if origin.deployments:

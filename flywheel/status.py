@@ -2,6 +2,10 @@
 
 Nothing here reads a service's files: streams and KV buckets are the shared history, so
 `flywheel status` works from any machine that reaches NATS.
+
+The champion's accuracy is its sealed test score (`eval.tested`, `ChampionTested`), with 95%
+intervals per level: the selection suite's numbers picked it out of many candidates, so they
+flatter it. The last selection score is shown as what it is: the newest candidate's.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import nats.js.errors
 
 from libs.common import topology
 from libs.common.bus import Bus
+from libs.common.events import ChampionTested
+from libs.common.history import read_subject
 from libs.common.records import CHAMPION, DEPLOY_DECISIONS, TRAINER_CONTROL, Key, skill_state
 from libs.common.skills import binary
 
@@ -35,17 +41,26 @@ async def _last_decision(bus: Bus) -> dict | None:
     return decisions[-1] if decisions else None
 
 
+async def champion_test(bus: Bus, sha256: str) -> dict | None:
+    """The newest sealed test score of checkpoint `sha256` (None: not tested yet)."""
+    tests = [r.event for r in await read_subject(bus, topology.EVAL_TESTED)
+             if isinstance(r.event, ChampionTested) and r.event.checkpoint_sha256 == sha256]
+    return msgspec.to_builtins(tests[-1]) if tests else None
+
+
 async def read_status(bus: Bus) -> dict[str, Any]:
     queue = await bus.queue_state()
     dead = await bus.js.stream_info("DEADLETTER")
     last_started = await _last(bus, topology.TRAINING_STARTED)
     last_progress = await _last(bus, topology.TRAINING_PROGRESS)
     last_finished = await _last(bus, topology.TRAINING_FINISHED)
+    champion = await _record(bus, CHAMPION)
     return {
         "queue": queue,
         "training": {"started": last_started, "progress": last_progress, "finished": last_finished},
         "trainer_control": await _record(bus, TRAINER_CONTROL),
-        "champion": await _record(bus, CHAMPION),
+        "champion": champion,
+        "champion_test": await champion_test(bus, champion["checkpoint_sha256"]) if champion else None,
         "last_decision": await _last_decision(bus),
         "last_scores": await _last(bus, topology.EVAL_SCORED),
         "curriculum": await _record(bus, skill_state(binary.SKILL)),
@@ -66,6 +81,23 @@ def run_in_training(status: dict[str, Any]) -> tuple[dict, dict | None] | None:
     if not started or (finished and finished["run_id"] == started["run_id"] and finished["time"] >= started["time"]):
         return None
     return started, progress if progress and progress["run_id"] == started["run_id"] else None
+
+
+def _interval(low: float, high: float) -> str:
+    return f"[95% {low:.3f}, {high:.3f}]"
+
+
+def _test_lines(test: dict | None) -> list[str]:
+    """The champion's sealed test score: overall, then per "<skill>/<level>", each with its 95% interval."""
+    if not test:
+        return ["  sealed test     not yet tested (the evaluator scores every champion on the sealed test suite)"]
+    lines = [f"  sealed test     exact_match {test['exact_match']:.3f} "
+             f"{_interval(test['exact_match_low'], test['exact_match_high'])} on {test['num_examples']}  "
+             f"val_loss {_number(test.get('val_loss'), '.4f')}  suite {test['suite_version']}"]
+    for key, level in sorted(test.get("levels", {}).items()):
+        lines.append(f"    {key:<13} {level['accuracy']:.3f} {_interval(level['low'], level['high'])}  "
+                     f"{level['correct']}/{level['total']}")
+    return lines
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -90,16 +122,15 @@ def format_status(status: dict[str, Any]) -> str:
     champion = status["champion"]
     lines.append("champion")
     if champion:
-        lines.append(f"  {champion.get('run_id')} step {champion.get('step')}  exact_match {champion.get('exact_match', 0):.3f}"
-                     f"  val_loss {_number(champion.get('val_loss'), '.4f')}")
-        lines.append(f"  {champion.get('checkpoint_uri')}")
+        lines.append(f"  {champion.get('run_id')} step {champion.get('step')}  {champion.get('checkpoint_uri')}")
+        lines += _test_lines(status.get("champion_test"))
     else:
         lines.append("  none yet (serving the base model)")
     decision = status.get("last_decision")
     if decision:
         lines.append(f"  last decision   {decision['outcome']}: {decision['reason']}")
     scores = status["last_scores"]
-    lines.append("last scores")
+    lines.append("last scores (selection suite: the newest candidate's)")
     if scores:
         interval = ""
         if "exact_match_low" in scores:

@@ -166,6 +166,9 @@ class TrainingFinished(Event, frozen=True):
     final_loss: float
     checkpoint_uri: str
     duration_s: float
+    # Real (non-padding) tokens the run trained, counted as training.progress counts its tokens/s:
+    # budgets compare in tokens across machines that differ 3x in speed.
+    tokens: int = 0
 
 
 class TrainingFailed(Event, frozen=True):
@@ -264,6 +267,44 @@ class EvalScored(Event, frozen=True):
 
     def item_outcomes(self) -> list[bool]:
         """Each item's result in suite order; ValueError when `outcomes` does not hold num_examples."""
+        return decode_outcomes(self.outcomes, self.num_examples)
+
+
+class ChampionTested(Event, frozen=True):
+    """A champion's score on the sealed test suite; (checkpoint sha256, test suite version) is its key.
+
+    Three sets, three roles: training data teaches, the selection suite (`EvalScored`) decides
+    promotions and level changes, and the sealed test only reports. Every number shown for a
+    champion comes from here; no service decides anything on it (the deployer and the
+    curriculum never read `eval.tested`). The test suite holds fresh eval-split problems at the
+    selection suite's levels, none of them a selection item, so a champion's numbers are not
+    the best of many candidates on the same items. `levels`, the interval and `outcomes` read as
+    in `EvalScored` (item order: the test suite's), so consecutive champions compare item by
+    item; `eval_id` is the champion's selection score it belongs to (`Champion.eval_id`, "" when
+    its record held none) on `selection_suite_version`.
+    """
+
+    run_id: str
+    step: int
+    checkpoint_uri: str
+    checkpoint_sha256: str
+    suite: str
+    suite_version: str
+    exact_match: float
+    # The 95% Wilson score interval of exact_match.
+    exact_match_low: float
+    exact_match_high: float
+    num_examples: int
+    # Mean cross-entropy over the gold answer tokens; None: not finite.
+    val_loss: float | None
+    levels: dict[str, LevelScore]
+    outcomes: str
+    eval_id: str
+    selection_suite_version: str
+    ece: float | None = None
+
+    def item_outcomes(self) -> list[bool]:
+        """Each item's result in test suite order; ValueError when `outcomes` does not hold num_examples."""
         return decode_outcomes(self.outcomes, self.num_examples)
 
 
@@ -397,11 +438,18 @@ class ModelDeployFailed(Event, frozen=True):
 
 
 class CurriculumLevelChanged(Event, frozen=True):
+    """A skill's level rose because the champion's selection-suite accuracy at it reached the bar."""
+
     skill: str
     previous_level: int
     level: int
     accuracy: float
     reason: str
+    # The champion that justified it, and its score at `previous_level` with the 95% interval.
+    checkpoint_sha256: str = ""
+    run_id: str = ""
+    suite_version: str = ""
+    score: LevelScore | None = None
 
 
 # ---------------------------------------------------------------------------- commands
@@ -467,6 +515,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     TrainingFailed,
     CheckpointSaved,
     EvalScored,
+    ChampionTested,
     ModelDeployed,
     ModelRolledBack,
     ModelStaged,
@@ -486,6 +535,7 @@ AnyEvent = (
     | TrainingFailed
     | CheckpointSaved
     | EvalScored
+    | ChampionTested
     | ModelDeployed
     | ModelRolledBack
     | ModelStaged

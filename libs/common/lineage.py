@@ -5,9 +5,11 @@ dataset (`training.started`: `dataset_id`, `init_weights`; `training.finished`, 
 that the gatekeeper accepted (`dataset.accepted.*`, with the submission it came from,
 `dataset.submitted`), starting from `init_weights`: the final checkpoint of an earlier run, or the
 base model. Following `init_weights` back, hop by hop, gives the model's lineage down to the base.
-Each checkpoint's scores (`eval.scored`) and deployments (`model.deployed`, `model.rolled_back`,
-with the deployer's recorded decision while `DEPLOY_DECISIONS` still keeps it) say how it fared,
-why it was served over the champion before it, and whether it was rolled back. Every part carries
+Each checkpoint's selection scores (`eval.scored`: what the deployer decided on), its sealed test
+scores if it was champion (`eval.tested`: the figures of its accuracy, decided on by nothing) and
+its deployments (`model.deployed`, `model.rolled_back`, with the deployer's recorded decision while
+`DEPLOY_DECISIONS` still keeps it) say how it fared, why it was served over the champion before
+it, and whether it was rolled back. Every part carries
 the trace id of the message it comes from (`flywheel trace`, the tracing UI).
 
 `build_lineage` is the pure part (stored messages in, a `Lineage` out, JSON-ready with
@@ -32,6 +34,7 @@ import msgspec
 from libs.common import topology
 from libs.common.bus import Bus
 from libs.common.events import (
+    ChampionTested,
     CheckpointSaved,
     DatasetAccepted,
     DatasetSubmitted,
@@ -55,6 +58,7 @@ SUBJECTS: tuple[str, ...] = (
     topology.TRAINING_FAILED,
     topology.DATASET_ACCEPTED.format(priority="*"),
     topology.EVAL_SCORED,
+    topology.EVAL_TESTED,
     topology.MODEL_DEPLOYED,
     topology.MODEL_ROLLED_BACK,
 )
@@ -182,7 +186,7 @@ class Dataset(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Score(msgspec.Struct, frozen=True, kw_only=True):
-    """One `eval.scored`: the checkpoint on one suite version."""
+    """One `eval.scored`: the checkpoint on one selection suite version (what decided on it)."""
 
     suite: str
     suite_version: str
@@ -200,14 +204,29 @@ class Score(msgspec.Struct, frozen=True, kw_only=True):
     trace_id: str
 
 
+class SealedTest(msgspec.Struct, frozen=True, kw_only=True):
+    """One `eval.tested`: a champion on one sealed test suite version, the figures of its accuracy
+    (`eval_id`: the selection score it was champion with)."""
+
+    suite: str
+    suite_version: str
+    exact_match: float
+    exact_match_low: float
+    exact_match_high: float
+    num_examples: int
+    val_loss: float | None
+    levels: dict[str, LevelScore]
+    eval_id: str
+    tested: datetime | None
+    trace_id: str
+
+
 class Deployment(msgspec.Struct, frozen=True, kw_only=True):
     """One time the checkpoint became the champion, why, and what became of it."""
 
     deployed: datetime | None
     kind: DeploymentKind
     reason: str
-    exact_match: float
-    val_loss: float
     previous: CheckpointRef | None  # the champion it replaced (None: the first champion)
     replaced_by: CheckpointRef | None  # the next champion (None: still served)
     replaced: datetime | None
@@ -219,13 +238,15 @@ class Deployment(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Hop(msgspec.Struct, frozen=True, kw_only=True):
-    """One checkpoint of the chain with the run that made it, its dataset, scores and deployments;
-    `parent` is what the run started from (the next hop, or the origin)."""
+    """One checkpoint of the chain with the run that made it, its dataset, scores (selection), tests
+    (sealed, once champion) and deployments; `parent` is what the run started from (the next hop,
+    or the origin)."""
 
     checkpoint: Checkpoint
     run: Run | None
     dataset: Dataset | None
     scores: list[Score]
+    tests: list[SealedTest]
     deployments: list[Deployment]
     # The deployer's other recorded decisions on it (kept, refused, deploy_failed, ...), while kept.
     decisions: list[DeployDecision]
@@ -241,6 +262,7 @@ class Origin(msgspec.Struct, frozen=True, kw_only=True):
     uri: str
     note: str
     scores: list[Score] = []
+    tests: list[SealedTest] = []
     deployments: list[Deployment] = []
     run_id: str = ""
     global_step: int | None = None
@@ -309,6 +331,7 @@ class _Index:
         self.accepted: dict[str, list[Recorded]] = {}
         self.submitted: dict[str, Recorded] = {}
         self.scored: dict[str, list[Recorded]] = {}
+        self.tested: dict[str, list[Recorded]] = {}
         self.deployed: list[Recorded] = []
         self.rolled_back: list[Recorded] = []
         self.runs_by_dataset: dict[str, list[str]] = {}
@@ -340,6 +363,9 @@ class _Index:
                     self.submitted.setdefault(event.id, r)
                 case EvalScored():
                     self.scored.setdefault(event.checkpoint_sha256, []).append(r)
+                    self._know(event.checkpoint_uri, event.checkpoint_sha256, event.run_id, event.step)
+                case ChampionTested():
+                    self.tested.setdefault(event.checkpoint_sha256, []).append(r)
                     self._know(event.checkpoint_uri, event.checkpoint_sha256, event.run_id, event.step)
                 case ModelDeployed():
                     self.deployed.append(r)
@@ -488,6 +514,14 @@ def _scores(ix: _Index, sha256: str) -> list[Score]:
     return [_score(r) for r in ix.scored.get(sha256, [])] if sha256 else []
 
 
+def _tests(ix: _Index, sha256: str) -> list[SealedTest]:
+    return [SealedTest(
+        suite=e.suite, suite_version=e.suite_version, exact_match=e.exact_match, exact_match_low=e.exact_match_low,
+        exact_match_high=e.exact_match_high, num_examples=e.num_examples, val_loss=e.val_loss, levels=dict(e.levels),
+        eval_id=e.eval_id, tested=e.time, trace_id=r.trace_id,
+    ) for r in ix.tested.get(sha256, []) if (e := r.event)] if sha256 else []
+
+
 def _matching_decision(decisions: Sequence[DeployDecision], sha256: str, when: datetime,
                        used: set[str]) -> DeployDecision | None:
     fits = [d for d in decisions if d.checkpoint_sha256 == sha256 and d.outcome in ("promoted", "rolled_back")
@@ -522,7 +556,7 @@ def _deployments(ix: _Index, sha256: str, decisions: Sequence[DeployDecision]) -
         else:
             kind = "promotion"
         found.append(Deployment(
-            deployed=e.time, kind=kind, reason=e.reason, exact_match=e.exact_match, val_loss=e.val_loss,
+            deployed=e.time, kind=kind, reason=e.reason,
             previous=ix.ref(e.previous_checkpoint_uri) if e.previous_checkpoint_uri else None,
             replaced_by=ix.ref(nxt.event.checkpoint_uri, nxt.event.checkpoint_sha256) if nxt else None,
             replaced=nxt.event.time if nxt else None, rolled_back=back is not None,
@@ -615,23 +649,25 @@ def _hop(ix: _Index, ref: CheckpointRef, decisions: Sequence[DeployDecision]) ->
     others = [d for d in decisions if checkpoint.sha256 and d.checkpoint_sha256 == checkpoint.sha256
               and d.id not in matched]
     return Hop(checkpoint=checkpoint, run=run, dataset=dataset, scores=_scores(ix, checkpoint.sha256),
-               deployments=deployments, decisions=others, parent=run.init_weights if run else "", notes=notes)
+               tests=_tests(ix, checkpoint.sha256), deployments=deployments, decisions=others, parent=run.init_weights if run else "", notes=notes)
 
 
 def _base(ix: _Index, uri: str, decisions: Sequence[DeployDecision]) -> Origin:
     shas = ix.base_shas()
     scores = [s for sha in shas for s in _scores(ix, sha)]
+    tests = [t for sha in shas for t in _tests(ix, sha)]
     deployments = sorted((d for sha in shas for d in _deployments(ix, sha, decisions)),
                          key=lambda d: _aware(d.deployed))
     uri = uri or next(iter(ix.base_uris()), "") or (ix.sha_ref[shas[0]].uri if shas else "")
     return Origin(kind="base", uri=uri, note="the base model",
-                  scores=scores, deployments=deployments)
+                  scores=scores, tests=tests, deployments=deployments)
 
 
 def _trace_ids(hops: Sequence[Hop], origin: Origin | None) -> list[str]:
     ids: list[str] = []
     for hop in hops:
         ids += [d.trace_id for d in reversed(hop.deployments)]
+        ids += [t.trace_id for t in reversed(hop.tests)]
         ids += [s.trace_id for s in reversed(hop.scores)]
         ids.append(hop.checkpoint.trace_id)
         if hop.run:
@@ -641,7 +677,8 @@ def _trace_ids(hops: Sequence[Hop], origin: Origin | None) -> list[str]:
             if hop.dataset.submission:
                 ids.append(hop.dataset.submission.trace_id)
     if origin:
-        ids += [d.trace_id for d in origin.deployments] + [s.trace_id for s in origin.scores]
+        ids += [d.trace_id for d in origin.deployments] + [t.trace_id for t in origin.tests]
+        ids += [s.trace_id for s in origin.scores]
     return [t for t in dict.fromkeys(ids) if t]
 
 

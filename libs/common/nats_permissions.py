@@ -97,7 +97,8 @@ STATE: dict[str, State] = {
     "deployer": State(writes=(topology.CHAMPION_BUCKET,), streams=("EVALS",)),
     # Loads the checkpoint a deployment names, from the object store when hosts share no disk.
     "inference": State(reads=(topology.CHAMPION_BUCKET,), artifacts="read"),
-    "curriculum": State(writes=(topology.CURRICULUM_BUCKET,)),
+    # Levels rise on the champion's scores: it replays the champion record's history.
+    "curriculum": State(writes=(topology.CURRICULUM_BUCKET,), reads=(topology.CHAMPION_BUCKET,)),
     # The read model: every stream replayed and followed, every bucket watched.
     "dashboard": State(reads=topology.BUCKETS, streams=_ALL_STREAMS),
     CLI: State(

@@ -59,6 +59,10 @@ class Champion(msgspec.Struct, kw_only=True, frozen=True):
     # Runs whose champion was rolled back (newest last, at most ROLLED_BACK_KEPT): never promoted
     # again. Carried from record to record, so the bucket's history depth never forgets them.
     rolled_back_runs: list[str] = []
+    # Per level, the best score any champion had on `best_suite_version`: no candidate may be below
+    # it by more than max_level_drop. Kept by a rollback, started afresh when the suite changes.
+    best_levels: dict[str, LevelScore] = {}
+    best_suite_version: str = ""
 
     def announcement(self) -> ModelDeployed:
         """The ModelDeployed event for this record; the same every time it is built."""
@@ -78,6 +82,25 @@ class Champion(msgspec.Struct, kw_only=True, frozen=True):
 
 CHAMPION = Key(topology.CHAMPION_BUCKET, "current", Champion)
 ROLLED_BACK_KEPT = 256
+
+
+class CandidatesTested(msgspec.Struct, kw_only=True, frozen=True):
+    """The candidates tested against one champion (bucket `champion`, key `candidates`), written by the
+    deployer: the count its false-promotion rate is controlled over (services/deployer/promotion.py).
+
+    Its own key, not fields of the champion record: a write per tested candidate would crowd the
+    64 values the bucket keeps of `current`, whose history is the rollback stack, the curriculum's
+    record of champion scores and the checkpoints retention keeps as once served.
+    """
+
+    # The champion record they were tested against (`Champion.event_id`): another one starts afresh.
+    champion_event_id: str
+    count: int = 0
+    # The newest candidates' keys ("<sha256>@<suite version>"), so a score decided again keeps its number.
+    keys: list[str] = []
+
+
+CANDIDATES_TESTED = Key(topology.CHAMPION_BUCKET, "candidates", CandidatesTested)
 
 DecisionOutcome = Literal["promoted", "kept", "refused", "rescored", "rolled_back", "deploy_failed"]
 
@@ -195,13 +218,25 @@ def message_failures(durable: str, stream_sequence: int) -> Key[MessageFailures]
 
 
 class LevelChange(msgspec.Struct, kw_only=True, frozen=True):
+    """A skill's level rose, on the evidence of one champion score (services/curriculum/progression.py)."""
+
     time: datetime
     previous_level: int
     level: int
     accuracy: float
     reason: str
+    # The champion score that decided: "<checkpoint sha256>:<suite version>".
     eval_key: str
     event_id: str
+    # The champion (empty in changes recorded before levels were judged by the champion) and its
+    # selection-suite score at the level it passed, with the interval.
+    checkpoint_sha256: str = ""
+    run_id: str = ""
+    suite_version: str = ""
+    score: LevelScore | None = None
+    # False until `curriculum.level_changed` is published (changes stored before this field
+    # existed were announced when they were made).
+    announced: bool = True
 
 
 class SkillState(msgspec.Struct, kw_only=True, frozen=True):
@@ -209,9 +244,12 @@ class SkillState(msgspec.Struct, kw_only=True, frozen=True):
 
     skill: str
     level: int = 1
-    # Accuracy at the current level, oldest first, at most `window` long.
+    # The champion's accuracy at the current level in its latest scores, oldest first, at most `window` long.
     recent: list[float] = []
-    seen: list[str] = []
+    # The champion scores counted ("<checkpoint sha256>:<suite version>"), newest last: each counts
+    # once. (Records from before the champion judged levels held every evaluation in `seen`,
+    # which is ignored now.)
+    champion_scores: list[str] = []
     changes: list[LevelChange] = []
     # Synthetic datasets written so far: numbers each dataset and seeds its generator.
     datasets_submitted: int = 0

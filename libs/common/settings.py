@@ -122,8 +122,12 @@ class CommonSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # A local HF model directory. Empty: the tiny Qwen3 model created under data_dir.
     base_model: str = ""
     # The longest token sequence the model is trained and scored on: the trainer cuts rows to
-    # it, the gatekeeper measures rows against it, the evaluator scores within it.
-    max_length: Annotated[int, msgspec.Meta(ge=16)] = 512
+    # it, the gatekeeper measures rows against it, the evaluator scores within it. 256 suits the
+    # embedded tiny model: every Binary row of levels 1-5 fits (the longest, level 5, is 227 of
+    # its tokens; 6 and 7 need 269 and 301), and a SYLLO item, far beyond that model, is counted
+    # wrong unasked instead of costing its evaluation a 192-token generation (2.8x the time of a
+    # whole evaluation at 512). A real base model wants its own: 2,048 for SYLLO's answers.
+    max_length: Annotated[int, msgspec.Meta(ge=16)] = 256
     # Threads for torch's CPU work in this process. 0: half the cores, at least one, because the
     # trainer and the evaluator (and inference) share a box: measured on 2 cores, scoring 16
     # items took 286 s with torch's default of one thread per core while the trainer ran, and

@@ -19,6 +19,9 @@ TRAINING_FINISHED = "training.finished"
 TRAINING_FAILED = "training.failed"
 CHECKPOINT_SAVED = "checkpoint.saved"
 EVAL_SCORED = "eval.scored"
+# A champion's score on the sealed test suite (stored in EVALS): it reports, and no durable
+# consumer takes it, so no service decides on it; read models replay it.
+EVAL_TESTED = "eval.tested"
 MODEL_DEPLOYED = "model.deployed"
 MODEL_ROLLED_BACK = "model.rolled_back"
 # A deployment is staged, inference answers whether it serves it, a failed one says why
@@ -114,7 +117,10 @@ TRAINER = tuple(
 )
 EVALUATOR = ConsumerSpec("evaluator", "TRAINING", CHECKPOINT_SAVED, ack_wait_s=60.0, long_running=True)
 DEPLOYER = ConsumerSpec("deployer", "EVALS", EVAL_SCORED, ack_wait_s=120.0, long_running=True)
-CURRICULUM = ConsumerSpec("curriculum", "EVALS", EVAL_SCORED)
+# The curriculum judges levels by the champion: every announced champion change. (Not the
+# durable "curriculum" on EVALS, which took every evaluation before: an upgraded server keeps that
+# one, undrained and harmless, until an operator deletes it.)
+CURRICULUM = ConsumerSpec("curriculum-champion", "MODELS", MODEL_DEPLOYED)
 # Inference replicas' reports on staged deployments: whichever deployer replica takes one decides.
 DEPLOYER_SERVING = ConsumerSpec("deployer-serving", "MODELS", MODEL_SERVING)
 

@@ -9,6 +9,11 @@ Streams are replayed concurrently, one follower each, so events of different str
 any order (a score before the checkpoint it scores): joins across streams are made when a
 section is rendered, never when an event is applied. Every change bumps `version` and the
 changed sections' versions, so a browser is sent only what changed since it last looked.
+
+A champion's figures are its sealed test's (`eval.tested`): the champion section carries its
+newest test (None while it is pending) and each past champion its own; the candidates' selection
+scores (`eval.scored`: what the deployer and curriculum decide on) feed the "scores" and "loss"
+curves only, never a champion's accuracy.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import msgspec
 
 from libs.common import topology
 from libs.common.events import (
+    ChampionTested,
     CheckpointSaved,
     CurriculumLevelChanged,
     DatasetAccepted,
@@ -113,6 +119,8 @@ class ReadModel:
     train_points: list[dict] = field(default_factory=list)
     checkpoints: dict[str, CheckpointSaved] = field(default_factory=dict)  # by sha256
     scores: list[tuple[EvalScored, str]] = field(default_factory=list)  # (score, trace id)
+    # Champions' sealed test scores by checkpoint sha256, oldest first: (test, trace id).
+    tested: dict[str, list[tuple[ChampionTested, str]]] = field(default_factory=dict)
     markers: list[dict] = field(default_factory=list)
     deployed: list[tuple[ModelDeployed, str]] = field(default_factory=list)  # (event, trace id)
     serving: dict[str, set[str]] = field(default_factory=dict)  # sha256 -> replicas that serve it
@@ -206,6 +214,12 @@ class ReadModel:
             case EvalScored():
                 self.scores.append((event, trace))
                 return self._changed("scores", "loss")
+            case ChampionTested():
+                tests = self.tested.setdefault(event.checkpoint_sha256, [])
+                if any(t.id == event.id for t, _ in tests):
+                    return set()  # re-announced after JetStream's duplicate window
+                tests.append((event, trace))
+                return self._changed("champion", "champions")
             case ModelDeployed():
                 self.deployed.append((event, trace))
                 self._mark(event.time, "promotion", f"{event.run_id} step {event.step} served")
@@ -352,10 +366,24 @@ class ReadModel:
     def _render_markers(self) -> list[dict]:
         return sorted(self.markers, key=lambda m: m["time"])[-self.max_rows:]
 
+    def _sealed_test(self, sha256: str) -> dict | None:
+        """The checkpoint's newest sealed test score (None: not tested, or not yet)."""
+        tests = self.tested.get(sha256)
+        if not tests:
+            return None
+        t, trace = max(tests, key=lambda pair: pair[0].time)
+        return {
+            "suite": t.suite, "suite_version": t.suite_version, "exact_match": t.exact_match,
+            "low": t.exact_match_low, "high": t.exact_match_high, "num_examples": t.num_examples,
+            "val_loss": t.val_loss, "time": _iso(t.time), "trace_id": trace,
+            "levels": {k: {"accuracy": v.accuracy, "low": v.low, "high": v.high, "correct": v.correct, "total": v.total}
+                       for k, v in sorted(t.levels.items())},
+        }
+
     def _deployed_row(self, event: ModelDeployed, trace: str) -> dict:
         return {
             "checkpoint_uri": event.checkpoint_uri, "checkpoint_sha256": event.checkpoint_sha256,
-            "run_id": event.run_id, "step": event.step, "exact_match": event.exact_match, "val_loss": event.val_loss,
+            "run_id": event.run_id, "step": event.step, "test": self._sealed_test(event.checkpoint_sha256),
             "reason": event.reason, "time": _iso(event.time), "trace_id": trace,
             "previous_checkpoint_uri": event.previous_checkpoint_uri,
         }
@@ -367,8 +395,8 @@ class ReadModel:
         trace = next((t for e, t in reversed(self.deployed) if e.checkpoint_sha256 == c.checkpoint_sha256), "")
         return {
             "checkpoint_uri": c.checkpoint_uri, "checkpoint_sha256": c.checkpoint_sha256, "run_id": c.run_id,
-            "step": c.step, "exact_match": c.exact_match, "val_loss": c.val_loss, "reason": c.reason,
-            "time": _iso(c.deployed_at), "trace_id": trace, "kind": c.kind, "suite_version": c.suite_version,
+            "step": c.step, "reason": c.reason, "time": _iso(c.deployed_at), "trace_id": trace, "kind": c.kind,
+            "test": self._sealed_test(c.checkpoint_sha256),
             "served_by": sorted(self.serving.get(c.checkpoint_sha256, ())),
         }
 

@@ -2,7 +2,9 @@
 champion once a replica serves it.
 
 Consumes `eval.scored` and decides by the rule in `services.deployer.promotion` (a paired test
-on the same items, no regression, never a rolled-back run, never across suites). A promotion,
+on the same items at alpha_k for the k-th candidate tested against the champion, its number
+claimed with compare-and-set in its own record (`CANDIDATES_TESTED`) before deciding; no regression against the champion or the
+best champion so far, never a rolled-back run, never across suites). A promotion,
 a manual deploy (`control.deployer.deploy`, `flywheel deploy`) and a rollback
 (`control.deployer.rollback`, POST /rollback) all go the same way
 (`services.deployer.confirmation`):
@@ -57,9 +59,11 @@ from libs.common.http import ServiceMetrics
 from libs.common.kv import Record, RevisionConflict
 from libs.common.log import get_logger
 from libs.common.records import (
+    CANDIDATES_TESTED,
     CHAMPION,
     DEPLOY_DECISIONS,
     DEPLOYMENT,
+    CandidatesTested,
     Champion,
     DeployDecision,
     DeployDecisions,
@@ -81,12 +85,14 @@ from services.deployer.confirmation import (
 )
 from services.deployer.promotion import (
     NothingToRollBack,
+    before_the_test,
+    claim_number,
     crowned,
     decide,
     decide_manual,
     rescored,
     rollback_target,
-    with_rolled_back,
+    rolled_back,
 )
 from services.deployer.settings import DeployerSettings
 
@@ -99,18 +105,20 @@ DEADLINE_CHECK_S = 1.0
 
 class Deployer:
     def __init__(self, settings: DeployerSettings, bus: Bus, metrics: ServiceMetrics, champion: Record[Champion],
-                 decisions: Record[DeployDecisions], deployments: Record[Deployment]) -> None:
+                 decisions: Record[DeployDecisions], deployments: Record[Deployment],
+                 candidates: Record[CandidatesTested]) -> None:
         self.settings = settings
         self.bus = bus
         self.metrics = metrics
         self.champion = champion
         self.decisions = decisions
         self.deployments = deployments
+        self.candidates = candidates
 
     @classmethod
     async def open(cls, rt: ServiceRuntime[DeployerSettings]) -> Deployer:
         return cls(rt.settings, rt.bus, rt.metrics, await rt.bus.record(CHAMPION), await rt.bus.record(DEPLOY_DECISIONS),
-                   await rt.bus.record(DEPLOYMENT))
+                   await rt.bus.record(DEPLOYMENT), await rt.bus.record(CANDIDATES_TESTED))
 
     # ------------------------------------------------------------------ scores
 
@@ -119,22 +127,33 @@ class Deployer:
         # A served deployment's champion record first: decide against what is served.
         await self.settle()
 
-        def choose(champion: Champion | None, revision: int):
-            decision = decide(event, champion, alpha=s.alpha, max_level_drop=s.max_level_drop,
-                              max_loss_rise=s.max_loss_rise)
-            new = rescored(champion, event) if decision.outcome == "rescored" and champion else None
-            return new, (decision, champion, revision)
+        while True:
+            champion, _ = await self.champion.read()
+            number = 0
+            if champion is not None and before_the_test(event, champion) is None:
+                number = await self.candidates.change(lambda tested, _rev: claim_number(tested, champion, event))
 
-        decision, champion, revision = await self.champion.change(choose)
+            def choose(current: Champion | None, revision: int):
+                if _reign(current) != _reign(champion):
+                    return None, None  # the champion changed since the number was claimed: claim again
+                decision = decide(event, current, candidate_number=number or 1, alpha=s.alpha,
+                                  max_level_drop=s.max_level_drop, max_loss_rise=s.max_loss_rise)
+                new = rescored(current, event) if decision.outcome == "rescored" and current else None
+                return new, (decision, revision)
+
+            if (chosen := await self.champion.change(choose)) is not None:
+                decision, revision = chosen
+                break
+        # A redelivery against the same champion on the same suite is the same decision.
+        reign = _reign(champion)
         entry = DeployDecision(
-            # A redelivery against the same champion revision is the same decision.
-            id=derived_id(NAME, "decision", event.id, revision), time=utcnow(), outcome=decision.outcome,
+            id=derived_id(NAME, "decision", event.id, *reign), time=utcnow(), outcome=decision.outcome,
             reason=decision.reason, checkpoint_uri=event.checkpoint_uri, checkpoint_sha256=event.checkpoint_sha256,
             run_id=event.run_id, suite_version=event.suite_version,
             champion_sha256=champion.checkpoint_sha256 if champion else "",
         )
         if decision.outcome == "promoted":
-            await self.stage(derived_id(NAME, "deployment", event.id, revision), "promotion", crowned(
+            await self.stage(derived_id(NAME, "deployment", event.id, *reign), "promotion", crowned(
                 event, champion, reason=decision.reason, now=utcnow(),
                 # Unique per champion change: the checkpoint and the revision it replaces.
                 event_id=derived_id(NAME, "deploy", event.checkpoint_sha256, revision),
@@ -417,15 +436,11 @@ class Deployer:
         target = rollback_target(await self.champion.history()) if current else None
         if current is None or target is None:
             raise NothingToRollBack("no earlier champion to roll back to")
-        restored = msgspec.structs.replace(
-            target,
-            deployed_at=utcnow(),
+        restored = rolled_back(
+            target, current, now=utcnow(),
             event_id=derived_id(NAME, "rollback", target.checkpoint_sha256, revision),
             reason=f"rollback requested by {requested_by}: from {current.checkpoint_uri}; "
                    f"run {current.run_id} is never promoted again",
-            previous_checkpoint_uri=current.checkpoint_uri,
-            kind="rollback",
-            rolled_back_runs=with_rolled_back(current.rolled_back_runs, current.run_id),
         )
         deployment = await self.stage(new_id(), "rollback", restored, current, DeployDecision(
             id="", time=restored.deployed_at, outcome="rolled_back", reason=restored.reason,
@@ -443,6 +458,11 @@ class Deployer:
         except NothingToRollBack as exc:
             return DeployReply(ok=False, state="refused", message=str(exc))
         return _staged_reply(deployment, deployment.candidate.reason)
+
+
+def _reign(champion: Champion | None) -> tuple[str, ...]:
+    """What a decision is made against: one champion record on one suite."""
+    return (champion.event_id, champion.suite_version) if champion else ()
 
 
 def _staged_reply(deployment: Deployment, reason: str) -> DeployReply:

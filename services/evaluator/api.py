@@ -1,4 +1,4 @@
-"""The evaluator's HTTP routes: the suite in use and the scores recorded."""
+"""The evaluator's HTTP routes: the suites in use and the scores recorded."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ from typing import Annotated, Protocol
 import msgspec
 from fastapi import APIRouter, HTTPException, Path
 
-from services.evaluator.scorebook import Scorebook
+from services.evaluator.scorebook import ChampionTestRecord, Scorebook, ScoreRecord
 from services.evaluator.suite import Suite
 
 
 class Scores(Protocol):
-    """What the routes read: the suite and the scorebook."""
+    """What the routes read: the suites and the scorebooks."""
 
     suite: Suite
-    scorebook: Scorebook
+    test_suite: Suite
+    scorebook: Scorebook[ScoreRecord]
+    testbook: Scorebook[ChampionTestRecord]
 
 
 # A checkpoint's content hash (libs.common.artifacts.is_sha256), declared so that the document says
@@ -23,16 +25,25 @@ class Scores(Protocol):
 Sha256 = Annotated[str, Path(pattern="^[0-9a-f]{64}$", description="a checkpoint's sha256, lowercase hex")]
 
 
+def _summary(suite: Suite) -> dict:
+    levels: dict[str, int] = {}
+    for item in suite.items:
+        levels[item.level_key] = levels.get(item.level_key, 0) + 1
+    return {"name": suite.name, "version": suite.version, "num_items": len(suite.items), "items_per_level": levels}
+
+
 def router(evaluator: Scores) -> APIRouter:
     routes = APIRouter()
 
     @routes.get("/suite")
     async def current_suite() -> dict:
-        suite = evaluator.suite
-        levels: dict[str, int] = {}
-        for item in suite.items:
-            levels[item.level_key] = levels.get(item.level_key, 0) + 1
-        return {"name": suite.name, "version": suite.version, "num_items": len(suite.items), "items_per_level": levels}
+        """The selection suite: every candidate is scored on it, and its scores decide."""
+        return _summary(evaluator.suite)
+
+    @routes.get("/test-suite")
+    async def current_test_suite() -> dict:
+        """The sealed test suite: champions are scored on it, and its scores only report."""
+        return _summary(evaluator.test_suite)
 
     @routes.get("/scores")
     async def recent_scores(limit: int = 50) -> list[dict]:
@@ -40,10 +51,18 @@ def router(evaluator: Scores) -> APIRouter:
 
     @routes.get("/scores/{sha256}")
     async def checkpoint_scores(sha256: Sha256) -> list[dict]:
-        """Every suite's score for this checkpoint, with the per-item outputs."""
+        """Every selection suite's score for this checkpoint, with the per-item outputs."""
         records = evaluator.scorebook.for_checkpoint(sha256)
         if not records:
             raise HTTPException(404, f"no scores for checkpoint {sha256}")
+        return msgspec.to_builtins(records)
+
+    @routes.get("/tests/{sha256}")
+    async def champion_tests(sha256: Sha256) -> list[dict]:
+        """Every sealed test version's score for this champion, with the per-item outputs."""
+        records = evaluator.testbook.for_checkpoint(sha256)
+        if not records:
+            raise HTTPException(404, f"no sealed test score for checkpoint {sha256} (only champions are tested)")
         return msgspec.to_builtins(records)
 
     return routes

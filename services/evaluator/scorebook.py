@@ -1,20 +1,24 @@
 """The evaluator's record of what it has scored: one file per (checkpoint sha256, suite version).
 
-The record holds the exact `EvalScored` event that was published, and the hard-examples
-submission if there was one, so a redelivered `CheckpointSaved` republishes the same events
-(same ids: JetStream drops the duplicates) instead of scoring again, and the per-item outputs,
-so a score can be inspected later.
+A selection score's record (`ScoreRecord`) holds the exact `EvalScored` event that was published,
+and the hard-examples submission if there was one, so a redelivered `CheckpointSaved`
+republishes the same events (same ids: JetStream drops the duplicates) instead of scoring again.
+A champion's sealed test score (`ChampionTestRecord`, in a scorebook of its own) holds its
+`ChampionTested` event and whether it went out, so a restart publishes it if it did not, with the
+same id, and never scores it again. Both keep the per-item outputs, so a score can be inspected
+later, and both keep every suite version's score: a new version adds files, never replaces them.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import msgspec
 
 from libs.common.artifacts import is_sha256, write_atomically
-from libs.common.events import DatasetSubmitted, EvalScored
+from libs.common.events import ChampionTested, DatasetSubmitted, EvalScored
 from services.evaluator.scoring import ItemResult
 
 _VERSION = re.compile(r"[A-Za-z0-9_.-]+")
@@ -30,9 +34,27 @@ class ScoreRecord(msgspec.Struct, frozen=True):
     profile: str = "none"
 
 
-class Scorebook:
-    def __init__(self, folder: Path) -> None:
+class ChampionTestRecord(msgspec.Struct, frozen=True):
+    """A champion's score on the sealed test suite: the event, the per-item outputs, the profile it
+    was asked under (its selection score's), and whether the event was published."""
+
+    event: ChampionTested
+    items: list[ItemResult]
+    profile: str = "none"
+    # Recorded before publishing (a crash in between: published on the next start, same id), and
+    # marked once it went out, so a restart does not publish it again.
+    published: bool = False
+
+
+R = TypeVar("R", ScoreRecord, ChampionTestRecord)
+
+
+class Scorebook(Generic[R]):
+    """Records of `kind` under `folder`, by (checkpoint sha256, suite version)."""
+
+    def __init__(self, folder: Path, kind: type[R] = ScoreRecord) -> None:
         self.folder = folder
+        self.kind = kind
         folder.mkdir(parents=True, exist_ok=True)
 
     def _path(self, sha256: str, suite_version: str) -> Path:
@@ -41,11 +63,11 @@ class Scorebook:
             raise ValueError(f"bad score key ({sha256!r}, {suite_version!r})")
         return self.folder / f"{sha256}--{suite_version}.json"
 
-    def get(self, sha256: str, suite_version: str) -> ScoreRecord | None:
+    def get(self, sha256: str, suite_version: str) -> R | None:
         path = self._path(sha256, suite_version)
-        return msgspec.json.decode(path.read_bytes(), type=ScoreRecord) if path.exists() else None
+        return self._read(path) if path.exists() else None
 
-    def save(self, record: ScoreRecord) -> None:
+    def save(self, record: R) -> None:
         """Write atomically: a crash leaves the old state or the whole record, never half."""
         path = self._path(record.event.checkpoint_sha256, record.event.suite_version)
         write_atomically(path, [msgspec.json.encode(record)])
@@ -54,16 +76,15 @@ class Scorebook:
         """The data profile a checkpoint was scored under before, on any suite ("none" if never scored)."""
         return next((record.profile for record in self.for_checkpoint(sha256)), "none")
 
-    def for_checkpoint(self, sha256: str) -> list[ScoreRecord]:
+    def for_checkpoint(self, sha256: str) -> list[R]:
         if not is_sha256(sha256):
             return []
         return [self._read(p) for p in sorted(self.folder.glob(f"{sha256}--*.json"))]
 
-    def recent(self, limit: int) -> list[EvalScored]:
+    def recent(self, limit: int) -> list[EvalScored | ChampionTested]:
         """The latest `limit` scores, newest first."""
         paths = sorted(self.folder.glob("*--*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
         return [self._read(p).event for p in paths[:limit]]
 
-    @staticmethod
-    def _read(path: Path) -> ScoreRecord:
-        return msgspec.json.decode(path.read_bytes(), type=ScoreRecord)
+    def _read(self, path: Path) -> R:
+        return msgspec.json.decode(path.read_bytes(), type=self.kind)

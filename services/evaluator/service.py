@@ -1,6 +1,9 @@
-"""Evaluator: scores every run's final checkpoint on the fixed held-out suite and publishes `EvalScored`.
+"""Evaluator: scores every run's final checkpoint on the selection suite and publishes `EvalScored`;
+scores every champion on the sealed test suite and publishes `ChampionTested`.
 
-The suite holds every skill's levels (`services.evaluator.suite`); scores are per "<skill>/<level>".
+Both suites hold every skill's levels (`services.evaluator.suite`); scores are per "<skill>/<level>".
+The selection suite decides (the deployer promotes, the curriculum levels up on `eval.scored`);
+the sealed test suite only reports (`eval.tested`, which no service decides on).
 
 Consumes `checkpoint.saved` (intermediate checkpoints are acked unscored: only a finished run's
 weights are a candidate, and a diverged run has none); loads THAT checkpoint from the artifact store (after checking its
@@ -27,13 +30,22 @@ older champion), a loop scores the champion's checkpoint on this suite and publi
 base model once (`services.evaluator.base_model`: run_id "base", step 0, registered in the
 artifact store) and publishes it, so the base is the first champion and every trained
 candidate must beat it; keyed by (sha256, suite version) like any score, it is scored once even
-across restarts. Run with `python -m services.evaluator`.
+across restarts.
+
+The same loop scores the champion on the sealed test suite whenever its checkpoint has no test
+score on this test version (a new champion, a rollback to one never tested here, a new
+`test_seed`) and publishes it on `eval.tested`: recorded first (keyed by sha256 and test version,
+`ChampionTestRecord`), then published, then marked published, so each (champion, test version)
+is scored once and announced once, with the same id if a crash made it go out twice. Candidates
+that never became champion are never tested. Run with `python -m services.evaluator`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import msgspec
 import nats.errors
@@ -42,6 +54,7 @@ from libs.common import topology
 from libs.common.artifacts import Artifact, ArtifactError, ArtifactStore, is_sha256
 from libs.common.bus import Bus, Delivery, Reject
 from libs.common.events import (
+    ChampionTested,
     CheckpointSaved,
     DatasetSubmitted,
     EvalScored,
@@ -65,13 +78,15 @@ from services.evaluator.hard_examples import (
     probe_items,
     submission_id,
 )
-from services.evaluator.scorebook import Scorebook, ScoreRecord
+from services.evaluator.scorebook import ChampionTestRecord, Scorebook, ScoreRecord
 from services.evaluator.scoring import Scores, score_checkpoint
 from services.evaluator.settings import EvaluatorSettings
-from services.evaluator.suite import SuiteItem, load_or_create_suite
+from services.evaluator.suite import SuiteItem, load_or_create_suite, load_or_create_test_suite
 
 NAME = "evaluator"
 log = get_logger(NAME)
+# Champions before the current one that are tested on the sealed test when they were not yet.
+TESTED_BACK = 2
 
 
 class Evaluator:
@@ -86,14 +101,17 @@ class Evaluator:
         self.suite = load_or_create_suite(
             folder / "suites", settings.suite_max_levels, settings.items_per_level, settings.suite_seed
         )
+        self.test_suite = load_or_create_test_suite(folder / "suites", self.suite, settings.test_seed)
         self.scorebook = Scorebook(folder / "scores")
+        self.testbook = Scorebook(folder / "test-scores", ChampionTestRecord)
         self.device = pick_device(settings.device)
-        # One model in memory at a time: a checkpoint and the champion's rescore take turns.
+        # One model in memory at a time: a checkpoint, the champion's rescore and its test take turns.
         self._scoring = asyncio.Lock()
         # The base model as an artifact, once registered (see `_score_base`).
         self._base: Artifact | None = None
-        log.info("suite ready", suite_version=self.suite.version, items=len(self.suite.items),
-                 levels=self.suite.levels(), device=self.device)
+        log.info("suites ready", suite_version=self.suite.version, items=len(self.suite.items),
+                 levels=self.suite.levels(), test_suite_version=self.test_suite.version,
+                 test_items=len(self.test_suite.items), device=self.device)
 
     @classmethod
     async def open(cls, rt: ServiceRuntime[EvaluatorSettings]) -> Evaluator:
@@ -142,22 +160,11 @@ class Evaluator:
         async with self._scoring:
             if (record := self.scorebook.get(sha256, self.suite.version)) and record.event.outcomes:
                 return record  # scored while this call waited for its turn
-            # Without a shared disk a checkpoint comes from the object store; that copy is only
-            # needed while scoring (inference fetches what it serves), so it does not pile up here.
-            fetched = self.store.is_shared(uri) and not self.store.path_for(uri).exists()
-            path = await self.store.fetch(uri, sha256)
             log.info("scoring checkpoint", checkpoint=uri, run_id=run_id, step=step)
             per_level = self.settings.hard_probe_items if probe else 0
             probes = await asyncio.to_thread(probe_items, self.suite, per_level, sha256)
-            scores = await asyncio.to_thread(
-                score_checkpoint, path, self.suite.items,
-                device=self.device,
-                batch_size=self.settings.batch_size,
-                max_new_tokens=self.settings.max_new_tokens,
-                max_length=self.settings.max_length,
-                probes=probes,
-                profile=profile,
-            )
+            async with self._checkpoint(uri, sha256) as path:
+                scores = await self._score_on(path, self.suite.items, probes, profile)
             baseline = await self._champion_score(sha256)
             regressions = score_regressions(
                 scores.levels, scores.val_loss, baseline.levels, baseline.val_loss,
@@ -187,13 +194,38 @@ class Evaluator:
             # Recorded before publishing: after a crash in between, the redelivery republishes it.
             record = ScoreRecord(event=scored, items=scores.items, hard_examples=hard, profile=profile)
             self.scorebook.save(record)
-            if fetched:  # before the score goes out: nothing can be loading it from here yet
-                await asyncio.to_thread(self.store.remove, uri)
-                log.info("fetched copy removed after scoring", checkpoint=uri)
         log.info("scored", checkpoint=uri, profile=profile, exact_match=scored.exact_match, val_loss=scored.val_loss,
                  ece=scored.ece, by_level=scored.by_level, regressions=regressions,
                  hard_examples=hard.name if hard else None)
         return record
+
+    @contextlib.asynccontextmanager
+    async def _checkpoint(self, uri: str, sha256: str) -> AsyncIterator[Path]:
+        """The checkpoint's files while it is scored (ArtifactError for a bad artifact).
+
+        Without a shared disk a checkpoint comes from the object store; that copy is only needed
+        while scoring (inference fetches what it serves), so it is removed after, before the score
+        goes out (nothing can be loading it from here yet), and does not pile up here.
+        """
+        fetched = self.store.is_shared(uri) and not self.store.path_for(uri).exists()
+        path = await self.store.fetch(uri, sha256)
+        try:
+            yield path
+        finally:
+            if fetched:
+                await asyncio.to_thread(self.store.remove, uri)
+                log.info("fetched copy removed after scoring", checkpoint=uri)
+
+    async def _score_on(self, path: Path, items: list[SuiteItem], probes: list[SuiteItem], profile: str) -> Scores:
+        return await asyncio.to_thread(
+            score_checkpoint, path, items,
+            device=self.device,
+            batch_size=self.settings.batch_size,
+            max_new_tokens=self.settings.max_new_tokens,
+            max_length=self.settings.max_length,
+            probes=probes,
+            profile=profile,
+        )
 
     def _hard_examples(self, sha256: str, probes: list[SuiteItem], scores: Scores,
                        profile: str) -> DatasetSubmitted | None:
@@ -221,12 +253,15 @@ class Evaluator:
     # ------------------------------------------------------------------ the champion on this suite
 
     async def keep_champion_scored(self, stop: asyncio.Event) -> None:
-        """Publish the champion's score on this suite whenever its record holds another suite's, and
-        the base model's while there is no champion."""
+        """Publish the champion's score on this suite whenever its record holds another suite's, the
+        base model's while there is no champion, and the champion's sealed test score on this test
+        version once."""
         published: set[tuple[str, str]] = set()
+        tested: set[tuple[str, str]] = set()
         while not stop.is_set():
             try:
                 await self._score_champion(published)
+                await self._test_champion(tested)
             except (nats.errors.Error, TimeoutError) as exc:
                 # A NATS hiccup: try again next round. Anything else is a bug and crashes the loop.
                 log.warning("champion check failed; retrying", error=repr(exc))
@@ -256,6 +291,79 @@ class Evaluator:
                       checkpoint=champion.checkpoint_uri, error=repr(exc))
             return
         await self.bus.publish(topology.EVAL_SCORED, record.event)
+
+    # ------------------------------------------------------------------ the champion on the sealed test
+
+    async def _test_champion(self, done: set[tuple[str, str]]) -> None:
+        """Score the champion on the sealed test suite and publish it, once per (sha256, test version);
+        then the champions it replaced (up to TESTED_BACK), so that one replaced before its turn came
+        is still tested: a promotion is judged by comparing the two on the same test items."""
+        current, _ = await self.champion.read()
+        if current is None:
+            return
+        champions = {current.checkpoint_sha256: current}
+        for record in reversed(await self.champion.history()):
+            if len(champions) > TESTED_BACK:
+                break
+            champions.setdefault(record.checkpoint_sha256, record)
+        for champion in champions.values():
+            await self._test_one(champion, done)
+
+    async def _test_one(self, champion: Champion, done: set[tuple[str, str]]) -> None:
+        key = (champion.checkpoint_sha256, self.test_suite.version)
+        if key in done:
+            return
+        try:
+            record = self.testbook.get(*key) or await self.test(champion)
+        except (nats.errors.Error, TimeoutError):
+            raise  # a NATS hiccup: the loop tries again next round
+        except Exception as exc:  # noqa: BLE001 - a champion that cannot be tested must not stop the evaluator
+            done.add(key)
+            log.error("cannot score the champion on the sealed test suite; its numbers stay unreported",
+                      checkpoint=champion.checkpoint_uri, test_suite_version=self.test_suite.version, error=repr(exc))
+            return
+        if not record.published:
+            await self.bus.publish(topology.EVAL_TESTED, record.event)  # a NATS error here: tried again next round
+            self.testbook.save(msgspec.structs.replace(record, published=True))
+        done.add(key)
+
+    async def test(self, champion: Champion) -> ChampionTestRecord:
+        """Score the champion on the sealed test suite, asked as its selection score was (its data
+        profile), and record it unpublished; raises ArtifactError for a bad artifact."""
+        sha256, uri = champion.checkpoint_sha256, champion.checkpoint_uri
+        profile = self.scorebook.profile_of(sha256)
+        async with self._scoring:
+            log.info("scoring the champion on the sealed test suite", checkpoint=uri, run_id=champion.run_id,
+                     step=champion.step, test_suite_version=self.test_suite.version)
+            async with self._checkpoint(uri, sha256) as path:
+                scores = await self._score_on(path, self.test_suite.items, [], profile)
+            tested = ChampionTested(
+                # The same test always has the same id.
+                id=derived_id(NAME, "tested", sha256, self.test_suite.version),
+                run_id=champion.run_id,
+                step=champion.step,
+                checkpoint_uri=uri,
+                checkpoint_sha256=sha256,
+                suite=self.test_suite.name,
+                suite_version=self.test_suite.version,
+                exact_match=scores.exact_match,
+                exact_match_low=scores.exact_match_low,
+                exact_match_high=scores.exact_match_high,
+                num_examples=scores.num_examples,
+                val_loss=scores.val_loss,
+                levels=scores.levels,
+                outcomes=scores.outcomes,
+                eval_id=champion.eval_id,
+                selection_suite_version=champion.suite_version,
+                ece=scores.ece,
+            )
+            record = ChampionTestRecord(event=tested, items=scores.items, profile=profile)
+            self.testbook.save(record)
+        log.info("champion tested", checkpoint=uri, test_suite_version=tested.suite_version,
+                 exact_match=tested.exact_match, by_level={k: v.accuracy for k, v in tested.levels.items()})
+        return record
+
+    # ------------------------------------------------------------------ the base model
 
     async def _score_base(self, published: set[tuple[str, str]]) -> None:
         """Publish the base model's score on this suite (scored once: the scorebook keeps it)."""
@@ -291,6 +399,8 @@ SERVICE = Service(
     ),
     publications=(
         Publish(topology.EVAL_SCORED, EvalScored),
+        Publish(topology.EVAL_TESTED, ChampionTested,
+                "evaluator reports each champion's score on the sealed test suite (decides nothing)"),
         Publish(topology.DATASET_SUBMITTED, DatasetSubmitted,
                 "evaluator submits hard examples: fresh training problems a checkpoint failed (priority low)"),
     ),

@@ -23,6 +23,11 @@ class EvaluatorSettings(CommonSettings, kw_only=True, forbid_unknown_fields=True
     device: Device = "auto"
     # Distinct from any training seed; the suite also draws only from each skill's eval split.
     suite_seed: int = 1_000_003
+    # The sealed test suite's seed: fresh eval-split problems at the suite's levels, as many per
+    # level, none a suite problem (services/evaluator/suite.py). Every champion is scored on it;
+    # it decides nothing. A new seed rolls out a new test version (champions are tested again;
+    # earlier versions' scores stay).
+    test_seed: int = 2_000_029
     # The suite's levels per skill, 1..max (0 leaves a skill out): Binary, then SYLLO.
     suite_max_level: Annotated[int, msgspec.Meta(ge=0, le=binary.MAX_LEVEL)] = 5
     syllo_max_level: Annotated[int, msgspec.Meta(ge=0, le=syllo.MAX_LEVEL)] = 5
@@ -43,7 +48,8 @@ class EvaluatorSettings(CommonSettings, kw_only=True, forbid_unknown_fields=True
     # within 192): raise it, with FLYWHEEL_MAX_LENGTH, when a model is to solve SYLLO.
     max_new_tokens: Positive = 192
     # How often the champion's record is checked: for a score on another suite (the champion is
-    # then scored on this one), and, while there is no champion, for the base model's score.
+    # then scored on this one), for a sealed test score on this test version (it is then tested),
+    # and, while there is no champion, for the base model's score.
     champion_check_s: PositiveFloat = 30.0
     # While no champion was ever deployed, score the base model once as the first candidate.
     score_base_model: bool = True

@@ -1,13 +1,23 @@
-"""The held-out evaluation suite: which items every checkpoint is scored on, fixed for good.
+"""The evaluation suites: which items every checkpoint is scored on, fixed for good.
 
-The suite holds items of every skill (`libs.common.skills.SKILLS`), `items_per_level` at each
-of the skill's levels 1..max (a per-skill setting; 0 leaves the skill out), drawn from the
-skill's eval split (problems that training data can never contain) with a fixed seed. Each
-item is judged by its own skill's `is_correct`; `expected` is whatever that skill states (Binary
-a string, SYLLO the list of answer words). The suite is written once to `<evaluator dir>/suites/`
-and read back from there on every later start, so a restart, or a change to a generator's
-code, never silently changes what the scores mean. Its version is a hash of its items: two
-scores are comparable exactly when their suite versions are equal.
+Two suites, two roles (DESIGN.md, "Learning honestly"):
+- the selection suite (`SUITE_NAME`) scores every candidate; its scores decide promotions (the
+  deployer) and level changes (the curriculum);
+- the sealed test suite (`TEST_SUITE_NAME`) scores champions only, and only reports: every
+  number shown for a champion comes from it. It holds fresh problems at the selection suite's
+  levels, as many per level, none of them a selection problem (`Skill.problem_key`: what a
+  problem is, whatever its wording), so a champion's figures are not the best of many
+  candidates' on the same items.
+
+The selection suite holds items of every skill (`libs.common.skills.SKILLS`), `items_per_level`
+at each of the skill's levels 1..max (a per-skill setting; 0 leaves the skill out), drawn from
+the skill's eval split (problems that training data can never contain) with a fixed seed; the
+test suite draws from the same split with its own seed. Each item is judged by its own skill's
+`is_correct`; `expected` is whatever that skill states (Binary a string, SYLLO the list of
+answer words). A suite is written once to `<evaluator dir>/suites/` and read back from there on
+every later start, so a restart, or a change to a generator's code, never silently changes what
+the scores mean. Its version is its name and a hash of its items: two scores are comparable
+exactly when their suite versions are equal.
 """
 
 from __future__ import annotations
@@ -24,6 +34,9 @@ from libs.common.chat import ChatMessage
 from libs.common.skills import SKILLS, Expected
 
 SUITE_NAME = "skills"
+TEST_SUITE_NAME = "skills-test"
+# The revision of the item format, part of every version.
+_FORMAT = "v2"
 
 
 class SuiteItem(msgspec.Struct, frozen=True):
@@ -52,9 +65,24 @@ class Suite(msgspec.Struct, frozen=True):
         return covered
 
 
-def suite_version(items: list[SuiteItem]) -> str:
+def suite_version(items: list[SuiteItem], name: str = SUITE_NAME) -> str:
     canonical = json.dumps(msgspec.to_builtins(items), sort_keys=True, ensure_ascii=False)
-    return f"{SUITE_NAME}-v2-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
+    return f"{name}-{_FORMAT}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
+
+
+def problem_keys(suite: Suite) -> dict[str, set[str]]:
+    """Per skill, what each of the suite's problems is (`Skill.problem_key` of its user prompt)."""
+    keys: dict[str, set[str]] = {}
+    for item in suite.items:
+        prompt = next(m.content for m in item.messages if m.role == "user")
+        keys.setdefault(item.skill, set()).add(SKILLS[item.skill].problem_key(prompt))
+    return keys
+
+
+def shared_problems(a: Suite, b: Suite) -> set[str]:
+    """The problems both suites pose."""
+    keys_b = problem_keys(b)
+    return {key for skill, keys in problem_keys(a).items() for key in keys & keys_b.get(skill, set())}
 
 
 def check_max_levels(max_levels: Mapping[str, int]) -> dict[str, int]:
@@ -86,15 +114,54 @@ def build_suite(max_levels: Mapping[str, int], items_per_level: int, seed: int) 
     return Suite(name=SUITE_NAME, version=suite_version(items), items=items)
 
 
+def build_test_suite(selection: Suite, seed: int) -> Suite:
+    """The sealed test suite beside `selection`: at its levels, as many items per level, drawn
+    from the eval split with `seed`, no problem of `selection` among them (deterministic in its
+    arguments). Raises ValueError when a level holds too few distinct eval problems for both."""
+    per_level: dict[str, int] = {}
+    for item in selection.items:
+        per_level[item.level_key] = per_level.get(item.level_key, 0) + 1
+    held = problem_keys(selection)
+    rows = [
+        row
+        for name, levels in selection.levels().items()
+        for level in levels
+        for row in SKILLS[name].generate(level, per_level[f"{name}/{level}"], seed, split="eval",
+                                         exclude=held[name])
+    ]
+    items = msgspec.convert(rows, list[SuiteItem])
+    return Suite(name=TEST_SUITE_NAME, version=suite_version(items, TEST_SUITE_NAME), items=items)
+
+
 def load_or_create_suite(folder: Path, max_levels: Mapping[str, int], items_per_level: int, seed: int) -> Suite:
-    """The suite saved under `folder` for these settings; built and saved on first use."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """The selection suite saved under `folder` for these settings; built and saved on first use."""
     levels = "-".join(f"{name}{top}" for name, top in check_max_levels(max_levels).items())
     path = folder / f"{SUITE_NAME}-seed{seed}-{levels}-n{items_per_level}.jsonl"
-    if path.exists():
-        decoder = msgspec.json.Decoder(SuiteItem)
-        items = [decoder.decode(line) for line in path.read_bytes().splitlines() if line.strip()]
-        return Suite(name=SUITE_NAME, version=suite_version(items), items=items)
-    suite = build_suite(max_levels, items_per_level, seed)
+    return _load(path, SUITE_NAME) or _save(path, build_suite(max_levels, items_per_level, seed))
+
+
+def load_or_create_test_suite(folder: Path, selection: Suite, seed: int) -> Suite:
+    """The sealed test suite saved under `folder` for `selection` and `seed`; built and saved on
+    first use. A new `seed` (or a new selection suite) is a new file and a new version; the old
+    file stays, as do the scores on it. Raises ValueError when the saved file shares a problem
+    with `selection` (what a problem is changed since it was written): a test must stay sealed."""
+    path = folder / f"{TEST_SUITE_NAME}-seed{seed}-for-{selection.version}.jsonl"
+    test = _load(path, TEST_SUITE_NAME) or _save(path, build_test_suite(selection, seed))
+    if shared := shared_problems(test, selection):
+        raise ValueError(f"{path} shares {len(shared)} problem(s) with the selection suite {selection.version} "
+                         f"(e.g. {sorted(shared)[0]!r}): move the file away and restart to build a new test version")
+    return test
+
+
+def _load(path: Path, name: str) -> Suite | None:
+    if not path.exists():
+        return None
+    decoder = msgspec.json.Decoder(SuiteItem)
+    items = [decoder.decode(line) for line in path.read_bytes().splitlines() if line.strip()]
+    return Suite(name=name, version=suite_version(items, name), items=items)
+
+
+def _save(path: Path, suite: Suite) -> Suite:
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, (msgspec.json.encode(item) + b"\n" for item in suite.items))
     return suite

@@ -9,7 +9,8 @@ quick     file   file_size, file_empty, gzip, binary, encoding, bom          (re
                  syllo_v1 the same but profile, plus puzzle; completion_v1 text_field,
                  extra_fields, content_nonempty                                (schemas.py)
           end    no_rows
-standard  template, token_length, token_truncation                           (checks/standard.py)
+standard  held_out (chat schemas: no held-out problem of a skill)             (checks/held_out.py)
+          template, token_length, token_truncation                           (checks/standard.py)
           the length distribution in tokens, as the trainer encodes each row
 deep      answer_format (rows with a profile)                                 (checks/deep.py)
           answer_leakage (chat schemas)                                        (checks/deep.py)
@@ -105,6 +106,7 @@ from services.gatekeeper.checks import (
     runs_at,
 )
 from services.gatekeeper.checks.deep import ANSWER_FORMAT, ANSWER_LEAKAGE, AnswerFormat, AnswerLeakage
+from services.gatekeeper.checks.held_out import HELD_OUT, HeldOut
 from services.gatekeeper.checks.standard import (
     STANDARD_CHECKS,
     LengthSummary,
@@ -163,6 +165,8 @@ def checks_for(schema: RowSchema, level: ValidationLevel) -> list[Check]:
     """Every check that runs for `schema` at `level`, in order (submission checks excluded)."""
     checks = [*FILE_CHECKS, *LINE_CHECKS, *schema.checks]
     if runs_at("standard", level):
+        if schema.kind == "chat":
+            checks.append(HELD_OUT)
         checks += STANDARD_CHECKS
     if runs_at("deep", level):
         if schema.profiles:
@@ -201,6 +205,8 @@ class Validation:
         self._level_checks: list[LevelCheck] = []
         self._tokens: TokenLengths | None = None
         self.duplicates: Duplicates | None = None
+        if HELD_OUT.name in self.checks_run:
+            self._level_checks.append(HeldOut(schema))
         if runs_at("standard", level):
             self._tokens = TokenLengths(schema, tools.tokens(), config.max_length, config.overlength)
             self._level_checks.append(self._tokens)

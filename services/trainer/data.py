@@ -211,18 +211,28 @@ class TrainingPlan:
     """
 
     def __init__(self, lengths: Sequence[int], batching: Batching, epochs: int, max_steps: int, seed: int,
-                 dataset_id: str) -> None:
+                 dataset_id: str, max_tokens: int = 0) -> None:
         self.num_examples = len(lengths)
         self.epochs = epochs
         self._epochs: list[list[Step]] = []
-        planned = 0
+        # The run ends at whichever comes first: `epochs` epochs, `max_steps` steps (0: no cap), or
+        # the step that brings the real (non-padding) tokens trained to `max_tokens` (0: no cap),
+        # the tokens training.progress counts in its tokens/s.
+        tokens: list[int] = []  # real tokens of every planned step, in order
         for epoch in range(epochs):
             steps = epoch_steps(lengths, epoch_order(self.num_examples, seed, dataset_id, epoch), batching)
             self._epochs.append(steps)
-            planned += len(steps)
-            if max_steps and planned >= max_steps:
+            tokens.extend(step_tokens(step, lengths) for step in steps)
+            if (max_steps and len(tokens) >= max_steps) or (max_tokens and sum(tokens) >= max_tokens):
                 break
-        self.total_steps = min(planned, max_steps) if max_steps else planned
+        cumulative = list(itertools.accumulate(tokens))
+        self.total_steps = len(tokens)
+        if max_steps:
+            self.total_steps = min(self.total_steps, max_steps)
+        if max_tokens:
+            self.total_steps = min(self.total_steps, bisect.bisect_left(cumulative, max_tokens) + 1)
+        # The real tokens the run trains once it has finished.
+        self.total_tokens = cumulative[self.total_steps - 1] if self.total_steps else 0
 
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, step index within the epoch) of the step that step `step` + 1 trains on."""
@@ -243,3 +253,8 @@ class TrainingPlan:
         if epoch >= len(self._epochs):
             return float(len(self._epochs))
         return epoch + index / len(self._epochs[epoch])
+
+
+def step_tokens(step: Step, lengths: Sequence[int]) -> int:
+    """The real (non-padding) tokens of a step: the lengths of every example it holds."""
+    return sum(lengths[i] for micro in step for sequence in micro for i in sequence)

@@ -150,6 +150,7 @@ class TrainingResult:
     global_step: int
     loss: float
     checkpoint: Artifact | None  # None only when stopped before its first step
+    tokens: int = 0  # real (non-padding) tokens the run trained, once it has finished
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,8 @@ class FullFinetuneRecipe:
         self._log.info(
             "recipe ready", device=self._device, weights=str(weights), schema=self.job.schema, profile=self.job.profile,
             examples=self._plan.num_examples, replayed=self._num_replayed, validation=len(self._validation),
-            dropped_rows=len(self._dropped.dropped), total_steps=self._plan.total_steps, start_step=self._step,
+            dropped_rows=len(self._dropped.dropped), total_steps=self._plan.total_steps,
+            total_tokens=self._plan.total_tokens, start_step=self._step,
             batching=self.settings.hyperparameters.batching,
         )
 
@@ -248,7 +250,8 @@ class FullFinetuneRecipe:
         pool_lengths = [p.lengths() for p in pools]
         lengths = [int(pool_lengths[pool][i]) for pool, i in self._refs]
         self._lengths = lengths
-        self._plan = TrainingPlan(lengths, h.batching_plan(), h.epochs, h.max_steps, h.seed, job.dataset_id)
+        self._plan = TrainingPlan(lengths, h.batching_plan(), h.epochs, h.max_steps, h.seed, job.dataset_id,
+                                  max_tokens=h.max_tokens)
 
     def _main_first(self, build):
         """`build()` on the main worker first (it tokenizes and fills the cache), then on the
@@ -377,7 +380,7 @@ class FullFinetuneRecipe:
         finally:
             bar.close()
         checkpoint = self._save(final=True)
-        return TrainingResult(True, self._step, self._global_step, self._loss, checkpoint)
+        return TrainingResult(True, self._step, self._global_step, self._loss, checkpoint, self._plan.total_tokens)
 
     def micro_batches(self, step: int) -> list[MicroBatch]:
         """This worker's micro-batches of step `step` + 1, as tensors on the device.

@@ -445,7 +445,7 @@ class TrainerService:
         finished = TrainingFinished(
             id=event_id("finished", job.run_id), run_id=job.run_id, dataset_id=job.dataset_id,
             global_step=result.global_step, final_loss=result.loss, checkpoint_uri=result.checkpoint.uri,
-            duration_s=round(duration_s, 3),
+            duration_s=round(duration_s, 3), tokens=result.tokens,
         )
         await self.bus.publish(topology.TRAINING_FINISHED, finished)
         await self.states.save(record_finished(self.state, job.dataset_id, self.store.uri_for(job.dataset_path),

@@ -54,6 +54,12 @@ class Hyperparameters(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_
     epochs: Positive = 2
     # 0 = no cap: train every epoch of every dataset.
     max_steps: NonNegative = 0
+    # A run's budget in real (non-padding) tokens, as training.progress counts them in tokens/s:
+    # the run ends at the optimizer step that reaches it (if `epochs` and `max_steps` have not
+    # ended it first), and its cosine schedule is planned over those steps, so the final
+    # checkpoint is annealed. Machines differ by 3x and more: tokens, unlike minutes, do not.
+    # 0 = no cap.
+    max_tokens: NonNegative = 0
     seed: int = 0
     grad_clip: NonNegativeFloat = 1.0
     # The policy across datasets (services/trainer/schedule.py). "continual": AdamW's moments

@@ -46,15 +46,21 @@ def test_the_benchmark_records_the_loop_and_prints_one_json_line(tmp_path: Path)
     assert isinstance(summary["levels_gained"], dict) and isinstance(summary["levels_gained"]["binary"], int)
     assert summary["level1_accuracy"] is None or 0.0 <= summary["level1_accuracy"] <= 1.0
     for key in ("promotions", "noise_promotions", "overlapping_promotions", "champion_drops", "evaluations",
-                "trainings"):
+                "trainings", "false_promotions", "untested_promotions"):
         assert isinstance(summary[key], int) and summary[key] >= 0, key
-    assert summary["targets"] == {"minutes": 30, "levels_gained": {"binary": 2}, "level1_accuracy": 0.9,
-                                  "noise_promotions": 0, "champion_drops": 0}
-    assert set(summary["met"]) == {"levels_gained", "level1_accuracy", "noise_promotions", "champion_drops"}
+    assert summary["targets"] == {"minutes": 30, "levels_gained": {"binary": 2},
+                                  "test_accuracy": {"binary/1": 0.9, "binary/2": 0.8}, "false_promotions": 0,
+                                  "novel_share": 1.0}
+    assert set(summary["met"]) == {"levels_gained", "test_accuracy", "false_promotions", "novel_share"}
+    assert summary["test_accuracy"] is None or all(0 <= s["low"] <= s["accuracy"] <= s["high"] <= 1
+                                                   for s in summary["test_accuracy"].values())
+    assert isinstance(summary["train_tokens"], int) and isinstance(summary["tokens_to_level"], list)
+    # Every suite item is checked against the rows the run trained: none of them may be seen.
+    assert summary["novel_items"] > 0 and summary["novel_share"] == 1.0
     assert all(isinstance(v, bool) for v in summary["met"].values())
 
     # Records as JSON lines, one file per kind, as many evaluations as it counted; the summary beside them.
-    for kind in ("evaluations", "promotions", "level_changes", "trainings", "decisions"):
+    for kind in ("evaluations", "tests", "promotions", "level_changes", "trainings", "decisions"):
         assert (out / f"{kind}.jsonl").is_file(), kind
     evaluations = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
     assert len(evaluations) == summary["evaluations"]

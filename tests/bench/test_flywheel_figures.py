@@ -1,5 +1,6 @@
-"""The figures of `python -m bench.flywheel` from hand-made records: levels gained, promotions inside
-the noise, champion drops, the champion's level-1 accuracy, the targets; and the plot."""
+"""The figures of `python -m bench.flywheel` from hand-made records: levels gained, false promotions on
+the sealed test, the champion's sealed-test accuracy, tokens to each level, promotions inside the
+noise, champion drops, the targets; and the plot."""
 
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ from bench.flywheel_figures import (
     LevelAccuracy,
     LevelChange,
     Promotion,
+    SealedScore,
+    Training,
     champion_accuracy,
     check_promotions,
+    check_sealed,
     levels_gained,
+    sealed_accuracy,
     summarise,
+    tokens_to_level,
 )
 from libs.common.events import encode_outcomes
 
@@ -40,8 +46,20 @@ def promotion(sha: str, exact_match: float, *, t: float = 0.0) -> Promotion:
                      run_id=f"run-{sha}", step=10, exact_match=exact_match, val_loss=1.0, reason="")
 
 
-def change(skill: str, previous: int, level: int) -> LevelChange:
-    return LevelChange(t=0.0, skill=skill, previous_level=previous, level=level, accuracy=0.9, reason="")
+def change(skill: str, previous: int, level: int, *, t: float = 0.0) -> LevelChange:
+    return LevelChange(t=t, skill=skill, previous_level=previous, level=level, accuracy=0.9, reason="")
+
+
+def sealed(sha: str, correct: set[int], *, suite: str = "t1", level1: float = 0.95, level2: float = 0.85,
+           t: float = 0.0) -> SealedScore:
+    """A sealed-test score of champion `sha`: items `correct` right out of ITEMS."""
+    return SealedScore(
+        t=t, checkpoint_sha256=sha, run_id=f"run-{sha}", suite_version=suite, exact_match=len(correct) / ITEMS,
+        exact_match_low=0.0, exact_match_high=1.0, num_examples=ITEMS,
+        levels={"binary/1": LevelAccuracy(accuracy=level1, low=0.8, high=0.99, correct=19, total=20),
+                "binary/2": LevelAccuracy(accuracy=level2, low=0.6, high=0.95, correct=17, total=20)},
+        outcomes=encode_outcomes([i in correct for i in range(ITEMS)]),
+    )
 
 
 # ---------------------------------------------------------------------------- levels
@@ -118,20 +136,63 @@ def test_level1_accuracy_is_the_last_champions_newest_score():
     assert champion_accuracy([], evaluations) is None
 
 
+# ---------------------------------------------------------------------------- the sealed test
+
+
+def test_a_promotion_is_false_when_the_sealed_test_shows_no_gain_over_the_champion_it_replaced():
+    promotions = [promotion("a", 0.2), promotion("b", 0.5), promotion("c", 0.6), promotion("d", 0.7)]
+    tests = [sealed("a", set(range(10))), sealed("b", set(range(20))),  # b: 10 better, 0 worse
+             sealed("c", set(range(5, 25)))]  # c against b: 5 better, 5 worse: no gain; d never tested
+    checks = check_sealed(promotions, tests)
+    assert [(c.better, c.worse, c.false, c.tested) for c in checks] == [
+        (10, 0, False, True), (5, 5, True, True), (None, None, False, False)]
+    # Two test versions: compared on one both were scored on, never across.
+    assert not check_sealed(promotions[:2], [sealed("a", set(range(10)), suite="t1"),
+                                             sealed("b", set(range(20)), suite="t2")])[0].tested
+
+
+def test_the_final_champions_sealed_accuracy_is_its_newest_test():
+    promotions = [promotion("a", 0.2), promotion("b", 0.5)]
+    tests = [sealed("b", set(), level1=0.5), sealed("b", set(), level1=0.92, t=9.0), sealed("a", set(), level1=1.0)]
+    accuracy = sealed_accuracy(promotions, tests)
+    assert accuracy["binary/1"] == {"accuracy": 0.92, "low": 0.8, "high": 0.99, "correct": 19, "total": 20}
+    assert sealed_accuracy(promotions, [sealed("a", set())]) is None and sealed_accuracy([], tests) is None
+
+
+def test_tokens_to_each_level_count_the_runs_finished_before_it():
+    trainings = [Training(t=t, run_id=f"r{t}", dataset_id="d", global_step=1, final_loss=1.0, duration_s=1.0,
+                          tokens=1000) for t in (10.0, 20.0, 30.0)]
+    changes = [change("binary", 1, 2, t=25.0), change("binary", 2, 3, t=60.0)]
+    assert [(c["level"], c["tokens"]) for c in tokens_to_level(changes, trainings)] == [(2, 2000), (3, 3000)]
+
+
 def test_the_summary_holds_the_figures_the_targets_and_what_was_met():
     evaluations = [evaluation("a", set(range(10)), level1=0.6), evaluation("b", set(range(30)), level1=0.95)]
     promotions = [promotion("a", 0.25), promotion("b", 0.75)]
+    tests = [sealed("a", set(range(10))), sealed("b", set(range(25)))]
+    trainings = [Training(t=0.0, run_id="r", dataset_id="d", global_step=1, final_loss=1.0, duration_s=1.0,
+                          tokens=5000)]
     summary = summarise(minutes=30.0, evaluations=evaluations, promotions=promotions,
-                        changes=[change("binary", 1, 2), change("binary", 2, 3)], trainings=[], skills=["binary"])
+                        changes=[change("binary", 1, 2), change("binary", 2, 3)], trainings=trainings,
+                        skills=["binary"], tests=tests, novelty={"items": 96, "novel": 96, "share": 1.0})
     assert summary["levels_gained"] == {"binary": 2} and summary["level1_accuracy"] == 0.95
     assert (summary["promotions"], summary["noise_promotions"], summary["champion_drops"]) == (2, 0, 0)
-    assert summary["targets"]["levels_gained"] == {"binary": 2} and summary["targets"]["minutes"] == 30
-    assert summary["met"] == {"levels_gained": True, "level1_accuracy": True, "noise_promotions": True,
-                              "champion_drops": True}
+    assert (summary["false_promotions"], summary["untested_promotions"], summary["novel_share"]) == (0, 0, 1.0)
+    assert summary["test_accuracy"]["binary/2"]["accuracy"] == 0.85 and summary["train_tokens"] == 5000
+    assert summary["targets"]["test_accuracy"] == {"binary/1": 0.9, "binary/2": 0.8}
+    assert summary["targets"]["minutes"] == 30 and summary["targets"]["false_promotions"] == 0
+    assert summary["met"] == {"levels_gained": True, "test_accuracy": True, "false_promotions": True,
+                              "novel_share": True}
+
+    # A promotion never tested on the sealed test cannot be shown a gain: the target is not met.
+    untested = summarise(minutes=30.0, evaluations=evaluations, promotions=promotions, changes=[], trainings=[],
+                         skills=["binary"], tests=tests[:1])
+    assert untested["untested_promotions"] == 1 and untested["met"]["false_promotions"] is False
 
     empty = summarise(minutes=1.0, evaluations=[], promotions=[], changes=[], trainings=[], skills=["binary"])
     assert empty["level1_accuracy"] is None and empty["levels_gained"] == {"binary": 0}
-    assert empty["met"]["level1_accuracy"] is False and empty["met"]["levels_gained"] is False
+    assert empty["test_accuracy"] is None and empty["novel_share"] is None
+    assert not any(empty["met"][key] for key in ("levels_gained", "test_accuracy", "novel_share"))
 
 
 def test_the_plot_is_a_png(tmp_path: Path):
@@ -141,5 +202,6 @@ def test_the_plot_is_a_png(tmp_path: Path):
     evaluations = [evaluation("a", set(range(10)), t=30.0), evaluation("b", set(range(20)), t=90.0)]
     path = plot(tmp_path / "out" / "flywheel.png", minutes=2.0, evaluations=evaluations,
                 promotions=[promotion("a", 0.25, t=31.0), promotion("b", 0.5, t=91.0)],
-                changes=[LevelChange(t=60.0, skill="binary", previous_level=1, level=2, accuracy=0.9, reason="")])
+                changes=[LevelChange(t=60.0, skill="binary", previous_level=1, level=2, accuracy=0.9, reason="")],
+                tests=[sealed("a", set(range(10)), t=40.0)])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

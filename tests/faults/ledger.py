@@ -42,9 +42,8 @@ from libs.common.events import (
     TrainingFinished,
     derived_id,
 )
-from libs.common.records import DEPLOY_DECISIONS, skill_state
+from libs.common.records import CHAMPION, DEPLOY_DECISIONS, skill_state
 from libs.common.stored import stored
-from services.curriculum.progression import eval_key
 from services.gatekeeper.intake import submission_id_for
 
 _decoder = msgspec.json.Decoder(AnyEvent)
@@ -117,7 +116,8 @@ class Ledger:
         self.ack_floor: dict[str, int] = {}
         self.decided: set[str] = set()  # checkpoint sha256 with a recorded deployer decision
         self.decision_ids: set[str] = set()
-        self.counted: set[str] = set()  # eval keys the curriculum counted
+        self.counted: set[str] = set()  # champions (checkpoint sha256) whose scores the curriculum counted
+        self.champions: set[str] = set()  # every checkpoint the champion record has named
 
     # ------------------------------------------------------------------ reading
 
@@ -133,7 +133,8 @@ class Ledger:
             ledger.decided.add(decision.checkpoint_sha256)
             ledger.decision_ids.add(decision.id)
         state, _ = await (await bus.record(skill_state("binary"))).read()
-        ledger.counted = set(state.seen) if state else set()
+        ledger.counted = {key.partition(":")[0] for key in state.champion_scores} if state else set()
+        ledger.champions = {c.checkpoint_sha256 for c in await (await bus.record(CHAMPION)).history()}
         for stream, subjects in _STREAM_SUBJECTS.items():
             for subject in subjects:
                 async for msg in stored(bus.js, stream, subject):
@@ -233,9 +234,12 @@ class Ledger:
             if e.checkpoint_sha256 in self.decided or e.checkpoint_sha256 in self.deployed:
                 return Outcome("handled", "decided")
             return Outcome("LOST", "no deployer decision")
-        if isinstance(e, EvalScored):
-            key = eval_key(e.checkpoint_sha256, e.suite_version)
-            return Outcome("handled", "counted") if key in self.counted else Outcome("LOST", "not counted")
+        if isinstance(e, ModelDeployed) and spec.durable == topology.CURRICULUM.durable:
+            if e.checkpoint_sha256 in self.counted:
+                return Outcome("handled", "the champion's score counted")
+            if e.checkpoint_sha256 not in self.champions:
+                return Outcome("handled", "never the champion: nothing to count")
+            return Outcome("LOST", "a champion's score not counted")
         return Outcome("handled", "acked")
 
     def deployment_resolved(self, deployment_id: str) -> bool:

@@ -50,7 +50,7 @@ WORK = {
     "evaluator": (lambda s, d: _final(s, d, True), 0.8, "scoring a final checkpoint"),
     "deployer": (lambda s, d: s in (topology.EVAL_SCORED, topology.MODEL_SERVING), 0.3, "deciding on"),
     "inference": (lambda s, d: s == topology.MODEL_STAGED, 1.0, "loading a staged checkpoint"),
-    "curriculum": (lambda s, d: s == topology.EVAL_SCORED, 0.3, "counting a score"),
+    "curriculum": (lambda s, d: s == topology.MODEL_DEPLOYED, 0.3, "counting a champion's score"),
 }
 
 

@@ -5,9 +5,12 @@
 - trainer: an accepted dataset whose artifact does not exist: refused (dead-lettered) at once;
 - evaluator: a final checkpoint whose hash matches a directory in the store that holds no model:
   scoring fails every time, so it is retried with backoff and dead-lettered after max_deliver;
-- deployer and curriculum: a forged perfect score for a checkpoint that does not exist: the
-  deployer promotes it, inference refuses to load it (no such artifact), the deployment fails
-  and the champion stays; the curriculum counts it;
+- deployer: a forged perfect score for a checkpoint that does not exist: the deployer promotes
+  it, inference refuses to load it (no such artifact), the deployment fails and the champion
+  stays;
+- curriculum: a forged announcement of that checkpoint as the deployed champion: the champion
+  record never named it, so nothing is counted (and inference, which follows announcements too,
+  cannot load it and keeps serving the champion);
 - deployer-serving: a serving report for a deployment that never was: ignored.
 
 A valid dataset submitted behind them must be trained and scored meanwhile (no queue is held
@@ -29,6 +32,7 @@ from libs.common.events import (
     DatasetAccepted,
     DatasetSubmitted,
     EvalScored,
+    ModelDeployed,
     ModelServing,
     encode_outcomes,
     new_id,
@@ -66,11 +70,13 @@ async def test_a_poison_message_for_each_consumer(fault_stack: FaultStack, fault
         topology.EVALUATOR.durable: (topology.CHECKPOINT_SAVED, CheckpointSaved(
             run_id="poison", step=1, global_step=1, dataset_id="poison", uri=not_a_model.as_uri(),
             sha256=sha256_dir(not_a_model), final=True)),
-        # One score, two consumers: the deployer and the curriculum.
         topology.DEPLOYER.durable: (topology.EVAL_SCORED, msgspec.structs.replace(
             score, id=new_id(), run_id="poison-forged", checkpoint_uri=missing.as_uri(), checkpoint_sha256=forged_sha,
             exact_match=1.0, outcomes=encode_outcomes([True] * score.num_examples), regressions=[],
             by_level={k: 1.0 for k in score.by_level}, levels={})),
+        topology.CURRICULUM.durable: (topology.MODEL_DEPLOYED, ModelDeployed(
+            checkpoint_uri=missing.as_uri(), checkpoint_sha256=forged_sha, run_id="poison-forged", step=1,
+            exact_match=1.0, val_loss=0.0, reason="forged")),
         topology.DEPLOYER_SERVING.durable: (topology.MODEL_SERVING, ModelServing(
             deployment_id=new_id(), replica="poison", ok=True, checkpoint_sha256=forged_sha)),
     }
@@ -102,7 +108,7 @@ async def test_a_poison_message_for_each_consumer(fault_stack: FaultStack, fault
         topology.TRAINER[1]: ("its artifact does not exist", "dead-lettered"),
         topology.EVALUATOR: ("a hash-true directory with no model: fails every time", "dead-lettered"),
         topology.DEPLOYER: ("forged perfect score, no such checkpoint", "handled"),
-        topology.CURRICULUM: ("the same forged score", "handled"),
+        topology.CURRICULUM: ("forged announcement of a champion that never was", "handled"),
         topology.DEPLOYER_SERVING: ("a report for a deployment that never was", "handled"),
     }
     failed_deploy = [e for e in ledger.deploy_failed.values() if e.checkpoint_sha256 == forged_sha]
@@ -130,8 +136,7 @@ async def test_a_poison_message_for_each_consumer(fault_stack: FaultStack, fault
 
 
 def _outcome(ledger: Ledger, poisons: dict, spec: topology.ConsumerSpec):
-    durable = topology.DEPLOYER.durable if spec is topology.CURRICULUM else spec.durable
-    event_id = poisons[durable][1].id
+    event_id = poisons[spec.durable][1].id
     msg = next((m for m in ledger.on(spec) if m.headers.get("Nats-Msg-Id") == event_id), None)
     if msg is None:
         from tests.faults.ledger import Outcome

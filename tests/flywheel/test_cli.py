@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -26,7 +27,8 @@ from flywheel.submit import describe_verdict, submit_file
 from libs.common import topology
 from libs.common.artifacts import ArtifactStore
 from libs.common.bus import Bus
-from libs.common.events import ControlReply, DatasetAccepted, DatasetSubmitted
+from libs.common.events import ChampionTested, ControlReply, DatasetAccepted, DatasetSubmitted, LevelScore
+from libs.common.records import CHAMPION, Champion
 from libs.common.tracing import setup_tracing
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,6 +110,23 @@ async def test_submit_names_the_data_profile(bus, tmp_path: Path):
     assert "profile regime3" in describe_verdict(result)
 
 
+def champion_tested(sha256: str, version: str, correct: tuple[int, ...]) -> ChampionTested:
+    """A champion's sealed test score: `correct[i]` of 4 items right at binary/i+1."""
+    from services.evaluator.scoring import wilson_interval
+
+    levels = {f"binary/{i}": LevelScore(correct=c, total=4, accuracy=c / 4, low=wilson_interval(c, 4)[0],
+                                        high=wilson_interval(c, 4)[1])
+              for i, c in enumerate(correct, 1)}
+    total, right = 4 * len(correct), sum(correct)
+    low, high = wilson_interval(right, total)
+    return ChampionTested(
+        run_id="run-1", step=8, checkpoint_uri=f"file:///data/artifacts/checkpoints/run-1/step-{version}",
+        checkpoint_sha256=sha256, suite="skills-test", suite_version=version, exact_match=right / total,
+        exact_match_low=low, exact_match_high=high, num_examples=total, val_loss=0.75, levels=levels,
+        outcomes="", eval_id="e" * 32, selection_suite_version="skills-v2-0123456789ab",
+    )
+
+
 @pytest.mark.integration
 async def test_status_reads_the_loop_from_the_bus(bus):
     status = await read_status(bus)
@@ -115,6 +134,24 @@ async def test_status_reads_the_loop_from_the_bus(bus):
     assert status["champion"] is None and status["dead_letters"] == 0
     text = format_status(status)
     assert "none yet" in text and "trainer-high" in text
+
+    # A champion: its numbers are its sealed test's, once it has one.
+    await (await bus.record(CHAMPION)).put(Champion(
+        checkpoint_uri="file:///c", checkpoint_sha256="a" * 64, run_id="run-1", step=8, exact_match=0.9,
+        val_loss=0.5, suite_version="skills-v2-0123456789ab", deployed_at=datetime.now(UTC), event_id="e"))
+    status = await read_status(bus)
+    assert status["champion_test"] is None
+    assert "sealed test     not yet tested" in format_status(status)
+    assert "0.900" not in format_status(status)  # the selection score that promoted it is not its accuracy
+
+    await bus.publish(topology.EVAL_TESTED, champion_tested("a" * 64, "skills-test-v2-000000000001", (1, 2)))
+    await bus.publish(topology.EVAL_TESTED, champion_tested("b" * 64, "skills-test-v2-000000000001", (4, 4)))
+    await bus.publish(topology.EVAL_TESTED, champion_tested("a" * 64, "skills-test-v2-000000000002", (3, 1)))
+    status = await read_status(bus)
+    assert status["champion_test"]["suite_version"] == "skills-test-v2-000000000002"  # the newest test version
+    text = format_status(status)
+    assert "sealed test     exact_match 0.500 [95% 0.215, 0.785] on 8" in text
+    assert "    binary/1      0.750 [95% 0.301, 0.954]  3/4" in text
 
 
 def test_commands_without_a_bus_explain_what_to_set(tmp_path: Path, monkeypatch, capsys):
@@ -338,6 +375,31 @@ def test_deploy_needs_a_checkpoint_or_rollback_not_both(capsys):
     assert main(["deploy"]) == 2
     assert main(["deploy", "a" * 64, "--rollback"]) == 2
     assert "name a CHECKPOINT (sha256 or URI) or give --rollback" in capsys.readouterr().err
+
+
+def test_status_shows_the_champions_sealed_test_per_level_with_intervals():
+    status = {
+        "queue": {"gatekeeper": {"waiting": 0, "in_progress": 0}}, "trainer_control": None,
+        "training": {"started": None, "progress": None, "finished": None},
+        "champion": {"run_id": "run-1", "step": 8, "exact_match": 0.9, "val_loss": 0.5,
+                     "checkpoint_uri": "file:///data/artifacts/checkpoints/run-1/step-00000024",
+                     "checkpoint_sha256": "a" * 64},
+        "champion_test": msgspec.to_builtins(champion_tested("a" * 64, "skills-test-v2-5c1f0e9a7b3d", (4, 3, 1))),
+        "last_decision": {"outcome": "promoted", "reason": "better beyond the noise"},
+        "last_scores": {"run_id": "run-2", "step": 8, "exact_match": 0.25, "exact_match_low": 0.1,
+                        "exact_match_high": 0.5, "val_loss": 0.8, "ece": 0.1, "suite_version": "skills-v2-0123456789ab"},
+        "curriculum": None, "dead_letters": 0,
+    }
+    text = format_status(status)
+    champion = text[text.index("champion"):text.index("last scores")]
+    assert champion.splitlines()[2:6] == [
+        "  sealed test     exact_match 0.667 [95% 0.391, 0.862] on 12  val_loss 0.7500  suite skills-test-v2-5c1f0e9a7b3d",
+        "    binary/1      1.000 [95% 0.510, 1.000]  4/4",
+        "    binary/2      0.750 [95% 0.301, 0.954]  3/4",
+        "    binary/3      0.250 [95% 0.046, 0.699]  1/4",
+    ]
+    assert "0.900" not in champion  # its selection score is no figure of its accuracy
+    assert "last scores (selection suite" in text
 
 
 def test_status_shows_scores_that_were_not_finite_and_the_last_decision():

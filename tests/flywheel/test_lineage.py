@@ -65,6 +65,7 @@ async def test_lineage_of_the_served_model_from_the_bus_and_after_a_restart(tmp_
     assert top["dataset"]["name"] == "curriculum-binary-L2-2" and top["dataset"]["submission"]["inline"]
     assert top["dataset"]["submission"]["channel"] == "curriculum"
     assert [s["suite_version"] for s in top["scores"]] == ["v1", "v2"]
+    assert [t["suite_version"] for t in top["tests"]] == ["t1"] and middle["tests"] == bottom["tests"] == []
     assert top["deployments"][0]["previous"]["sha256"] == loop.c1.sha256
     assert top["deployments"][0]["decision"]["outcome"] == "promoted"
     assert [a["start_step"] for a in middle["run"]["attempts"]] == [0, 4] and middle["run"]["failures"]
@@ -81,6 +82,10 @@ async def test_lineage_of_the_served_model_from_the_bus_and_after_a_restart(tmp_
     assert "is served; 3 hops back to the base model" in text
     assert "started 2 times" in text and "RuntimeError('worker lost')" in text
     assert "why: better beyond the noise" in text and "kept: not better beyond the noise" in text
+    # The served model's accuracy is its sealed test's; the selection scores are labelled as such.
+    assert "    tested    skills-test t1: exact_match 0.625 [95% 0.375, 0.825] on 16, val_loss 0.6000" in text
+    assert "    selection binary v1: exact_match 0.750" in text
+    assert text.count("tested    none stored") == 1  # run 1: replaced before it was tested; run 2: never champion
     assert top["dataset"]["trace_id"] in text
 
     # Restarted on the same store: the same lineage, byte for byte.

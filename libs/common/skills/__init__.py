@@ -1,9 +1,9 @@
 """Skills: problem generators and answer checkers that the curriculum and the evaluator share.
 
 Every skill offers the same interface (`Skill`, skill.py): `name`, `max_level`,
-`generate(level, n, seed, split="train"|"eval")`, `split_of(prompt)`, `extract_answer(text)`,
-`is_correct(expected, text)`. One rule (`split_by_key`) splits every skill's problems into
-train and eval by a hash of the problem itself. Scores are reported per level as
+`generate(level, n, seed, split="train"|"eval", exclude=keys)`, `problem_key(prompt)`,
+`split_of(prompt)`, `extract_answer(text)`, `is_correct(expected, text)`. One rule
+(skill.py: `split_from_facts`) decides every skill's split from the facts a problem involves. Scores are reported per level as
 "<skill>/<level>".
 
     from libs.common.skills import get_skill
@@ -13,7 +13,7 @@ train and eval by a hash of the problem itself. Scores are reported per level as
 
 from libs.common.skills import binary, syllo
 from libs.common.skills.binary import BINARY
-from libs.common.skills.skill import EVAL_BUCKETS, SPLITS, Expected, Skill, Split, split_by_key
+from libs.common.skills.skill import HOLD_OUT_BUCKETS, SPLITS, Expected, Facts, Skill, Split, held_out
 from libs.common.skills.syllo import SYLLO
 
 SKILLS: dict[str, Skill] = {skill.name: skill for skill in (BINARY, SYLLO)}
@@ -28,6 +28,6 @@ def get_skill(name: str) -> Skill:
 
 
 __all__ = [
-    "BINARY", "EVAL_BUCKETS", "SKILLS", "SPLITS", "SYLLO", "Expected", "Skill", "Split",
-    "binary", "get_skill", "split_by_key", "syllo",
+    "BINARY", "HOLD_OUT_BUCKETS", "SKILLS", "SPLITS", "SYLLO", "Expected", "Facts", "Skill", "Split",
+    "binary", "get_skill", "held_out", "syllo",
 ]

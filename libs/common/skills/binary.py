@@ -43,10 +43,10 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from libs.common.skills.skill import Problem, SkillModule, Split, draw_rows, split_by_key
+from libs.common.skills.skill import Facts, Problem, SkillModule, Split, draw_rows, held_out, split_from_facts
 
 SKILL = "binary"
 MAX_LEVEL = 7
@@ -242,24 +242,100 @@ def _maker(level: int) -> Callable[[random.Random], Problem]:
     return make
 
 
-def _problem_key(prompt: str) -> str:
-    return " ".join(prompt.split())
+# ---------------------------------------------------------------------------- what a problem is
+# A problem is read back from its prompt (ours, or another wording of the same problem: the old
+# system's "Add these two binary numbers using ⓪① notation: A + B"), so that the split of a
+# submitted row is decided exactly as a generated one's.
+
+# Held-out shares of HOLD_OUT_BUCKETS (16). A number is stated by nearly every problem it occurs
+# in (as an operand, a result, a step's value): holding out one costs every problem that
+# touches it, so numbers are held out at 1/16; an operation on its operands (a sum, a shift) is
+# one problem's own fact, held out at 1/4 so that level 1 (31 numbers) holds enough
+# held-out sums for a selection suite and a sealed test of 48 items each.
+NUMBER_SHARE = 1
+OPERATION_SHARE = 4
+
+_C = f"[{ONE}{ZERO}]+"
+_EXPRESSION = re.compile(rf"({_C})\s*([+×*x-])\s*({_C})")
+_SHIFT_EXPRESSION = re.compile(rf"({_C})\s*(<<|>>)\s*([0-9]+)")
+_SHIFT_SHOWN = re.compile(rf"Original:\s*({_C})\s*Shift left by:\s*([0-9]+)")
+_CHAIN_ADD = re.compile(rf"^\s*1\.\s*Add\s+({_C})\s*\+\s*({_C})\s*$", re.MULTILINE)
+_CHAIN_SHIFT = re.compile(r"^\s*\d+\.\s*(Left|Right) shift the result by ([0-9]+)\s*$", re.MULTILINE)
+_SYMBOLS = {"+": "add", "-": "subtract", "×": "multiply", "*": "multiply", "x": "multiply"}
 
 
-def split_of(prompt: str) -> Split:
-    """The split a problem belongs to, fixed by its prompt alone."""
-    return split_by_key(_problem_key(prompt))
+def _number(n: int) -> str:
+    return f"binary number {n}"
 
 
-def generate(level: int, n: int, seed: int, split: Split = "train") -> list[dict]:
-    """`n` chat rows at `level`, deterministic in (level, n, seed, split).
+def _operation(kind: str, a: int, b: int) -> str:
+    if kind in ("add", "multiply"):  # commutative: the order the operands are written in is wording
+        a, b = min(a, b), max(a, b)
+    return f"binary {kind} {a} {b}"
+
+
+def facts_of(prompt: str) -> Facts:
+    """The facts of the Binary problem `prompt` poses; ValueError when it poses none."""
+    if chain := _CHAIN_ADD.search(prompt):
+        a, b = from_circled(chain.group(1)), from_circled(chain.group(2))
+        steps, numbers, value = [_operation("add", a, b)], {a, b, a + b}, a + b
+        for direction, by in _CHAIN_SHIFT.findall(prompt):
+            kind, n = ("leftshift", int(by)) if direction == "Left" else ("rightshift", int(by))
+            steps.append(_operation(kind, value, n))
+            value = value << n if kind == "leftshift" else value >> n
+            numbers.add(value)
+        return Facts("binary chain " + "; ".join(steps), frozenset(steps),
+                     frozenset(steps) | {_number(x) for x in numbers})
+    shift = _SHIFT_EXPRESSION.search(prompt)
+    if shift or (shown := _SHIFT_SHOWN.search(prompt)):
+        a, op, n = shift.groups() if shift else (shown.group(1), "<<", shown.group(2))
+        a, n, kind = from_circled(a), int(n), "rightshift" if op == ">>" else "leftshift"
+        result = a >> n if kind == "rightshift" else a << n
+        operation = _operation(kind, a, n)
+        return Facts(operation, frozenset({operation}), frozenset({operation, _number(a), _number(result)}))
+    if expression := _EXPRESSION.search(prompt):
+        a, sym, b = from_circled(expression.group(1)), expression.group(2), from_circled(expression.group(3))
+        kind = _SYMBOLS[sym]
+        if kind == "subtract":
+            a, b = max(a, b), min(a, b)
+        result = {"add": a + b, "subtract": a - b, "multiply": a * b}[kind]
+        operation = _operation(kind, a, b)
+        return Facts(operation, frozenset({operation}),
+                     frozenset({operation, _number(a), _number(b), _number(result)}))
+    lowered = prompt.lower()
+    if "to decimal" in lowered and (circled := re.search(_C, prompt)):
+        number = _number(from_circled(circled.group(0)))
+        return Facts(number, frozenset({number}), frozenset({number}))
+    if "to binary" in lowered and (decimal := re.search(r"(?<![0-9])[0-9]+(?![0-9])", prompt.split(":")[-1])):
+        number = _number(int(decimal.group(0)))
+        return Facts(number, frozenset({number}), frozenset({number}))
+    raise ValueError(f"not a Binary problem: {prompt[:80]!r}")
+
+
+def is_held_out(fact: str) -> bool:
+    return held_out(fact, NUMBER_SHARE if fact.startswith("binary number ") else OPERATION_SHARE)
+
+
+def problem_key(prompt: str) -> str:
+    """What the problem `prompt` poses is, whatever its wording and operand order."""
+    return facts_of(prompt).key
+
+
+def split_of(prompt: str) -> Split | None:
+    """The split a problem belongs to (None: neither), fixed by what it is."""
+    return split_from_facts(facts_of(prompt), is_held_out)
+
+
+def generate(level: int, n: int, seed: int, split: Split = "train", exclude: Collection[str] = ()) -> list[dict]:
+    """`n` chat rows at `level`, deterministic in (level, n, seed, split, exclude).
 
     The eval split holds distinct problems (a suite item never repeats); training rows may
     repeat, as small levels have few distinct problems.
     """
     if level not in LEVELS:
         raise ValueError(f"binary level must be 1..{MAX_LEVEL}, got {level}")
-    return draw_rows(SKILL, level, n, seed, split, _maker(level), _problem_key)
+    return draw_rows(SKILL, level, n, seed, split, _maker(level), facts_of,
+                     lambda facts: split_from_facts(facts, is_held_out), exclude)
 
 
 # ---------------------------------------------------------------------------- answers
@@ -369,4 +445,4 @@ def expected_from_answer(text: str) -> str:
     return stated
 
 
-BINARY = SkillModule(SKILL, MAX_LEVEL, generate, split_of, extract_answer, is_correct)
+BINARY = SkillModule(SKILL, MAX_LEVEL, generate, facts_of, is_held_out, extract_answer, is_correct)

@@ -13,8 +13,9 @@ every tile of every answer, plus, from level 3 on, red-herring tiles that belong
     5      8      3–4               4
 
 Words, their tiles and clues come from data/syllo_words.json (kept in the repo: no download at
-run time). A problem is its set of clues (so its set of words): `split_of` keys on the sorted
-clue lines, whatever the order, the tiles' shuffle or the red herrings.
+run time). A problem is its set of clues (so its set of words), whatever the order, the tiles'
+shuffle or the red herrings; its facts are its words, and a puzzle that asks for a held-out
+word is a held-out item (`split_of`, the shared rule of skill.py).
 
 The gold answer is one JSON object: `solutions` (per clue `ans_num` from 1, the ordered
 `syllables`, the UPPERCASE `answer`), `inventory_check` (`total_tiles`, `usage` tile → count in
@@ -41,12 +42,12 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from libs.common.skills.skill import Problem, SkillModule, Split, draw_rows, split_by_key
+from libs.common.skills.skill import Facts, Problem, SkillModule, Split, draw_rows, held_out, split_from_facts
 
 SKILL = "syllo"
 MAX_LEVEL = 5
@@ -203,7 +204,7 @@ def _maker(level: int):
         bank = tiles + herrings
         rng.shuffle(bank)
         prompt = _prompt(words, bank, spec.red_herrings)
-        layout = _layout(_problem_key(prompt))
+        layout = _layout(problem_key(prompt))
         puzzle = {"syllables": bank, "answers": [w.word for w in words], "difficulty": level}
         return Problem(layout, prompt, _answer(words, bank, layout), _expected(words), {"puzzle": puzzle})
 
@@ -213,19 +214,36 @@ def _maker(level: int):
 _CLUE_LINE = re.compile(r"^[ \t]*\d+\.[ \t]+(?:___[ \t]*)+—[ \t]*(.+?)[ \t]*$", re.MULTILINE)
 
 
-def _problem_key(prompt: str) -> str:
-    clues = _CLUE_LINE.findall(prompt)
+# A word is held out at 2 of HOLD_OUT_BUCKETS (1/8): a puzzle that asks for one is a held-out
+# item; a training puzzle asks for none (575 words: about 72 held out).
+WORD_SHARE = 2
+_WORD_OF_CLUE = {" ".join(w.clue.split()): w.word for w in WORDS}
+
+
+def facts_of(prompt: str) -> Facts:
+    """The facts of the puzzle `prompt` poses: its words (a clue not in the word list stands for itself)."""
+    clues = sorted(" ".join(clue.split()) for clue in _CLUE_LINE.findall(prompt))
     if not clues:
         raise ValueError(f"not a SYLLO prompt (no clue lines like `1. ___ ___ — clue`): {prompt[:80]!r}")
-    return "\n".join(sorted(" ".join(clue.split()) for clue in clues))
+    words = frozenset(f"syllo word {_WORD_OF_CLUE.get(clue, clue)}" for clue in clues)
+    return Facts("\n".join(clues), words, words)
 
 
-def split_of(prompt: str) -> Split:
-    """The split a puzzle belongs to, fixed by its set of clues."""
-    return split_by_key(_problem_key(prompt))
+def is_held_out(fact: str) -> bool:
+    return held_out(fact, WORD_SHARE)
 
 
-def generate(level: int, n: int, seed: int, split: Split = "train") -> list[dict]:
+def problem_key(prompt: str) -> str:
+    """What the puzzle is: its set of clues, whatever their order, the bank's shuffle or the red herrings."""
+    return facts_of(prompt).key
+
+
+def split_of(prompt: str) -> Split | None:
+    """The split a puzzle belongs to: eval when it asks for a held-out word, else train."""
+    return split_from_facts(facts_of(prompt), is_held_out)
+
+
+def generate(level: int, n: int, seed: int, split: Split = "train", exclude: Collection[str] = ()) -> list[dict]:
     """`n` chat rows at `level`, deterministic in (level, n, seed, split).
 
     Each row also carries `puzzle` ({"syllables": the bank, "answers": the words, "difficulty":
@@ -233,7 +251,8 @@ def generate(level: int, n: int, seed: int, split: Split = "train") -> list[dict
     """
     if level not in LEVELS:
         raise ValueError(f"syllo level must be 1..{MAX_LEVEL}, got {level}")
-    return draw_rows(SKILL, level, n, seed, split, _maker(level), _problem_key)
+    return draw_rows(SKILL, level, n, seed, split, _maker(level), facts_of,
+                     lambda facts: split_from_facts(facts, is_held_out), exclude)
 
 
 # ---------------------------------------------------------------------------- answers
@@ -353,4 +372,4 @@ def is_correct(expected: list[str], text: str) -> bool:
     return True
 
 
-SYLLO = SkillModule(SKILL, MAX_LEVEL, generate, split_of, extract_answer, is_correct)
+SYLLO = SkillModule(SKILL, MAX_LEVEL, generate, facts_of, is_held_out, extract_answer, is_correct)

@@ -191,9 +191,10 @@
     setData(document.body, { eventVersion: state.version ?? "" });
     const champion = state.champion;
     const served = document.getElementById("served");
+    const test = champion && champion.test;
     fill(served, champion
       ? ["serving ", h("code", { title: champion.checkpoint_sha256 }, short(champion.checkpoint_sha256, 12)),
-        champion.exact_match !== null && champion.exact_match !== undefined ? ` \u00b7 exact match ${pct(champion.exact_match)}` : ""]
+        test ? ` \u00b7 sealed test ${pct(test.exact_match)} [${pct(test.low)}, ${pct(test.high)}]` : " \u00b7 not yet tested"]
       : "no model deployed yet");
     document.getElementById("replay").hidden = state.caught_up !== false;
     const version = document.getElementById("version");
@@ -469,9 +470,9 @@
     const latest = scores[scores.length - 1];
     fill(meta, latest
       ? [h("span", {}, "latest ", code(latest.checkpoint_sha256, 10), ` ${latest.run_id && latest.run_id !== "base" ? `run ${latest.run_id}` : "base model"}`),
-        h("span", {}, "exact match ", h("b", {}, pct(latest.exact_match)), ` [${pct(latest.low)}, ${pct(latest.high)}]`),
+        h("span", {}, "selection exact match ", h("b", {}, pct(latest.exact_match)), ` [${pct(latest.low)}, ${pct(latest.high)}]`),
         h("span", {}, h("b", {}, String(scores.length)), ` scored \u00b7 `, h("b", {}, String(markers.length)), " events")]
-      : h("span", {}, "each scored checkpoint adds a point per level; promotions and level changes are marked"));
+      : h("span", {}, "each candidate scored on the selection suite adds a point per level; promotions and level changes are marked"));
 
     if (!charts.accuracy) return;
     const times = [...scores.map((s) => ms(s.time)), ...markers.map((m) => ms(m.time))];
@@ -532,9 +533,11 @@
     const champions = state.champions || [];
     const decisions = state.decisions || [];
     const deployment = state.deployment;
+    const test = c ? c.test : null;
     setData(panel, {
       sha256: c ? c.checkpoint_sha256 : "", runId: c ? c.run_id : "", checkpointUri: c ? c.checkpoint_uri : "",
       champions: champions.length, decisions: decisions.length, deploymentState: deployment ? deployment.state : "",
+      testVersion: test ? test.suite_version : "", testExactMatch: test ? test.exact_match : "",
     });
     const parts = [];
     if (deployment && deployment.state === "staged") {
@@ -554,19 +557,26 @@
         h("dl", { class: "kv" },
           h("dt", {}, "checkpoint"), h("dd", { class: "mono" }, c.checkpoint_uri || DASH),
           h("dt", {}, "run"), h("dd", {}, c.run_id ? code(c.run_id, 40) : h("span", { class: "muted" }, "base model"), c.step !== null && c.step !== undefined ? ` \u00b7 step ${num(c.step)}` : ""),
-          h("dt", {}, "exact match"), h("dd", {}, h("b", {}, pct(c.exact_match))),
-          h("dt", {}, "val loss"), h("dd", {}, num(c.val_loss, 4)),
+          h("dt", {}, "sealed test"), h("dd", { class: "sealed-test" }, test
+            ? [h("b", {}, pct(test.exact_match)), ` [95% ${pct(test.low)}, ${pct(test.high)}] on ${num(test.num_examples)} \u00b7 `,
+              h("span", { class: "muted" }, test.suite_version), " ", traceLink(test.trace_id)]
+            : h("span", { class: "muted" }, "not yet tested: the evaluator scores every champion on the sealed test suite")),
+          test ? [h("dt", {}, "val loss"), h("dd", {}, num(test.val_loss, 4))] : null,
           servedBy.length ? [h("dt", {}, "served by"), h("dd", {}, servedBy.join(", "))] : null),
-        h("div", { class: "reason", title: "why it was promoted" }, c.reason || "no reason recorded"));
+        test ? testLevels(test) : null,
+        h("div", { class: "reason", title: "why it was promoted (the selection suite decides; its numbers are not the champion's accuracy)" },
+          c.reason || "no reason recorded"));
     } else {
       parts.push(empty("No champion yet: the first scored checkpoint that passes the promotion rule becomes one"));
     }
     if (champions.length) {
       parts.push(h("div", { class: "subhead" }, `History (${champions.length})`),
-        h("div", { class: "scroll", style: "max-height:150px" }, table([["when"], ["checkpoint"], ["exact", "num"], ["why"]],
+        h("div", { class: "scroll", style: "max-height:150px" }, table([["when"], ["checkpoint"], ["sealed test", "num"], ["why"]],
           champions.map((x) => h("tr", { "data-sha256": x.checkpoint_sha256 },
             h("td", {}, timeEl(x.time)), h("td", {}, code(x.checkpoint_sha256, 10)),
-            h("td", { class: "num" }, pct(x.exact_match)), h("td", { class: "why" }, x.reason || DASH))), "history")));
+            h("td", { class: "num", title: x.test ? `95% [${pct(x.test.low)}, ${pct(x.test.high)}] on ${x.test.num_examples}, ${x.test.suite_version}` : "not tested" },
+              x.test ? pct(x.test.exact_match) : DASH),
+            h("td", { class: "why" }, x.reason || DASH))), "history")));
     }
     if (decisions.length) {
       parts.push(h("div", { class: "subhead" }, `Latest decisions (${decisions.length})`),
@@ -577,6 +587,20 @@
             h("td", { class: "why" }, d.reason || DASH))), "history")));
     }
     fill(panelBody("panel-champion"), parts);
+  }
+
+  /** The champion's sealed test per level: accuracy with its 95% interval, items right. */
+  function testLevels(test) {
+    const keys = Object.keys(test.levels || {}).sort(levelKeyOrder);
+    if (!keys.length) return null;
+    return h("div", { class: "scroll", style: "max-height:180px" }, table([["level"], ["accuracy", "num"], ["95% interval", "num"], ["right", "num"]],
+      keys.map((key) => {
+        const level = test.levels[key];
+        return h("tr", { "data-level": key },
+          h("td", {}, key), h("td", { class: "num" }, h("b", {}, pct(level.accuracy))),
+          h("td", { class: "num" }, `${pct(level.low)} \u2013 ${pct(level.high)}`),
+          h("td", { class: "num" }, `${level.correct}/${level.total}`));
+      }), "history test-levels"));
   }
 
   // ---------------------------------------------------------------- curriculum

@@ -14,7 +14,8 @@ quick     submission  submission, schema, data_profile, uri, sha256     declared
           line        line_size, blank_line, utf8, json, nesting,       declared here, made in reading.py
                       json_object
           row         each schema's own                                 schemas.py
-standard  template, token_length, token_truncation                      checks/standard.py
+standard  held_out (chat schemas)                                      checks/held_out.py
+          template, token_length, token_truncation                      checks/standard.py
 deep      answer_format, answer_leakage                                 checks/deep.py
           exact_duplicate, accepted_duplicate, near_duplicate,          duplicates.py
           accepted_near_duplicate, dedup_capacity

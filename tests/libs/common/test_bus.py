@@ -281,7 +281,7 @@ async def test_request_reply_round_trip(bus: Bus):
 
 
 async def test_two_consumers_dead_lettering_the_same_event_keep_both_reasons(bus: Bus):
-    # The deployer and the curriculum both consume eval.scored: each refusal is its own dead letter.
+    # Two consumers of one subject (as the curriculum and inference both follow model.deployed): each refusal is its own dead letter.
     other = topology.ConsumerSpec("t-other", "DATASETS", "dataset.submitted", max_deliver=2, ack_wait_s=1.5,
                                   backoff_s=(0.1,))
     await bus._ensure_consumer(FAST)

@@ -17,6 +17,7 @@ import pytest
 
 from libs.common import topology
 from libs.common.events import (
+    ChampionTested,
     CheckpointSaved,
     DatasetAccepted,
     DatasetSubmitted,
@@ -147,6 +148,20 @@ class LoopHistory:
         self.scores[sha256] = scored
         return scored
 
+    def tested(self, scored: EvalScored, exact_match: float, *, suite_version: str = "t1") -> ChampionTested:
+        """The champion scored as `scored` on the sealed test suite, by the evaluator."""
+        n = 16
+        correct = round(exact_match * n)
+        low, high = max(0.0, correct / n - 0.25), min(1.0, correct / n + 0.2)
+        return self.emit(topology.EVAL_TESTED, ChampionTested(
+            id=sha("tested", scored.checkpoint_sha256, suite_version)[:32], run_id=scored.run_id, step=scored.step,
+            checkpoint_uri=scored.checkpoint_uri, checkpoint_sha256=scored.checkpoint_sha256, suite="skills-test",
+            suite_version=suite_version, exact_match=correct / n, exact_match_low=low, exact_match_high=high,
+            num_examples=n, val_loss=0.6, levels={"binary/1": LevelScore(correct=correct, total=n, accuracy=correct / n,
+                                                                          low=low, high=high)},
+            outcomes=encode_outcomes([i < correct for i in range(n)]), eval_id=scored.id,
+            selection_suite_version=scored.suite_version, source="evaluator"), trace(f"test {scored.checkpoint_sha256}"))
+
     def score_checkpoint(self, saved: CheckpointSaved, exact_match: float, **kw) -> EvalScored:
         return self.score(saved.uri, saved.sha256, saved.run_id, saved.step, exact_match,
                           tid=trace(f"run {saved.run_id}"), **kw)
@@ -201,12 +216,14 @@ class Loop:
 
 
 def three_runs(start: datetime = T0) -> Loop:
-    """The base scored and served; run 1 promoted over it; run 2 (failed once, resumed) kept out by
-    the noise; run 3 promoted over run 1 and scored on a second suite version."""
+    """The base scored, served and tested; run 1 promoted over it (replaced before it was tested);
+    run 2 (failed once, resumed) kept out by the noise; run 3 promoted over run 1, tested, and
+    scored on a second suite version."""
     h = LoopHistory(clock=start)
     base_sha = sha("base weights")
     base = h.score(f"{BASE_ARTIFACT}/{base_sha}", base_sha, "base", 0, 0.25, tid=trace("base"))
     h.deploy(base, "first champion (exact_match 0.250)")
+    h.tested(base, 0.1875)
     d1 = h.dataset("curriculum-binary-L1-1", rows=6, dropped=1)
     c1 = h.run(d1, BASE_URI)
     s1 = h.score_checkpoint(c1, 0.5)
@@ -221,6 +238,7 @@ def three_runs(start: datetime = T0) -> Loop:
     c3 = h.run(d3, c2.uri)
     s3 = h.score_checkpoint(c3, 0.75)
     h.deploy(s3, "better beyond the noise: p = 0.0010 <= alpha 0.05 (exact_match 0.750 vs 0.500)")
+    h.tested(s3, 0.625)
     h.score(c3.uri, c3.sha256, c3.run_id, c3.step, 0.8125, tid=trace("rescore"), suite_version="v2")
     return Loop(h, base, c1, c2, c3, mid2)
 
@@ -249,6 +267,11 @@ def test_the_served_model_goes_back_through_every_run_to_the_base():
     assert [(s.suite, s.suite_version, s.exact_match) for s in top.scores] == [("binary", "v1", 0.75),
                                                                                 ("binary", "v2", 0.8125)]
     assert top.scores[0].levels["binary/1"].accuracy == 0.75 and top.scores[0].exact_match_low == 0.55
+    # As champion, tested on the sealed test suite: its own figures, lower than the selection's.
+    [sealed] = top.tests
+    assert (sealed.suite, sealed.suite_version, sealed.exact_match) == ("skills-test", "t1", 0.625)
+    assert sealed.levels["binary/1"].low == 0.375 and sealed.eval_id == sha("eval", loop.c3.sha256, "v1")[:32]
+    assert sealed.trace_id == trace(f"test {loop.c3.sha256}") and sealed.trace_id in lineage.trace_ids
     # Why it was promoted over the champion before it (run 1, not run 2: run 2 was never served).
     [deployment] = top.deployments
     assert deployment.kind == "promotion" and deployment.previous.sha256 == loop.c1.sha256
@@ -263,6 +286,7 @@ def test_the_served_model_goes_back_through_every_run_to_the_base():
     assert middle.run.checkpoints_saved == 2 and middle.deployments == []
     assert [d.outcome for d in middle.decisions] == ["kept"]
     assert middle.scores[0].regressions and middle.scores[0].compared_with == loop.c1.sha256
+    assert middle.tests == []  # never champion: never tested
     assert middle.dataset.submission.channel == "cli" and middle.dataset.submission.submitted_by == "alice"
     assert not middle.dataset.submission.inline and middle.dataset.priority == "high"
 
@@ -271,8 +295,10 @@ def test_the_served_model_goes_back_through_every_run_to_the_base():
     assert bottom.deployments[0].previous.run_id == "base"
     assert bottom.deployments[0].replaced_by.sha256 == loop.c3.sha256
     assert bottom.dataset.num_rows_dropped == 1
-    # The base: its own score and its deployment as the first champion.
+    assert bottom.tests == []  # replaced before it was tested
+    # The base: its own score, its deployment as the first champion and its sealed test.
     assert [s.exact_match for s in lineage.origin.scores] == [0.25]
+    assert [t.exact_match for t in lineage.origin.tests] == [0.1875]
     assert lineage.origin.deployments[0].previous is None
 
     # Every trace the lineage touches, each dataset's and each deployment's among them.
@@ -287,6 +313,7 @@ def test_the_lineage_is_plain_json():
     doc = json.loads(json.dumps(msgspec.to_builtins(lineage)))
     assert doc["hops"][0]["checkpoint"]["sha256"] == loop.c3.sha256
     assert doc["hops"][0]["scores"][0]["levels"]["binary/1"]["accuracy"] == 0.75
+    assert doc["hops"][0]["tests"][0]["levels"]["binary/1"]["accuracy"] == 0.625
     assert doc["origin"]["kind"] == "base" and doc["served"] is True
 
 

@@ -5,7 +5,8 @@ every service, the dashboard included, as child processes, on free ports and a t
 directory, with a training run short enough for CI), opens the dashboard in Debian's headless
 chromium through Selenium, drops a small Binary dataset into the gatekeeper's inbox and follows
 the page as the panels fill: the dataset accepted, a run training with its loss curve growing,
-a score, a promoted champion that inference serves, its lineage naming the dataset. Every stage
+a score, a promoted champion that inference serves and its sealed test figures, its lineage
+naming the dataset. Every stage
 is a screenshot (kept under pytest's tmp_path, and copied to $FLYWHEEL_SCREENSHOT_DIR when set);
 the charts are checked on the pixels, not only on the DOM.
 
@@ -48,6 +49,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.integration, py
 
 ROOT = Path(__file__).resolve().parents[3]
 SAMPLE = ROOT / "examples" / "binary_sample.jsonl"
+SAMPLE_ROWS = sum(1 for line in SAMPLE.read_text().splitlines() if line.strip())
 CHROMIUM = Path(os.environ.get("FLYWHEEL_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("FLYWHEEL_CHROMEDRIVER", "/usr/bin/chromedriver"))
 WINDOW = (1600, 1000)
@@ -55,8 +57,8 @@ WINDOW = (1600, 1000)
 PHOENIX_WINDOW = (1920, 1080)
 DATASET = "browser-binary"
 
-# The loop cut to a browser test's budget (about two minutes on two cores): the sample (888 rows)
-# trained three epochs (168 steps), only its final checkpoint saved and scored, on Binary level 1
+# The loop cut to a browser test's budget (about two minutes on two cores): the sample (SAMPLE_ROWS
+# rows) trained three epochs, only its final checkpoint saved and scored, on Binary level 1
 # alone (48 items) without hard-example probes. The base model is not scored, so the trained
 # checkpoint is the first champion: promoted by the deployer, confirmed served by inference.
 # The curriculum writes no practice data (its datasets would train first), but still tracks
@@ -330,7 +332,7 @@ def test_the_dashboard_follows_one_dataset_through_the_loop(driver, stack: Super
     row = f'#panel-datasets tr[data-name="{DATASET}"]'
     state = page.until("the dataset accepted on the page",
                        lambda: page.attr(row, "data-state") in ("accepted", "training", "trained") and page.attr(row, "data-state"))
-    assert "888" in page.text(row), page.text(row)
+    assert str(SAMPLE_ROWS) in page.text(row), page.text(row)
     # Its links open: the validation report (through the dashboard) and the trace page.
     for link in (f"{row} a.report-link", f"{row} a.trace-link"):
         href = page.js("const a = document.querySelector(arguments[0]); return a ? a.href : '';", link)
@@ -374,6 +376,15 @@ def test_the_dashboard_follows_one_dataset_through_the_loop(driver, stack: Super
     models = httpx.get(f"{inference}/v1/models", headers=headers, timeout=10)
     assert models.status_code == 200 and models.json()["data"], models.text
     assert sha256[:12] in page.text("header"), "the top bar names the served model"
+
+    # ---- its figures: its score on the sealed test suite, with 95% intervals, once the evaluator tested it.
+    page.until("the champion's sealed test on the page",
+               lambda: page.attr("#panel-champion", "data-test-version").startswith("skills-test-"))
+    champion = page.text("#panel-champion")
+    assert "sealed test" in champion and "95%" in champion and "binary/1" in champion, champion
+    assert page.js("return document.querySelectorAll('#panel-champion .test-levels tr[data-level]').length;") == 1
+    assert "sealed test" in page.text("header") and "not yet tested" not in page.text("header")
+    assert "selection accuracy" in page.text("#panel-accuracy").lower()  # the candidates' curves, labelled as such
 
     # ---- its lineage: fetched when the champion changed, naming the dataset it was trained on.
     page.until("the lineage of the served model",

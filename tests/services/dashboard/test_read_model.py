@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from libs.common.events import (
+    ChampionTested,
     CheckpointSaved,
     CurriculumLevelChanged,
     DatasetAccepted,
@@ -130,6 +131,45 @@ def test_promotions_and_level_changes_are_marked_and_the_champion_has_its_trace_
     assert model.section("champions")[0]["reason"] == "sign test p=0.01"
     curriculum = model.section("curriculum")["binary"]
     assert curriculum["level"] == 2 and curriculum["changes"][0]["to"] == 2
+
+
+def champion_tested(sha=SHA, t=40, version="skills-test-v2-1", right=5):
+    level = LevelScore(correct=right, total=10, accuracy=right / 10, low=0.24, high=0.76)
+    return ChampionTested(time=at(t), run_id="r1", step=10, checkpoint_uri="file:///c", checkpoint_sha256=sha,
+                          suite="skills-test", suite_version=version, exact_match=right / 10, exact_match_low=0.24,
+                          exact_match_high=0.76, num_examples=10, val_loss=0.7, levels={"binary/1": level},
+                          outcomes="", eval_id="e", selection_suite_version="v1")
+
+
+def test_the_champions_figures_are_its_sealed_test_and_pending_until_it_is_tested():
+    model = ReadModel()
+    model.apply(rec(scored(t=20)))  # the selection score that promoted it: 0.8
+    deployed = ModelDeployed(time=at(30), checkpoint_uri="file:///c", checkpoint_sha256=SHA, run_id="r1", step=10,
+                             exact_match=0.8, val_loss=0.5, reason="first champion")
+    model.apply(rec(deployed))
+    model.apply_record(Champion(checkpoint_uri="file:///c", checkpoint_sha256=SHA, run_id="r1", step=10,
+                                exact_match=0.8, val_loss=0.5, suite_version="v1", deployed_at=at(30),
+                                event_id=deployed.id, reason=deployed.reason), key="champion")
+    champion = model.section("champion")
+    assert champion["test"] is None and "exact_match" not in champion  # pending: no figure at all
+    assert model.section("champions")[0]["test"] is None and "exact_match" not in model.section("champions")[0]
+
+    seen = dict(model.versions)
+    first = champion_tested()
+    assert model.apply(rec(first, trace="e" * 32)) == {"champion", "champions"}
+    assert set(model.changed_since(seen)) == {"champion", "champions"}
+    test = model.section("champion")["test"]
+    assert (test["exact_match"], test["low"], test["high"], test["num_examples"]) == (0.5, 0.24, 0.76, 10)
+    assert test["suite_version"] == "skills-test-v2-1" and test["trace_id"] == "e" * 32
+    assert test["levels"]["binary/1"] == {"accuracy": 0.5, "low": 0.24, "high": 0.76, "correct": 5, "total": 10}
+    assert model.section("champions")[0]["test"] == test
+    # The same test re-announced changes nothing; a new test version is the champion's figure from then on.
+    assert model.apply(rec(first, seq=2)) == set()
+    model.apply(rec(champion_tested(t=60, version="skills-test-v2-2", right=6)))
+    assert model.section("champion")["test"]["suite_version"] == "skills-test-v2-2"
+    # Another checkpoint's test is not this champion's.
+    model.apply(rec(champion_tested(sha="b" * 64, t=70, right=9)))
+    assert model.section("champion")["test"]["exact_match"] == 0.6
 
 
 def test_only_changed_sections_are_sent_again():

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 import pytest
 
-from libs.common.records import ROLLED_BACK_KEPT, Champion
+from libs.common.records import ROLLED_BACK_KEPT, CandidatesTested, Champion
 from services.deployer.promotion import (
+    TESTED_KEPT,
+    alpha_spent,
+    before_the_test,
+    best_levels,
+    claim_number,
     crowned,
     decide,
     decide_manual,
     paired_test,
     rescored,
     rollback_target,
+    rolled_back,
     with_rolled_back,
 )
-from tests.services.deployer.candidates import NOW, SUITE, base, champion, flipped
+from tests.services.deployer.candidates import NOW, SUITE, base, champion, flipped, levels_of
 from tests.services.deployer.candidates import scored as _scored
 
 # 40 items: the first 20 at binary/1, the last 20 at binary/2; the base gets every other one right.
@@ -54,13 +62,16 @@ def test_paired_test_needs_the_same_items():
 
 
 def test_better_beyond_the_noise_is_promoted_and_the_reason_has_the_numbers():
-    decision = decide(scored(correct=flipped(BASE, gain=WRONG[:5])), champion())
-    assert decision.promote
-    assert "right where the champion is wrong on 5 and wrong where it is right on 0" in decision.reason
-    assert "p = 0.0312 <= alpha 0.05" in decision.reason
+    decision = decide(scored(correct=flipped(BASE, gain=WRONG[:6])), champion())
+    assert decision.promote and decision.candidate_number == 1
+    assert decision.reason.startswith("candidate 1 against this champion: tested at alpha_1 = 0.025 "
+                                      "(alpha 0.05 spent over candidates as alpha/(k(k+1)))")
+    assert "right where the champion is wrong on 6 and wrong where it is right on 0" in decision.reason
+    assert "p = 0.0156 <= alpha_1 0.025" in decision.reason
 
 
 @pytest.mark.parametrize(("gain", "lose"), [
+    (5, 0),  # p = 0.0312: promoted at alpha 0.05 before alpha was spent over candidates; the first gets 0.025
     (4, 0),  # p = 0.0625
     (6, 1),  # p = 0.0625: a higher accuracy, but not beyond the noise
     (0, 0),  # the same answers
@@ -76,7 +87,88 @@ def test_a_gain_within_the_noise_keeps_the_champion(gain, lose):
 def test_alpha_is_the_tests_level():
     candidate = scored(correct=flipped(BASE, gain=WRONG[:4]))  # p = 0.0625
     assert decide(candidate, champion()).outcome == "kept"
-    assert decide(candidate, champion(), alpha=0.1).promote
+    assert decide(candidate, champion(), alpha=0.125).promote  # alpha_1 = 0.0625
+
+
+# ---------------------------------------------------------------------------- alpha spent over candidates
+
+
+def test_alpha_is_spent_over_the_candidates_and_sums_to_at_most_alpha():
+    assert [alpha_spent(k, 0.05) for k in (1, 2, 3)] == pytest.approx([0.025, 0.05 / 6, 0.05 / 12])
+    assert math.fsum(alpha_spent(k, 0.05) for k in range(1, 100_001)) <= 0.05
+    # Chosen over 6 alpha / (pi^2 k^2) (also summing to alpha): larger for every candidate but the first.
+    assert all(alpha_spent(k, 0.05) > 6 / math.pi**2 * 0.05 / k**2 for k in range(2, 1000))
+    with pytest.raises(ValueError):
+        alpha_spent(0, 0.05)
+
+
+def count(held: Champion, *candidates, tested: CandidatesTested | None = None) -> tuple[CandidatesTested, list[int]]:
+    """Claim each candidate's number against `held`, as the deployer does before deciding."""
+    numbers = []
+    for candidate in candidates:
+        tested, k = claim_number(tested, held, candidate)
+        numbers.append(k)
+    return tested, numbers
+
+
+def test_the_kth_candidate_against_a_champion_is_tested_at_alpha_k():
+    held = champion()
+    tested, _ = count(held, scored("c"), scored("d"))  # two candidates tested already, nothing better
+    six, eight = scored(correct=flipped(BASE, gain=WRONG[:6])), scored(correct=flipped(BASE, gain=WRONG[:8]))
+    _, [k] = count(held, six, tested=tested)
+    kept = decide(six, held, candidate_number=k)  # p = 0.0156: enough for the first candidate, not the third
+    assert kept.outcome == "kept" and kept.candidate_number == 3
+    assert kept.reason.startswith("candidate 3 against this champion: tested at alpha_3 = 0.0042 (alpha 0.05")
+    assert "p = 0.0156 > alpha_3 0.0042" in kept.reason
+    assert decide(six, champion(), candidate_number=1).promote
+    promoted = decide(eight, held, candidate_number=3)  # p = 0.0039
+    assert promoted.promote and "p = 0.0039 <= alpha_3 0.0042" in promoted.reason
+
+
+def test_a_candidate_decided_again_keeps_its_number():
+    held = champion()
+    first, second = scored("c"), scored("d")
+    tested, numbers = count(held, first, second)
+    assert numbers == [1, 2] and tested.count == 2 and tested.champion_event_id == held.event_id
+    # A redelivery (or a second deployer) is the same test at the same level, and counts nothing.
+    assert claim_number(tested, held, first) == (tested, 1) and claim_number(tested, held, second) == (tested, 2)
+    # The same checkpoint on another suite version is another test.
+    assert claim_number(tested, held, scored("c", suite_version="binary-v1-new"))[1] == 3
+
+
+def test_the_count_outlives_the_keys_kept():
+    held = champion()
+    tested, _ = count(held, *(scored(f"{i:x}") for i in range(TESTED_KEPT + 5)))
+    assert tested.count == TESTED_KEPT + 5 and len(tested.keys) == TESTED_KEPT
+    assert claim_number(tested, held, scored(f"{TESTED_KEPT + 4:x}"))[1] == TESTED_KEPT + 5
+    assert claim_number(tested, held, scored("0"))[1] == TESTED_KEPT + 6  # forgotten: counted again, at a smaller alpha
+
+
+def test_what_is_not_tested_spends_nothing():
+    held = champion()
+    assert before_the_test(scored("a", flipped(BASE, gain=WRONG)), held) is not None  # the champion itself
+    assert before_the_test(scored(val_loss=None), held) is not None
+    assert before_the_test(scored(run_id="bad"), champion(rolled_back_runs=("bad",))) is not None
+    assert before_the_test(scored(suite_version="binary-v1-new"), held) is not None  # not comparable
+    assert before_the_test(scored(), None) is not None  # the first champion
+    assert before_the_test(scored(), held) is None
+    assert decide(scored(val_loss=None), held, candidate_number=4).candidate_number == 0
+    decision, _ = decide_manual([scored(correct=flipped(BASE, lose=RIGHT[:3]))], SUITE, held, "b" * 64)
+    assert decision.promote and decision.candidate_number == 0  # a manual deploy is the operator's call
+
+
+def test_the_count_belongs_to_the_champion():
+    held = champion()
+    tested, _ = count(held, scored("c"), scored("d"))
+    # A rescore keeps the champion record's event id, so its count goes on.
+    rescore = rescored(msgspec.structs.replace(held, suite_version="binary-v1-old"), scored("a"))
+    assert claim_number(tested, rescore, scored("e"))[1] == 3
+    # A new champion record (a promotion, a rollback) starts afresh.
+    fresh = crowned(scored(correct=flipped(BASE, gain=WRONG[:6])), held, reason="why", event_id="e", now=NOW)
+    assert claim_number(tested, fresh, scored("c")) == (CandidatesTested(champion_event_id="e", count=1,
+                                                                         keys=[f"{'c' * 64}@{SUITE}"]), 1)
+    restored = rolled_back(champion("z"), held, reason="back", event_id="r", now=NOW)
+    assert claim_number(tested, restored, scored("c"))[1] == 1
 
 
 # ---------------------------------------------------------------------------- regressions
@@ -90,6 +182,56 @@ def test_a_level_that_drops_blocks_a_promotion_even_when_the_whole_is_better():
     assert "binary/1 accuracy 0.400 vs 0.500: down 10.0 points (more than 5)" in decision.reason
     assert "not better beyond the noise" not in decision.reason  # 10 vs 2: p = 0.019
     assert decide(scored(correct=candidate), champion(), max_level_drop=0.1).promote  # the limit is not past it
+
+
+LEVEL_1_WRONG = [i for i in WRONG if i < N // 2]
+LEVEL_2_WRONG = [i for i in WRONG if i >= N // 2]
+
+
+def best_at(correct: list[bool], suite_version: str = SUITE) -> Champion:
+    """The base champion, where the best champion so far scored `correct`."""
+    return msgspec.structs.replace(champion(), best_levels=levels_of(correct), best_suite_version=suite_version)
+
+
+def test_no_level_may_fall_below_the_best_champion_so_far_by_more_than_the_margin():
+    # A champion at 0.5 on binary/1 (rolled back to, say) where an earlier one had 0.8.
+    held = best_at(flipped(BASE, gain=LEVEL_1_WRONG[:6]))
+    down_10 = scored(correct=flipped(BASE, gain=LEVEL_1_WRONG[:4] + LEVEL_2_WRONG[:6]))  # p = 0.001
+    decision = decide(down_10, held)
+    assert decision.outcome == "kept" and "not better beyond the noise" not in decision.reason
+    assert (f"below the best champion so far on suite {SUITE}: binary/1 accuracy 0.700 vs 0.800: down 10.0 points "
+            "(more than 5)") in decision.reason
+    assert "regressions:" not in decision.reason  # up 20 points on the champion itself
+    down_5 = scored(correct=flipped(BASE, gain=LEVEL_1_WRONG[:5] + LEVEL_2_WRONG[:6]))
+    promoted = decide(down_5, held)
+    assert promoted.promote and "no level down more than 5 points against the champion or the best" in promoted.reason
+    assert decide(down_10, held, max_level_drop=0.1).promote
+    # A best on another suite says nothing about this one.
+    assert decide(down_10, best_at(flipped(BASE, gain=LEVEL_1_WRONG[:6]), suite_version="binary-v1-old")).promote
+
+
+def test_the_best_levels_are_kept_by_promotions_and_rollbacks_and_restart_with_the_suite():
+    held = best_at(flipped(BASE, gain=LEVEL_1_WRONG[:6]))  # best binary/1 0.8, binary/2 0.5
+    assert {k: v.accuracy for k, v in best_levels(held, SUITE).items()} == {"binary/1": 0.8, "binary/2": 0.5}
+    new = crowned(scored(correct=flipped(BASE, gain=LEVEL_1_WRONG[:3] + LEVEL_2_WRONG[:8])), held, reason="why",
+                  event_id="e", now=NOW)
+    assert new.best_suite_version == SUITE
+    assert {k: v.accuracy for k, v in new.best_levels.items()} == {"binary/1": 0.8, "binary/2": 0.9}
+    # A rollback keeps the best so far, whichever champion it restores.
+    back = rolled_back(champion("z"), new, reason="back", event_id="r", now=NOW)
+    assert back.best_levels == new.best_levels and back.best_suite_version == SUITE
+    # A new suite starts afresh from the champion's score there...
+    moved = rescored(back, scored("z", BASE, suite_version="binary-v1-new"))
+    assert moved.best_suite_version == "binary-v1-new" and moved.best_levels == levels_of(BASE)
+    # ...unless a rollback brought the best from that very suite (the champion rescored on it).
+    old = rolled_back(champion("y", suite_version="binary-v1-old"), new, reason="back", event_id="r2", now=NOW)
+    assert rescored(old, scored("y", BASE)).best_levels == new.best_levels
+
+
+def test_manual_deploy_says_when_a_level_is_below_the_best_champion_so_far():
+    decision, _ = decide_manual([scored()], SUITE, best_at(flipped(BASE, gain=LEVEL_1_WRONG[:6])), "b" * 64)
+    assert decision.promote
+    assert f"below the best champion so far on suite {SUITE}: binary/1 accuracy 0.500 vs 0.800" in decision.reason
 
 
 @pytest.mark.parametrize(("val_loss", "max_loss_rise", "promote"), [
@@ -159,7 +301,7 @@ def test_the_champions_score_on_a_new_suite_is_recorded_then_candidates_compare_
     record = rescored(old, rescore)
     assert record.suite_version == SUITE and record.outcomes == rescore.outcomes and record.eval_id == rescore.id
     assert record.checkpoint_uri == old.checkpoint_uri and record.event_id == old.event_id  # what is served is unchanged
-    assert decide(scored(correct=flipped(BASE, gain=WRONG[:5])), record).promote
+    assert decide(scored(correct=flipped(BASE, gain=WRONG[:6])), record).promote
     assert decide(rescore, record).outcome == "already_champion"
 
 
@@ -241,8 +383,14 @@ def test_champion_record_round_trips_and_reads_records_written_before_scores_wer
     record = champion()
     assert msgspec.json.decode(msgspec.json.encode(record), type=Champion) == record
     old = msgspec.json.encode({k: v for k, v in msgspec.to_builtins(record).items()
-                               if k not in ("eval_id", "num_examples", "outcomes", "levels", "rolled_back_runs")})
+                               if k not in ("eval_id", "num_examples", "outcomes", "levels", "rolled_back_runs",
+                                            "best_levels", "best_suite_version")})
     decoded = msgspec.json.decode(old, type=Champion)
     assert decoded.outcomes == "" and decoded.rolled_back_runs == []
+    # A record from before the best levels were kept: its own score is the best so far.
+    before_best = msgspec.json.decode(msgspec.json.encode({k: v for k, v in msgspec.to_builtins(record).items()
+                                                           if k not in ("best_levels", "best_suite_version")}),
+                                      type=Champion)
+    assert best_levels(before_best, SUITE) == record.levels
     # Its score has no per-item outcomes: a candidate waits for the champion's rescore.
     assert decide(scored(correct=flipped(BASE, gain=WRONG)), decoded).outcome == "kept"

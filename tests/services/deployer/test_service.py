@@ -28,14 +28,14 @@ from libs.common.events import (
     utcnow,
 )
 from libs.common.http import ServiceMetrics, create_app
-from libs.common.records import CHAMPION, DEPLOY_DECISIONS, DEPLOYMENT
+from libs.common.records import CANDIDATES_TESTED, CHAMPION, DEPLOY_DECISIONS, DEPLOYMENT
 from libs.common.settings import load_settings
 from services.deployer.confirmation import served
 from services.deployer.service import SERVICE, Deployer
 from services.deployer.settings import DeployerSettings
 from tests.conftest import wait_for
 from tests.services.conftest import running
-from tests.services.deployer.candidates import base, better, scored
+from tests.services.deployer.candidates import SUITE, base, better, scored
 from tests.services.deployer.replica import (
     confirm,
     newest,
@@ -56,7 +56,7 @@ def settings_for(nats_url: str, **overrides) -> DeployerSettings:
 
 async def make_deployer(bus: Bus) -> Deployer:
     return Deployer(settings_for("unused"), bus, ServiceMetrics("deployer"), await bus.record(CHAMPION),
-                    await bus.record(DEPLOY_DECISIONS), await bus.record(DEPLOYMENT))
+                    await bus.record(DEPLOY_DECISIONS), await bus.record(DEPLOYMENT), await bus.record(CANDIDATES_TESTED))
 
 
 def delivery(bus: Bus) -> Delivery:
@@ -147,10 +147,12 @@ async def test_scores_promote_only_gains_beyond_the_noise_and_every_decision_is_
         # The champion's score again (the evaluator republishing it after the duplicate window).
         await bus.publish(topology.EVAL_SCORED, msgspec.structs.replace(scored("a", BASE), id=new_id()))
         await bus.publish(topology.EVAL_SCORED, scored("c", better(BASE, 8), val_loss=1.5))  # up 50%: kept
-        await bus.publish(topology.EVAL_SCORED, scored("d", better(BASE, 6)))  # p = 0.016: promoted
+        # The third candidate against "a" is tested at alpha_3 = 0.05/12: p = 0.002 is promoted.
+        await bus.publish(topology.EVAL_SCORED, scored("d", better(BASE, 9)))
         second = await next_event(deployed, ModelDeployed)
         assert second.checkpoint_sha256 == "d" * 64 and second.previous_checkpoint_uri == first.checkpoint_uri
-        assert "p = 0.0156 <= alpha 0.05" in second.reason
+        assert second.reason.startswith("candidate 3 against this champion: tested at alpha_3 = 0.0042")
+        assert "p = 0.0020 <= alpha_3 0.0042" in second.reason
         await handled(bus, 5)
         await decided(bus, 4)
 
@@ -162,22 +164,27 @@ async def test_scores_promote_only_gains_beyond_the_noise_and_every_decision_is_
     assert [(d["outcome"], d["checkpoint_sha256"][0]) for d in served_decisions] == [
         ("promoted", "d"), ("kept", "c"), ("kept", "b"), ("promoted", "a")]  # newest first; a's repeat is no decision
     assert "right where the champion is wrong on 3 and wrong where it is right on 0" in served_decisions[2]["reason"]
-    assert "p = 0.1250 > alpha 0.05" in served_decisions[2]["reason"]
+    assert "p = 0.1250 > alpha_1 0.025" in served_decisions[2]["reason"]
+    assert served_decisions[1]["reason"].startswith("candidate 2 against this champion")
     assert "val loss 1.5000 vs 1.0000: up 50.0% (more than 15%)" in served_decisions[1]["reason"]
     assert served_decisions[0]["champion_sha256"] == "a" * 64
     assert served_decisions[0]["reason"].endswith("; served by test-replica")
     champion, _ = await (await bus.record(CHAMPION)).read()
     assert champion.checkpoint_sha256 == "d" * 64 and champion.event_id == second.id
-    assert champion.outcomes == scored("d", better(BASE, 6)).outcomes  # what the next candidate is paired with
+    assert champion.outcomes == scored("d", better(BASE, 9)).outcomes  # what the next candidate is paired with
+    tested, _ = await (await bus.record(CANDIDATES_TESTED)).read()
+    # Three candidates were numbered against "a"; none yet against "d", whose count starts afresh.
+    assert (tested.champion_event_id, tested.count) == (first.id, 3)
+    assert len(await (await bus.record(CHAMPION)).history()) == 2  # one value per champion, none per test
     # The re-announcement of "a" carried a's original id: JetStream dropped it.
     assert [e.checkpoint_sha256[0] for e in await deployed_events(bus)] == ["a", "d"]
 
 
 async def test_settings_tune_the_rule(bus: Bus, nats_server: str):
-    async with running(SERVICE, settings_for(nats_server, alpha=0.2, max_loss_rise=1.0)), replica(bus):
+    async with running(SERVICE, settings_for(nats_server, alpha=0.3, max_loss_rise=1.0)), replica(bus):
         await bus.publish(topology.EVAL_SCORED, scored("a", BASE))
         await settled(bus)
-        await bus.publish(topology.EVAL_SCORED, scored("b", better(BASE, 3), val_loss=1.5))  # p = 0.125 <= 0.2
+        await bus.publish(topology.EVAL_SCORED, scored("b", better(BASE, 3), val_loss=1.5))  # p = 0.125 <= 0.3/2
         await champion_is(bus, "b" * 64)
         await decided(bus, 2)
     assert [d.outcome for d in await decisions(bus)] == ["promoted", "promoted"]
@@ -224,6 +231,33 @@ async def test_racing_deployers_never_both_win(bus: Bus, nats_server: str):
         assert len(await decisions(bus)) == 9  # every decision kept once, whichever replica made it
     finally:
         await other_bus.close()
+
+
+async def test_each_candidate_spends_alpha_once_against_its_champion(bus: Bus):
+    deployer, other = await make_deployer(bus), await make_deployer(bus)
+    await promote(deployer, scored("a", BASE))
+    b = scored("b", better(BASE, 3))
+    await deployer.on_eval_scored(b, delivery(bus))
+    await deployer.on_eval_scored(b, delivery(bus))  # a redelivery: the same decision, kept once
+    # The same checkpoint and suite scored again (republished under a new id): still candidate 1.
+    await deployer.on_eval_scored(msgspec.structs.replace(b, id=new_id()), delivery(bus))
+    await deployer.on_eval_scored(scored("c", better(BASE, 2)), delivery(bus))
+    # Two deployers deciding at once never give two candidates one number.
+    await asyncio.gather(*[(deployer if i % 2 else other).on_eval_scored(scored(sha, better(BASE, 1)), delivery(bus))
+                           for i, sha in enumerate("defghijk")])
+    champion, _ = await deployer.champion.read()
+    tested, _ = await deployer.candidates.read()
+    assert champion.checkpoint_sha256 == "a" * 64 and (tested.champion_event_id, tested.count) == (champion.event_id, 10)
+    assert tested.keys[:2] == [f"{'b' * 64}@{SUITE}", f"{'c' * 64}@{SUITE}"]
+    numbers = [int(d.reason.split()[1]) for d in (await decisions(bus))[1:]]
+    assert numbers[:3] == [1, 1, 2] and sorted(numbers[3:]) == list(range(3, 11))
+    # The eleventh is tested at alpha_11 = 0.05/132: p = 0.0002 is promoted, and the count restarts.
+    await promote(deployer, scored("l", better(BASE, 12)))
+    champion, _ = await deployer.champion.read()
+    assert champion.checkpoint_sha256 == "l" * 64
+    assert (await decisions(bus))[-1].reason.startswith("candidate 11 against this champion")
+    await promote(deployer, scored("b", better(BASE, 3)))
+    assert (await decisions(bus))[-1].reason.startswith("candidate 1 against this champion")
 
 
 async def test_a_new_suite_waits_for_the_champions_rescore(bus: Bus):
@@ -300,7 +334,7 @@ async def test_a_replica_that_cannot_load_it_fails_the_deployment_and_the_champi
     kept = await decisions(bus)
     assert [d.outcome for d in kept] == ["promoted", "deploy_failed"]
     assert kept[1].reason.startswith("replica test-replica could not serve it: checkpoint sha256 does not match; "
-                                     "staged because: better beyond the noise")
+                                     "staged because: candidate 1 against this champion")
 
 
 async def test_no_report_in_time_fails_the_deployment(bus: Bus, nats_server: str):
@@ -435,8 +469,14 @@ async def test_rollback_is_staged_then_restores_the_previous_champion_and_bars_i
     assert (await deployer.champion.read())[0].checkpoint_sha256 == "a" * 64
     refused = (await decisions(bus))[-1]
     assert refused.outcome == "refused" and "run run-c was rolled back" in refused.reason
-    # The restored champion's score is what the next candidate must beat.
-    await promote(deployer, scored("d", better(BASE, 5)))
+    # The restored champion's score is what the next candidate is paired with, the first against
+    # it; but a rollback keeps the best levels so far (c's: 1.0 and 0.6), which bound its levels.
+    await promote(deployer, scored("f", better(BASE, 10)))
+    kept = (await decisions(bus))[-1]
+    assert kept.outcome == "kept" and kept.reason.startswith("candidate 1 against this champion")
+    assert (f"below the best champion so far on suite {SUITE}: binary/2 accuracy 0.500 vs 0.600: down 10.0 points "
+            "(more than 5)") in kept.reason
+    await promote(deployer, scored("d", better(BASE, 12)))
     assert (await deployer.champion.read())[0].checkpoint_sha256 == "d" * 64
     assert (await deployed_events(bus))[-1].checkpoint_sha256 == "d" * 64
 

@@ -9,22 +9,27 @@ import httpx
 
 from libs.common.http import ServiceMetrics, create_app
 from services.evaluator.api import router
-from services.evaluator.scorebook import Scorebook
-from services.evaluator.suite import build_suite
+from services.evaluator.scorebook import ChampionTestRecord, Scorebook
+from services.evaluator.suite import build_suite, build_test_suite
 
 
 async def test_a_malformed_checkpoint_hash_gets_fastapis_422(tmp_path: Path):
     # Found by tests/fuzz: GET /scores/0 answered 422 {"detail": "not a sha256 hex digest"}, a body
     # against the 422 its own OpenAPI document declares ({"detail": [problems]}).
     app = create_app("evaluator", ServiceMetrics("evaluator"), {})
-    app.include_router(router(SimpleNamespace(suite=build_suite({"binary": 1, "syllo": 1}, 2, seed=0),
-                                              scorebook=Scorebook(tmp_path / "scores"))))
+    suite = build_suite({"binary": 1, "syllo": 1}, 2, seed=0)
+    app.include_router(router(SimpleNamespace(suite=suite, test_suite=build_test_suite(suite, seed=1),
+                                              scorebook=Scorebook(tmp_path / "scores"),
+                                              testbook=Scorebook(tmp_path / "test-scores", ChampionTestRecord))))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-        for malformed in ("0", "A" * 64, "g" * 64):
-            response = await client.get(f"/scores/{malformed}")
-            assert response.status_code == 422, response.text
-            [problem] = response.json()["detail"]
-            assert problem["loc"] == ["path", "sha256"]
-        assert (await client.get(f"/scores/{'1' * 64}")).status_code == 404  # well-formed, never scored
+        for route in ("scores", "tests"):
+            for malformed in ("0", "A" * 64, "g" * 64):
+                response = await client.get(f"/{route}/{malformed}")
+                assert response.status_code == 422, response.text
+                [problem] = response.json()["detail"]
+                assert problem["loc"] == ["path", "sha256"]
+            assert (await client.get(f"/{route}/{'1' * 64}")).status_code == 404  # well-formed, never scored
+        test_suite = (await client.get("/test-suite")).json()
+        assert test_suite["name"] == "skills-test" and test_suite["items_per_level"] == {"binary/1": 2, "syllo/1": 2}
         pattern = (await client.get("/openapi.json")).json()["paths"]["/scores/{sha256}"]["get"]["parameters"][0]
         assert pattern["schema"]["pattern"] == "^[0-9a-f]{64}$"

@@ -1,5 +1,5 @@
 """A diverged checkpoint's score (NaN val loss) crosses the bus as null and breaks no consumer:
-the deployer refuses it with a reason, the curriculum counts it, nothing is dead-lettered."""
+the deployer (its one consumer) refuses it with a reason, nothing is dead-lettered."""
 
 from __future__ import annotations
 
@@ -11,11 +11,8 @@ import pytest
 from libs.common import topology
 from libs.common.bus import Bus
 from libs.common.events import EvalScored, LevelScore, encode_outcomes
-from libs.common.records import DEPLOY_DECISIONS, skill_state
+from libs.common.records import DEPLOY_DECISIONS
 from libs.common.settings import load_settings
-from services.curriculum.progression import eval_key
-from services.curriculum.service import SERVICE as CURRICULUM
-from services.curriculum.settings import CurriculumSettings
 from services.deployer.service import SERVICE as DEPLOYER
 from services.deployer.settings import DeployerSettings
 from tests.conftest import wait_for
@@ -45,15 +42,13 @@ async def test_a_nan_val_loss_round_trips_and_no_consumer_dead_letters_it(bus: B
     assert decoded.val_loss is None and decoded.ece is None and decoded.levels["binary/1"].val_loss is None
 
     common = {"environ": {}, "nats_url": nats_server, "data_dir": str(tmp_path / "data")}
-    async with (running(DEPLOYER, load_settings(DeployerSettings, "deployer", **common)),
-                running(CURRICULUM, load_settings(CurriculumSettings, "curriculum", enabled=False, **common))):
+    assert [spec.durable for spec in topology.CONSUMERS if spec.filter_subject == topology.EVAL_SCORED] == [
+        topology.DEPLOYER.durable]
+    async with running(DEPLOYER, load_settings(DeployerSettings, "deployer", **common)):
         await bus.publish(topology.EVAL_SCORED, event)
-        for spec in (topology.DEPLOYER, topology.CURRICULUM):
-            await wait_for(lambda spec=spec: settled(bus, spec), f"{spec.durable} to settle the score")
+        await wait_for(lambda: settled(bus, topology.DEPLOYER), "the deployer to settle the score")
 
     assert (await bus.js.stream_info("DEADLETTER")).state.messages == 0
     decisions, _ = await (await bus.record(DEPLOY_DECISIONS)).read()
     [refused] = decisions.decisions
     assert refused.outcome == "refused" and "val loss is not finite" in refused.reason
-    state, _ = await (await bus.record(skill_state("binary"))).read()
-    assert eval_key(event.checkpoint_sha256, event.suite_version) in state.seen

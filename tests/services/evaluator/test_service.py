@@ -1,5 +1,7 @@
 """The evaluator on a real bus: checkpoint.saved -> eval.scored (and hard examples), once per
-(checkpoint, suite); the base model scored as the first candidate while there is no champion."""
+(checkpoint, suite); the base model scored as the first candidate while there is no champion;
+every champion, and no other checkpoint, on the sealed test suite (eval.tested), once per
+(checkpoint, test version)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from libs.common import topology
 from libs.common.artifacts import ArtifactStore, sha256_dir
 from libs.common.bus import REASON_HEADER, Bus
 from libs.common.events import (
+    ChampionTested,
     CheckpointSaved,
     DatasetAccepted,
     DatasetSubmitted,
@@ -21,6 +24,7 @@ from libs.common.events import (
     LevelScore,
     new_id,
 )
+from libs.common.history import read_subject
 from libs.common.http import ServiceMetrics, create_app
 from libs.common.records import CHAMPION, Champion
 from libs.common.settings import load_settings
@@ -30,6 +34,7 @@ from services.evaluator.hard_examples import probe_items
 from services.evaluator.scorebook import ScoreRecord
 from services.evaluator.service import SERVICE
 from services.evaluator.settings import EvaluatorSettings
+from services.evaluator.suite import shared_problems
 from services.gatekeeper.service import SERVICE as GATEKEEPER
 from services.gatekeeper.settings import GatekeeperSettings
 from tests.conftest import wait_for
@@ -198,7 +203,8 @@ async def test_the_champion_is_scored_on_this_suite_and_candidates_are_flagged_a
         assert evaluator.scorebook.get(artifact.sha256, evaluator.suite.version).hard_examples is None
 
     assert await stream_messages(bus, "DATASETS") == 0
-    assert await stream_messages(bus, "EVALS") == 2  # the champion's rescore and the candidate's score
+    # The champion's rescore and the candidate's score (the champion's sealed test goes to eval.tested).
+    assert len(await read_subject(bus, topology.EVAL_SCORED)) == 2
     assert not (tmp_path / "data" / "artifacts" / "models").exists()  # the base model was never registered
 
 
@@ -258,3 +264,109 @@ async def test_the_gatekeeper_accepts_the_hard_examples_at_low_priority(
         accepted = msgspec.json.decode((await accepted_sub.next_msg(timeout=60)).data, type=DatasetAccepted)
     # The untrained model fails every probe it answers, at least the 6 Binary ones.
     assert accepted.priority == "low" and accepted.num_rows >= 6 and accepted.name.startswith("hard-examples-")
+
+
+# ---------------------------------------------------------------------------- the sealed test
+
+
+def copy_checkpoint(store: ArtifactStore, checkpoint: CheckpointSaved, run_id: str) -> CheckpointSaved:
+    """Another final checkpoint of the same weights (one more file: another sha256)."""
+    target = store.location("checkpoints", run_id, "step-4")
+    shutil.copytree(store.verify(checkpoint.uri, checkpoint.sha256), target)
+    (target / "NOTES.txt").write_text(run_id)
+    artifact = store.describe_dir(target)
+    return msgspec.structs.replace(checkpoint, id=new_id(), run_id=run_id, uri=artifact.uri, sha256=artifact.sha256)
+
+
+def champion_of(scored: EvalScored) -> Champion:
+    """The champion record the deployer writes for a promoted candidate (its fields that exist for good)."""
+    return Champion(
+        checkpoint_uri=scored.checkpoint_uri, checkpoint_sha256=scored.checkpoint_sha256, run_id=scored.run_id,
+        step=scored.step, exact_match=scored.exact_match, val_loss=scored.val_loss,
+        suite_version=scored.suite_version, deployed_at=scored.time, event_id=new_id(), eval_id=scored.id,
+        num_examples=scored.num_examples, outcomes=scored.outcomes, levels=scored.levels,
+    )
+
+
+async def test_every_champion_is_scored_on_the_sealed_test_once_per_test_version_and_no_other_checkpoint(
+    bus: Bus, nats_server: str, checkpoint: CheckpointSaved, tmp_path: Path,
+):
+    # A core subscription sees every publish, also one JetStream drops as a duplicate.
+    tested: list[tuple[str, ChampionTested]] = []
+
+    async def on_tested(msg) -> None:
+        tested.append((msg.headers["Nats-Msg-Id"], msgspec.json.decode(msg.data, type=ChampionTested)))
+
+    await bus.nc.subscribe(topology.EVAL_TESTED, cb=on_tested)
+    scored_sub = await bus.js.subscribe(topology.EVAL_SCORED)
+    champion_record = await bus.record(CHAMPION)
+    store = ArtifactStore(tmp_path / "data" / "artifacts")
+    first, second, never = checkpoint, copy_checkpoint(store, checkpoint, "run-2"), copy_checkpoint(store, checkpoint, "run-3")
+    settings = evaluator_settings(nats_server, tmp_path, champion_check_s=0.1)
+
+    def tests_of(sha256: str) -> list[ChampionTested]:
+        return [event for _, event in tested if event.checkpoint_sha256 == sha256]
+
+    async with running(SERVICE, settings) as evaluator:
+        test_suite = evaluator.test_suite
+        assert test_suite.name == "skills-test" and test_suite.version != evaluator.suite.version
+        assert test_suite.levels() == evaluator.suite.levels() and len(test_suite.items) == 6
+        assert not shared_problems(test_suite, evaluator.suite)
+        # Three candidates scored on the selection suite; none is champion, none is tested.
+        for saved in (first, second, never):
+            await bus.publish(topology.CHECKPOINT_SAVED, saved)
+        scores = {}
+        for _ in range(3):
+            score = msgspec.json.decode((await scored_sub.next_msg(timeout=60)).data, type=EvalScored)
+            scores[score.checkpoint_sha256] = score
+
+        # The first becomes champion: it is scored on the sealed test and announced.
+        await champion_record.put(champion_of(scores[first.sha256]))
+        await wait_for(lambda: tests_of(first.sha256), "the first champion's sealed test")
+        [(msg_id, event)] = tested
+        assert msg_id == event.id and event.source == "evaluator"
+        assert (event.run_id, event.step, event.checkpoint_uri) == ("run-1", 4, first.uri)
+        assert (event.suite, event.suite_version) == ("skills-test", test_suite.version)
+        assert event.eval_id == scores[first.sha256].id and event.selection_suite_version == evaluator.suite.version
+        assert event.num_examples == 6 and len(event.item_outcomes()) == 6 and event.val_loss > 0
+        assert event.exact_match_low <= event.exact_match <= event.exact_match_high
+        assert set(event.levels) == {"binary/1", "binary/2", "syllo/1"}
+        assert all(s.total == 2 and s.low <= s.accuracy <= s.high for s in event.levels.values())
+        record = evaluator.testbook.get(first.sha256, test_suite.version)
+        # Recorded as published (the bus names the source as it sends).
+        assert msgspec.structs.replace(record.event, source="evaluator") == event and len(record.items) == 6
+        await wait_for(lambda: evaluator.testbook.get(first.sha256, test_suite.version).published, "marked published")
+
+        # A new champion gets its own; the first is not announced again meanwhile.
+        await champion_record.put(champion_of(scores[second.sha256]))
+        await wait_for(lambda: tests_of(second.sha256), "the second champion's sealed test")
+        await wait_for(lambda: evaluator.testbook.get(second.sha256, test_suite.version).published, "marked published")
+        assert [e.checkpoint_sha256 for _, e in tested] == [first.sha256, second.sha256]
+    announced = evaluator.testbook.get(second.sha256, test_suite.version)
+    assert await stream_messages(bus, "EVALS") == 3 + 2  # the three selection scores, the two tests
+
+    # A crash between recording and publishing: the next start publishes the recorded event (same
+    # id, not scored again), and only that.
+    evaluator.testbook.save(msgspec.structs.replace(announced, published=False))
+    async with running(SERVICE, settings) as evaluator:
+        await wait_for(lambda: len(tested) == 3, "the recorded test published again")
+        assert tested[2] == (announced.event.id, msgspec.structs.replace(announced.event, source="evaluator"))
+        await wait_for(lambda: evaluator.testbook.get(second.sha256, test_suite.version).published, "marked published")
+    assert await stream_messages(bus, "EVALS") == 5  # a duplicate id: JetStream dropped it
+
+    # A new test seed rolls out a new test version: the champion is tested on it first, then the one it
+    # replaced (so the promotion between them compares on the same items); the old scores stay.
+    async with running(SERVICE, evaluator_settings(nats_server, tmp_path, champion_check_s=0.1,
+                                                   test_seed=settings.test_seed + 1)) as evaluator:
+        assert evaluator.test_suite.version != test_suite.version
+        await wait_for(lambda: len(tested) == 5, "the champions' tests on the new version")
+        renewed = tested[3][1]
+        assert renewed.checkpoint_sha256 == second.sha256 and renewed.suite_version == evaluator.test_suite.version
+        assert (tested[4][1].checkpoint_sha256, tested[4][1].suite_version) == (first.sha256, renewed.suite_version)
+        assert renewed.id != announced.event.id
+        assert evaluator.testbook.get(second.sha256, test_suite.version).event == announced.event
+        assert [r.event.suite_version for r in evaluator.testbook.for_checkpoint(second.sha256)] == sorted(
+            [test_suite.version, renewed.suite_version])
+    assert await stream_messages(bus, "EVALS") == 7
+    # Only champions were ever tested.
+    assert not tests_of(never.sha256) and not evaluator.testbook.for_checkpoint(never.sha256)

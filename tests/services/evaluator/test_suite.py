@@ -1,4 +1,5 @@
-"""The held-out suite: every skill's levels, deterministic, versioned by content, fixed once saved."""
+"""The suites: every skill's levels, deterministic, versioned by content, fixed once saved; the sealed
+test suite beside the selection suite shares no problem with it."""
 
 from __future__ import annotations
 
@@ -6,11 +7,19 @@ from pathlib import Path
 
 import pytest
 
+from libs.common.events import ChampionTested
 from libs.common.settings import load_settings
 from libs.common.skills import SKILLS, binary, syllo
 from services.evaluator import suite as suite_module
+from services.evaluator.scorebook import ChampionTestRecord, Scorebook
 from services.evaluator.settings import EvaluatorSettings
-from services.evaluator.suite import build_suite, load_or_create_suite
+from services.evaluator.suite import (
+    Suite,
+    build_suite,
+    build_test_suite,
+    load_or_create_suite,
+    load_or_create_test_suite,
+)
 
 BOTH = {"binary": 3, "syllo": 2}
 
@@ -74,6 +83,10 @@ def test_the_default_settings_build_a_feasible_suite():
     for key in counts:  # distinct problems within a level (two levels' ranges may overlap)
         prompts = [item.messages[0].content for item in suite.items if item.level_key == key]
         assert len(set(prompts)) == len(prompts), key
+    # Every level also holds as many more for the sealed test, none of them a suite problem.
+    assert settings.test_seed != settings.suite_seed
+    test = build_test_suite(suite, settings.test_seed)
+    assert len(test.items) == len(suite.items) and not keys(test) & keys(suite)
 
 
 def test_a_level_without_enough_distinct_problems_is_refused():
@@ -90,3 +103,79 @@ def test_saved_suite_is_reused_even_if_the_generator_changes(tmp_path: Path, mon
     assert again == saved
     # SYLLO's list answers come back as lists.
     assert any(isinstance(item.expected, list) for item in again.items)
+
+
+# ---------------------------------------------------------------------------- the sealed test suite
+
+
+def keys(suite: Suite) -> set[tuple[str, str]]:
+    """What each of the suite's problems is, by its skill's own `problem_key`."""
+    return {(item.skill, SKILLS[item.skill].problem_key(item.messages[0].content)) for item in suite.items}
+
+
+def per_level(suite: Suite) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in suite.items:
+        counts[item.level_key] = counts.get(item.level_key, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("test_seed", [11, 7])  # 7: the selection suite's own seed
+def test_the_test_suite_holds_fresh_eval_problems_at_the_same_levels_and_none_of_the_selection_suite(test_seed):
+    selection = build_suite(BOTH, 16, seed=7)
+    test = build_test_suite(selection, test_seed)
+    assert test.name == "skills-test" and test.version.startswith("skills-test-v2-")
+    assert test.levels() == selection.levels() and per_level(test) == per_level(selection)
+    assert all(SKILLS[item.skill].split_of(item.messages[0].content) == "eval" for item in test.items)
+    # No problem twice within the test suite, and none of the selection suite's.
+    assert len(keys(test)) == len(test.items)
+    assert not keys(test) & keys(selection)
+    assert not suite_module.shared_problems(test, selection)
+    for item in test.items:
+        assert SKILLS[item.skill].is_correct(item.expected, item.messages[-1].content)
+
+
+def test_the_test_suite_is_deterministic_and_its_version_changes_with_its_seed():
+    selection = build_suite(BOTH, 8, seed=7)
+    first = build_test_suite(selection, 11)
+    assert build_test_suite(selection, 11) == first
+    assert build_test_suite(selection, 12).version != first.version
+    assert first.version != selection.version
+
+
+def test_a_new_test_seed_rolls_out_a_new_test_version_and_the_old_scores_stay_readable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+):
+    selection = load_or_create_suite(tmp_path, BOTH, 2, seed=5)
+    first = load_or_create_test_suite(tmp_path, selection, seed=11)
+    assert len(list(tmp_path.glob("skills-test-*.jsonl"))) == 1
+    testbook = Scorebook(tmp_path / "test-scores", ChampionTestRecord)
+    old = ChampionTestRecord(event=champion_tested(first.version), items=[], published=True)
+    testbook.save(old)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(suite_module, "build_test_suite", lambda *a: pytest.fail("must not regenerate"))
+        assert load_or_create_test_suite(tmp_path, selection, seed=11) == first  # written once, read back
+
+    second = load_or_create_test_suite(tmp_path, selection, seed=12)
+    assert second.version != first.version and len(list(tmp_path.glob("skills-test-*.jsonl"))) == 2
+    assert testbook.get("a" * 64, second.version) is None  # the champion is to be tested again
+    testbook.save(ChampionTestRecord(event=champion_tested(second.version), items=[]))
+    assert testbook.get("a" * 64, first.version) == old  # the earlier version's score stays
+    assert [r.event.suite_version for r in testbook.for_checkpoint("a" * 64)] == sorted([first.version, second.version])
+
+
+def test_a_saved_test_suite_that_shares_a_problem_with_the_selection_suite_is_refused(tmp_path: Path):
+    selection = load_or_create_suite(tmp_path, BOTH, 2, seed=5)
+    path = tmp_path / f"skills-test-seed11-for-{selection.version}.jsonl"
+    path.write_bytes((tmp_path / "skills-seed5-binary3-syllo2-n2.jsonl").read_bytes())
+    with pytest.raises(ValueError, match="shares 10 problem"):
+        load_or_create_test_suite(tmp_path, selection, seed=11)
+
+
+def champion_tested(version: str) -> ChampionTested:
+    return ChampionTested(
+        run_id="r", step=1, checkpoint_uri="file:///c", checkpoint_sha256="a" * 64, suite="skills-test",
+        suite_version=version, exact_match=0.5, exact_match_low=0.2, exact_match_high=0.8, num_examples=2,
+        val_loss=1.0, levels={}, outcomes="80", eval_id="e", selection_suite_version="skills-v2-x",
+    )

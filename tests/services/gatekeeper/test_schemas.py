@@ -135,7 +135,8 @@ def test_checks_nest_by_level_and_specs_list_each_level_once():
     described = {s["name"]: s for s in describe_schemas()}
     assert set(described) == {"chat_sft_v1", "syllo_v1", "completion_v1"} and described["chat_sft_v1"]["default"]
     assert [c["name"] for c in described["chat_sft_v1"]["checks"]["standard"]] == [
-        "template", "token_length", "token_truncation"]
+        "held_out", "template", "token_length", "token_truncation"]
+    assert "held_out" not in [c["name"] for c in described["completion_v1"]["checks"]["standard"]]
     deep = [c["name"] for c in described["syllo_v1"]["checks"]["deep"]]
     assert deep[:2] == ["answer_format", "answer_leakage"] and "exact_duplicate" in deep
     assert "answer_leakage" not in [c["name"] for c in described["completion_v1"]["checks"]["deep"]]

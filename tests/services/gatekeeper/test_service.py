@@ -159,7 +159,7 @@ async def test_http_body_and_multipart_uploads(gatekeeper: Running, bus: Bus):
     quick = [c["name"] for c in specs["schemas"][0]["checks"]["quick"]]
     assert specs["default_schema"] == "chat_sft_v1" and "last_turn_assistant" in quick
     assert [s["name"] for s in specs["schemas"]] == ["chat_sft_v1", "syllo_v1", "completion_v1"]
-    assert [c["name"] for c in specs["schemas"][0]["checks"]["standard"]] == ["template", "token_length",
+    assert [c["name"] for c in specs["schemas"][0]["checks"]["standard"]] == ["held_out", "template", "token_length",
                                                                               "token_truncation"]
     assert "answer_leakage" in [c["name"] for c in specs["schemas"][0]["checks"]["deep"]]
     assert specs["policy"]["overlength"] == "truncate" and "syllo_v1" in specs["row_json_schemas"]

@@ -127,6 +127,36 @@ def test_plan_counts_partial_batches_and_caps_steps():
     assert TrainingPlan([5] * 10, padded(4, accumulate=2), 2, 0, 0, "d").total_steps == 4
 
 
+def test_a_token_budget_ends_the_plan_at_the_step_that_reaches_it():
+    lengths = [5] * 10  # padded batches of 4 rows: steps of 20, 20 and 10 real tokens an epoch
+    plan = TrainingPlan(lengths, padded(4), epochs=9, max_steps=0, seed=0, dataset_id="d", max_tokens=100)
+    # 20 + 20 + 10 + 20 + 20 = 90 < 100: the sixth step (10 tokens) reaches it exactly.
+    assert (plan.total_steps, plan.total_tokens) == (6, 100)
+    # A budget between step boundaries ends at the step that crosses it, never before it.
+    assert (TrainingPlan(lengths, padded(4), 9, 0, 0, "d", max_tokens=91).total_steps,
+            TrainingPlan(lengths, padded(4), 9, 0, 0, "d", max_tokens=91).total_tokens) == (6, 100)
+    assert TrainingPlan(lengths, padded(4), 9, 0, 0, "d", max_tokens=1).total_steps == 1
+    # Whichever comes first: epochs, max_steps, max_tokens.
+    assert TrainingPlan(lengths, padded(4), 1, 0, 0, "d", max_tokens=1000).total_steps == 3
+    assert TrainingPlan(lengths, padded(4), 9, max_steps=4, seed=0, dataset_id="d", max_tokens=1000).total_steps == 4
+    assert TrainingPlan(lengths, padded(4), 9, max_steps=4, seed=0, dataset_id="d", max_tokens=30).total_steps == 2
+    # No cap: every epoch, and the plan still says how many tokens that is.
+    assert (TrainingPlan(lengths, padded(4), 2, 0, 0, "d").total_tokens) == 100
+    # The steps are the uncapped plan's, cut: the budget changes where the run ends, not its batches.
+    uncapped = TrainingPlan(lengths, padded(4), 9, 0, 0, "d")
+    assert [plan.step(s) for s in range(6)] == [uncapped.step(s) for s in range(6)]
+
+
+def test_a_packed_plans_token_budget_counts_the_real_tokens_of_its_steps():
+    lengths = [10 + (7 * i) % 50 for i in range(40)]
+    batching = Batching("packed", batch_tokens=192, pack_length=64, batch_size=1, grad_accumulation=1)
+    plan = TrainingPlan(lengths, batching, epochs=50, max_steps=0, seed=0, dataset_id="d", max_tokens=5000)
+    per_step = [sum(lengths[i] for micro in plan.step(s) for seq in micro for i in seq)
+                for s in range(plan.total_steps)]
+    assert plan.total_tokens == sum(per_step) >= 5000 > sum(per_step[:-1])
+    assert plan.epoch_progress(plan.total_steps) == pytest.approx(5000 / sum(lengths), abs=0.2)
+
+
 def test_plan_positions_cover_every_example_once_per_epoch():
     plan = TrainingPlan([5] * 10, padded(4), epochs=2, max_steps=0, seed=0, dataset_id="d")
     assert [plan.position(step) for step in range(6)] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]

@@ -32,6 +32,15 @@ def test_an_exploding_loss_diverges_and_a_learning_run_does_not():
         guard.check(9, 500.0)
 
 
+def test_a_small_loss_never_explodes_however_small_its_average():
+    guard = DivergenceGuard(factor=20, warmup=5)
+    for step in range(1, 30):
+        guard.check(step, 0.0007)  # all but memorised
+    guard.check(30, 0.0144)  # 20x the average, still far below any diverging loss
+    with pytest.raises(Diverged, match="exploded at step 31"):
+        guard.check(31, 1.5)
+
+
 def test_early_steps_may_be_anything_finite():
     guard = DivergenceGuard(factor=2, warmup=5)
     for step, loss in enumerate([1.0, 9.0, 30.0], start=1):

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -23,7 +24,7 @@ from services.trainer.checkpoints import (
     training_state_path,
 )
 from services.trainer.control import ControlGate
-from services.trainer.data import DatasetError, encode_rows
+from services.trainer.data import DatasetError, TrainingPlan, encode_rows
 from services.trainer.recipe import FullFinetuneRecipe, TrainingJob
 from tests.services.gatekeeper.samples import make_gatekeeper, submission
 from tests.services.gatekeeper.test_tokens import LAST_TURN_DIFFERS, STRICT
@@ -95,6 +96,27 @@ def test_training_reduces_the_loss_and_writes_hf_checkpoints(make_settings):
     assert info.dataset_id == job.dataset_id and info.init_weights == "file:///base"
     started = emitted[0][1]
     assert emitted[0][0] == "training.started" and (started.total_steps, started.start_step) == (24, 0)
+
+
+def test_a_token_budget_ends_the_run_annealed_at_the_step_that_reaches_it(make_settings):
+    rows = chat_rows(16, seed=4)
+    settings = make_settings(epochs=50, max_tokens=1500, progress_every_steps=1, validation_min_rows=1000)
+    job, store = job_for(settings, rows)
+    result, emitted = run_recipe(settings, job, store)
+    # The steps the budget implies, from the examples' real tokens (padded batches of 4 rows).
+    h = settings.hyperparameters
+    encoded = encode_rows(msgspec.convert(rows, list[ChatRow]), load_tokenizer(Path(settings.base_model)),
+                          settings.max_length)
+    lengths = [len(e.input_ids) for e in encoded.examples]
+    plan = TrainingPlan(lengths, h.batching_plan(), h.epochs, h.max_steps, h.seed, job.dataset_id, max_tokens=1500)
+    assert 2 < plan.total_tokens / sum(lengths) < 3  # well short of 50 epochs
+    started = emitted[0][1]
+    assert started.total_steps == plan.total_steps == result.step and result.finished
+    # The cosine schedule was planned over those steps: the last step trained near the floor.
+    progress = [e for s, e in emitted if s == "training.progress"]
+    assert progress[-1].step == plan.total_steps
+    assert progress[-1].learning_rate < 0.15 * h.learning_rate < progress[0].learning_rate
+    assert [e.final for s, e in emitted if s == "checkpoint.saved"][-1]
 
 
 BATCHINGS = {

@@ -127,6 +127,8 @@ async def test_dataset_becomes_checkpoints_in_one_trace(bus, recorder, nats_serv
     assert [(e.step, e.final) for e in saved] == [(3, False), (6, False), (8, True)]
     assert [trace_id_from_headers(h) for s, h, _ in recorder.seen if s == topology.CHECKPOINT_SAVED] == [trace_id] * 3
     assert finished.checkpoint_uri == saved[-1].uri and finished.global_step == 8
+    # The real tokens it trained: 8 steps of chat rows, each of them tens of tokens.
+    assert 8 * 4 * 10 < finished.tokens < 8 * 4 * 256
     store = ArtifactStore(data_dir / "artifacts")
     checkpoint = store.verify(saved[-1].uri, saved[-1].sha256)
     assert checkpoint.parent.name == finished.run_id and checkpoint.name == "step-00000008"

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from libs.common.skills import BINARY, EVAL_BUCKETS, SKILLS, SYLLO, Skill, get_skill, split_by_key
-from libs.common.skills.skill import Problem, draw_rows
+from libs.common.skills import BINARY, HOLD_OUT_BUCKETS, SKILLS, SYLLO, Skill, get_skill, held_out
+from libs.common.skills.skill import Facts, Problem, draw_rows, split_from_facts
 
 LEVELS = [(name, level) for name, skill in SKILLS.items() for level in range(1, skill.max_level + 1)]
 
@@ -24,10 +24,19 @@ def test_an_unknown_skill_is_a_clear_error():
         get_skill("poetry")
 
 
-def test_the_split_rule_sends_one_problem_in_eight_to_eval():
-    splits = [split_by_key(f"problem {i}") for i in range(16_000)]
-    assert splits == [split_by_key(f"problem {i}") for i in range(16_000)]
-    assert abs(splits.count("eval") - 16_000 / EVAL_BUCKETS) < 150
+def test_a_share_of_facts_is_held_out_by_their_hash():
+    for share in (1, 4):
+        marks = [held_out(f"fact {i}", share) for i in range(16_000)]
+        assert marks == [held_out(f"fact {i}", share) for i in range(16_000)]
+        assert abs(sum(marks) - 16_000 * share / HOLD_OUT_BUCKETS) < 200
+
+
+def test_a_problem_is_held_out_when_it_tests_a_held_out_fact_and_trained_when_it_states_none():
+    out = {"b", "x"}.__contains__
+    assert split_from_facts(Facts("k", frozenset({"a", "b"}), frozenset({"a", "b", "c"})), out) == "eval"
+    assert split_from_facts(Facts("k", frozenset({"a"}), frozenset({"a", "c"})), out) == "train"
+    # Tests only trained facts but states a held-out one on the way: neither trained nor scored.
+    assert split_from_facts(Facts("k", frozenset({"a"}), frozenset({"a", "x"})), out) is None
 
 
 @pytest.mark.parametrize(("name", "level"), LEVELS)
@@ -69,13 +78,21 @@ def test_drawing_rows_refuses_bad_requests():
     def make(rng: random.Random) -> Problem:
         return Problem("only", f"problem {rng.randrange(4)}", "answer", "answer")
 
+    def facts_of(prompt: str) -> Facts:
+        return Facts(prompt, frozenset({prompt}), frozenset({prompt}))
+
+    def split_of(facts: Facts) -> str:  # "problem 0" is the one held-out problem
+        return "eval" if facts.key == "problem 0" else "train"
+
     with pytest.raises(ValueError, match="split must be one of"):
-        draw_rows("toy", 1, 1, 0, "test", make, str)
+        draw_rows("toy", 1, 1, 0, "test", make, facts_of, split_of)
     with pytest.raises(ValueError, match="row count must be >= 0"):
-        draw_rows("toy", 1, -1, 0, "train", make, str)
+        draw_rows("toy", 1, -1, 0, "train", make, facts_of, split_of)
     with pytest.raises(ValueError, match="too few distinct eval problems"):
-        draw_rows("toy", 1, 5, 0, "eval", make, str)  # four problems, at most one of them eval
-    rows = draw_rows("toy", 1, 3, 0, "train", make, str)
+        draw_rows("toy", 1, 2, 0, "eval", make, facts_of, split_of)  # four problems, one of them eval
+    assert {r["messages"][0]["content"] for r in draw_rows("toy", 1, 20, 0, "train", make, facts_of, split_of,
+                                                             exclude={"problem 1"})} == {"problem 2", "problem 3"}
+    rows = draw_rows("toy", 1, 3, 0, "train", make, facts_of, split_of)
     assert rows[0] == {"messages": [{"role": "user", "content": rows[0]["messages"][0]["content"]},
                                     {"role": "assistant", "content": "answer"}],
                        "skill": "toy", "level": 1, "scenario": "only", "expected": "answer"}

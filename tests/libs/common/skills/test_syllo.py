@@ -110,7 +110,7 @@ def test_split_keys_on_the_set_of_clues():
         reordered[i] = lines[j]
     other_bank = re.sub(r"Syllable bank .*", "Syllable bank (1 tiles): zz", "\n".join(reordered))
     assert syllo.split_of(other_bank) == syllo.split_of(prompt)
-    assert syllo._problem_key(other_bank) == syllo._problem_key(prompt)
+    assert syllo.problem_key(other_bank) == syllo.problem_key(prompt)
     with pytest.raises(ValueError, match="not a SYLLO prompt"):
         syllo.split_of("Add these binary numbers:\n\n① + ①")
 
@@ -124,7 +124,7 @@ def test_layouts_are_spread_as_the_old_generator_did_and_fixed_per_problem():
     for layout, percent in syllo.LAYOUTS:
         assert abs(100 * shares[layout] / len(rows) - percent) < 4, shares
     for row in rows[:50]:
-        assert row["scenario"] == syllo._layout(syllo._problem_key(row["messages"][0]["content"]))
+        assert row["scenario"] == syllo._layout(syllo.problem_key(row["messages"][0]["content"]))
 
 
 def test_json_layouts_carry_solutions_inventory_and_analysis():
