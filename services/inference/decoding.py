@@ -66,8 +66,15 @@ class ChoiceDecoder:
         return fresh
 
     def finish(self) -> str:
-        """Generation ended: whatever was held back for a possible stop sequence is final now."""
-        return self.scanner.finish()
+        """Generation ended: whatever was held back for a possible stop sequence is final now, and so
+        are bytes the decode stream still held for a character they never completed (decoded as
+        U+FFFD, as a whole decode of the tokens gives them)."""
+        piece = ""
+        whole = self.tokenizer.decode([t for t in self.tokens if t not in self.eos_ids], skip_special_tokens=True)
+        if not self.stopped and len(whole) > len(self._text) and whole.startswith(self._text):
+            self._text = whole
+            piece = self.scanner.feed(whole)
+        return piece + self.scanner.finish()
 
     def completion(self) -> Completion:
         stopped = self.stopped or len(self.tokens) < self.max_new_tokens

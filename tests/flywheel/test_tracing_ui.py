@@ -260,9 +260,9 @@ def test_every_service_process_exports_its_spans_over_otlp_http(tmp_path: Path, 
         try:
             sup.start()
             wait_for_sync(lambda: all(_ready(sup.ports[s]) for s in SERVICES), "every service to start", timeout=240)
-            # One event each service consumes (the deployer and the curriculum share eval.scored).
+            # One event each service consumes (the curriculum and inference share model.deployed).
             subjects = [topology.DATASET_SUBMITTED, topology.dataset_accepted("normal"), topology.CHECKPOINT_SAVED,
-                        topology.EVAL_SCORED, topology.MODEL_DEPLOY_FAILED]
+                        topology.EVAL_SCORED, topology.MODEL_DEPLOYED]
             asyncio.run(_publish_undecodable(sup.nats_url, subjects, trace_id))
             consumers = {"gatekeeper", "trainer", "evaluator", "deployer", "curriculum", "inference"}
 

@@ -120,7 +120,9 @@ async def test_dataset_becomes_checkpoints_in_one_trace(bus, recorder, nats_serv
             trace_id = current_trace_id()
             await publish(bus, event)
         [finished] = await recorder.wait_for(topology.TRAINING_FINISHED)
-        await until(lambda: trainer.snapshot()["state"] == "idle")
+        # training.finished goes out before the trained weights are recorded (publish before recording).
+        await until(lambda: trainer.snapshot()["state"] == "idle"
+                    and trainer.snapshot()["current_weights"] == finished.checkpoint_uri)
         status = trainer.snapshot()
 
     saved = recorder.events(topology.CHECKPOINT_SAVED)
