@@ -77,6 +77,12 @@ class Scores(msgspec.Struct, frozen=True):
     # The probes' results, in the order given; part of no statistic.
     probes: list[ItemResult] = []
 
+    def figures(self) -> dict:
+        """The fields `EvalScored` and `ChampionTested` both report, by their names there."""
+        return {"exact_match": self.exact_match, "exact_match_low": self.exact_match_low,
+                "exact_match_high": self.exact_match_high, "num_examples": self.num_examples,
+                "val_loss": self.val_loss, "levels": self.levels, "outcomes": self.outcomes, "ece": self.ece}
+
 
 # ---------------------------------------------------------------------------- statistics
 
