@@ -516,7 +516,11 @@ class Bus:
                 if msg.reply:
                     await self.nc.publish(msg.reply, body)
 
-        return await self.nc.subscribe(subject, cb=on_request)
+        subscription = await self.nc.subscribe(subject, cb=on_request)
+        # A round trip to the server: once serve() returns, a request from any connection finds
+        # this responder (without it, a request right after start could get "no responders").
+        await self.nc.flush()
+        return subscription
 
     async def request(self, subject: str, payload: msgspec.Struct, reply_type: type[R], *, timeout: float = 5.0) -> R:
         headers = inject_headers({})

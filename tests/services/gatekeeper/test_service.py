@@ -212,7 +212,9 @@ async def test_inbox_file_written_in_two_chunks_is_accepted_once_complete(gateke
     report = (await gatekeeper.client.get(f"/datasets/{event.submission_id}/report")).json()
     assert report["channel"] == "inbox" and report["source"] == "high/drop.jsonl"
     assert gatekeeper.store.path_for(report["original_uri"]).read_bytes() == data
-    assert not (inbox / "drop.jsonl").exists() and not list((inbox.parent / ".processing").iterdir())
+    assert not (inbox / "drop.jsonl").exists()
+    # The claimed copy is removed after the event is published, so wait for it rather than race it.
+    await wait_for(lambda: not list((inbox.parent / ".processing").iterdir()), "the claimed inbox file to be removed")
 
 
 async def test_health_stays_responsive_while_a_large_file_is_validated(gatekeeper: Running):
