@@ -8,15 +8,16 @@ The figures that judge the loop are not computed by the rules they judge:
 - `false_promotions`: a promotion whose new champion, compared item by item with the champion
   it replaced on the SEALED TEST (`eval.tested`: items no decision ever saw), is right on no more
   items than it (b <= c, b: right where the replaced one is wrong, c: the other way round). The
-  deployer decided on the selection suite; this asks the items it never saw. A promotion whose
+  deployer screened on the selection suite and confirmed on the confirmation suite; this asks
+  items neither ever saw. A promotion whose
   two champions were not both tested on one test version is counted in `untested_promotions`.
 - `test_accuracy`: the final champion's sealed-test accuracy per level with its 95% interval.
 - `levels_gained`: the curriculum's level changes (each judged by the champion's selection
   score); the sealed test says whether the level was really passed (`test_accuracy`).
 
 The older figures stay, for comparison with earlier runs: `noise_promotions` re-runs the
-deployer's paired test on the selection suite (at the flat alpha: a promotion at alpha_k < alpha
-is never "noise" by it), `champion_drops` compares selection-suite accuracies, and
+paired test on the selection suite at the flat alpha (0.05; the deployer's screen there is at
+0.1, so a promotion its confirmation carried may count), `champion_drops` compares selection-suite accuracies, and
 `level1_accuracy` is the final champion's selection-suite binary/1: the suite it was picked by.
 """
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import msgspec
 
 from libs.common.events import decode_outcomes
-from services.deployer.promotion import PairedTest, paired_test
+from libs.common.paired import PairedTest, paired_test
 
 # On two cores with the embedded tiny model and the services' default training settings, in 30 minutes.
 TARGET_MINUTES = 30

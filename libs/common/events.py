@@ -227,6 +227,24 @@ class LevelScore(msgspec.Struct, kw_only=True, frozen=True):
     val_loss: float | None = None
 
 
+class Confirmation(msgspec.Struct, frozen=True):
+    """A candidate and the champion on the confirmation suite (libs.common.paired): the items at
+    `levels` (where the screen saw the candidate ahead), in suite order, read as
+    `EvalScored.outcomes`. Scored only for a candidate past the screen."""
+
+    suite_version: str
+    champion_sha256: str  # the champion it was scored against
+    levels: list[str]
+    num_examples: int
+    outcomes: str
+    champion_outcomes: str
+
+    def item_outcomes(self) -> tuple[list[bool], list[bool]]:
+        """The candidate's and the champion's results; ValueError when either does not hold num_examples."""
+        return (decode_outcomes(self.outcomes, self.num_examples),
+                decode_outcomes(self.champion_outcomes, self.num_examples))
+
+
 class EvalScored(Event, frozen=True):
     """A checkpoint's scores on one suite; (checkpoint sha256, suite version) is its key.
 
@@ -264,6 +282,9 @@ class EvalScored(Event, frozen=True):
     # (`score_regressions` with its default thresholds); empty also when there was nothing to compare.
     regressions: list[str] = []
     compared_with: str = ""
+    # The confirmation against the champion (`compared_with`) when the candidate passed the
+    # screen there; None otherwise (the deployer then keeps the champion without spending alpha).
+    confirmation: Confirmation | None = None
 
     def item_outcomes(self) -> list[bool]:
         """Each item's result in suite order; ValueError when `outcomes` does not hold num_examples."""

@@ -111,7 +111,7 @@ class DeployDecision(msgspec.Struct, kw_only=True, frozen=True):
     # Derived from what was decided on (the score event, the request): recorded once.
     id: str
     time: datetime
-    # promoted: the candidate is served; kept: the champion stays (not better beyond the noise,
+    # promoted: the candidate is served; kept: the champion stays (not past the screen, not confirmed,
     # a regression, or the champion not yet scored on the candidate's suite); refused: the
     # candidate may never be served (rolled-back run, non-finite loss, no per-item outcomes, a
     # manual deploy of an unscored checkpoint); rescored: the champion's score on a new suite is

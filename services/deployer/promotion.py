@@ -1,7 +1,8 @@
 """Which checkpoint should be served: the promotion rule, a manual deploy, the rollback target.
 
 A scored candidate replaces the champion only when it is better beyond the noise ON THE SAME
-ITEMS and regresses nowhere. For an `EvalScored` and the champion record, in order:
+ITEMS, twice (a screen, then a confirmation on items the screen never saw), and regresses
+nowhere. For an `EvalScored` and the champion record, in order:
 
 1. the candidate is the champion: when the record holds another suite's score (or no per-item
    outcomes) it takes this one (`rescored`: the evaluator scored the champion on its suite);
@@ -12,31 +13,46 @@ ITEMS and regresses nowhere. For an `EvalScored` and the champion record, in ord
 5. the champion was scored on another suite version: kept, "champion not yet scored on suite
    X". Scores on two suites are not comparable and a new suite must not promote blindly; the
    evaluator scores the champion on its suite, and rule 1 records that;
-6. the paired test on the suite's items: b = items the candidate gets right and the champion
-   wrong, c = the other way round. If the candidate is no better, each of the b + c discordant
-   items is a fair coin, so p = P(Binomial(b + c, 1/2) >= b): the exact one-sided McNemar
-   (sign) test. The k-th distinct candidate tested against this champion (`claim_number`) is
-   kept unless p <= alpha_k = alpha / (k (k + 1)) (`alpha_spent`; alpha defaults to 0.05);
+6. the screen (libs.common.paired): the paired test on the selection suite's items. b = items the
+   candidate gets right and the champion wrong, c = the other way round; if the candidate is no
+   better, each of the b + c discordant items is a fair coin, so p = P(Binomial(b + c, 1/2) >= b)
+   (the exact one-sided McNemar, or sign, test). Kept unless p <= SCREEN_ALPHA (0.1); nothing is
+   spent;
 7. no regression (`libs.common.events.score_regressions`): kept when any level's accuracy is
    down by more than max_level_drop (0.05, absolute) against the champion or against the best
    any champion had on this suite (`best_levels`), or, when max_loss_rise is set, the val loss
    is up by more than it (relative). Unset (the default) a val loss rise of more than 15% is
    stated in the reason but does not block;
-8. otherwise promoted.
-Every reason states the numbers: k and alpha_k, the discordant counts, the p-value, each regression.
+8. the score carries no confirmation against this champion (`EvalScored.confirmation`: the
+   evaluator saw another champion, or none): kept, nothing spent;
+9. the confirmation: the same paired test on the confirmation suite's items at the levels where
+   the screen saw the candidate ahead. The j-th confirmation against this champion
+   (`claim_number`) is kept unless p <= alpha_j = alpha / (j (j + 1)) (`alpha_spent`; alpha
+   defaults to 0.05);
+10. otherwise promoted.
+Every reason states the numbers: the screen's and the confirmation's counts and p-values, j and
+alpha_j, each regression.
 
-Why alpha_k: every candidate is tested against the same champion on the same fixed items, so
-testing each at alpha would promote some candidate no better than the champion with
-probability up to 1 - (1 - alpha)^k. The levels alpha_k sum to alpha (1/(k(k+1)) = 1/k - 1/(k+1)),
-so by the union bound the chance that ANY candidate no better than the champion is ever promoted
-over it is at most alpha, however many come and however dependent their tests are (plain
-Bonferroni-style alpha spending). The count belongs to the champion: a new one starts at k = 1.
-A score decided again (a redelivery, the same checkpoint and suite version) keeps its k.
+Why this way. Every candidate is compared with the same champion on the same fixed items, so
+testing each at alpha would promote some candidate no better than the champion with probability
+up to 1 - (1 - alpha)^k over k candidates. Spending alpha over candidates (alpha_k, summing to
+alpha) fixes that but starves later candidates: in the 30-minute bench the 40th candidate
+against one champion was tested at 3e-5, and no gain on 48 items reaches that. So candidates are
+first screened on the selection suite (spending nothing), and only those past the screen are
+tested, on items the screen never saw, at alpha_j for the j-th confirmation (a screen followed by
+a confirmation on independent data, as in two-stage designs). The levels alpha_j sum to alpha
+(1/(j(j+1)) = 1/j - 1/(j+1)), so by the union bound the chance that ANY candidate no better than
+the champion is ever promoted over it is at most alpha, however many come, however dependent
+their tests: the j-th confirmed candidate is chosen by selection-suite outcomes only, and the
+confirmation items are independent of those, so its test is valid at alpha_j whichever candidate
+it is. (The champion itself passed a confirmation on these items, which can only make it look
+better there: a conservative bias.) The count belongs to the champion: a new one starts at
+j = 1. A score decided again (a redelivery, the same checkpoint and suite version) keeps its j.
 
-A manual deploy (`decide_manual`) is the operator's call instead of rules 2, 6 and 7: it
+A manual deploy (`decide_manual`) is the operator's call instead of rules 2 and 6-9: it
 needs only a score on the current suite (the newest score's) with a finite val loss and
 per-item outcomes; the reason still states how the checkpoint compares. It tests nothing: no
-candidate number is spent.
+confirmation number is spent.
 
 Rollback walks the champion history as a stack: a promotion pushes, a rollback pops back
 to the checkpoint it restored. The target is the entry under the current one, so rolling
@@ -52,12 +68,15 @@ from typing import Literal
 import msgspec
 
 from libs.common.events import EvalScored, LevelScore, decode_outcomes, score_regressions
+from libs.common.paired import SCREEN_ALPHA, PairedTest, paired_test
+
+__all__ = ["SCREEN_ALPHA", "PairedTest", "paired_test"]  # the comparison lives in libs.common.paired
 from libs.common.records import ROLLED_BACK_KEPT, CandidatesTested, Champion
 
 Outcome = Literal["promoted", "kept", "refused", "rescored", "already_champion"]
 
-# Candidate keys the count keeps (`CandidatesTested.keys`, ~90 bytes each). A score decided
-# again after its key fell off is counted again: a smaller alpha_k, never a larger one.
+# Confirmed candidates' keys the count keeps (`CandidatesTested.keys`, ~90 bytes each). A score
+# decided again after its key fell off is counted again: a smaller alpha_j, never a larger one.
 TESTED_KEPT = 256
 
 
@@ -68,8 +87,8 @@ class NothingToRollBack(Exception):
 class Decision(msgspec.Struct, frozen=True):
     outcome: Outcome
     reason: str
-    # k: the candidate's number among those tested against this champion (rule 6); 0 when no
-    # paired test was made. The caller counts it in the champion record (`counted`).
+    # j: the number of the candidate's confirmation against this champion (rule 9); 0 when it
+    # did not reach one. The caller counts it in `CANDIDATES_TESTED` (`claim_number`).
     candidate_number: int = 0
 
     @property
@@ -77,51 +96,24 @@ class Decision(msgspec.Struct, frozen=True):
         return self.outcome == "promoted"
 
 
-class PairedTest(msgspec.Struct, frozen=True):
-    """The candidate against the champion on the same items."""
-
-    items: int
-    # Right where the other is wrong: the candidate (b), the champion (c).
-    better: int
-    worse: int
-    p_value: float
-
-    def describe(self) -> str:
-        return (f"on the same {self.items} items the candidate is right where the champion is wrong on "
-                f"{self.better} and wrong where it is right on {self.worse}: exact one-sided sign test "
-                f"p = {self.p_value:.4f}")
-
-
-def paired_test(candidate: list[bool], champion: list[bool]) -> PairedTest:
-    """Exact one-sided McNemar test that `candidate` is right more often than `champion`, item by item."""
-    if len(candidate) != len(champion):
-        raise ValueError(f"{len(candidate)} outcomes against {len(champion)}: not the same items")
-    better = sum(1 for mine, theirs in zip(candidate, champion) if mine and not theirs)
-    worse = sum(1 for mine, theirs in zip(candidate, champion) if theirs and not mine)
-    n = better + worse
-    # Exact in integers, one division at the end.
-    p = sum(math.comb(n, k) for k in range(better, n + 1)) / 2**n
-    return PairedTest(items=len(candidate), better=better, worse=worse, p_value=p)
-
-
 # ---------------------------------------------------------------------------- alpha spending
 
 
-def alpha_spent(k: int, alpha: float) -> float:
-    """The level the k-th candidate tested against a champion is tested at (k = 1, 2, ...).
+def alpha_spent(j: int, alpha: float) -> float:
+    """The level the j-th confirmation against a champion is tested at (j = 1, 2, ...).
 
-    alpha / (k (k + 1)): these sum to alpha over all k. Chosen over 6 alpha / (pi^2 k^2), which
-    sums to alpha too: that one is larger only for k = 1 (0.61 alpha against 0.5 alpha), this one
-    for every k >= 2, so more power from the second candidate on.
+    alpha / (j (j + 1)): these sum to alpha over all j. Chosen over 6 alpha / (pi^2 j^2), which
+    sums to alpha too: that one is larger only for j = 1 (0.61 alpha against 0.5 alpha), this one
+    for every j >= 2, so more power from the second confirmation on.
     """
-    if k < 1:
-        raise ValueError(f"candidates are numbered from 1, not {k}")
-    return alpha / (k * (k + 1))
+    if j < 1:
+        raise ValueError(f"confirmations are numbered from 1, not {j}")
+    return alpha / (j * (j + 1))
 
 
-def describe_spending(k: int, alpha: float) -> str:
-    return (f"candidate {k} against this champion: tested at alpha_{k} = {alpha_spent(k, alpha):.2g} "
-            f"(alpha {alpha:g} spent over candidates as alpha/(k(k+1)))")
+def describe_spending(j: int, alpha: float) -> str:
+    return (f"confirmation {j} against this champion: tested at alpha_{j} = {alpha_spent(j, alpha):.2g} "
+            f"(alpha {alpha:g} spent over confirmations as alpha/(j(j+1)))")
 
 
 def candidate_key(candidate: EvalScored) -> str:
@@ -131,8 +123,9 @@ def candidate_key(candidate: EvalScored) -> str:
 
 def claim_number(tested: CandidatesTested | None, champion: Champion,
                  candidate: EvalScored) -> tuple[CandidatesTested, int]:
-    """k for `candidate` against `champion`, and the record that counts it: its number if it was
-    counted already (a redelivery, a second deployer), else the next one.
+    """j for `candidate`'s confirmation against `champion`, and the record that counts it: its
+    number if it was counted already (a redelivery, a second deployer), else the next one. Only a
+    candidate that reaches the confirmation (`before_the_confirmation` is None) claims one.
 
     The number is claimed (compare-and-set) before the decision: a candidate decided against a
     champion that changed meanwhile has spent a number for nothing, which only lowers later levels.
@@ -230,45 +223,78 @@ def before_the_test(candidate: EvalScored, champion: Champion | None) -> Decisio
     return None
 
 
-def decide(
-    candidate: EvalScored, champion: Champion | None, *, candidate_number: int = 1,
-    alpha: float = 0.05, max_level_drop: float = 0.05, max_loss_rise: float | None = None,
-) -> Decision:
-    """Whether `candidate`, the `candidate_number`-th tested against `champion` (`claim_number`),
-    should replace it (rules 1-8 above), and why, in words."""
-    if (early := before_the_test(candidate, champion)) is not None:
-        return early
-    assert champion is not None  # before_the_test decides when there is none
-    score = describe_score(candidate)
+def before_the_confirmation(
+    candidate: EvalScored, champion: Champion, *, max_level_drop: float = 0.05, max_loss_rise: float | None = None,
+) -> Decision | None:
+    """The decision rules 6-8 make (the screen, the regression guards, a missing confirmation), or
+    None when `candidate` is confirmed against `champion` (rule 9). Call after `before_the_test`."""
+    score, held = describe_score(candidate), describe_champion(champion)
     theirs = _champion_outcomes(champion, candidate.suite_version, candidate.num_examples)
-    k = candidate_number
-    level = alpha_spent(k, alpha)
-    test = paired_test(candidate.item_outcomes(), theirs)
+    assert theirs is not None, "before_the_test keeps a candidate the champion has no outcomes to compare with"
+    screen = paired_test(candidate.item_outcomes(), theirs)
     regressions = score_regressions(
         candidate.levels, candidate.val_loss, champion.levels, champion.val_loss,
         max_level_drop=max_level_drop, max_loss_rise=math.inf if max_loss_rise is None else max_loss_rise,
     )
     below_best = _below_best(candidate, champion, max_level_drop)
-    # Not blocking, but said: how the val loss moved (the evaluator's flag rule).
-    flags = [] if max_loss_rise is not None else score_regressions({}, candidate.val_loss, {}, champion.val_loss)
-    flagged = f"; flagged, not blocking: {'; '.join(flags)}" if flags else ""
-    held = describe_champion(champion)
-    spending = describe_spending(k, alpha)
     problems = []
-    if test.p_value > level:
-        problems.append(f"not better beyond the noise: {test.describe()} > alpha_{k} {level:.2g}")
+    if screen.p_value > SCREEN_ALPHA:
+        problems.append(f"not past the screen on the selection suite: {screen.describe()} > {SCREEN_ALPHA:g}")
     if regressions:
         problems.append("regressions: " + "; ".join(regressions))
     if below_best:
         problems.append(f"below the best champion so far on suite {candidate.suite_version}: " + "; ".join(below_best))
     if problems:
-        return Decision("kept", f"{spending}; {'; '.join(problems)}{flagged} ({score} vs {held})", candidate_number=k)
+        return Decision("kept", f"{'; '.join(problems)}; no confirmation spent ({score} vs {held})")
+    confirmation = candidate.confirmation
+    if confirmation is None or confirmation.champion_sha256 != champion.checkpoint_sha256:
+        against = f"champion {confirmation.champion_sha256[:12]}" if confirmation else "no champion"
+        return Decision("kept", (
+            f"past the screen ({screen.describe()} <= {SCREEN_ALPHA:g}) but confirmed against {against}, not this "
+            f"one ({champion.checkpoint_sha256[:12]}): the evaluator scores a confirmation against the champion it "
+            f"sees; no confirmation spent ({score} vs {held})"))
+    try:
+        confirmation.item_outcomes()
+    except ValueError as exc:
+        return Decision("refused", f"its confirmation has no usable per-item outcomes ({exc})")
+    return None
+
+
+def decide(
+    candidate: EvalScored, champion: Champion | None, *, candidate_number: int = 1,
+    alpha: float = 0.05, max_level_drop: float = 0.05, max_loss_rise: float | None = None,
+) -> Decision:
+    """Whether `candidate` should replace `champion` (rules 1-10 above), and why, in words;
+    `candidate_number` is j, its confirmation's number against `champion` (`claim_number`), used
+    only when it reaches the confirmation."""
+    if (early := before_the_test(candidate, champion)) is not None:
+        return early
+    assert champion is not None  # before_the_test decides when there is none
+    if (kept := before_the_confirmation(candidate, champion, max_level_drop=max_level_drop,
+                                        max_loss_rise=max_loss_rise)) is not None:
+        return kept
+    assert candidate.confirmation is not None  # before_the_confirmation keeps a candidate without one
+    score, held = describe_score(candidate), describe_champion(champion)
+    screen = paired_test(candidate.item_outcomes(), _champion_outcomes(champion, candidate.suite_version) or [])
+    confirmation = candidate.confirmation
+    j = candidate_number
+    level = alpha_spent(j, alpha)
+    test = paired_test(*confirmation.item_outcomes())
+    # Not blocking, but said: how the val loss moved (the evaluator's flag rule).
+    flags = [] if max_loss_rise is not None else score_regressions({}, candidate.val_loss, {}, champion.val_loss)
+    flagged = f"; flagged, not blocking: {'; '.join(flags)}" if flags else ""
+    spending = describe_spending(j, alpha)
+    screened_in = f"past the screen on the selection suite ({screen.describe()} <= {SCREEN_ALPHA:g})"
+    on = f"on the confirmation suite at {', '.join(confirmation.levels)}"
+    if test.p_value > level:
+        return Decision("kept", (f"{screened_in}; {spending}; not confirmed {on}: {test.describe()} > alpha_{j} "
+                                 f"{level:.2g}{flagged} ({score} vs {held})"), candidate_number=j)
     loss_rule = f", val loss not up more than {max_loss_rise:.0%}" if max_loss_rise is not None else ""
     return Decision("promoted", (
-        f"{spending}; better beyond the noise: {test.describe()} <= alpha_{k} {level:.2g}; no level down more "
-        f"than {max_level_drop * 100:g} points against the champion or the best champion so far{loss_rule}"
+        f"{screened_in}; {spending}; confirmed {on}: {test.describe()} <= alpha_{j} {level:.2g}; no level down "
+        f"more than {max_level_drop * 100:g} points against the champion or the best champion so far{loss_rule}"
         f"{flagged} ({score} vs {held})"
-    ), candidate_number=k)
+    ), candidate_number=j)
 
 
 def decide_manual(

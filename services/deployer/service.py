@@ -1,10 +1,11 @@
 """Deployer: decides which checkpoint should be served, has inference load it, and makes it the
 champion once a replica serves it.
 
-Consumes `eval.scored` and decides by the rule in `services.deployer.promotion` (a paired test
-on the same items at alpha_k for the k-th candidate tested against the champion, its number
-claimed with compare-and-set in its own record (`CANDIDATES_TESTED`) before deciding; no regression against the champion or the
-best champion so far, never a rolled-back run, never across suites). A promotion,
+Consumes `eval.scored` and decides by the rule in `services.deployer.promotion` (a screen on
+the selection suite, then a paired test on the confirmation suite at alpha_j for the j-th
+confirmation against the champion, its number claimed with compare-and-set in its own record
+(`CANDIDATES_TESTED`) before deciding; no regression against the champion or the best champion
+so far, never a rolled-back run, never across suites). A promotion,
 a manual deploy (`control.deployer.deploy`, `flywheel deploy`) and a rollback
 (`control.deployer.rollback`, POST /rollback) all go the same way
 (`services.deployer.confirmation`):
@@ -85,6 +86,7 @@ from services.deployer.confirmation import (
 )
 from services.deployer.promotion import (
     NothingToRollBack,
+    before_the_confirmation,
     before_the_test,
     claim_number,
     crowned,
@@ -130,7 +132,10 @@ class Deployer:
         while True:
             champion, _ = await self.champion.read()
             number = 0
-            if champion is not None and before_the_test(event, champion) is None:
+            if (champion is not None and before_the_test(event, champion) is None
+                    and before_the_confirmation(event, champion, max_level_drop=s.max_level_drop,
+                                                max_loss_rise=s.max_loss_rise) is None):
+                # Only a confirmation spends: its number is claimed before deciding.
                 number = await self.candidates.change(lambda tested, _rev: claim_number(tested, champion, event))
 
             def choose(current: Champion | None, revision: int):

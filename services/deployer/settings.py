@@ -20,14 +20,16 @@ from libs.common.settings import (
 
 class DeployerSettings(CommonSettings, kw_only=True, forbid_unknown_fields=True):
     # The chance that a candidate no better than the champion is EVER promoted over it, however
-    # many are tested against it: the k-th candidate tested against a champion is promoted only
-    # when the exact one-sided sign test on the items where they disagree gives p <= alpha/(k(k+1)).
-    # Simulated with 480 items at independent outcomes (tests/services/deployer/test_false_promotions.py
-    # asserts these): 2.5% of 1,000 champions facing 2,000 equal candidates each promoted one (99%
-    # upper bound 4.1%; 72% when each was tested at alpha). The power it leaves, at least: a
-    # candidate 10 points better on one 48-item level is promoted 1.5% of the time as the 1st
-    # candidate, 0.05% as the 10th, 0.01% as the 20th (measured 1.9%, 0.08%, 0.02%); one 10 points
-    # better on every level 65%, 45%, 35% (measured 67%, 48%, 38%).
+    # many are tested against it. A candidate past the screen on the selection suite (sign test
+    # p <= 0.1, libs.common.paired) is confirmed on the confirmation suite's items, where the j-th
+    # confirmation against a champion needs p <= alpha/(j(j+1)) (services/deployer/promotion.py).
+    # Simulated with 480 selection and 960 confirmation items at independent outcomes
+    # (tests/services/deployer/test_false_promotions.py asserts these): 3.4% of 2,000 champions
+    # facing 2,000 equal candidates each promoted one (99% upper bound 4.6%; 73% when each was
+    # tested at alpha); the screen let 2.6% of the candidates spend a confirmation. The power it
+    # leaves, measured, for a candidate whose confirmation is the 1st / 2nd / 5th: a champion at
+    # 80% on level 1 and near 0 elsewhere, a candidate at 95% there: 50%, 41%, 27% (at 90%: 13%,
+    # 8%, 3%); 10 points better on every level: 68%, 67%, 66% (the regression guard keeps a third).
     alpha: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.05
     # No promotion when any level's accuracy is down by more than this (absolute: 0.05 = 5 points)
     # against the champion or against the best any champion had on the suite.

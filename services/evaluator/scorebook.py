@@ -5,8 +5,10 @@ and the hard-examples submission if there was one, so a redelivered `CheckpointS
 republishes the same events (same ids: JetStream drops the duplicates) instead of scoring again.
 A champion's sealed test score (`ChampionTestRecord`, in a scorebook of its own) holds its
 `ChampionTested` event and whether it went out, so a restart publishes it if it did not, with the
-same id, and never scores it again. Both keep the per-item outputs, so a score can be inspected
-later, and both keep every suite version's score: a new version adds files, never replaces them.
+same id, and never scores it again. A checkpoint's confirmation-suite results
+(`ConfirmationRecord`, a third scorebook) grow level by level, so the champion is scored on each
+confirmation level once. All keep the per-item outputs, so a score can be inspected
+later, and every book keeps each suite version apart: a new version adds files, never replaces them.
 """
 
 from __future__ import annotations
@@ -46,7 +48,21 @@ class ChampionTestRecord(msgspec.Struct, frozen=True):
     published: bool = False
 
 
-R = TypeVar("R", ScoreRecord, ChampionTestRecord)
+class ConfirmationRecord(msgspec.Struct, frozen=True):
+    """A checkpoint's results on the confirmation suite, level by level as they were needed (a
+    candidate past the screen, the champion it was compared with): each level's items in suite
+    order, as `EvalScored.outcomes` reads, and their outputs."""
+
+    checkpoint_sha256: str
+    suite_version: str
+    outcomes: dict[str, str] = {}
+    items: dict[str, list[ItemResult]] = {}
+
+    def key(self) -> tuple[str, str]:
+        return self.checkpoint_sha256, self.suite_version
+
+
+R = TypeVar("R", ScoreRecord, ChampionTestRecord, ConfirmationRecord)
 
 
 class Scorebook(Generic[R]):
@@ -69,7 +85,9 @@ class Scorebook(Generic[R]):
 
     def save(self, record: R) -> None:
         """Write atomically: a crash leaves the old state or the whole record, never half."""
-        path = self._path(record.event.checkpoint_sha256, record.event.suite_version)
+        key = record.key() if isinstance(record, ConfirmationRecord) else (
+            record.event.checkpoint_sha256, record.event.suite_version)
+        path = self._path(*key)
         write_atomically(path, [msgspec.json.encode(record)])
 
     def profile_of(self, sha256: str) -> str:

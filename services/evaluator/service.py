@@ -13,6 +13,11 @@ KV, and the champion's own score on this suite in the scorebook). An evaluation 
 (checkpoint sha256, suite version): a redelivery republishes the recorded event with the same
 id and scores nothing.
 
+A candidate past the screen against the champion on the selection suite (libs.common.paired)
+is also scored on the confirmation suite at the levels where it is ahead, and so is the champion
+(each checkpoint once per confirmation level, `confirmbook`): the score carries both as its
+`confirmation`, on which the deployer decides the promotion.
+
 A checkpoint trained on a data profile (`CheckpointSaved.profile`, libs.common.profiles) is
 scored as its model is asked: the profile's system prompt and generation rules
 (`services.evaluator.scoring`); an unknown profile is refused (dead-lettered with the reason).
@@ -56,15 +61,19 @@ from libs.common.bus import Bus, Delivery, Reject
 from libs.common.events import (
     ChampionTested,
     CheckpointSaved,
+    Confirmation,
     DatasetSubmitted,
     EvalScored,
+    decode_outcomes,
     derived_id,
+    encode_outcomes,
     score_regressions,
 )
 from libs.common.http import ServiceMetrics
 from libs.common.kv import Record
 from libs.common.log import get_logger
 from libs.common.models import ensure_base_model, pick_device
+from libs.common.paired import confirmation_levels, screened
 from libs.common.profiles import DEFAULT_PROFILE, UnknownProfile, get_profile
 from libs.common.records import CHAMPION, Champion
 from libs.common.runtime import ServiceRuntime
@@ -78,10 +87,15 @@ from services.evaluator.hard_examples import (
     probe_items,
     submission_id,
 )
-from services.evaluator.scorebook import ChampionTestRecord, Scorebook, ScoreRecord
-from services.evaluator.scoring import Scores, score_checkpoint
+from services.evaluator.scorebook import ChampionTestRecord, ConfirmationRecord, Scorebook, ScoreRecord
+from services.evaluator.scoring import ItemResult, Scores, score_checkpoint
 from services.evaluator.settings import EvaluatorSettings
-from services.evaluator.suite import SuiteItem, load_or_create_suite, load_or_create_test_suite
+from services.evaluator.suite import (
+    SuiteItem,
+    load_or_create_confirmation_suite,
+    load_or_create_suite,
+    load_or_create_test_suite,
+)
 
 NAME = "evaluator"
 log = get_logger(NAME)
@@ -102,8 +116,11 @@ class Evaluator:
             folder / "suites", settings.suite_max_levels, settings.items_per_level, settings.suite_seed
         )
         self.test_suite = load_or_create_test_suite(folder / "suites", self.suite, settings.test_seed)
+        self.confirmation_suite = load_or_create_confirmation_suite(
+            folder / "suites", self.suite, self.test_suite, settings.confirm_seed, settings.confirm_items_per_level)
         self.scorebook = Scorebook(folder / "scores")
         self.testbook = Scorebook(folder / "test-scores", ChampionTestRecord)
+        self.confirmbook = Scorebook(folder / "confirm-scores", ConfirmationRecord)
         self.device = pick_device(settings.device)
         # One model in memory at a time: a checkpoint, the champion's rescore and its test take turns.
         self._scoring = asyncio.Lock()
@@ -111,7 +128,8 @@ class Evaluator:
         self._base: Artifact | None = None
         log.info("suites ready", suite_version=self.suite.version, items=len(self.suite.items),
                  levels=self.suite.levels(), test_suite_version=self.test_suite.version,
-                 test_items=len(self.test_suite.items), device=self.device)
+                 test_items=len(self.test_suite.items), confirmation_suite_version=self.confirmation_suite.version,
+                 confirmation_items=len(self.confirmation_suite.items), device=self.device)
 
     @classmethod
     async def open(cls, rt: ServiceRuntime[EvaluatorSettings]) -> Evaluator:
@@ -163,9 +181,10 @@ class Evaluator:
             log.info("scoring checkpoint", checkpoint=uri, run_id=run_id, step=step)
             per_level = self.settings.hard_probe_items if probe else 0
             probes = await asyncio.to_thread(probe_items, self.suite, per_level, sha256)
+            baseline = await self._champion_score(sha256)
             async with self._checkpoint(uri, sha256) as path:
                 scores = await self._score_on(path, self.suite.items, probes, profile)
-            baseline = await self._champion_score(sha256)
+                confirmation = await self._confirm(path, sha256, profile, scores, baseline) if baseline else None
             regressions = score_regressions(
                 scores.levels, scores.val_loss, baseline.levels, baseline.val_loss,
             ) if baseline else []
@@ -182,6 +201,7 @@ class Evaluator:
                 by_level=scores.by_level,
                 regressions=regressions,
                 compared_with=baseline.checkpoint_sha256 if baseline else "",
+                confirmation=confirmation,
             )
             hard = await asyncio.to_thread(self._hard_examples, sha256, probes, scores, profile) if probes else None
             # Recorded before publishing: after a crash in between, the redelivery republishes it.
@@ -191,6 +211,63 @@ class Evaluator:
                  ece=scored.ece, by_level=scored.by_level, regressions=regressions,
                  hard_examples=hard.name if hard else None)
         return record
+
+    # ------------------------------------------------------------------ the confirmation
+
+    async def _confirm(self, path: Path, sha256: str, profile: str, scores: Scores,
+                       champion: EvalScored) -> Confirmation | None:
+        """The candidate at `path` and `champion` on the confirmation suite, at the levels where the
+        candidate is ahead on the selection suite, when it passes the screen there (libs.common.paired);
+        else None. Each checkpoint is scored on a confirmation level once (`confirmbook`)."""
+        try:
+            theirs = champion.item_outcomes()
+        except ValueError:
+            return None
+        if screened(decode_outcomes(scores.outcomes, scores.num_examples), theirs) is None:
+            return None
+        levels = confirmation_levels(scores.levels, champion.levels)
+        if not levels:
+            return None
+        mine = await self._confirmation_outcomes(sha256, levels, profile, path)
+        champion_sha = champion.checkpoint_sha256
+        theirs_by_level = await self._confirmation_outcomes(
+            champion_sha, levels, self.scorebook.profile_of(champion_sha), None, champion.checkpoint_uri)
+        candidate_items = [ok for level in levels for ok in mine[level]]
+        champion_items = [ok for level in levels for ok in theirs_by_level[level]]
+        confirmation = Confirmation(
+            suite_version=self.confirmation_suite.version, champion_sha256=champion_sha, levels=levels,
+            num_examples=len(candidate_items), outcomes=encode_outcomes(candidate_items),
+            champion_outcomes=encode_outcomes(champion_items),
+        )
+        log.info("confirmation scored", checkpoint_sha256=sha256, champion_sha256=champion_sha, levels=levels,
+                 candidate_right=sum(candidate_items), champion_right=sum(champion_items), items=len(candidate_items))
+        return confirmation
+
+    async def _confirmation_outcomes(self, sha256: str, levels: list[str], profile: str, path: Path | None,
+                                     uri: str = "") -> dict[str, list[bool]]:
+        """`sha256`'s results on the confirmation suite at `levels`, scoring the levels not recorded
+        yet (the checkpoint at `path`, or fetched from `uri`)."""
+        version = self.confirmation_suite.version
+        record = self.confirmbook.get(sha256, version) or ConfirmationRecord(sha256, version)
+        missing = [level for level in levels if level not in record.outcomes]
+        if missing:
+            items = [item for item in self.confirmation_suite.items if item.level_key in missing]
+            if path is None:
+                async with self._checkpoint(uri, sha256) as fetched:
+                    scores = await self._score_on(fetched, items, [], profile)
+            else:
+                scores = await self._score_on(path, items, [], profile)
+            results: dict[str, list[ItemResult]] = {}
+            for item, result in zip(items, scores.items):
+                results.setdefault(item.level_key, []).append(result)
+            record = msgspec.structs.replace(
+                record,
+                outcomes=record.outcomes | {k: encode_outcomes([r.correct for r in rs]) for k, rs in results.items()},
+                items=record.items | results,
+            )
+            self.confirmbook.save(record)
+        per_level = {level: sum(1 for item in self.confirmation_suite.items if item.level_key == level) for level in levels}
+        return {level: decode_outcomes(record.outcomes[level], per_level[level]) for level in levels}
 
     @contextlib.asynccontextmanager
     async def _checkpoint(self, uri: str, sha256: str) -> AsyncIterator[Path]:

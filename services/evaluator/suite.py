@@ -1,8 +1,12 @@
 """The evaluation suites: which items every checkpoint is scored on, fixed for good.
 
-Two suites, two roles (DESIGN.md, "Learning honestly"):
-- the selection suite (`SUITE_NAME`) scores every candidate; its scores decide promotions (the
-  deployer) and level changes (the curriculum);
+Three suites, three roles (DESIGN.md, "Learning honestly"):
+- the selection suite (`SUITE_NAME`) scores every candidate; its scores decide level changes
+  (the curriculum) and screen candidates for promotion (the deployer);
+- the confirmation suite (`CONFIRMATION_SUITE_NAME`) scores a candidate past the screen, and the
+  champion, at the levels where the screen saw the candidate ahead: a promotion is decided on
+  it (libs.common.paired). Fresh problems at the selection suite's levels, `confirm_items_per_level`
+  a level, none a selection or test problem: the screen never saw them;
 - the sealed test suite (`TEST_SUITE_NAME`) scores champions only, and only reports: every
   number shown for a champion comes from it. It holds fresh problems at the selection suite's
   levels, as many per level, none of them a selection problem (`Skill.problem_key`: what a
@@ -35,6 +39,7 @@ from libs.common.skills import SKILLS, Expected
 
 SUITE_NAME = "skills"
 TEST_SUITE_NAME = "skills-test"
+CONFIRMATION_SUITE_NAME = "skills-confirm"
 # The revision of the item format, part of every version.
 _FORMAT = "v2"
 
@@ -133,6 +138,24 @@ def build_test_suite(selection: Suite, seed: int) -> Suite:
     return Suite(name=TEST_SUITE_NAME, version=suite_version(items, TEST_SUITE_NAME), items=items)
 
 
+def build_confirmation_suite(selection: Suite, test: Suite, seed: int, items_per_level: int) -> Suite:
+    """The confirmation suite beside `selection` and `test`: at the selection suite's levels,
+    `items_per_level` each, drawn from the eval split with `seed`, no problem of either among them
+    (deterministic in its arguments). Raises ValueError when a level holds too few distinct eval
+    problems for all three."""
+    held = problem_keys(selection)
+    for skill, keys in problem_keys(test).items():
+        held.setdefault(skill, set()).update(keys)
+    rows = [
+        row
+        for name, levels in selection.levels().items()
+        for level in levels
+        for row in SKILLS[name].generate(level, items_per_level, seed, split="eval", exclude=held[name])
+    ]
+    items = msgspec.convert(rows, list[SuiteItem])
+    return Suite(name=CONFIRMATION_SUITE_NAME, version=suite_version(items, CONFIRMATION_SUITE_NAME), items=items)
+
+
 def load_or_create_suite(folder: Path, max_levels: Mapping[str, int], items_per_level: int, seed: int) -> Suite:
     """The selection suite saved under `folder` for these settings; built and saved on first use."""
     levels = "-".join(f"{name}{top}" for name, top in check_max_levels(max_levels).items())
@@ -151,6 +174,21 @@ def load_or_create_test_suite(folder: Path, selection: Suite, seed: int) -> Suit
         raise ValueError(f"{path} shares {len(shared)} problem(s) with the selection suite {selection.version} "
                          f"(e.g. {sorted(shared)[0]!r}): move the file away and restart to build a new test version")
     return test
+
+
+def load_or_create_confirmation_suite(folder: Path, selection: Suite, test: Suite, seed: int,
+                                      items_per_level: int) -> Suite:
+    """The confirmation suite saved under `folder` for `selection`, `test`, `seed` and
+    `items_per_level`; built and saved on first use. Raises ValueError when the saved file shares
+    a problem with either (what a problem is changed since it was written)."""
+    path = folder / f"{CONFIRMATION_SUITE_NAME}-seed{seed}-n{items_per_level}-for-{selection.version}-{test.version}.jsonl"
+    confirmation = _load(path, CONFIRMATION_SUITE_NAME) or _save(
+        path, build_confirmation_suite(selection, test, seed, items_per_level))
+    for other in (selection, test):
+        if shared := shared_problems(confirmation, other):
+            raise ValueError(f"{path} shares {len(shared)} problem(s) with {other.version} (e.g. {sorted(shared)[0]!r}): "
+                             "move the file away and restart to build a new confirmation suite")
+    return confirmation
 
 
 def _load(path: Path, name: str) -> Suite | None:

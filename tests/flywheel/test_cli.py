@@ -356,7 +356,7 @@ async def test_deploy_rollback_and_history_through_the_running_deployer(bus, nat
     code, out, _ = await run_cli_async("history", "--json", env=env)
     decisions = json.loads(out)
     assert code == 0 and [d["outcome"] for d in decisions] == ["rolled_back", "refused", "promoted", "kept", "promoted"]
-    assert decisions[2]["requested_by"] == "cli" and "not better beyond the noise" in decisions[3]["reason"]
+    assert decisions[2]["requested_by"] == "cli" and "not past the screen" in decisions[3]["reason"]
     code, out, _ = await run_cli_async("history", "--limit", "2", env=env)
     lines = out.splitlines()
     assert code == 0 and len(lines) == 4 and "rolled_back" in lines[0] and "(requested by cli)" in lines[0]

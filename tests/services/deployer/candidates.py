@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from libs.common.events import EvalScored, LevelScore, encode_outcomes
+from libs.common.events import Confirmation, EvalScored, LevelScore, encode_outcomes
+from libs.common.paired import confirmation_levels
 from libs.common.records import Champion
 
 SUITE = "binary-v1-aaaaaaaaaaaa"
@@ -42,15 +43,37 @@ def better(correct: list[bool], gained: int) -> list[bool]:
     return flipped(correct, gain=[i for i, ok in enumerate(correct) if not ok][:gained])
 
 
+def confirmed(correct: list[bool], champion_correct: list[bool], against: str = "a") -> Confirmation | None:
+    """The confirmation the evaluator attaches when the confirmation suite's items go as the
+    selection suite's did (the same outcomes, item for item) at the levels where the candidate is
+    ahead of `champion_correct`; None when it is ahead nowhere."""
+    levels = confirmation_levels(levels_of(correct), levels_of(champion_correct))
+    if not levels:
+        return None
+    half = len(correct) // 2
+    parts = {"binary/1": slice(0, half), "binary/2": slice(half, len(correct))}
+    mine = [ok for level in levels for ok in correct[parts[level]]]
+    theirs = [ok for level in levels for ok in champion_correct[parts[level]]]
+    return Confirmation(suite_version="confirm-v1", champion_sha256=against * 64, levels=levels,
+                        num_examples=len(mine), outcomes=encode_outcomes(mine), champion_outcomes=encode_outcomes(theirs))
+
+
 def scored(sha: str = "b", correct: list[bool] | None = None, *, val_loss: float | None = 1.0,
-           suite_version: str = SUITE, run_id: str = "", outcomes: str | None = None) -> EvalScored:
+           suite_version: str = SUITE, run_id: str = "", outcomes: str | None = None,
+           against: str | None = "a", champion_correct: list[bool] | None = None,
+           confirmation: Confirmation | None = None) -> EvalScored:
+    """A score on the selection suite; with `against` (a champion's sha letter), the mirrored
+    confirmation against that champion (`confirmed`; its selection outcomes `champion_correct`,
+    the base's by default), unless `confirmation` is given."""
     correct = base() if correct is None else correct
+    if confirmation is None and against is not None:
+        confirmation = confirmed(correct, base(len(correct)) if champion_correct is None else champion_correct, against)
     return EvalScored(
         id=f"eval-{sha}-{suite_version}", run_id=run_id or f"run-{sha}", step=1,
         checkpoint_uri=f"file:///ckpt/{sha}", checkpoint_sha256=sha * 64,
         suite="binary", suite_version=suite_version, exact_match=sum(correct) / len(correct), val_loss=val_loss,
         num_examples=len(correct), levels=levels_of(correct),
-        outcomes=encode_outcomes(correct) if outcomes is None else outcomes,
+        outcomes=encode_outcomes(correct) if outcomes is None else outcomes, confirmation=confirmation,
     )
 
 

@@ -7,10 +7,12 @@ import math
 import msgspec
 import pytest
 
+from libs.common.events import Confirmation, encode_outcomes
 from libs.common.records import ROLLED_BACK_KEPT, CandidatesTested, Champion
 from services.deployer.promotion import (
     TESTED_KEPT,
     alpha_spent,
+    before_the_confirmation,
     before_the_test,
     best_levels,
     claim_number,
@@ -23,7 +25,7 @@ from services.deployer.promotion import (
     rolled_back,
     with_rolled_back,
 )
-from tests.services.deployer.candidates import NOW, SUITE, base, champion, flipped, levels_of
+from tests.services.deployer.candidates import NOW, SUITE, base, champion, confirmed, flipped, levels_of
 from tests.services.deployer.candidates import scored as _scored
 
 # 40 items: the first 20 at binary/1, the last 20 at binary/2; the base gets every other one right.
@@ -64,23 +66,29 @@ def test_paired_test_needs_the_same_items():
 def test_better_beyond_the_noise_is_promoted_and_the_reason_has_the_numbers():
     decision = decide(scored(correct=flipped(BASE, gain=WRONG[:6])), champion())
     assert decision.promote and decision.candidate_number == 1
-    assert decision.reason.startswith("candidate 1 against this champion: tested at alpha_1 = 0.025 "
-                                      "(alpha 0.05 spent over candidates as alpha/(k(k+1)))")
-    assert "right where the champion is wrong on 6 and wrong where it is right on 0" in decision.reason
+    assert decision.reason.startswith(
+        "past the screen on the selection suite (on the same 40 items the candidate is right where the champion is "
+        "wrong on 6 and wrong where it is right on 0: exact one-sided sign test p = 0.0156 <= 0.1); confirmation 1 "
+        "against this champion: tested at alpha_1 = 0.025 (alpha 0.05 spent over confirmations as alpha/(j(j+1))); "
+        "confirmed on the confirmation suite at binary/1: on the same 20 items the candidate is right where the "
+        "champion is wrong on 6 and wrong where it is right on 0")
     assert "p = 0.0156 <= alpha_1 0.025" in decision.reason
 
 
-@pytest.mark.parametrize(("gain", "lose"), [
-    (5, 0),  # p = 0.0312: promoted at alpha 0.05 before alpha was spent over candidates; the first gets 0.025
-    (4, 0),  # p = 0.0625
-    (6, 1),  # p = 0.0625: a higher accuracy, but not beyond the noise
-    (0, 0),  # the same answers
-    (2, 5),  # worse
+@pytest.mark.parametrize(("gain", "lose", "screened"), [
+    (5, 0, True),  # p = 0.0312: past the screen, not confirmed at alpha_1 = 0.025
+    (4, 0, True),  # p = 0.0625
+    (6, 1, True),  # p = 0.0625: a higher accuracy, but not beyond the noise
+    (0, 0, False),  # the same answers
+    (2, 5, False),  # worse
 ])
-def test_a_gain_within_the_noise_keeps_the_champion(gain, lose):
-    candidate = flipped(BASE, gain=WRONG[:gain], lose=RIGHT[-lose:] if lose else [])
+def test_a_gain_within_the_noise_keeps_the_champion(gain, lose, screened):
+    # All on binary/1 (items 0-19): the confirmation (mirroring the selection items) is there too.
+    candidate = flipped(BASE, gain=WRONG[:gain], lose=RIGHT[:lose])
     decision = decide(scored(correct=candidate), champion())
-    assert decision.outcome == "kept" and "not better beyond the noise" in decision.reason
+    assert decision.outcome == "kept"
+    assert ("not confirmed" if screened else "not past the screen") in decision.reason
+    assert decision.candidate_number == (1 if screened else 0)
     assert f"right where the champion is wrong on {gain} and wrong where it is right on {lose}" in decision.reason
 
 
@@ -90,14 +98,35 @@ def test_alpha_is_the_tests_level():
     assert decide(candidate, champion(), alpha=0.125).promote  # alpha_1 = 0.0625
 
 
-# ---------------------------------------------------------------------------- alpha spent over candidates
+def test_the_screen_and_the_confirmation_are_separate_tests():
+    six = flipped(BASE, gain=WRONG[:6])  # p = 0.0156 on the selection suite
+    held = champion()
+    # The confirmation suite says otherwise: only 3 of its discordant items go the candidate's way.
+    against = scored(correct=six, confirmation=Confirmation(
+        suite_version="confirm-v1", champion_sha256="a" * 64, levels=["binary/1"], num_examples=4,
+        outcomes=encode_outcomes([True, True, True, False]), champion_outcomes=encode_outcomes([False, False, False, True])))
+    decision = decide(against, held)
+    assert decision.outcome == "kept" and decision.candidate_number == 1 and "not confirmed" in decision.reason
+    assert "on the same 4 items the candidate is right where the champion is wrong on 3 and wrong where it is " \
+           "right on 1: exact one-sided sign test p = 0.3125 > alpha_1" in decision.reason
+    # A screen missed spends nothing, whatever a confirmation would have said.
+    missed = scored(correct=flipped(BASE, gain=WRONG[:3]), confirmation=confirmed(six, BASE))
+    assert decide(missed, held).candidate_number == 0
+    assert before_the_confirmation(missed, held) is not None
+    # No confirmation against this champion (the evaluator saw another, or none): nothing spent.
+    for other in (scored(correct=six, against="z"), scored(correct=six, against=None)):
+        kept = decide(other, held)
+        assert kept.outcome == "kept" and kept.candidate_number == 0 and "no confirmation spent" in kept.reason
 
 
-def test_alpha_is_spent_over_the_candidates_and_sums_to_at_most_alpha():
-    assert [alpha_spent(k, 0.05) for k in (1, 2, 3)] == pytest.approx([0.025, 0.05 / 6, 0.05 / 12])
-    assert math.fsum(alpha_spent(k, 0.05) for k in range(1, 100_001)) <= 0.05
-    # Chosen over 6 alpha / (pi^2 k^2) (also summing to alpha): larger for every candidate but the first.
-    assert all(alpha_spent(k, 0.05) > 6 / math.pi**2 * 0.05 / k**2 for k in range(2, 1000))
+# ---------------------------------------------------------------------------- alpha spent over confirmations
+
+
+def test_alpha_is_spent_over_the_confirmations_and_sums_to_at_most_alpha():
+    assert [alpha_spent(j, 0.05) for j in (1, 2, 3)] == pytest.approx([0.025, 0.05 / 6, 0.05 / 12])
+    assert math.fsum(alpha_spent(j, 0.05) for j in range(1, 100_001)) <= 0.05
+    # Chosen over 6 alpha / (pi^2 j^2) (also summing to alpha): larger for every confirmation but the first.
+    assert all(alpha_spent(j, 0.05) > 6 / math.pi**2 * 0.05 / j**2 for j in range(2, 1000))
     with pytest.raises(ValueError):
         alpha_spent(0, 0.05)
 
@@ -111,14 +140,14 @@ def count(held: Champion, *candidates, tested: CandidatesTested | None = None) -
     return tested, numbers
 
 
-def test_the_kth_candidate_against_a_champion_is_tested_at_alpha_k():
+def test_the_jth_confirmation_against_a_champion_is_tested_at_alpha_j():
     held = champion()
-    tested, _ = count(held, scored("c"), scored("d"))  # two candidates tested already, nothing better
+    tested, _ = count(held, scored("c"), scored("d"))  # two confirmations spent already, nothing confirmed
     six, eight = scored(correct=flipped(BASE, gain=WRONG[:6])), scored(correct=flipped(BASE, gain=WRONG[:8]))
-    _, [k] = count(held, six, tested=tested)
-    kept = decide(six, held, candidate_number=k)  # p = 0.0156: enough for the first candidate, not the third
+    _, [j] = count(held, six, tested=tested)
+    kept = decide(six, held, candidate_number=j)  # p = 0.0156: enough for the first confirmation, not the third
     assert kept.outcome == "kept" and kept.candidate_number == 3
-    assert kept.reason.startswith("candidate 3 against this champion: tested at alpha_3 = 0.0042 (alpha 0.05")
+    assert "confirmation 3 against this champion: tested at alpha_3 = 0.0042 (alpha 0.05" in kept.reason
     assert "p = 0.0156 > alpha_3 0.0042" in kept.reason
     assert decide(six, champion(), candidate_number=1).promote
     promoted = decide(eight, held, candidate_number=3)  # p = 0.0039
@@ -180,7 +209,7 @@ def test_a_level_that_drops_blocks_a_promotion_even_when_the_whole_is_better():
     decision = decide(scored(correct=candidate), champion())
     assert decision.outcome == "kept"
     assert "binary/1 accuracy 0.400 vs 0.500: down 10.0 points (more than 5)" in decision.reason
-    assert "not better beyond the noise" not in decision.reason  # 10 vs 2: p = 0.019
+    assert "not past the screen" not in decision.reason and "no confirmation spent" in decision.reason  # 10 vs 2: p = 0.019
     assert decide(scored(correct=candidate), champion(), max_level_drop=0.1).promote  # the limit is not past it
 
 
@@ -198,7 +227,7 @@ def test_no_level_may_fall_below_the_best_champion_so_far_by_more_than_the_margi
     held = best_at(flipped(BASE, gain=LEVEL_1_WRONG[:6]))
     down_10 = scored(correct=flipped(BASE, gain=LEVEL_1_WRONG[:4] + LEVEL_2_WRONG[:6]))  # p = 0.001
     decision = decide(down_10, held)
-    assert decision.outcome == "kept" and "not better beyond the noise" not in decision.reason
+    assert decision.outcome == "kept" and "not past the screen" not in decision.reason
     assert (f"below the best champion so far on suite {SUITE}: binary/1 accuracy 0.700 vs 0.800: down 10.0 points "
             "(more than 5)") in decision.reason
     assert "regressions:" not in decision.reason  # up 20 points on the champion itself

@@ -7,6 +7,7 @@ suite changes, restarts, manual deploy and rollback over NATS request/reply."""
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import timedelta
 
 import httpx
@@ -143,16 +144,18 @@ async def test_scores_promote_only_gains_beyond_the_noise_and_every_decision_is_
         first = await next_event(deployed, ModelDeployed)
         assert first.checkpoint_sha256 == "a" * 64 and "first champion" in first.reason
 
-        await bus.publish(topology.EVAL_SCORED, scored("b", better(BASE, 3), val_loss=0.1))  # p = 0.125: kept
+        # p = 0.125 on the selection suite: not past the screen, kept, no confirmation spent.
+        await bus.publish(topology.EVAL_SCORED, scored("b", better(BASE, 3), val_loss=0.1))
         # The champion's score again (the evaluator republishing it after the duplicate window).
         await bus.publish(topology.EVAL_SCORED, msgspec.structs.replace(scored("a", BASE), id=new_id()))
         await bus.publish(topology.EVAL_SCORED, scored("c", better(BASE, 8), val_loss=1.5))  # up 50%: kept
-        # The third candidate against "a" is tested at alpha_3 = 0.05/12: p = 0.002 is promoted.
+        # Past the screen, and on the confirmation suite p = 0.002: the first confirmation against "a"
+        # is tested at alpha_1 = 0.025.
         await bus.publish(topology.EVAL_SCORED, scored("d", better(BASE, 9)))
         second = await next_event(deployed, ModelDeployed)
         assert second.checkpoint_sha256 == "d" * 64 and second.previous_checkpoint_uri == first.checkpoint_uri
-        assert second.reason.startswith("candidate 3 against this champion: tested at alpha_3 = 0.0042")
-        assert "p = 0.0020 <= alpha_3 0.0042" in second.reason
+        assert "confirmation 1 against this champion: tested at alpha_1 = 0.025" in second.reason
+        assert "p = 0.0020 <= alpha_1 0.025" in second.reason
         await handled(bus, 5)
         await decided(bus, 4)
 
@@ -164,17 +167,18 @@ async def test_scores_promote_only_gains_beyond_the_noise_and_every_decision_is_
     assert [(d["outcome"], d["checkpoint_sha256"][0]) for d in served_decisions] == [
         ("promoted", "d"), ("kept", "c"), ("kept", "b"), ("promoted", "a")]  # newest first; a's repeat is no decision
     assert "right where the champion is wrong on 3 and wrong where it is right on 0" in served_decisions[2]["reason"]
-    assert "p = 0.1250 > alpha_1 0.025" in served_decisions[2]["reason"]
-    assert served_decisions[1]["reason"].startswith("candidate 2 against this champion")
+    assert "p = 0.1250 > 0.1" in served_decisions[2]["reason"] and "no confirmation spent" in served_decisions[2]["reason"]
     assert "val loss 1.5000 vs 1.0000: up 50.0% (more than 15%)" in served_decisions[1]["reason"]
+    assert "no confirmation spent" in served_decisions[1]["reason"]
     assert served_decisions[0]["champion_sha256"] == "a" * 64
     assert served_decisions[0]["reason"].endswith("; served by test-replica")
     champion, _ = await (await bus.record(CHAMPION)).read()
     assert champion.checkpoint_sha256 == "d" * 64 and champion.event_id == second.id
     assert champion.outcomes == scored("d", better(BASE, 9)).outcomes  # what the next candidate is paired with
     tested, _ = await (await bus.record(CANDIDATES_TESTED)).read()
-    # Three candidates were numbered against "a"; none yet against "d", whose count starts afresh.
-    assert (tested.champion_event_id, tested.count) == (first.id, 3)
+    # One confirmation was numbered against "a" (the screen and the regression guard kept the others
+    # before any); none yet against "d", whose count starts afresh.
+    assert (tested.champion_event_id, tested.count) == (first.id, 1)
     assert len(await (await bus.record(CHAMPION)).history()) == 2  # one value per champion, none per test
     # The re-announcement of "a" carried a's original id: JetStream dropped it.
     assert [e.checkpoint_sha256[0] for e in await deployed_events(bus)] == ["a", "d"]
@@ -184,7 +188,8 @@ async def test_settings_tune_the_rule(bus: Bus, nats_server: str):
     async with running(SERVICE, settings_for(nats_server, alpha=0.3, max_loss_rise=1.0)), replica(bus):
         await bus.publish(topology.EVAL_SCORED, scored("a", BASE))
         await settled(bus)
-        await bus.publish(topology.EVAL_SCORED, scored("b", better(BASE, 3), val_loss=1.5))  # p = 0.125 <= 0.3/2
+        # p = 0.0625: past the screen, and confirmed at alpha_1 = 0.3/2 (not at the default 0.05/2).
+        await bus.publish(topology.EVAL_SCORED, scored("b", better(BASE, 4), val_loss=1.5))
         await champion_is(bus, "b" * 64)
         await decided(bus, 2)
     assert [d.outcome for d in await decisions(bus)] == ["promoted", "promoted"]
@@ -217,7 +222,8 @@ async def test_racing_deployers_never_both_win(bus: Bus, nats_server: str):
         assert sorted(d.outcome for d in await decisions(bus)) == ["deploy_failed"] * 7 + ["promoted"]
 
         # A failure and a confirmation of the next deployment at once: exactly one of them wins.
-        await one.on_eval_scored(scored("k", better(wide, 12)), delivery(bus))
+        await one.on_eval_scored(scored("k", better(wide, 12), against=standing.checkpoint_sha256[0], champion_correct=wide),
+                                 delivery(bus))
         contested = await newest(bus)
         await asyncio.gather(
             one.on_model_serving(report(contested, ok=False, sha256="", reason="out of memory"), serving_delivery(bus)),
@@ -233,31 +239,35 @@ async def test_racing_deployers_never_both_win(bus: Bus, nats_server: str):
         await other_bus.close()
 
 
-async def test_each_candidate_spends_alpha_once_against_its_champion(bus: Bus):
+async def test_each_confirmation_spends_alpha_once_against_its_champion(bus: Bus):
     deployer, other = await make_deployer(bus), await make_deployer(bus)
     await promote(deployer, scored("a", BASE))
-    b = scored("b", better(BASE, 3))
+    # Four more right (p = 0.0625): past the screen, not confirmed at any alpha_j.
+    b = scored("b", better(BASE, 4))
     await deployer.on_eval_scored(b, delivery(bus))
     await deployer.on_eval_scored(b, delivery(bus))  # a redelivery: the same decision, kept once
-    # The same checkpoint and suite scored again (republished under a new id): still candidate 1.
+    # The same checkpoint and suite scored again (republished under a new id): still confirmation 1.
     await deployer.on_eval_scored(msgspec.structs.replace(b, id=new_id()), delivery(bus))
-    await deployer.on_eval_scored(scored("c", better(BASE, 2)), delivery(bus))
-    # Two deployers deciding at once never give two candidates one number.
-    await asyncio.gather(*[(deployer if i % 2 else other).on_eval_scored(scored(sha, better(BASE, 1)), delivery(bus))
+    await deployer.on_eval_scored(scored("c", better(BASE, 4)), delivery(bus))
+    # Not past the screen: no number spent.
+    await deployer.on_eval_scored(scored("z", better(BASE, 1)), delivery(bus))
+    # Two deployers deciding at once never give two confirmations one number.
+    await asyncio.gather(*[(deployer if i % 2 else other).on_eval_scored(scored(sha, better(BASE, 4)), delivery(bus))
                            for i, sha in enumerate("defghijk")])
     champion, _ = await deployer.champion.read()
     tested, _ = await deployer.candidates.read()
     assert champion.checkpoint_sha256 == "a" * 64 and (tested.champion_event_id, tested.count) == (champion.event_id, 10)
     assert tested.keys[:2] == [f"{'b' * 64}@{SUITE}", f"{'c' * 64}@{SUITE}"]
-    numbers = [int(d.reason.split()[1]) for d in (await decisions(bus))[1:]]
-    assert numbers[:3] == [1, 1, 2] and sorted(numbers[3:]) == list(range(3, 11))
+    kept = (await decisions(bus))[1:]
+    numbers = [int(found.group(1)) if (found := re.search(r"confirmation (\d+) against", d.reason)) else 0 for d in kept]
+    assert numbers[:4] == [1, 1, 2, 0] and sorted(numbers[4:]) == list(range(3, 11))
     # The eleventh is tested at alpha_11 = 0.05/132: p = 0.0002 is promoted, and the count restarts.
     await promote(deployer, scored("l", better(BASE, 12)))
     champion, _ = await deployer.champion.read()
     assert champion.checkpoint_sha256 == "l" * 64
-    assert (await decisions(bus))[-1].reason.startswith("candidate 11 against this champion")
-    await promote(deployer, scored("b", better(BASE, 3)))
-    assert (await decisions(bus))[-1].reason.startswith("candidate 1 against this champion")
+    assert "confirmation 11 against this champion" in (await decisions(bus))[-1].reason
+    await promote(deployer, scored("b", better(BASE, 16), against="l", champion_correct=better(BASE, 12)))
+    assert "confirmation 1 against this champion" in (await decisions(bus))[-1].reason
 
 
 async def test_a_new_suite_waits_for_the_champions_rescore(bus: Bus):
@@ -334,7 +344,7 @@ async def test_a_replica_that_cannot_load_it_fails_the_deployment_and_the_champi
     kept = await decisions(bus)
     assert [d.outcome for d in kept] == ["promoted", "deploy_failed"]
     assert kept[1].reason.startswith("replica test-replica could not serve it: checkpoint sha256 does not match; "
-                                     "staged because: candidate 1 against this champion")
+                                     "staged because: past the screen on the selection suite")
 
 
 async def test_no_report_in_time_fails_the_deployment(bus: Bus, nats_server: str):
@@ -440,8 +450,10 @@ async def test_a_served_deployment_never_overwrites_a_champion_it_was_not_weighe
 
 async def test_rollback_is_staged_then_restores_the_previous_champion_and_bars_its_run(bus: Bus):
     deployer = await make_deployer(bus)
-    for sha, gained in (("a", 0), ("b", 6), ("c", 12)):
-        await promote(deployer, scored(sha, better(BASE, gained)))
+    for sha, gained, against in (("a", 0, None), ("b", 6, ("a", 0)), ("c", 12, ("b", 6))):
+        champion_sha, champion_gained = against or ("a", 0)
+        await promote(deployer, scored(sha, better(BASE, gained), against=champion_sha,
+                                       champion_correct=better(BASE, champion_gained)))
     rolled = await bus.js.subscribe(topology.MODEL_ROLLED_BACK)
     async with routes(deployer) as client:
         assert (await client.get("/champion")).json()["checkpoint_sha256"] == "c" * 64
@@ -473,7 +485,7 @@ async def test_rollback_is_staged_then_restores_the_previous_champion_and_bars_i
     # it; but a rollback keeps the best levels so far (c's: 1.0 and 0.6), which bound its levels.
     await promote(deployer, scored("f", better(BASE, 10)))
     kept = (await decisions(bus))[-1]
-    assert kept.outcome == "kept" and kept.reason.startswith("candidate 1 against this champion")
+    assert kept.outcome == "kept" and "no confirmation spent" in kept.reason
     assert (f"below the best champion so far on suite {SUITE}: binary/2 accuracy 0.500 vs 0.600: down 10.0 points "
             "(more than 5)") in kept.reason
     await promote(deployer, scored("d", better(BASE, 12)))

@@ -22,6 +22,7 @@ from libs.common.events import (
     DatasetSubmitted,
     EvalScored,
     LevelScore,
+    encode_outcomes,
     new_id,
 )
 from libs.common.history import read_subject
@@ -32,6 +33,7 @@ from libs.common.skills import SKILLS
 from services.deployer.promotion import crowned, decide
 from services.evaluator.hard_examples import probe_items
 from services.evaluator.scorebook import ScoreRecord
+from services.evaluator.scoring import Scores
 from services.evaluator.service import SERVICE
 from services.evaluator.settings import EvaluatorSettings
 from services.evaluator.suite import shared_problems
@@ -201,6 +203,7 @@ async def test_the_champion_is_scored_on_this_suite_and_candidates_are_flagged_a
         if candidate.exact_match < 1.0:
             assert any("accuracy" in r and "points" in r for r in candidate.regressions)
         assert evaluator.scorebook.get(artifact.sha256, evaluator.suite.version).hard_examples is None
+        assert candidate.confirmation is None  # not past the screen against a perfect champion
 
     assert await stream_messages(bus, "DATASETS") == 0
     # The champion's rescore and the candidate's score (the champion's sealed test goes to eval.tested).
@@ -370,3 +373,57 @@ async def test_every_champion_is_scored_on_the_sealed_test_once_per_test_version
     assert await stream_messages(bus, "EVALS") == 7
     # Only champions were ever tested.
     assert not tests_of(never.sha256) and not evaluator.testbook.for_checkpoint(never.sha256)
+
+
+async def test_a_candidate_past_the_screen_is_confirmed_with_the_champion_on_the_confirmation_suite(
+    bus: Bus, nats_server: str, checkpoint: CheckpointSaved, tmp_path: Path,
+):
+    champion_record = await bus.record(CHAMPION)
+    await champion_record.put(Champion(
+        checkpoint_uri=checkpoint.uri, checkpoint_sha256=checkpoint.sha256, run_id=checkpoint.run_id,
+        step=checkpoint.step, exact_match=0.0, val_loss=1.0, suite_version="binary-v1-old",
+        deployed_at=checkpoint.time, event_id="e"))
+    scored_sub = await bus.js.subscribe(topology.EVAL_SCORED)
+    settings = evaluator_settings(nats_server, tmp_path, champion_check_s=0.2, confirm_items_per_level=3)
+    async with running(SERVICE, settings) as evaluator:
+        # The champion on this suite (the untrained tiny model: nothing right).
+        champion = msgspec.json.decode((await scored_sub.next_msg(timeout=60)).data, type=EvalScored)
+        assert champion.checkpoint_sha256 == checkpoint.sha256
+        q = evaluator.confirmation_suite
+        assert {item.level_key for item in q.items} == set(champion.levels) and len(q.items) == 9
+        assert not shared_problems(q, evaluator.suite) and not shared_problems(q, evaluator.test_suite)
+
+        # A candidate whose selection score passes the screen against it everywhere it can be ahead.
+        store = ArtifactStore(tmp_path / "data" / "artifacts")
+        target = store.location("checkpoints", "run-2", "step-1")
+        shutil.copytree(store.verify(checkpoint.uri, checkpoint.sha256), target)
+        (target / "NOTES.txt").write_text("another checkpoint")
+        candidate = store.describe_dir(target)
+        everything = [True] * champion.num_examples
+        screen = Scores(
+            val_loss=0.5, exact_match=1.0, exact_match_low=0.5, exact_match_high=1.0, ece=None,
+            by_level={k: 1.0 for k in champion.levels}, num_examples=champion.num_examples, items=[],
+            levels={k: msgspec.structs.replace(v, correct=v.total, accuracy=1.0) for k, v in champion.levels.items()},
+            outcomes=encode_outcomes(everything),
+        )
+        ahead = [k for k, v in champion.levels.items() if v.correct < v.total]
+        # Called as `score` calls it: holding the evaluator's one model slot (its champion loop tests too).
+        async with evaluator._scoring:
+            confirmation = await evaluator._confirm(target, candidate.sha256, "none", screen, champion)
+        assert confirmation is not None and confirmation.levels == ahead
+        assert confirmation.champion_sha256 == checkpoint.sha256 and confirmation.suite_version == q.version
+        mine, theirs = confirmation.item_outcomes()
+        assert len(mine) == len(theirs) == 3 * len(ahead) == confirmation.num_examples
+        # Both were scored on those levels once, and kept: the champion's record serves the next candidate.
+        kept = evaluator.confirmbook.get(checkpoint.sha256, q.version)
+        assert set(kept.outcomes) == set(ahead) and all(len(kept.items[k]) == 3 for k in ahead)
+        assert set(evaluator.confirmbook.get(candidate.sha256, q.version).outcomes) == set(ahead)
+        async with evaluator._scoring:
+            again = await evaluator._confirm(target, candidate.sha256, "none", screen, champion)
+        assert again == confirmation and evaluator.confirmbook.get(checkpoint.sha256, q.version) == kept
+
+        # Not past the screen (the same answers as the champion): nothing is confirmed, nothing scored.
+        same = msgspec.structs.replace(screen, levels=champion.levels, outcomes=champion.outcomes)
+        async with evaluator._scoring:
+            assert await evaluator._confirm(target, "c" * 64, "none", same, champion) is None
+        assert evaluator.confirmbook.get("c" * 64, q.version) is None

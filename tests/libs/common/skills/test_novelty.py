@@ -18,9 +18,11 @@ from libs.common.skills import binary, syllo
 from services.evaluator.settings import EvaluatorSettings
 
 CIRCLED = re.compile("[①⓪]+")
-# The evaluator's selection and sealed-test seeds and the demo's questions: what is really asked.
+# The evaluator's selection, sealed-test and confirmation seeds and the demo's questions: what is
+# really asked (the confirmation suite draws 96 a level).
 _DEFAULTS = {f.name: f.default for f in msgspec.structs.fields(EvaluatorSettings)}
-SUITE_SEEDS = (_DEFAULTS["suite_seed"], _DEFAULTS["test_seed"], QUESTION_SEED)
+SUITE_SEEDS = (_DEFAULTS["suite_seed"], _DEFAULTS["test_seed"], _DEFAULTS["confirm_seed"], QUESTION_SEED)
+PER_SEED = {_DEFAULTS["confirm_seed"]: _DEFAULTS["confirm_items_per_level"]}
 
 
 def _numbers(text: str) -> list[int]:
@@ -48,8 +50,8 @@ def _training_rows(skill, samples: dict[int, int]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def binary_training() -> dict:
-    # Level 1 has 727 distinct training problems: 2 x 20,000 draws hold every one of them (a sum's
-    # chance to be missed is about e^-13).
+    # Level 1 has 483 distinct training problems: 2 x 20,000 draws hold every one of them (a sum's
+    # chance to be missed is about e^-40).
     rows = _training_rows(binary, {1: 20_000, 2: 6_000, 3: 6_000, 4: 1_000, 5: 1_000, 6: 1_000, 7: 1_000})
     lines = {line.strip() for row in rows for line in row["messages"][1]["content"].splitlines() if line.strip()}
     return {
@@ -63,11 +65,11 @@ def binary_training() -> dict:
 
 
 def _held_out(level: int, n: int) -> list[dict]:
-    return [row for seed in SUITE_SEEDS for row in binary.generate(level, n, seed, split="eval")]
+    return [row for seed in SUITE_SEEDS for row in binary.generate(level, PER_SEED.get(seed, n), seed, split="eval")]
 
 
 def test_every_level_one_training_problem_is_in_the_sample(binary_training):
-    assert len(binary_training["level1_prompts"]) == 727
+    assert len(binary_training["level1_prompts"]) == 483
 
 
 @pytest.mark.parametrize("level", [1, 2, 3])
@@ -103,5 +105,6 @@ def test_no_held_out_binary_answer_can_be_copied_from_a_training_line(binary_tra
 def test_no_held_out_syllo_puzzle_can_be_answered_from_words_trained():
     trained = {word for row in _training_rows(syllo, dict.fromkeys(range(1, 6), 600)) for word in row["expected"]}
     copied = [row["expected"] for level in range(1, 6) for seed in SUITE_SEEDS
-              for row in syllo.generate(level, 48, seed, split="eval") if set(row["expected"]) <= trained]
+              for row in syllo.generate(level, PER_SEED.get(seed, 48), seed, split="eval")
+              if set(row["expected"]) <= trained]
     assert not copied, f"{len(copied)} held-out puzzles ask only for trained words, e.g. {copied[:2]}"
