@@ -1,9 +1,9 @@
-"""`novel_share` of `python -m bench.flywheel`: how many selection and test items the run never trained on.
+"""`novel_share` of `python -m bench.flywheel`: how many suite items (selection, confirmation, test) the run never trained on.
 
 Judged against what the run really trained, not against the split rule that chose the items:
 every accepted dataset under `<data>/artifacts/datasets/` (the curriculum's practice, hard
 examples, anything submitted) is read, and a suite item (`<data>/evaluator/suites/*.jsonl`: the
-selection suite and every sealed test version) is novel when
+selection suite, the confirmation suite and every sealed test version) is novel when
 
 - no trained row poses the same problem, in any wording or operand order (the item's skill
   reads both prompts: `Skill.problem_key`), and

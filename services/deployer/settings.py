@@ -23,13 +23,14 @@ class DeployerSettings(CommonSettings, kw_only=True, forbid_unknown_fields=True)
     # many are tested against it. A candidate past the screen on the selection suite (sign test
     # p <= 0.1, libs.common.paired) is confirmed on the confirmation suite's items, where the j-th
     # confirmation against a champion needs p <= alpha/(j(j+1)) (services/deployer/promotion.py).
-    # Simulated with 480 selection and 960 confirmation items at independent outcomes
-    # (tests/services/deployer/test_false_promotions.py asserts these): 3.4% of 2,000 champions
-    # facing 2,000 equal candidates each promoted one (99% upper bound 4.6%; 73% when each was
-    # tested at alpha); the screen let 2.6% of the candidates spend a confirmation. The power it
-    # leaves, measured, for a candidate whose confirmation is the 1st / 2nd / 5th: a champion at
-    # 80% on level 1 and near 0 elsewhere, a candidate at 95% there: 50%, 41%, 27% (at 90%: 13%,
-    # 8%, 3%); 10 points better on every level: 68%, 67%, 66% (the regression guard keeps a third).
+    # Simulated with 480 selection and 893 confirmation items (96 a level, 29 at Binary level 1)
+    # at independent outcomes (tests/services/deployer/test_false_promotions.py asserts these):
+    # 3.0% of 2,000 champions facing 2,000 equal candidates each promoted one (99% upper bound
+    # 4.2%; 72% when each was tested at alpha); the screen let 2.4% of the candidates spend a
+    # confirmation. The power it leaves, measured, for a candidate whose confirmation is the 1st /
+    # 2nd / 5th: level 1 from 50% to 90% (other levels near 0): 74%, 59%, 36%; from 80% to 95%:
+    # 12%, 6%, 1% (29 items hold little evidence); 10 points better on every level: 67%, 67%, 64%
+    # (the regression guard keeps a third).
     alpha: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.05
     # No promotion when any level's accuracy is down by more than this (absolute: 0.05 = 5 points)
     # against the champion or against the best any champion had on the suite.

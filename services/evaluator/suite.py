@@ -139,10 +139,10 @@ def build_test_suite(selection: Suite, seed: int) -> Suite:
 
 
 def build_confirmation_suite(selection: Suite, test: Suite, seed: int, items_per_level: int) -> Suite:
-    """The confirmation suite beside `selection` and `test`: at the selection suite's levels,
-    `items_per_level` each, drawn from the eval split with `seed`, no problem of either among them
-    (deterministic in its arguments). Raises ValueError when a level holds too few distinct eval
-    problems for all three."""
+    """The confirmation suite beside `selection` and `test`: at the selection suite's levels, up to
+    `items_per_level` each (all a level has left when fewer: Binary level 1 holds 127 distinct eval
+    problems, 31 after the other two suites), drawn from the eval split with `seed`, no problem of
+    either among them (deterministic in its arguments)."""
     held = problem_keys(selection)
     for skill, keys in problem_keys(test).items():
         held.setdefault(skill, set()).update(keys)
@@ -150,10 +150,29 @@ def build_confirmation_suite(selection: Suite, test: Suite, seed: int, items_per
         row
         for name, levels in selection.levels().items()
         for level in levels
-        for row in SKILLS[name].generate(level, items_per_level, seed, split="eval", exclude=held[name])
+        for row in _draw_up_to(name, level, items_per_level, seed, held.get(name, set()))
     ]
     items = msgspec.convert(rows, list[SuiteItem])
     return Suite(name=CONFIRMATION_SUITE_NAME, version=suite_version(items, CONFIRMATION_SUITE_NAME), items=items)
+
+
+def _draw_up_to(skill: str, level: int, n: int, seed: int, exclude: set[str]) -> list[dict]:
+    """`n` eval rows of `skill` at `level` without the problems in `exclude`, or all there are when
+    fewer. A draw of k rows is the first k of a longer draw (one random sequence), so the largest
+    k that can be drawn is found by bisection."""
+    def draw(k: int) -> list[dict] | None:
+        try:
+            return SKILLS[skill].generate(level, k, seed, split="eval", exclude=exclude)
+        except ValueError:
+            return None
+
+    if (rows := draw(n)) is not None:
+        return rows
+    low, high = 0, n  # draw(low) works, draw(high) does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if draw(middle) is not None else (low, middle)
+    return draw(low) or []
 
 
 def load_or_create_suite(folder: Path, max_levels: Mapping[str, int], items_per_level: int, seed: int) -> Suite:

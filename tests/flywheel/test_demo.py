@@ -29,11 +29,11 @@ def _sample() -> list[dict]:
 def test_the_sample_is_level_one_training_material_in_the_skills_own_notation():
     rows = _sample()
     # Every distinct problem of 40,000 the skill generates (seed 0), in order: the skill's own
-    # answer format, and all of level 1's 483 training problems, each once.
+    # answer format, and all of level 1's 727 training problems, each once.
     distinct = {}
     for row in binary.generate(1, 40_000, seed=0):
         distinct.setdefault(row["messages"][0]["content"], {"messages": row["messages"]})
-    assert rows == list(distinct.values()) and len(rows) == 483
+    assert rows == list(distinct.values()) and len(rows) == 727
     for row in rows:
         question, answer = (m["content"] for m in row["messages"])
         assert binary.split_of(question) == "train"

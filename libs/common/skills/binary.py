@@ -251,13 +251,9 @@ def _maker(level: int) -> Callable[[random.Random], Problem]:
 # in (as an operand, a result, a step's value): holding out one costs every problem that
 # touches it, so numbers are held out at 1/16; an operation on its operands (a sum, a shift) is
 # one problem's own fact, held out at 1/4 so that level 1 (31 numbers) holds enough
-# held-out sums for the suites. Level 1's own sums (both operands 1..31) are held out at 1/2:
-# 496 such sums, 263 held out, enough for a selection suite and a sealed test of 48 items each
-# and a confirmation suite of 96 (services/evaluator/suite.py), where 1/4 held out 127; 218
-# stay trained (with 62 conversions: 482 level-1 training problems; docs/decisions/held-out.md).
+# held-out sums for a selection suite and a sealed test of 48 items each.
 NUMBER_SHARE = 1
 OPERATION_SHARE = 4
-LEVEL1_SUM_SHARE = 8
 
 _C = f"[{ONE}{ZERO}]+"
 _EXPRESSION = re.compile(rf"({_C})\s*([+×*x-])\s*({_C})")
@@ -316,15 +312,8 @@ def facts_of(prompt: str) -> Facts:
     raise ValueError(f"not a Binary problem: {prompt[:80]!r}")
 
 
-_LEVEL1_SUM = re.compile(r"binary add (\d+) (\d+)")
-
-
 def is_held_out(fact: str) -> bool:
-    if fact.startswith("binary number "):
-        return held_out(fact, NUMBER_SHARE)
-    if (level1 := _LEVEL1_SUM.fullmatch(fact)) and int(level1.group(2)) <= LEVELS[1].high:
-        return held_out(fact, LEVEL1_SUM_SHARE)  # operands are written smaller first (`_operation`)
-    return held_out(fact, OPERATION_SHARE)
+    return held_out(fact, NUMBER_SHARE if fact.startswith("binary number ") else OPERATION_SHARE)
 
 
 def problem_key(prompt: str) -> str:

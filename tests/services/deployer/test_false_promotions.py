@@ -4,7 +4,7 @@ the power left for a real gain. The figures stated in services/deployer/settings
 are the ones asserted here.
 
 The model: 10 levels with true accuracies 0.3 to 0.95; the selection suite holds 48 items a level
-(480), the confirmation suite 96 a level (960); every item of a level is right with the level's
+(480), the confirmation suite 96 a level but 29 at the first (893, as Binary level 1 has); every item of a level is right with the level's
 true accuracy, independently. The champion's outcomes on both suites are drawn once per sequence
 (what the deployer and the evaluator hold); each candidate's afresh. Independent outcomes make
 the two models disagree on more items than real ones do (an item hard for one is mostly hard for
@@ -34,21 +34,24 @@ from services.deployer.promotion import alpha_spent, before_the_confirmation, cl
 ALPHA = 0.05
 MAX_LEVEL_DROP = 0.05
 PER_LEVEL = 48  # selection items a level
-CONFIRM_PER_LEVEL = 96  # confirmation items a level (EvaluatorSettings.confirm_items_per_level)
+# Confirmation items a level: EvaluatorSettings.confirm_items_per_level (96), but Binary level 1's
+# 29 (all its held-out sums left after the selection suite and the sealed test).
+CONFIRM_SIZES = np.array([29] + [96] * 9)
+CONFIRM_OFFSETS = np.concatenate([[0], np.cumsum(CONFIRM_SIZES)[:-1]])
 TRUE_ACCURACY = {"binary/1": 0.95, "binary/2": 0.9, "binary/3": 0.85, "binary/4": 0.8, "binary/5": 0.7,
                  "syllo/1": 0.6, "syllo/2": 0.5, "syllo/3": 0.4, "syllo/4": 0.35, "syllo/5": 0.3}
 LEVEL_KEYS = list(TRUE_ACCURACY)
 TRUE = np.array(list(TRUE_ACCURACY.values()))
 ITEMS = PER_LEVEL * len(TRUE)
-CONFIRM_ITEMS = CONFIRM_PER_LEVEL * len(TRUE)
+CONFIRM_ITEMS = int(CONFIRM_SIZES.sum())
 CANDIDATES = 2000  # tested one after another against one champion
 SEQUENCES = 2000
 # A candidate 10 points better on one level (syllo/1: 0.6 -> 0.7), the others equal.
 ONE_LEVEL_BETTER = np.where(np.array(LEVEL_KEYS) == "syllo/1", TRUE + 0.1, TRUE)
 # A candidate 10 points better on every level (binary/1: 0.95 -> 1.0).
 EVERY_LEVEL_BETTER = np.minimum(TRUE + 0.1, 1.0)
-# What the loop meets while it learns level 1: a champion at 80% there and near 0 elsewhere (the
-# 30-minute bench's champions), a candidate at 90% on level 1.
+# What the loop meets while it learns level 1: a champion at 80% (or 50%) there and near 0
+# elsewhere (the 30-minute bench's champions), a candidate at 90% (or 95%) on level 1.
 YOUNG = np.array([0.8, 0.03, 0.01, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
 YOUNG_BETTER = np.where(np.arange(len(TRUE)) == 0, 0.9, YOUNG)
 # Power scenarios: the champion's true accuracies, the candidate's, how many draws.
@@ -57,14 +60,16 @@ SCENARIOS = {
     "every level": (TRUE, EVERY_LEVEL_BETTER, 20_000),
     "level 1, 80% -> 90%": (YOUNG, YOUNG_BETTER, 100_000),
     "level 1, 80% -> 95%": (YOUNG, np.where(np.arange(len(TRUE)) == 0, 0.95, YOUNG), 100_000),
+    "level 1, 50% -> 90%": (np.where(np.arange(len(TRUE)) == 0, 0.5, YOUNG), YOUNG_BETTER, 100_000),
 }
 # The power stated in settings.py and README.md: at least this often promoted when its confirmation
 # would be the j-th against the champion (the screen included: a candidate that misses it is kept).
 STATED_POWER = {
-    "one level": {1: 0.002, 2: 0.001, 5: 0.0002},
-    "every level": {1: 0.65, 2: 0.65, 5: 0.63},
-    "level 1, 80% -> 90%": {1: 0.12, 2: 0.07, 5: 0.03},
-    "level 1, 80% -> 95%": {1: 0.48, 2: 0.39, 5: 0.25},
+    "one level": {1: 0.003, 2: 0.001, 5: 0.0003},
+    "every level": {1: 0.66, 2: 0.65, 5: 0.63},
+    "level 1, 80% -> 90%": {1: 0.025, 2: 0.01, 5: 0.0015},
+    "level 1, 80% -> 95%": {1: 0.11, 2: 0.05, 5: 0.008},
+    "level 1, 50% -> 90%": {1: 0.72, 2: 0.57, 5: 0.34},
 }
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -150,19 +155,23 @@ def compare(won: np.ndarray, lost: np.ndarray, confirm_won: np.ndarray, confirm_
     )
 
 
-def _per_level(mine: np.ndarray, theirs: np.ndarray, per_level: int) -> tuple[np.ndarray, np.ndarray]:
-    mine, theirs = (a.reshape(*a.shape[:-1], len(TRUE), per_level) for a in np.broadcast_arrays(mine, theirs))
-    return (mine & ~theirs).sum(-1), (theirs & ~mine).sum(-1)
+def _per_level(mine: np.ndarray, theirs: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per level (items from each of `offsets` to the next), the items only `mine` got right and
+    those only `theirs` did."""
+    mine, theirs = np.broadcast_arrays(mine, theirs)
+    return (np.add.reduceat((mine & ~theirs).astype(np.int64), offsets, axis=-1),
+            np.add.reduceat((theirs & ~mine).astype(np.int64), offsets, axis=-1))
 
 
 def compare_items(champion: np.ndarray, candidate: np.ndarray, champion_q: np.ndarray,
                   candidate_q: np.ndarray) -> Compared:
     """`compare` on per-item outcomes (last axis: the items in suite order)."""
-    return compare(*_per_level(candidate, champion, PER_LEVEL), *_per_level(candidate_q, champion_q, CONFIRM_PER_LEVEL))
+    return compare(*_per_level(candidate, champion, np.arange(0, ITEMS, PER_LEVEL)),
+                   *_per_level(candidate_q, champion_q, CONFIRM_OFFSETS))
 
 
 def draw(rng: np.random.Generator, champion_right: np.ndarray, better: np.ndarray, size: tuple,
-         per_level: int) -> tuple[np.ndarray, np.ndarray]:
+         per_level: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per level, a candidate's wins and losses against a champion right on `champion_right` of `per_level`."""
     return (rng.binomial(per_level - champion_right, better, size=(*size, len(TRUE))),
             rng.binomial(champion_right, 1 - better, size=(*size, len(TRUE))))
@@ -190,7 +199,7 @@ def score(name: str, correct: list[bool], confirm: list[bool] | None = None,
     if confirm is not None and champion_confirm is not None and champion_correct is not None:
         ahead = [i for i in range(len(TRUE)) if levels[LEVEL_KEYS[i]].correct
                  > sum(champion_correct[i * PER_LEVEL:(i + 1) * PER_LEVEL])]
-        pick = [i * CONFIRM_PER_LEVEL + n for i in ahead for n in range(CONFIRM_PER_LEVEL)]
+        pick = [CONFIRM_OFFSETS[i] + n for i in ahead for n in range(CONFIRM_SIZES[i])]
         confirmation = Confirmation(
             suite_version="q1", champion_sha256=sha_of("champion"), levels=[LEVEL_KEYS[i] for i in ahead],
             num_examples=len(pick), outcomes=encode_outcomes([confirm[i] for i in pick]),
@@ -220,7 +229,7 @@ def test_decide_and_the_counts_agree_over_a_whole_sequence():
     the deployer numbers it (`claim_number`, only for a candidate that reaches the confirmation):
     the rule on counts decides every one the same."""
     rng = np.random.default_rng(7)
-    p, pq = np.repeat(TRUE, PER_LEVEL), np.repeat(TRUE, CONFIRM_PER_LEVEL)
+    p, pq = np.repeat(TRUE, PER_LEVEL), np.repeat(TRUE, CONFIRM_SIZES)
     champion_items, champion_q = rng.random(ITEMS) < p, rng.random(CONFIRM_ITEMS) < pq
     candidates, candidates_q = rng.random((CANDIDATES, ITEMS)) < p, rng.random((CANDIDATES, CONFIRM_ITEMS)) < pq
     held = first_champion(champion_items.tolist())
@@ -254,9 +263,9 @@ def test_candidates_no_better_than_the_champion_are_ever_promoted_with_probabili
     for _ in range(SEQUENCES // chunk):
         # Per level, the champion's right items on both suites, then each candidate's wins and losses.
         right = rng.binomial(PER_LEVEL, TRUE, size=(chunk, 1, len(TRUE)))
-        right_q = rng.binomial(CONFIRM_PER_LEVEL, TRUE, size=(chunk, 1, len(TRUE)))
+        right_q = rng.binomial(CONFIRM_SIZES, TRUE, size=(chunk, 1, len(TRUE)))
         compared = compare(*draw(rng, right, TRUE, (chunk, CANDIDATES), PER_LEVEL),
-                           *draw(rng, right_q, TRUE, (chunk, CANDIDATES), CONFIRM_PER_LEVEL))
+                           *draw(rng, right_q, TRUE, (chunk, CANDIDATES), CONFIRM_SIZES))
         numbers = compared.numbers()
         promoted = compared.confirming & compared.confirmed_at(needed[np.maximum(numbers, 1) - 1])
         ever["rule"] += int(promoted.any(-1).sum())
@@ -283,9 +292,9 @@ def test_a_real_gain_is_promoted_with_the_stated_power():
     for name, (base, better, reps) in SCENARIOS.items():
         # A fresh champion for each candidate: the power of a candidate whose confirmation would be the j-th.
         right = rng.binomial(PER_LEVEL, base, size=(reps, len(TRUE)))
-        right_q = rng.binomial(CONFIRM_PER_LEVEL, base, size=(reps, len(TRUE)))
+        right_q = rng.binomial(CONFIRM_SIZES, base, size=(reps, len(TRUE)))
         compared = compare(*draw(rng, right, better, (reps,), PER_LEVEL),
-                           *draw(rng, right_q, better, (reps,), CONFIRM_PER_LEVEL))
+                           *draw(rng, right_q, better, (reps,), CONFIRM_SIZES))
         powers[name] = power = np.array([(compared.confirming & compared.confirmed_at(row)).mean() for row in needed])
         print(f"{name}: past the screen {compared.confirming.mean():.4f}; promoted when its confirmation is "
               f"the 1st/2nd/5th/10th/20th: {power[0]:.4f} / {power[1]:.4f} / {power[4]:.4f} / {power[9]:.4f} / "
@@ -297,9 +306,9 @@ def test_a_real_gain_is_promoted_with_the_stated_power():
 
 def test_decide_and_the_counts_agree_on_better_candidates():
     rng = np.random.default_rng(5)
-    p, pq = np.repeat(TRUE, PER_LEVEL), np.repeat(TRUE, CONFIRM_PER_LEVEL)
+    p, pq = np.repeat(TRUE, PER_LEVEL), np.repeat(TRUE, CONFIRM_SIZES)
     for better, js in ((ONE_LEVEL_BETTER, (1,)), (EVERY_LEVEL_BETTER, (1, 5, 20))):
-        q, qq = np.repeat(better, PER_LEVEL), np.repeat(better, CONFIRM_PER_LEVEL)
+        q, qq = np.repeat(better, PER_LEVEL), np.repeat(better, CONFIRM_SIZES)
         for j in js:
             champions, candidates = rng.random((150, ITEMS)) < p, rng.random((150, ITEMS)) < q
             champions_q, candidates_q = rng.random((150, CONFIRM_ITEMS)) < pq, rng.random((150, CONFIRM_ITEMS)) < qq

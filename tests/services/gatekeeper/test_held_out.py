@@ -51,8 +51,8 @@ def test_a_held_out_problem_is_recognised_in_another_wording_and_operand_order()
 
 
 def test_a_sum_that_states_a_held_out_number_on_the_way_is_dropped_too():
-    # 13 + 29 = 42, and 42 is a held-out number: its conversion is a held-out item of level 2.
-    reason = held_out_reason(binary._arithmetic("add", 13, 29, verified=False).prompt)
+    # 11 + 31 = 42, and 42 is a held-out number: its conversion is a held-out item of level 2.
+    reason = held_out_reason(binary._arithmetic("add", 11, 31, verified=False).prompt)
     assert reason and reason.startswith("states a held-out binary fact on the way")
     assert held_out_reason("What is the capital of France?") is None
     assert held_out_reason("Convert ① to binary, then tell me a joke") is None  # a trained conversion

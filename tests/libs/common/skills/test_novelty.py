@@ -13,16 +13,19 @@ import re
 import msgspec
 import pytest
 
-from flywheel.demo import QUESTION_SEED
+from flywheel.demo import held_out_questions
 from libs.common.skills import binary, syllo
 from services.evaluator.settings import EvaluatorSettings
+from services.evaluator.suite import build_confirmation_suite, build_suite, build_test_suite
 
 CIRCLED = re.compile("[①⓪]+")
-# The evaluator's selection, sealed-test and confirmation seeds and the demo's questions: what is
-# really asked (the confirmation suite draws 96 a level).
-_DEFAULTS = {f.name: f.default for f in msgspec.structs.fields(EvaluatorSettings)}
-SUITE_SEEDS = (_DEFAULTS["suite_seed"], _DEFAULTS["test_seed"], _DEFAULTS["confirm_seed"], QUESTION_SEED)
-PER_SEED = {_DEFAULTS["confirm_seed"]: _DEFAULTS["confirm_items_per_level"]}
+# What is really asked: the evaluator's selection, sealed-test and confirmation suites with its
+# default settings, and the demo's questions.
+_DEFAULTS = EvaluatorSettings()
+_SELECTION = build_suite(_DEFAULTS.suite_max_levels, _DEFAULTS.items_per_level, _DEFAULTS.suite_seed)
+_TEST = build_test_suite(_SELECTION, _DEFAULTS.test_seed)
+_CONFIRMATION = build_confirmation_suite(_SELECTION, _TEST, _DEFAULTS.confirm_seed, _DEFAULTS.confirm_items_per_level)
+SUITE_ITEMS = [item for suite in (_SELECTION, _TEST, _CONFIRMATION) for item in suite.items]
 
 
 def _numbers(text: str) -> list[int]:
@@ -50,8 +53,8 @@ def _training_rows(skill, samples: dict[int, int]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def binary_training() -> dict:
-    # Level 1 has 483 distinct training problems: 2 x 20,000 draws hold every one of them (a sum's
-    # chance to be missed is about e^-40).
+    # Level 1 has 727 distinct training problems: 2 x 20,000 draws hold every one of them (a sum's
+    # chance to be missed is about e^-13).
     rows = _training_rows(binary, {1: 20_000, 2: 6_000, 3: 6_000, 4: 1_000, 5: 1_000, 6: 1_000, 7: 1_000})
     lines = {line.strip() for row in rows for line in row["messages"][1]["content"].splitlines() if line.strip()}
     return {
@@ -64,17 +67,20 @@ def binary_training() -> dict:
     }
 
 
-def _held_out(level: int, n: int) -> list[dict]:
-    return [row for seed in SUITE_SEEDS for row in binary.generate(level, PER_SEED.get(seed, n), seed, split="eval")]
+def _held_out(skill: str, level: int) -> list[dict]:
+    asked = [msgspec.to_builtins(item) for item in SUITE_ITEMS if item.skill == skill and item.level == level]
+    if skill == binary.SKILL and level == 1:
+        asked += held_out_questions()
+    return asked
 
 
 def test_every_level_one_training_problem_is_in_the_sample(binary_training):
-    assert len(binary_training["level1_prompts"]) == 483
+    assert len(binary_training["level1_prompts"]) == 727
 
 
 @pytest.mark.parametrize("level", [1, 2, 3])
 def test_no_held_out_binary_item_is_trained_in_any_wording_or_order(binary_training, level: int):
-    seen = [row["messages"][0]["content"] for row in _held_out(level, 48)
+    seen = [row["messages"][0]["content"] for row in _held_out(binary.SKILL, level)
             if identity(row["messages"][0]["content"]) in binary_training["identities"]]
     assert not seen, f"{len(seen)} held-out items are trained modulo order or wording, e.g. {seen[:3]}"
 
@@ -84,7 +90,7 @@ def test_no_held_out_binary_answer_can_be_copied_from_a_training_line(binary_tra
     """Each held-out item's gold answer works out a line no training row holds, and states no trained fact
     of its own: not the sum of a commuted twin, not a conversion shown as a step of a trained sum."""
     copied = []
-    for row in _held_out(level, 48):
+    for row in _held_out(binary.SKILL, level):
         prompt, answer = row["messages"][0]["content"], row["messages"][1]["content"]
         lines = [re.sub(r"^Step \d+:\s*", "", line.strip()) for line in answer.splitlines() if line.strip()]
         if all(line in binary_training["statements"] for line in lines):
@@ -104,7 +110,6 @@ def test_no_held_out_binary_answer_can_be_copied_from_a_training_line(binary_tra
 
 def test_no_held_out_syllo_puzzle_can_be_answered_from_words_trained():
     trained = {word for row in _training_rows(syllo, dict.fromkeys(range(1, 6), 600)) for word in row["expected"]}
-    copied = [row["expected"] for level in range(1, 6) for seed in SUITE_SEEDS
-              for row in syllo.generate(level, PER_SEED.get(seed, 48), seed, split="eval")
+    copied = [row["expected"] for level in range(1, 6) for row in _held_out(syllo.SKILL, level)
               if set(row["expected"]) <= trained]
     assert not copied, f"{len(copied)} held-out puzzles ask only for trained words, e.g. {copied[:2]}"
