@@ -16,7 +16,7 @@ nowhere. For an `EvalScored` and the champion record, in order:
 6. the screen (libs.common.paired): the paired test on the selection suite's items. b = items the
    candidate gets right and the champion wrong, c = the other way round; if the candidate is no
    better, each of the b + c discordant items is a fair coin, so p = P(Binomial(b + c, 1/2) >= b)
-   (the exact one-sided McNemar, or sign, test). Kept unless p <= SCREEN_ALPHA (0.1); nothing is
+   (the exact one-sided McNemar, or sign, test). Kept unless p <= SCREEN_ALPHA (0.01); nothing is
    spent;
 7. no regression (`libs.common.events.score_regressions`): kept when any level's accuracy is
    down by more than max_level_drop (0.05, absolute) against the champion or against the best

@@ -21,16 +21,16 @@ from libs.common.settings import (
 class DeployerSettings(CommonSettings, kw_only=True, forbid_unknown_fields=True):
     # The chance that a candidate no better than the champion is EVER promoted over it, however
     # many are tested against it. A candidate past the screen on the selection suite (sign test
-    # p <= 0.1, libs.common.paired) is confirmed on the confirmation suite's items, where the j-th
+    # p <= 0.01, libs.common.paired) is confirmed on the confirmation suite's items, where the j-th
     # confirmation against a champion needs p <= alpha/(j(j+1)) (services/deployer/promotion.py).
     # Simulated with 480 selection and 893 confirmation items (96 a level, 29 at Binary level 1)
     # at independent outcomes (tests/services/deployer/test_false_promotions.py asserts these):
-    # 3.0% of 2,000 champions facing 2,000 equal candidates each promoted one (99% upper bound
-    # 4.2%; 72% when each was tested at alpha); the screen let 2.4% of the candidates spend a
-    # confirmation. The power it leaves, measured, for a candidate whose confirmation is the 1st /
-    # 2nd / 5th: level 1 from 50% to 90% (other levels near 0): 74%, 59%, 36%; from 80% to 95%:
-    # 12%, 6%, 1% (29 items hold little evidence); 10 points better on every level: 67%, 67%, 64%
-    # (the regression guard keeps a third).
+    # 0.9% of 2,000 champions facing 2,000 equal candidates each promoted one (99% upper bound
+    # 1.6%; 72% when each was tested at alpha); 0.4% of the candidates spent a confirmation. The
+    # power it leaves, measured, for a candidate whose confirmation is the 1st / 2nd / 5th: level 1
+    # from 50% to 90% (other levels near 0): 70%, 56%, 34%; from 80% to 95%: 4%, 2%, 0.4% (29
+    # items hold little evidence); 10 points better on every level: 65%, 64%, 62% (the regression
+    # guard keeps a third).
     alpha: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.05
     # No promotion when any level's accuracy is down by more than this (absolute: 0.05 = 5 points)
     # against the champion or against the best any champion had on the suite.

@@ -7,7 +7,7 @@ from typing import Annotated, Protocol
 import msgspec
 from fastapi import APIRouter, HTTPException, Path
 
-from services.evaluator.scorebook import ChampionTestRecord, Scorebook, ScoreRecord
+from services.evaluator.scorebook import ChampionTestRecord, ConfirmationRecord, Scorebook, ScoreRecord
 from services.evaluator.suite import Suite
 
 
@@ -16,8 +16,10 @@ class Scores(Protocol):
 
     suite: Suite
     test_suite: Suite
+    confirmation_suite: Suite
     scorebook: Scorebook[ScoreRecord]
     testbook: Scorebook[ChampionTestRecord]
+    confirmbook: Scorebook[ConfirmationRecord]
 
 
 # A checkpoint's content hash (libs.common.artifacts.is_sha256), declared so that the document says
@@ -45,6 +47,12 @@ def router(evaluator: Scores) -> APIRouter:
         """The sealed test suite: champions are scored on it, and its scores only report."""
         return _summary(evaluator.test_suite)
 
+    @routes.get("/confirmation-suite")
+    async def current_confirmation_suite() -> dict:
+        """The confirmation suite: a candidate past the screen, and the champion, are scored on it
+        where the screen saw the candidate ahead; its scores decide a promotion."""
+        return _summary(evaluator.confirmation_suite)
+
     @routes.get("/scores")
     async def recent_scores(limit: int = 50) -> list[dict]:
         return msgspec.to_builtins(evaluator.scorebook.recent(limit))
@@ -63,6 +71,14 @@ def router(evaluator: Scores) -> APIRouter:
         records = evaluator.testbook.for_checkpoint(sha256)
         if not records:
             raise HTTPException(404, f"no sealed test score for checkpoint {sha256} (only champions are tested)")
+        return msgspec.to_builtins(records)
+
+    @routes.get("/confirmations/{sha256}")
+    async def checkpoint_confirmations(sha256: Sha256) -> list[dict]:
+        """This checkpoint's results on each confirmation suite version, level by level, with the outputs."""
+        records = evaluator.confirmbook.for_checkpoint(sha256)
+        if not records:
+            raise HTTPException(404, f"checkpoint {sha256} was never scored on a confirmation suite")
         return msgspec.to_builtins(records)
 
     return routes

@@ -65,11 +65,11 @@ SCENARIOS = {
 # The power stated in settings.py and README.md: at least this often promoted when its confirmation
 # would be the j-th against the champion (the screen included: a candidate that misses it is kept).
 STATED_POWER = {
-    "one level": {1: 0.003, 2: 0.001, 5: 0.0003},
-    "every level": {1: 0.66, 2: 0.65, 5: 0.63},
-    "level 1, 80% -> 90%": {1: 0.025, 2: 0.01, 5: 0.0015},
-    "level 1, 80% -> 95%": {1: 0.11, 2: 0.05, 5: 0.008},
-    "level 1, 50% -> 90%": {1: 0.72, 2: 0.57, 5: 0.34},
+    "one level": {1: 0.0005, 2: 0.0002, 5: 0.00003},
+    "every level": {1: 0.63, 2: 0.62, 5: 0.60},
+    "level 1, 80% -> 90%": {1: 0.005, 2: 0.002, 5: 0.0002},
+    "level 1, 80% -> 95%": {1: 0.035, 2: 0.016, 5: 0.003},
+    "level 1, 50% -> 90%": {1: 0.68, 2: 0.54, 5: 0.33},
 }
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
 

@@ -64,45 +64,46 @@ def test_paired_test_needs_the_same_items():
 
 
 def test_better_beyond_the_noise_is_promoted_and_the_reason_has_the_numbers():
-    decision = decide(scored(correct=flipped(BASE, gain=WRONG[:6])), champion())
+    decision = decide(scored(correct=flipped(BASE, gain=WRONG[:7])), champion())
     assert decision.promote and decision.candidate_number == 1
     assert decision.reason.startswith(
         "past the screen on the selection suite (on the same 40 items the candidate is right where the champion is "
-        "wrong on 6 and wrong where it is right on 0: exact one-sided sign test p = 0.0156 <= 0.1); confirmation 1 "
+        "wrong on 7 and wrong where it is right on 0: exact one-sided sign test p = 0.0078 <= 0.01); confirmation 1 "
         "against this champion: tested at alpha_1 = 0.025 (alpha 0.05 spent over confirmations as alpha/(j(j+1))); "
         "confirmed on the confirmation suite at binary/1: on the same 20 items the candidate is right where the "
-        "champion is wrong on 6 and wrong where it is right on 0")
-    assert "p = 0.0156 <= alpha_1 0.025" in decision.reason
+        "champion is wrong on 7 and wrong where it is right on 0")
+    assert "p = 0.0078 <= alpha_1 0.025" in decision.reason
 
 
-@pytest.mark.parametrize(("gain", "lose", "screened"), [
-    (5, 0, True),  # p = 0.0312: past the screen, not confirmed at alpha_1 = 0.025
-    (4, 0, True),  # p = 0.0625
-    (6, 1, True),  # p = 0.0625: a higher accuracy, but not beyond the noise
-    (0, 0, False),  # the same answers
-    (2, 5, False),  # worse
+@pytest.mark.parametrize(("gain", "lose"), [
+    (6, 0),  # p = 0.0156: above the screen's 0.01
+    (5, 0),  # p = 0.0312
+    (6, 1),  # p = 0.0625: a higher accuracy, but not beyond the noise
+    (0, 0),  # the same answers
+    (2, 5),  # worse
 ])
-def test_a_gain_within_the_noise_keeps_the_champion(gain, lose, screened):
+def test_a_gain_within_the_noise_keeps_the_champion_and_spends_nothing(gain, lose):
     # All on binary/1 (items 0-19): the confirmation (mirroring the selection items) is there too.
     candidate = flipped(BASE, gain=WRONG[:gain], lose=RIGHT[:lose])
     decision = decide(scored(correct=candidate), champion())
-    assert decision.outcome == "kept"
-    assert ("not confirmed" if screened else "not past the screen") in decision.reason
-    assert decision.candidate_number == (1 if screened else 0)
+    assert decision.outcome == "kept" and "not past the screen" in decision.reason
+    assert decision.candidate_number == 0
     assert f"right where the champion is wrong on {gain} and wrong where it is right on {lose}" in decision.reason
 
 
 def test_alpha_is_the_tests_level():
-    candidate = scored(correct=flipped(BASE, gain=WRONG[:4]))  # p = 0.0625
-    assert decide(candidate, champion()).outcome == "kept"
+    # Past the screen (p = 0.0078), confirmed on 5 of 5 discordant items: p = 0.0312.
+    candidate = scored(correct=flipped(BASE, gain=WRONG[:7]), confirmation=confirmed(flipped(BASE, gain=WRONG[:5]), BASE))
+    kept = decide(candidate, champion())
+    assert kept.outcome == "kept" and "not confirmed" in kept.reason and "p = 0.0312 > alpha_1 0.025" in kept.reason
     assert decide(candidate, champion(), alpha=0.125).promote  # alpha_1 = 0.0625
 
 
 def test_the_screen_and_the_confirmation_are_separate_tests():
-    six = flipped(BASE, gain=WRONG[:6])  # p = 0.0156 on the selection suite
+    seven = flipped(BASE, gain=WRONG[:7])  # p = 0.0078 on the selection suite
     held = champion()
     # The confirmation suite says otherwise: only 3 of its discordant items go the candidate's way.
-    against = scored(correct=six, confirmation=Confirmation(
+    against = scored(correct=seven, confirmation=Confirmation(
         suite_version="confirm-v1", champion_sha256="a" * 64, levels=["binary/1"], num_examples=4,
         outcomes=encode_outcomes([True, True, True, False]), champion_outcomes=encode_outcomes([False, False, False, True])))
     decision = decide(against, held)
@@ -110,11 +111,11 @@ def test_the_screen_and_the_confirmation_are_separate_tests():
     assert "on the same 4 items the candidate is right where the champion is wrong on 3 and wrong where it is " \
            "right on 1: exact one-sided sign test p = 0.3125 > alpha_1" in decision.reason
     # A screen missed spends nothing, whatever a confirmation would have said.
-    missed = scored(correct=flipped(BASE, gain=WRONG[:3]), confirmation=confirmed(six, BASE))
+    missed = scored(correct=flipped(BASE, gain=WRONG[:6]), confirmation=confirmed(seven, BASE))
     assert decide(missed, held).candidate_number == 0
     assert before_the_confirmation(missed, held) is not None
     # No confirmation against this champion (the evaluator saw another, or none): nothing spent.
-    for other in (scored(correct=six, against="z"), scored(correct=six, against=None)):
+    for other in (scored(correct=seven, against="z"), scored(correct=seven, against=None)):
         kept = decide(other, held)
         assert kept.outcome == "kept" and kept.candidate_number == 0 and "no confirmation spent" in kept.reason
 
@@ -143,15 +144,15 @@ def count(held: Champion, *candidates, tested: CandidatesTested | None = None) -
 def test_the_jth_confirmation_against_a_champion_is_tested_at_alpha_j():
     held = champion()
     tested, _ = count(held, scored("c"), scored("d"))  # two confirmations spent already, nothing confirmed
-    six, eight = scored(correct=flipped(BASE, gain=WRONG[:6])), scored(correct=flipped(BASE, gain=WRONG[:8]))
-    _, [j] = count(held, six, tested=tested)
-    kept = decide(six, held, candidate_number=j)  # p = 0.0156: enough for the first confirmation, not the third
+    seven, nine = scored(correct=flipped(BASE, gain=WRONG[:7])), scored(correct=flipped(BASE, gain=WRONG[:9]))
+    _, [j] = count(held, seven, tested=tested)
+    kept = decide(seven, held, candidate_number=j)  # p = 0.0078: enough for the first two confirmations, not the third
     assert kept.outcome == "kept" and kept.candidate_number == 3
     assert "confirmation 3 against this champion: tested at alpha_3 = 0.0042 (alpha 0.05" in kept.reason
-    assert "p = 0.0156 > alpha_3 0.0042" in kept.reason
-    assert decide(six, champion(), candidate_number=1).promote
-    promoted = decide(eight, held, candidate_number=3)  # p = 0.0039
-    assert promoted.promote and "p = 0.0039 <= alpha_3 0.0042" in promoted.reason
+    assert "p = 0.0078 > alpha_3 0.0042" in kept.reason
+    assert decide(seven, champion(), candidate_number=2).promote
+    promoted = decide(nine, held, candidate_number=3)  # p = 0.0020
+    assert promoted.promote and "p = 0.0020 <= alpha_3 0.0042" in promoted.reason
 
 
 def test_a_candidate_decided_again_keeps_its_number():
@@ -204,13 +205,14 @@ def test_the_count_belongs_to_the_champion():
 
 
 def test_a_level_that_drops_blocks_a_promotion_even_when_the_whole_is_better():
-    # binary/2 gains all its 10 wrong items; binary/1 loses 2 of its 10 right ones (of 20: -10 points).
-    candidate = flipped(BASE, gain=[i for i in WRONG if i >= N // 2], lose=RIGHT[:2])
-    decision = decide(scored(correct=candidate), champion())
+    # 80 items: binary/2 gains 16 of its 20 wrong items; binary/1 loses 3 of its 20 right ones (-7.5 points).
+    wide = base(80)
+    candidate = flipped(wide, gain=[i for i in range(40, 80) if not wide[i]][:16], lose=[0, 2, 4])
+    decision = decide(scored(correct=candidate), champion(correct=wide))
     assert decision.outcome == "kept"
-    assert "binary/1 accuracy 0.400 vs 0.500: down 10.0 points (more than 5)" in decision.reason
-    assert "not past the screen" not in decision.reason and "no confirmation spent" in decision.reason  # 10 vs 2: p = 0.019
-    assert decide(scored(correct=candidate), champion(), max_level_drop=0.1).promote  # the limit is not past it
+    assert "binary/1 accuracy 0.425 vs 0.500: down 7.5 points (more than 5)" in decision.reason
+    assert "not past the screen" not in decision.reason and "no confirmation spent" in decision.reason  # p = 0.0022
+    assert decide(scored(correct=candidate), champion(correct=wide), max_level_drop=0.1).promote  # within that limit
 
 
 LEVEL_1_WRONG = [i for i in WRONG if i < N // 2]
@@ -271,7 +273,7 @@ def test_manual_deploy_says_when_a_level_is_below_the_best_champion_so_far():
     (0.5, 0.15, True),
 ])
 def test_val_loss_may_not_rise_past_its_limit(val_loss, max_loss_rise, promote):
-    decision = decide(scored(correct=flipped(BASE, gain=WRONG[:6]), val_loss=val_loss), champion(val_loss=1.0),
+    decision = decide(scored(correct=flipped(BASE, gain=WRONG[:7]), val_loss=val_loss), champion(val_loss=1.0),
                       max_loss_rise=max_loss_rise)
     assert decision.promote is promote
     if not promote:
@@ -279,10 +281,10 @@ def test_val_loss_may_not_rise_past_its_limit(val_loss, max_loss_rise, promote):
 
 
 def test_by_default_a_val_loss_rise_is_stated_but_does_not_block_a_real_gain():
-    decision = decide(scored(correct=flipped(BASE, gain=WRONG[:6]), val_loss=1.6), champion(val_loss=1.0))
+    decision = decide(scored(correct=flipped(BASE, gain=WRONG[:7]), val_loss=1.6), champion(val_loss=1.0))
     assert decision.promote
     assert "flagged, not blocking: val loss 1.6000 vs 1.0000: up 60.0% (more than 15%)" in decision.reason
-    quiet = decide(scored(correct=flipped(BASE, gain=WRONG[:6]), val_loss=1.05), champion(val_loss=1.0))
+    quiet = decide(scored(correct=flipped(BASE, gain=WRONG[:7]), val_loss=1.05), champion(val_loss=1.0))
     assert quiet.promote and "flagged" not in quiet.reason
 
 
@@ -330,7 +332,7 @@ def test_the_champions_score_on_a_new_suite_is_recorded_then_candidates_compare_
     record = rescored(old, rescore)
     assert record.suite_version == SUITE and record.outcomes == rescore.outcomes and record.eval_id == rescore.id
     assert record.checkpoint_uri == old.checkpoint_uri and record.event_id == old.event_id  # what is served is unchanged
-    assert decide(scored(correct=flipped(BASE, gain=WRONG[:6])), record).promote
+    assert decide(scored(correct=flipped(BASE, gain=WRONG[:7])), record).promote
     assert decide(rescore, record).outcome == "already_champion"
 
 

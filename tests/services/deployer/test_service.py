@@ -36,7 +36,7 @@ from services.deployer.service import SERVICE, Deployer
 from services.deployer.settings import DeployerSettings
 from tests.conftest import wait_for
 from tests.services.conftest import running
-from tests.services.deployer.candidates import SUITE, base, better, scored
+from tests.services.deployer.candidates import SUITE, base, better, confirmed, scored
 from tests.services.deployer.replica import (
     confirm,
     newest,
@@ -167,7 +167,7 @@ async def test_scores_promote_only_gains_beyond_the_noise_and_every_decision_is_
     assert [(d["outcome"], d["checkpoint_sha256"][0]) for d in served_decisions] == [
         ("promoted", "d"), ("kept", "c"), ("kept", "b"), ("promoted", "a")]  # newest first; a's repeat is no decision
     assert "right where the champion is wrong on 3 and wrong where it is right on 0" in served_decisions[2]["reason"]
-    assert "p = 0.1250 > 0.1" in served_decisions[2]["reason"] and "no confirmation spent" in served_decisions[2]["reason"]
+    assert "p = 0.1250 > 0.01" in served_decisions[2]["reason"] and "no confirmation spent" in served_decisions[2]["reason"]
     assert "val loss 1.5000 vs 1.0000: up 50.0% (more than 15%)" in served_decisions[1]["reason"]
     assert "no confirmation spent" in served_decisions[1]["reason"]
     assert served_decisions[0]["champion_sha256"] == "a" * 64
@@ -188,8 +188,9 @@ async def test_settings_tune_the_rule(bus: Bus, nats_server: str):
     async with running(SERVICE, settings_for(nats_server, alpha=0.3, max_loss_rise=1.0)), replica(bus):
         await bus.publish(topology.EVAL_SCORED, scored("a", BASE))
         await settled(bus)
-        # p = 0.0625: past the screen, and confirmed at alpha_1 = 0.3/2 (not at the default 0.05/2).
-        await bus.publish(topology.EVAL_SCORED, scored("b", better(BASE, 4), val_loss=1.5))
+        # Past the screen (p = 0.0078); confirmed on 4 of 4 (p = 0.0625) at alpha_1 = 0.3/2, not at 0.05/2.
+        await bus.publish(topology.EVAL_SCORED, scored("b", better(BASE, 7), val_loss=1.5,
+                                                       confirmation=confirmed(better(BASE, 4), BASE)))
         await champion_is(bus, "b" * 64)
         await decided(bus, 2)
     assert [d.outcome for d in await decisions(bus)] == ["promoted", "promoted"]
@@ -242,17 +243,20 @@ async def test_racing_deployers_never_both_win(bus: Bus, nats_server: str):
 async def test_each_confirmation_spends_alpha_once_against_its_champion(bus: Bus):
     deployer, other = await make_deployer(bus), await make_deployer(bus)
     await promote(deployer, scored("a", BASE))
-    # Four more right (p = 0.0625): past the screen, not confirmed at any alpha_j.
-    b = scored("b", better(BASE, 4))
+    # Seven more right (p = 0.0078): past the screen; confirmed on 4 of 4 (p = 0.0625): not at any alpha_j.
+    def unconfirmed(sha: str):
+        return scored(sha, better(BASE, 7), confirmation=confirmed(better(BASE, 4), BASE))
+
+    b = unconfirmed("b")
     await deployer.on_eval_scored(b, delivery(bus))
     await deployer.on_eval_scored(b, delivery(bus))  # a redelivery: the same decision, kept once
     # The same checkpoint and suite scored again (republished under a new id): still confirmation 1.
     await deployer.on_eval_scored(msgspec.structs.replace(b, id=new_id()), delivery(bus))
-    await deployer.on_eval_scored(scored("c", better(BASE, 4)), delivery(bus))
+    await deployer.on_eval_scored(unconfirmed("c"), delivery(bus))
     # Not past the screen: no number spent.
     await deployer.on_eval_scored(scored("z", better(BASE, 1)), delivery(bus))
     # Two deployers deciding at once never give two confirmations one number.
-    await asyncio.gather(*[(deployer if i % 2 else other).on_eval_scored(scored(sha, better(BASE, 4)), delivery(bus))
+    await asyncio.gather(*[(deployer if i % 2 else other).on_eval_scored(unconfirmed(sha), delivery(bus))
                            for i, sha in enumerate("defghijk")])
     champion, _ = await deployer.champion.read()
     tested, _ = await deployer.candidates.read()
@@ -266,7 +270,7 @@ async def test_each_confirmation_spends_alpha_once_against_its_champion(bus: Bus
     champion, _ = await deployer.champion.read()
     assert champion.checkpoint_sha256 == "l" * 64
     assert "confirmation 11 against this champion" in (await decisions(bus))[-1].reason
-    await promote(deployer, scored("b", better(BASE, 16), against="l", champion_correct=better(BASE, 12)))
+    await promote(deployer, scored("b", better(BASE, 19), against="l", champion_correct=better(BASE, 12)))
     assert "confirmation 1 against this champion" in (await decisions(bus))[-1].reason
 
 
@@ -287,7 +291,7 @@ async def test_a_new_suite_waits_for_the_champions_rescore(bus: Bus):
     assert (await decisions(bus))[-1].outcome == "rescored"
     assert len(await deployed_events(bus)) == 1
     # Now the new suite's candidates compare with it item by item.
-    await promote(deployer, scored("c", better(BASE, 8)))
+    await promote(deployer, scored("c", better(BASE, 10)))
     assert (await deployer.champion.read())[0].checkpoint_sha256 == "c" * 64
 
 
@@ -450,7 +454,7 @@ async def test_a_served_deployment_never_overwrites_a_champion_it_was_not_weighe
 
 async def test_rollback_is_staged_then_restores_the_previous_champion_and_bars_its_run(bus: Bus):
     deployer = await make_deployer(bus)
-    for sha, gained, against in (("a", 0, None), ("b", 6, ("a", 0)), ("c", 12, ("b", 6))):
+    for sha, gained, against in (("a", 0, None), ("b", 7, ("a", 0)), ("c", 14, ("b", 7))):
         champion_sha, champion_gained = against or ("a", 0)
         await promote(deployer, scored(sha, better(BASE, gained), against=champion_sha,
                                        champion_correct=better(BASE, champion_gained)))
@@ -482,20 +486,20 @@ async def test_rollback_is_staged_then_restores_the_previous_champion_and_bars_i
     refused = (await decisions(bus))[-1]
     assert refused.outcome == "refused" and "run run-c was rolled back" in refused.reason
     # The restored champion's score is what the next candidate is paired with, the first against
-    # it; but a rollback keeps the best levels so far (c's: 1.0 and 0.6), which bound its levels.
+    # it; but a rollback keeps the best levels so far (c's: 1.0 and 0.7), which bound its levels.
     await promote(deployer, scored("f", better(BASE, 10)))
     kept = (await decisions(bus))[-1]
     assert kept.outcome == "kept" and "no confirmation spent" in kept.reason
-    assert (f"below the best champion so far on suite {SUITE}: binary/2 accuracy 0.500 vs 0.600: down 10.0 points "
+    assert (f"below the best champion so far on suite {SUITE}: binary/2 accuracy 0.500 vs 0.700: down 20.0 points "
             "(more than 5)") in kept.reason
-    await promote(deployer, scored("d", better(BASE, 12)))
+    await promote(deployer, scored("d", better(BASE, 14)))
     assert (await deployer.champion.read())[0].checkpoint_sha256 == "d" * 64
     assert (await deployed_events(bus))[-1].checkpoint_sha256 == "d" * 64
 
 
 async def test_a_rollback_that_no_replica_serves_keeps_the_champion_and_its_run(bus: Bus):
     deployer = await make_deployer(bus)
-    for sha, gained in (("a", 0), ("b", 6)):
+    for sha, gained in (("a", 0), ("b", 7)):
         await promote(deployer, scored(sha, better(BASE, gained)))
     await deployer.rollback("test")
     failed = await confirm(deployer, ok=False, sha256="b" * 64, reason="out of memory")

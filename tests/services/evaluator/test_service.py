@@ -384,7 +384,9 @@ async def test_a_candidate_past_the_screen_is_confirmed_with_the_champion_on_the
         step=checkpoint.step, exact_match=0.0, val_loss=1.0, suite_version="binary-v1-old",
         deployed_at=checkpoint.time, event_id="e"))
     scored_sub = await bus.js.subscribe(topology.EVAL_SCORED)
-    settings = evaluator_settings(nats_server, tmp_path, champion_check_s=0.2, confirm_items_per_level=3)
+    # 3 selection items a level (9): all right against none is p = 1/512, past the screen.
+    settings = evaluator_settings(nats_server, tmp_path, champion_check_s=0.2, items_per_level=3,
+                                  confirm_items_per_level=3)
     async with running(SERVICE, settings) as evaluator:
         # The champion on this suite (the untrained tiny model: nothing right).
         champion = msgspec.json.decode((await scored_sub.next_msg(timeout=60)).data, type=EvalScored)
