@@ -29,6 +29,7 @@ from libs.common.artifacts import ArtifactStore, sha256_dir
 from libs.common.bus import REASON_HEADER
 from libs.common.events import (
     CheckpointSaved,
+    Confirmation,
     DatasetAccepted,
     DatasetSubmitted,
     EvalScored,
@@ -37,6 +38,8 @@ from libs.common.events import (
     encode_outcomes,
     new_id,
 )
+from libs.common.records import CHAMPION
+from tests.conftest import wait_for
 from tests.faults.ledger import Ledger
 from tests.faults.stack import FaultStack
 from tests.faults.trials import ServedWatch, Trial, TrialTable
@@ -45,16 +48,24 @@ from tests.faults.workload import quiet, submit
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(300)]
 
 
-async def _newest_score(ledger: Ledger) -> EvalScored:
-    return next(m.event for m in reversed(ledger.messages["EVALS"]) if isinstance(m.event, EvalScored) and m.event.outcomes)
+def _newest_score(ledger: Ledger) -> EvalScored | None:
+    return next((m.event for m in reversed(ledger.messages["EVALS"])
+                 if isinstance(m.event, EvalScored) and m.event.outcomes), None)
 
 
 async def test_a_poison_message_for_each_consumer(fault_stack: FaultStack, fault_bus, trials: TrialTable):
     bus = fault_bus
     store = ArtifactStore(fault_stack.data_dir / "artifacts")
+    champions = await bus.record(CHAMPION)
+
+    async def scored_and_crowned() -> bool:  # run alone, the stack may not have scored the base model yet
+        return _newest_score(await Ledger.read(bus)) is not None and (await champions.read())[0] is not None
+
+    await wait_for(scored_and_crowned, "a score and a champion on the stack", timeout=120)
     ledger = await Ledger.read(bus)
     before = ledger.last_seqs()
-    score = await _newest_score(ledger)
+    score = _newest_score(ledger)
+    champion, _ = await champions.read()
     not_a_model = store.location("faults", f"not-a-model-{new_id()[:8]}")
     not_a_model.mkdir(parents=True)
     (not_a_model / "notes.txt").write_text("a directory in the store that holds no model\n")
@@ -73,7 +84,12 @@ async def test_a_poison_message_for_each_consumer(fault_stack: FaultStack, fault
         topology.DEPLOYER.durable: (topology.EVAL_SCORED, msgspec.structs.replace(
             score, id=new_id(), run_id="poison-forged", checkpoint_uri=missing.as_uri(), checkpoint_sha256=forged_sha,
             exact_match=1.0, outcomes=encode_outcomes([True] * score.num_examples), regressions=[],
-            by_level={k: 1.0 for k in score.by_level}, levels={})),
+            by_level={k: 1.0 for k in score.by_level}, levels={},
+            # Forged past the screen and confirmed against the champion, all right where it is all wrong.
+            confirmation=Confirmation(
+                suite_version="forged", champion_sha256=champion.checkpoint_sha256, levels=list(score.by_level),
+                num_examples=score.num_examples, outcomes=encode_outcomes([True] * score.num_examples),
+                champion_outcomes=encode_outcomes([False] * score.num_examples)))),
         topology.CURRICULUM.durable: (topology.MODEL_DEPLOYED, ModelDeployed(
             checkpoint_uri=missing.as_uri(), checkpoint_sha256=forged_sha, run_id="poison-forged", step=1,
             exact_match=1.0, val_loss=0.0, reason="forged")),
