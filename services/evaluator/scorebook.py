@@ -51,11 +51,10 @@ class ChampionTestRecord(msgspec.Struct, frozen=True):
 class ConfirmationRecord(msgspec.Struct, frozen=True):
     """A checkpoint's results on the confirmation suite, level by level as they were needed (a
     candidate past the screen, the champion it was compared with): each level's items in suite
-    order, as `EvalScored.outcomes` reads, and their outputs."""
+    order, with their outputs."""
 
     checkpoint_sha256: str
     suite_version: str
-    outcomes: dict[str, str] = {}
     items: dict[str, list[ItemResult]] = {}
 
     def key(self) -> tuple[str, str]:

@@ -249,7 +249,7 @@ class Evaluator:
         yet (the checkpoint at `path`, or fetched from `uri`)."""
         version = self.confirmation_suite.version
         record = self.confirmbook.get(sha256, version) or ConfirmationRecord(sha256, version)
-        missing = [level for level in levels if level not in record.outcomes]
+        missing = [level for level in levels if level not in record.items]
         if missing:
             items = [item for item in self.confirmation_suite.items if item.level_key in missing]
             if path is None:
@@ -260,14 +260,9 @@ class Evaluator:
             results: dict[str, list[ItemResult]] = {}
             for item, result in zip(items, scores.items):
                 results.setdefault(item.level_key, []).append(result)
-            record = msgspec.structs.replace(
-                record,
-                outcomes=record.outcomes | {k: encode_outcomes([r.correct for r in rs]) for k, rs in results.items()},
-                items=record.items | results,
-            )
+            record = msgspec.structs.replace(record, items=record.items | results)
             self.confirmbook.save(record)
-        per_level = {level: sum(1 for item in self.confirmation_suite.items if item.level_key == level) for level in levels}
-        return {level: decode_outcomes(record.outcomes[level], per_level[level]) for level in levels}
+        return {level: [result.correct for result in record.items[level]] for level in levels}
 
     @contextlib.asynccontextmanager
     async def _checkpoint(self, uri: str, sha256: str) -> AsyncIterator[Path]:

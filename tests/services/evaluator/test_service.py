@@ -418,8 +418,8 @@ async def test_a_candidate_past_the_screen_is_confirmed_with_the_champion_on_the
         assert len(mine) == len(theirs) == 3 * len(ahead) == confirmation.num_examples
         # Both were scored on those levels once, and kept: the champion's record serves the next candidate.
         kept = evaluator.confirmbook.get(checkpoint.sha256, q.version)
-        assert set(kept.outcomes) == set(ahead) and all(len(kept.items[k]) == 3 for k in ahead)
-        assert set(evaluator.confirmbook.get(candidate.sha256, q.version).outcomes) == set(ahead)
+        assert set(kept.items) == set(ahead) and all(len(kept.items[k]) == 3 for k in ahead)
+        assert set(evaluator.confirmbook.get(candidate.sha256, q.version).items) == set(ahead)
         async with evaluator._scoring:
             again = await evaluator._confirm(target, candidate.sha256, "none", screen, champion)
         assert again == confirmation and evaluator.confirmbook.get(checkpoint.sha256, q.version) == kept
